@@ -1,0 +1,162 @@
+"""Training configuration, read from TOML.
+
+Every section and key is checked: a typo is an error naming the key, not a silent default.
+Example (``models/omniglot-vinyals-conv4/config.toml``)::
+
+    [data]
+    kind = "omniglot"
+    split = "vinyals"
+
+    [model]
+    backbone = "conv4"
+    algorithm = "protonet"
+
+    [train]
+    way = 60
+    shot = 5
+    query = 5
+    episodes = 20000
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgemeta.data import DatasetSpec
+from edgemeta.errors import EdgemetaError
+from edgemeta.preprocess import Preprocess
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ALGORITHMS = ("protonet",)
+BACKBONE_NAMES = ("conv4", "resnet12")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "conv4"
+    algorithm: str = "protonet"
+    image_size: int = 28
+    channels: int = 1
+    invert: bool = True  # Omniglot: dark strokes on white -> bright strokes on black
+
+    def __post_init__(self) -> None:
+        if self.backbone not in BACKBONE_NAMES:
+            raise EdgemetaError(f"unknown backbone {self.backbone!r} in [model]; choose one of: {', '.join(BACKBONE_NAMES)}")
+        if self.algorithm not in ALGORITHMS:
+            raise EdgemetaError(f"unknown algorithm {self.algorithm!r} in [model]; choose one of: {', '.join(ALGORITHMS)}")
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return Preprocess(self.image_size, self.channels, self.invert)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    way: int = 60
+    shot: int = 5
+    query: int = 5
+    episodes: int = 20000          # stop after this many training episodes
+    max_minutes: float = 0.0       # and/or after this much wall time (0: no limit)
+    learning_rate: float = 1e-3
+    lr_decay_every: int = 2000     # episodes between learning-rate steps (Snell et al.: halve every 2000)
+    lr_decay_rate: float = 0.5
+    seed: int = 0
+    devices: list[str] = field(default_factory=list)  # empty: all GPUs, else the CPU
+
+    def __post_init__(self) -> None:
+        if self.episodes < 1 or self.lr_decay_every < 1 or self.learning_rate <= 0:
+            raise EdgemetaError("[train] episodes, lr_decay_every and learning_rate must be positive")
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    every: int = 500               # episodes between validations
+    episodes: int = 500            # seeded validation episodes, the same ones every time
+    way: int = 20
+    shot: int = 1
+    query: int = 15
+    patience: int = 0              # stop after this many validations without improvement (0: never)
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        if self.every < 1 or self.episodes < 1:
+            raise EdgemetaError("[validation] every and episodes must be at least 1")
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DatasetSpec = field(default_factory=DatasetSpec)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {"data": DatasetSpec, "model": ModelConfig, "train": TrainConfig, "validation": ValidationConfig}
+
+
+def _section(name: str, cls, values: dict):
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise EdgemetaError(f"unknown key {unknown[0]!r} in [{name}]; known keys: {', '.join(known)}")
+    if "fractions" in values:
+        values = {**values, "fractions": tuple(values["fractions"])}
+    for key, value in values.items():
+        default = known[key].default
+        if default is not dataclasses.MISSING and isinstance(default, (int, float)) and not isinstance(default, bool):
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise EdgemetaError(f"[{name}] {key} must be a number, got {value!r}")
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise EdgemetaError(f"bad [{name}] section: {e}") from None
+
+
+def config_from_dict(raw: dict) -> Config:
+    unknown = sorted(set(raw) - set(_SECTIONS))
+    if unknown:
+        raise EdgemetaError(f"unknown section [{unknown[0]}]; known sections: {', '.join(_SECTIONS)}")
+    return Config(**{name: _section(name, cls, raw.get(name, {})) for name, cls in _SECTIONS.items()})
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and check a TOML training configuration."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise EdgemetaError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise EdgemetaError(f"config file {path} is not valid TOML: {e}") from None
+    return config_from_dict(raw)
+
+
+def dump_toml(cfg: Config) -> str:
+    """The resolved configuration as TOML (flat sections of scalars and lists only)."""
+    lines = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'

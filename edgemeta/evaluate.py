@@ -1,0 +1,131 @@
+"""The standard few-shot evaluation protocol.
+
+For each setting (N-way K-shot), draw seeded test episodes (1000 by default, 15 queries per
+class) and report the mean accuracy with its 95% confidence interval (1.96 standard errors
+over episodes), as in Snell et al. (2017) and most of the literature after it.
+
+The backbone is given as an ``embed`` function (uint8 images -> float embeddings), so the same
+protocol measures the Keras model here and a TFLite model through the runtime. Because a
+metric-based method classifies from per-image embeddings (batch norm uses its running
+statistics at test time), every test image is embedded once and episodes only index them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from edgemeta.data import EpisodeSampler, FewShotSplit
+
+STANDARD_SETTINGS = ((5, 1), (5, 5), (20, 1), (20, 5))
+EmbedFn = Callable[[np.ndarray], np.ndarray]
+ClassifyFn = Callable[[np.ndarray, np.ndarray, np.ndarray, int], np.ndarray]
+
+
+@dataclass
+class SettingResult:
+    way: int
+    shot: int
+    query: int
+    episodes: int
+    accuracy: float  # percent
+    ci95: float      # percent, half-width
+    note: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.way}-way {self.shot}-shot"
+
+
+def mean_ci95(values: np.ndarray) -> tuple[float, float]:
+    """Mean and 95% confidence half-width (normal approximation) of per-episode values."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < 2:
+        return float(values.mean()), float("nan")
+    return float(values.mean()), float(1.96 * values.std(ddof=1) / math.sqrt(len(values)))
+
+
+def parse_setting(text: str) -> tuple[int, int]:
+    """'5w1s' or '5-way-1-shot' -> (5, 1)."""
+    t = text.lower().replace("-", "").replace("way", "w").replace("shot", "s")
+    try:
+        way, shot = t.rstrip("s").split("w")
+        return int(way), int(shot)
+    except ValueError:
+        from edgemeta.errors import EdgemetaError
+
+        raise EdgemetaError(f"cannot read setting {text!r}; write it as 5w1s (5-way 1-shot)") from None
+
+
+def embed_split(embed: EmbedFn, split: FewShotSplit, batch: int = 1024) -> np.ndarray:
+    return np.concatenate([embed(split.images[i:i + batch]) for i in range(0, len(split.images), batch)])
+
+
+def episode_accuracies(classify: ClassifyFn, embeddings: np.ndarray, sampler: EpisodeSampler, episodes: int) -> np.ndarray:
+    """Per-episode accuracy (fraction) of `episodes` seeded episodes over precomputed embeddings."""
+    way, shot, query = sampler.way, sampler.shot, sampler.query
+    support_labels = np.repeat(np.arange(way), shot)
+    query_labels = np.repeat(np.arange(way), query)
+    accs = np.empty(episodes)
+    for i in range(episodes):
+        _, s, q = sampler.indices(i)
+        scores = classify(embeddings[s], support_labels, embeddings[q], way)
+        accs[i] = np.mean(np.argmax(scores, axis=1) == query_labels)
+    return accs
+
+
+def evaluate(embed: EmbedFn, classify: ClassifyFn, split: FewShotSplit,
+             settings=STANDARD_SETTINGS, episodes: int = 1000, query: int = 15, seed: int = 0,
+             embeddings: np.ndarray | None = None) -> list[SettingResult]:
+    """Run the protocol on one split. A setting whose way exceeds the split's classes is skipped
+    with a note; when classes have fewer than shot + query images, fewer queries are used and
+    the note says so."""
+    if embeddings is None:
+        embeddings = embed_split(embed, split)
+    results = []
+    for way, shot in settings:
+        if way > split.num_classes:
+            results.append(SettingResult(way, shot, 0, 0, float("nan"), float("nan"),
+                                         f"skipped: the split has only {split.num_classes} classes"))
+            continue
+        q, note = query, ""
+        if split.min_class_size() < shot + query:
+            q = split.min_class_size() - shot
+            if q < 1:
+                results.append(SettingResult(way, shot, 0, 0, float("nan"), float("nan"),
+                                             f"skipped: a class has only {split.min_class_size()} images"))
+                continue
+            note = f"{q} queries per class instead of {query}: the smallest class has {split.min_class_size()} images"
+        sampler = EpisodeSampler(split, way, shot, q, seed=seed)
+        mean, ci = mean_ci95(episode_accuracies(classify, embeddings, sampler, episodes))
+        results.append(SettingResult(way, shot, q, episodes, 100 * mean, 100 * ci, note))
+    return results
+
+
+def results_table(results: list[SettingResult]) -> str:
+    lines = [f"{'setting':<18} {'queries':>7} {'episodes':>8}  accuracy (95% CI)"]
+    for r in results:
+        acc = "-" if r.episodes == 0 else f"{r.accuracy:6.2f} +/- {r.ci95:.2f} %"
+        lines.append(f"{r.name:<18} {r.query:>7} {r.episodes:>8}  {acc}" + (f"  ({r.note})" if r.note else ""))
+    return "\n".join(lines)
+
+
+def results_markdown(results: list[SettingResult], title: str, context: dict) -> str:
+    lines = [f"# {title}", ""]
+    lines += [f"- {k}: {v}" for k, v in context.items()]
+    lines += ["", "| setting | queries/class | episodes | accuracy (%) | 95% CI (+/-) | note |", "|---|---|---|---|---|---|"]
+    for r in results:
+        acc = "-" if r.episodes == 0 else f"{r.accuracy:.2f}"
+        ci = "-" if r.episodes == 0 else f"{r.ci95:.2f}"
+        lines.append(f"| {r.name} | {r.query} | {r.episodes} | {acc} | {ci} | {r.note} |")
+    return "\n".join(lines) + "\n"
+
+
+def results_json(results: list[SettingResult]) -> list[dict]:
+    def clean(v):
+        return None if isinstance(v, float) and math.isnan(v) else v
+
+    return [{**{k: clean(v) for k, v in asdict(r).items()}, "setting": f"{r.way}w{r.shot}s"} for r in results]

@@ -1,0 +1,54 @@
+"""Host-side glue between model folders, datasets and the evaluation protocol (TensorFlow)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgemeta.data import DatasetSpec, load_dataset
+from edgemeta.errors import EdgemetaError
+from edgemeta.evaluate import STANDARD_SETTINGS, SettingResult, evaluate, results_markdown, results_table
+from edgemeta.methods import get_method
+from edgemeta.modeldir import load_backbone
+
+
+def keras_embedder(model):
+    """uint8 images -> embeddings through a Keras backbone in inference mode (compiled once)."""
+    import tensorflow as tf
+
+    @tf.function(reduce_retracing=True)
+    def run(images):
+        return model(tf.cast(images, tf.float32) / 255.0, training=False)
+
+    return lambda images: run(images).numpy()
+
+
+def evaluate_model_dir(model_dir: str, data: str = "", folder: str = "", split: str = "test",
+                       settings=STANDARD_SETTINGS, episodes: int = 1000, query: int = 15, seed: int = 0
+                       ) -> tuple[list[SettingResult], dict, str, str]:
+    """Evaluate a trained model folder on its dataset's test split (or every class of `folder`).
+
+    Returns the results, their context (what was measured), a text table and a Markdown report."""
+    model, info = load_backbone(model_dir)
+    if folder:
+        spec = DatasetSpec(kind="folder", root=folder, fractions=(0.0, 0.0, 1.0))
+        source = f"folder {folder} (all classes)"
+    else:
+        d = info.data
+        if d.get("kind") != "omniglot":
+            raise EdgemetaError(f"{model_dir} was trained on a folder dataset; pass --folder with the data to evaluate on")
+        spec = DatasetSpec(kind="omniglot", root=data, split=d["split"], rotations=d.get("rotations", True))
+        source = f"Omniglot, {d['split']} split, {split} classes"
+    data_split = load_dataset(spec, info.preprocess, (split,))[split]
+    if model.input_shape[1:] != info.preprocess.input_shape:
+        raise EdgemetaError(f"{model_dir}: model input {model.input_shape[1:]} does not match model.json "
+                            f"preprocessing {info.preprocess.input_shape}; the folder is inconsistent")
+    method = get_method(info.algorithm)
+    results = evaluate(keras_embedder(model), method.classify, data_split, settings, episodes, query, seed)
+    context = {"model": Path(model_dir).name, "algorithm": info.algorithm, "backbone": info.backbone,
+               "backend": "keras (float32)", "data": source, "classes": data_split.num_classes,
+               "images": len(data_split.images), "episodes per setting": episodes, "seed": seed}
+    md = results_markdown(results, f"Evaluation of {Path(model_dir).name}", context)
+    return results, context, results_table(results), md
+
+
+

@@ -1,0 +1,91 @@
+"""A model folder: what `edgemeta train` writes and `edgemeta eval` / `export` read.
+
+    model.keras     the trained backbone (best validation checkpoint)
+    model.json      what the backbone needs around it: preprocessing, algorithm, distance,
+                    embedding size, dataset, training summary
+    config.toml     the resolved training configuration
+    history.csv     learning curve (episodes, loss, accuracy, validation accuracy)
+    curve.png       the same as a plot
+    eval.md/.json   evaluation report, when `edgemeta eval --report` wrote one
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgemeta.errors import EdgemetaError
+from edgemeta.preprocess import Preprocess
+
+MODEL_FILE = "model.keras"
+INFO_FILE = "model.json"
+INFO_FORMAT = 1
+
+
+@dataclass
+class ModelInfo:
+    backbone: str
+    algorithm: str
+    distance: str
+    preprocess: Preprocess
+    embedding_dim: int
+    data: dict
+    training: dict
+
+    def to_dict(self) -> dict:
+        return {"format": INFO_FORMAT, "backbone": self.backbone, "algorithm": self.algorithm,
+                "distance": self.distance, "preprocess": self.preprocess.to_dict(),
+                "embedding_dim": self.embedding_dim, "data": self.data, "training": self.training}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelInfo:
+        return cls(d["backbone"], d["algorithm"], d["distance"], Preprocess.from_dict(d["preprocess"]),
+                   int(d["embedding_dim"]), d.get("data", {}), d.get("training", {}))
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write a file so that a crash leaves either the old or the new content, never a mix."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj) -> None:
+    write_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def read_info(model_dir: str | Path) -> ModelInfo:
+    """The metadata of a model folder, with a clear error when it is not one."""
+    d = Path(model_dir)
+    if not (d / INFO_FILE).is_file() or not (d / MODEL_FILE).is_file():
+        raise EdgemetaError(f"{d} is not an edgemeta model folder (needs {MODEL_FILE} and {INFO_FILE}); "
+                            "train one with `edgemeta train` or use one under models/")
+    try:
+        return ModelInfo.from_dict(json.loads((d / INFO_FILE).read_text()))
+    except (ValueError, KeyError, TypeError) as e:
+        raise EdgemetaError(f"{d / INFO_FILE} is damaged ({e}); retrain or restore the model folder") from None
+
+
+def load_backbone(model_dir: str | Path):
+    """(keras model, ModelInfo) of a model folder."""
+    import keras
+
+    info = read_info(model_dir)
+    path = Path(model_dir) / MODEL_FILE
+    try:
+        model = keras.models.load_model(path, compile=False)
+    except Exception as e:  # Keras raises many types for a damaged file
+        raise EdgemetaError(f"cannot load {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                            "the file is damaged, retrain or restore it") from None
+    return model, info

@@ -1,0 +1,1 @@
+"""The board side: numpy and a TFLite interpreter only, never TensorFlow or Keras."""

@@ -1,0 +1,48 @@
+"""Shared fixtures: the real Omniglot data from ../shared/data, small real-image folders made from it."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_OMNIGLOT = REPO.parent / "shared" / "data" / "omniglot"
+SAMPLE = REPO / "samples" / "omniglot"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Every test session decodes into its own cache folder (and never touches ~/.cache)."""
+    os.environ["EDGEMETA_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@pytest.fixture(scope="session")
+def omniglot_dir() -> Path:
+    if not (SHARED_OMNIGLOT / "images_background.zip").is_file():
+        pytest.fail(f"Omniglot is expected in {SHARED_OMNIGLOT} (../shared/data/omniglot from the repo)")
+    return SHARED_OMNIGLOT
+
+
+@pytest.fixture(scope="session")
+def mini_omniglot(tmp_path_factory, omniglot_dir) -> Path:
+    """A folder in the official zip layout holding a few real alphabets (fast to decode):
+    background: two lake-validation alphabets and two training ones; evaluation: two."""
+    keep = {"images_background": ("Alphabet_of_the_Magi", "Futurama", "Greek", "Latin"),
+            "images_evaluation": ("Keble", "Tengwar")}
+    out = tmp_path_factory.mktemp("mini_omniglot")
+    for part, alphabets in keep.items():
+        with zipfile.ZipFile(omniglot_dir / f"{part}.zip") as src, zipfile.ZipFile(out / f"{part}.zip", "w") as dst:
+            for name in src.namelist():
+                bits = name.split("/")
+                if len(bits) > 1 and bits[1] in alphabets:
+                    dst.writestr(name, src.read(name))
+    return out
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    return SAMPLE

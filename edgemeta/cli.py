@@ -13,8 +13,26 @@ import click
 
 from edgemeta.errors import EdgemetaError
 
-# TensorFlow's C++ start-up chatter is noise for a CLI user; real errors still surface.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _require_tensorflow() -> None:
+    """Import TensorFlow with its C++ start-up chatter (absl/oneDNN lines that no environment
+    variable silences in TF 2.21) kept off stderr, and say how to get it when it is missing."""
+    if "tensorflow" in sys.modules:
+        return
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import keras  # noqa: F401
+        import tensorflow  # noqa: F401
+    except ImportError as e:
+        raise EdgemetaError(f"this command needs TensorFlow, which is not importable ({e}); "
+                            "install the host extra: pip install 'edgemeta[host]'") from None
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 class _Group(click.Group):
@@ -73,9 +91,11 @@ def train(config_path: str, out: str, data: str, episodes: int | None, max_minut
           --data ../shared/data/omniglot --out runs/vinyals --max-minutes 60
     """
     from edgemeta.config import load_config
-    from edgemeta.train import train as run_training
 
     cfg = load_config(config_path)
+    _require_tensorflow()
+    from edgemeta.train import train as run_training
+
     if data:
         cfg = replace(cfg, data=replace(cfg.data, root=data))
     overrides = {k: v for k, v in (("episodes", episodes), ("max_minutes", max_minutes)) if v is not None}
@@ -108,11 +128,13 @@ def eval_cmd(model_dir: str, data: str, folder: str, split: str, settings: tuple
       edgemeta eval --model models/omniglot-conv4 --folder samples/omniglot --setting 5w1s --json
     """
     from edgemeta.evaluate import STANDARD_SETTINGS, parse_setting
-    from edgemeta.host import evaluate_model_dir
 
     if episodes < 1 or query < 1:
         raise EdgemetaError("--episodes and --query must be at least 1")
     parsed = tuple(parse_setting(s) for s in settings) or STANDARD_SETTINGS
+    _require_tensorflow()
+    from edgemeta.host import evaluate_model_dir
+
     results, context, text, md = evaluate_model_dir(model_dir, data=data, folder=folder, split=split,
                                                     settings=parsed, episodes=episodes, query=query, seed=seed)
     if report:

@@ -115,14 +115,14 @@ def train(cfg: Config, out: str | Path, progress: bool = True, fresh: bool = Fal
         if state_path.exists():
             state = json.loads(state_path.read_text())
     done = int(optimizer.iterations.numpy()) * replicas
-    write_atomic(out / "config.toml", dump_toml(cfg))
+    _write_config(cfg, out / "config.toml")
 
     def replica_step(support, support_labels, query, query_labels):
         with tf.GradientTape() as tape:
             loss, acc = method.episode_loss(model, support, support_labels, query, query_labels, tc.way, training=True)
             scaled = loss / replicas
         grads = tape.gradient(scaled, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
         return loss, acc
 
     @tf.function
@@ -207,6 +207,18 @@ def train(cfg: Config, out: str | Path, progress: bool = True, fresh: bool = Fal
     if state["best_val_acc"] >= 0:
         _write_summary(cfg, out, model, method, result, state["history"], replicas)
     return result
+
+
+def _write_config(cfg: Config, path: Path) -> None:
+    """Record the resolved configuration, keeping an existing file (and its comments) that says the same."""
+    from edgemeta.config import load_config
+
+    try:
+        if path.exists() and load_config(path) == cfg:
+            return
+    except Exception:  # an unreadable old file is simply replaced
+        pass
+    write_atomic(path, dump_toml(cfg))
 
 
 def _save_model(model, out: Path) -> None:

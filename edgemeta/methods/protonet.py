@@ -10,7 +10,6 @@ to help.
 from __future__ import annotations
 
 import numpy as np
-import tensorflow as tf
 
 from edgemeta.runtime.head import prototypes, squared_euclidean
 
@@ -20,6 +19,8 @@ class ProtoNet:
     distance = "squared_euclidean"
 
     def episode_loss(self, backbone, support, support_labels, query, query_labels, way: int, training: bool):
+        import tensorflow as tf
+
         n_support = tf.shape(support)[0]
         # One forward pass over support and query together, as in the reference implementation,
         # so batch-norm statistics are computed over the whole episode.

@@ -1,0 +1,132 @@
+"""The CLI as a user meets it: real subprocesses, exit codes, one-line errors."""
+
+import json
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from edgemeta.evaluate import mean_ci95, parse_setting
+
+
+def run(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "edgemeta", *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def assert_one_line_error(proc, fragment):
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert fragment in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, sample_dir):
+    from test_train import tiny_config
+
+    from edgemeta.train import train
+
+    out = tmp_path_factory.mktemp("cli_model")
+    train(tiny_config(sample_dir, episodes=30), out, progress=False)
+    return out
+
+
+def test_help_shows_examples():
+    for cmd in ([], ["train"], ["eval"]):
+        proc = run(*cmd, "--help")
+        assert proc.returncode == 0 and "Example" in proc.stdout
+
+
+def test_eval_table_json_and_report(model_dir, sample_dir, tmp_path):
+    args = ["eval", "--model", str(model_dir), "--folder", str(sample_dir), "--episodes", "50"]
+    table = run(*args)
+    assert table.returncode == 0, table.stderr
+    for name in ("5-way 1-shot", "5-way 5-shot", "20-way 1-shot", "20-way 5-shot"):
+        assert name in table.stdout
+    report = tmp_path / "r.md"
+    proc = run(*args, "--json", "--report", str(report))
+    data = json.loads(proc.stdout)
+    assert [r["setting"] for r in data["results"]] == ["5w1s", "5w5s", "20w1s", "20w5s"]
+    assert all(20 < r["accuracy"] <= 100 and 0 < r["ci95"] < 10 and r["episodes"] == 50 for r in data["results"][:2])
+    assert "| 5-way 1-shot | 15 | 50 |" in report.read_text()
+    assert json.loads(report.with_suffix(".json").read_text())["results"] == data["results"]
+    # seeded: the same command gives the same figures, another seed other ones
+    assert json.loads(run(*args, "--json").stdout)["results"] == data["results"]
+    other = json.loads(run(*args, "--json", "--seed", "1").stdout)["results"]
+    assert other != data["results"]
+
+
+def test_eval_says_when_there_are_too_few_images(model_dir, sample_dir):
+    proc = run("eval", "--model", str(model_dir), "--folder", str(sample_dir), "--episodes", "20", "--setting", "5w5s",
+               "--query", "19", "--json")
+    r = json.loads(proc.stdout)["results"][0]
+    assert r["query"] == 15 and "15 queries per class instead of 19" in r["note"]
+    proc = run("eval", "--model", str(model_dir), "--folder", str(sample_dir), "--episodes", "5", "--setting", "60w1s", "--json")
+    assert "skipped: the split has only 51 classes" in json.loads(proc.stdout)["results"][0]["note"]
+
+
+def test_errors_are_one_line(tmp_path, model_dir):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[model]\nbackbone = "vgg99"\n')
+    assert_one_line_error(run("train", "--config", str(cfg), "--out", str(tmp_path / "o")), "unknown backbone 'vgg99'")
+    cfg.write_text('[model]\nalgorithm = "maml++"\n')
+    assert_one_line_error(run("train", "--config", str(cfg), "--out", str(tmp_path / "o")), "unknown algorithm")
+    assert_one_line_error(run("train", "--config", str(tmp_path / "nope.toml"), "--out", str(tmp_path / "o")), "does not exist")
+    assert_one_line_error(run("eval", "--model", str(tmp_path)), "is not an edgemeta model folder")
+    assert_one_line_error(run("eval", "--model", str(model_dir), "--folder", str(tmp_path / "none")), "does not exist")
+    assert_one_line_error(run("eval", "--model", str(model_dir), "--setting", "fiveway"), "cannot read setting")
+    # a folder dataset's model needs --folder to be evaluated
+    assert_one_line_error(run("eval", "--model", str(model_dir)), "pass --folder")
+
+
+def test_omniglot_errors(tmp_path, mini_omniglot):
+    import shutil
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[data]\nkind = "omniglot"\nsplit = "lake"\n')
+    shutil.copy(mini_omniglot / "images_evaluation.zip", tmp_path)
+    out = str(tmp_path / "o")
+    assert_one_line_error(run("train", "--config", str(cfg), "--out", out, "--data", str(tmp_path)), "has neither images_background")
+    (tmp_path / "images_background.zip").write_bytes(b"garbage")
+    assert_one_line_error(run("train", "--config", str(cfg), "--out", out, "--data", str(tmp_path)), "is not a readable zip")
+    # a zip cut short: the central directory is gone
+    good = (mini_omniglot / "images_background.zip").read_bytes()
+    (tmp_path / "images_background.zip").write_bytes(good[: len(good) // 2])
+    assert_one_line_error(run("train", "--config", str(cfg), "--out", out, "--data", str(tmp_path)), "is not a readable zip")
+
+
+def test_class_too_small_for_training(tmp_path, sample_dir):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[data]\nkind = "folder"\nroot = "{sample_dir}"\n[train]\nway = 5\nshot = 10\nquery = 15\n')
+    assert_one_line_error(run("train", "--config", str(cfg), "--out", str(tmp_path / "o")), "need 25 per class")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    proc = run("--debug", "eval", "--model", str(tmp_path))
+    assert proc.returncode == 2 and "Traceback" in proc.stderr
+
+
+def test_setting_parser_and_ci():
+    assert parse_setting("5w1s") == (5, 1) and parse_setting("20-way-5-shot") == (20, 5)
+    mean, ci = mean_ci95([1.0, 0.0] * 50)
+    assert mean == 0.5 and abs(ci - 1.96 * 0.5025 / 10) < 1e-3
+
+
+def test_python_m_and_console_script_agree():
+    import shutil
+
+    exe = shutil.which("edgemeta", path=str(__import__("pathlib").Path(sys.executable).parent))
+    assert exe, "the edgemeta console script is not installed next to this Python"
+    assert subprocess.run([exe, "--version"], capture_output=True, text=True).stdout == run("--version").stdout
+
+
+def test_corrupt_model_file(model_dir, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(model_dir, bad)
+    with zipfile.ZipFile(bad / "model.keras", "w") as z:
+        z.writestr("junk", "junk")
+    assert_one_line_error(run("eval", "--model", str(bad), "--folder", str(tmp_path)), "cannot load")

@@ -1,0 +1,106 @@
+"""Meta-training end to end on a small real dataset (the shipped Omniglot sample)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from edgemeta.config import config_from_dict
+from edgemeta.train import train
+
+
+def tiny_config(sample_dir, **train_overrides):
+    return config_from_dict({
+        "data": {"kind": "folder", "root": str(sample_dir), "fractions": [0.6, 0.2, 0.2]},
+        "model": {"backbone": "conv4"},
+        "train": {"way": 5, "shot": 1, "query": 3, "episodes": 60, "lr_decay_every": 1000, **train_overrides},
+        "validation": {"every": 30, "episodes": 100, "way": 5, "shot": 1, "query": 5},
+    })
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, sample_dir):
+    out = tmp_path_factory.mktemp("model")
+    result = train(tiny_config(sample_dir), out, progress=False)
+    return out, result
+
+
+def test_training_learns_and_writes_a_model_folder(trained):
+    out, result = trained
+    assert result.episodes == 60 and result.stopped_by == "episodes"
+    # 5-way chance is 20%; 60 episodes on real characters get well past it
+    assert result.best_val_acc > 0.5
+    for name in ("model.keras", "model.json", "config.toml", "history.csv", "curve.png"):
+        assert (out / name).is_file(), name
+    assert list((out / "tensorboard").iterdir())
+    info = json.loads((out / "model.json").read_text())
+    assert info["embedding_dim"] == 64 and info["distance"] == "squared_euclidean"
+    assert info["preprocess"] == {"image_size": 28, "channels": 1, "invert": True}
+    assert info["training"]["episodes"] == 60 and "cores" in info["training"]["machine"]
+    assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "history.csv").read_text().count("\n") == 3  # header + 2 validations
+
+
+def test_resume_continues_from_the_checkpoint(tmp_path, sample_dir):
+    first = train(tiny_config(sample_dir, episodes=30), tmp_path, progress=False)
+    assert first.episodes == 30
+    second = train(tiny_config(sample_dir, episodes=60), tmp_path, progress=False)
+    assert second.episodes == 60
+    history = json.loads((tmp_path / "checkpoints" / "state.json").read_text())["history"]
+    assert [h["episode"] for h in history] == [30, 60]
+    fresh = train(tiny_config(sample_dir, episodes=30), tmp_path, progress=False, fresh=True)
+    assert fresh.episodes == 30
+
+
+def test_time_budget_stops_training(tmp_path, sample_dir):
+    result = train(tiny_config(sample_dir, episodes=100000, max_minutes=0.001), tmp_path, progress=False)
+    assert result.stopped_by == "time budget" and result.episodes < 100
+    assert (tmp_path / "model.keras").is_file()
+
+
+def test_sigterm_checkpoints_and_the_next_run_resumes(tmp_path, sample_dir):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[data]\nkind = "folder"\nroot = "{sample_dir}"\n[train]\nway = 5\nshot = 1\nquery = 3\n'
+                   "episodes = 100000\n[validation]\nevery = 20\nepisodes = 20\nway = 5\n")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "edgemeta", "train", "--config", str(cfg), "--out", str(out), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state = out / "checkpoints" / "state.json"
+    deadline = time.monotonic() + 120
+    while not state.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert state.exists(), proc.communicate()[1]
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert "(interrupted)" in stdout
+    stopped_at = json.loads(state.read_text())["history"][-1]["episode"]
+    assert stopped_at >= 20
+    again = subprocess.run(cmd + ["--episodes", str(stopped_at + 20)], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert f"stopped after {stopped_at + 20} episodes (episodes)" in again.stdout
+
+
+def test_mirrored_strategy_on_two_logical_cpus(tmp_path, sample_dir):
+    """The same training code under MirroredStrategy: each replica takes its own episode."""
+    script = f"""
+import json, sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+sys.path.insert(0, {str(os.path.dirname(__file__))!r})
+from test_train import tiny_config
+from edgemeta.train import train
+r = train(tiny_config({str(sample_dir)!r}, episodes=40, devices=["/cpu:0", "/cpu:1"]), {str(tmp_path)!r}, progress=False)
+print(json.dumps({{"episodes": r.episodes, "acc": r.best_val_acc}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    info = json.loads((tmp_path / "model.json").read_text())
+    assert result["episodes"] == 40 and info["training"]["episodes_per_step"] == 2
+    assert result["acc"] > 0.3

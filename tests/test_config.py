@@ -1,10 +1,9 @@
 import pytest
 
 from edgemeta.backbones import BACKBONES
-from edgemeta.config import BACKBONE_NAMES, config_from_dict, dump_toml, load_config
+from edgemeta.config import ALGORITHMS, BACKBONE_NAMES, config_from_dict, dump_toml, load_config
 from edgemeta.errors import EdgemetaError
 from edgemeta.methods import METHODS
-from edgemeta.config import ALGORITHMS
 
 
 def test_round_trip(tmp_path):

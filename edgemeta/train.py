@@ -77,32 +77,84 @@ class _Progress:
             print(text, file=sys.stderr, flush=True)
 
 
+class EpisodicTrainer:
+    """The model, optimizer and compiled training step under one distribution strategy.
+
+    ``step(first)`` trains on episodes ``first .. first + replicas - 1`` of `sampler` (one per
+    replica, gradients averaged) and returns the mean loss and accuracy."""
+
+    def __init__(self, cfg: Config, sampler: EpisodeSampler):
+        import keras
+        import tensorflow as tf
+
+        from edgemeta.backbones import build_backbone
+
+        tc = cfg.train
+        self.sampler, self.method = sampler, get_method(cfg.model.algorithm)
+        self.strategy = make_strategy(tc.devices)
+        self.replicas = replicas = self.strategy.num_replicas_in_sync
+        with self.strategy.scope():
+            self.model = build_backbone(cfg.model.backbone, cfg.model.preprocess.input_shape)
+            self.schedule = keras.optimizers.schedules.ExponentialDecay(
+                tc.learning_rate, decay_steps=max(1, tc.lr_decay_every // replicas), decay_rate=tc.lr_decay_rate, staircase=True)
+            self.optimizer = keras.optimizers.Adam(self.schedule)
+            self.optimizer.build(self.model.trainable_variables)
+        model, optimizer, method, strategy = self.model, self.optimizer, self.method, self.strategy
+
+        def replica_step(support, support_labels, query, query_labels):
+            with tf.GradientTape() as tape:
+                loss, acc = method.episode_loss(model, support, support_labels, query, query_labels, tc.way, training=True)
+                scaled = loss / replicas
+            grads = tape.gradient(scaled, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+            return loss, acc
+
+        @tf.function
+        def train_step(inputs):
+            loss, acc = strategy.run(replica_step, args=inputs)
+            mean = tf.distribute.ReduceOp.MEAN
+            return strategy.reduce(mean, loss, axis=None), strategy.reduce(mean, acc, axis=None)
+
+        self._train_step = train_step
+
+    @property
+    def episodes_done(self) -> int:
+        return int(self.optimizer.iterations.numpy()) * self.replicas
+
+    @property
+    def learning_rate(self) -> float:
+        return float(self.schedule(self.optimizer.iterations))
+
+    def step(self, first: int) -> tuple[float, float]:
+        import tensorflow as tf
+
+        eps = [self.sampler.episode(first + r) for r in range(self.replicas)]
+
+        def value(ctx):
+            e = eps[ctx.replica_id_in_sync_group]
+            return (tf.cast(e.support, tf.float32) / 255.0, tf.constant(e.support_labels),
+                    tf.cast(e.query, tf.float32) / 255.0, tf.constant(e.query_labels))
+
+        loss, acc = self._train_step(self.strategy.experimental_distribute_values_from_function(value))
+        return float(loss), float(acc)
+
+
 def train(cfg: Config, out: str | Path, progress: bool = True, fresh: bool = False) -> TrainResult:
     """Meta-train as configured into the folder `out` (resuming from its checkpoint unless `fresh`)."""
-    import keras
     import tensorflow as tf
 
-    from edgemeta.backbones import build_backbone
+    from edgemeta.host import keras_embedder
 
     out = Path(out)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    pre = cfg.model.preprocess
-    splits = load_dataset(cfg.data, pre, ("train", "val"))
+    splits = load_dataset(cfg.data, cfg.model.preprocess, ("train", "val"))
     tc, vc = cfg.train, cfg.validation
     sampler = EpisodeSampler(splits["train"], tc.way, tc.shot, tc.query, seed=tc.seed)
     val_sampler = EpisodeSampler(splits["val"], vc.way, vc.shot, vc.query, seed=vc.seed)
-    method = get_method(cfg.model.algorithm)
     tf.keras.utils.set_random_seed(tc.seed)
-
-    strategy = make_strategy(tc.devices)
-    replicas = strategy.num_replicas_in_sync
-    with strategy.scope():
-        model = build_backbone(cfg.model.backbone, pre.input_shape)
-        schedule = keras.optimizers.schedules.ExponentialDecay(
-            tc.learning_rate, decay_steps=max(1, tc.lr_decay_every // replicas), decay_rate=tc.lr_decay_rate, staircase=True)
-        optimizer = keras.optimizers.Adam(schedule)
-        optimizer.build(model.trainable_variables)
-    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer)
+    trainer = EpisodicTrainer(cfg, sampler)
+    model, method, replicas = trainer.model, trainer.method, trainer.replicas
+    ckpt = tf.train.Checkpoint(model=model, optimizer=trainer.optimizer)
     manager = tf.train.CheckpointManager(ckpt, out / "checkpoints", max_to_keep=2)
 
     state = {"history": [], "best_val_acc": -1.0, "best_val_ci95": 0.0, "best_episode": 0, "elapsed_s": 0.0}
@@ -114,39 +166,12 @@ def train(cfg: Config, out: str | Path, progress: bool = True, fresh: bool = Fal
         ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
         if state_path.exists():
             state = json.loads(state_path.read_text())
-    done = int(optimizer.iterations.numpy()) * replicas
+    done = trainer.episodes_done
     _write_config(cfg, out / "config.toml")
-
-    def replica_step(support, support_labels, query, query_labels):
-        with tf.GradientTape() as tape:
-            loss, acc = method.episode_loss(model, support, support_labels, query, query_labels, tc.way, training=True)
-            scaled = loss / replicas
-        grads = tape.gradient(scaled, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
-        return loss, acc
-
-    @tf.function
-    def train_step(inputs):
-        loss, acc = strategy.run(replica_step, args=inputs)
-        mean = tf.distribute.ReduceOp.MEAN
-        return strategy.reduce(mean, loss, axis=None), strategy.reduce(mean, acc, axis=None)
-
-    @tf.function
-    def embed_fn(images):
-        return model(tf.cast(images, tf.float32) / 255.0, training=False)
-
-    def distributed_episodes(first: int):
-        eps = [sampler.episode(first + r) for r in range(replicas)]
-
-        def value(ctx):
-            e = eps[ctx.replica_id_in_sync_group]
-            return (tf.cast(e.support, tf.float32) / 255.0, tf.constant(e.support_labels),
-                    tf.cast(e.query, tf.float32) / 255.0, tf.constant(e.query_labels))
-
-        return strategy.experimental_distribute_values_from_function(value)
+    embed = keras_embedder(model)
 
     def validate() -> tuple[float, float]:
-        emb = embed_split(lambda x: embed_fn(x).numpy(), splits["val"])
+        emb = embed_split(embed, splits["val"])
         return mean_ci95(episode_accuracies(method.classify, emb, val_sampler, vc.episodes))
 
     writer = tf.summary.create_file_writer(str(out / "tensorboard"))
@@ -158,10 +183,10 @@ def train(cfg: Config, out: str | Path, progress: bool = True, fresh: bool = Fal
     old_handler = signal.signal(signal.SIGTERM, lambda *_: interrupted.append("SIGTERM"))
     try:
         while done < tc.episodes:
-            loss, acc = train_step(distributed_episodes(done))
+            loss, acc = trainer.step(done)
             done += replicas
-            losses.append(float(loss))
-            accs.append(float(acc))
+            losses.append(loss)
+            accs.append(acc)
             elapsed = elapsed0 + time.monotonic() - started
             out_of_time = tc.max_minutes > 0 and elapsed >= 60 * tc.max_minutes
             at_val = done % vc.every < replicas or done >= tc.episodes or out_of_time or interrupted
@@ -169,7 +194,7 @@ def train(cfg: Config, out: str | Path, progress: bool = True, fresh: bool = Fal
                 bar.update(done, np.mean(losses[-50:]), np.mean(accs[-50:]), last_val)
             if at_val:
                 val_acc, val_ci = validate()
-                lr = float(schedule(optimizer.iterations))
+                lr = trainer.learning_rate
                 row = {"episode": done, "loss": float(np.mean(losses)), "train_acc": float(np.mean(accs)),
                        "val_acc": val_acc, "val_ci95": val_ci, "learning_rate": lr, "elapsed_s": round(elapsed, 1)}
                 state["history"].append(row)

@@ -129,3 +129,31 @@ def results_json(results: list[SettingResult]) -> list[dict]:
         return None if isinstance(v, float) and math.isnan(v) else v
 
     return [{**{k: clean(v) for k, v in asdict(r).items()}, "setting": f"{r.way}w{r.shot}s"} for r in results]
+
+
+def calibrate_open_set(embeddings: np.ndarray, split: FewShotSplit, distance: str, way: int = 5, shot: int = 1,
+                       query: int = 5, episodes: int = 500, accept_rate: float = 0.95, seed: int = 0) -> dict:
+    """Choose the open-set threshold on a (validation) split.
+
+    Each episode enrolls `way` classes from `shot` samples and asks queries from those classes
+    (known) and from `way` other classes (unknown). The threshold is the `accept_rate` quantile of
+    the known queries' distance to their nearest prototype, so that share of known queries is
+    still answered; the share of unknown queries wrongly accepted at that threshold is reported.
+    """
+    from edgemeta.runtime.head import DISTANCES, prototypes
+
+    dist_fn = DISTANCES[distance]
+    sampler = EpisodeSampler(split, 2 * way, shot, query, seed=seed)
+    known, unknown = [], []
+    for i in range(episodes):
+        _, s, q = sampler.indices(i)
+        s, q = s.reshape(2 * way, shot)[:way].ravel(), q.reshape(2 * way, query)
+        protos = prototypes(embeddings[s], np.repeat(np.arange(way), shot), way)
+        known.append(dist_fn(embeddings[q[:way].ravel()], protos).min(axis=1))
+        unknown.append(dist_fn(embeddings[q[way:].ravel()], protos).min(axis=1))
+    known, unknown = np.concatenate(known), np.concatenate(unknown)
+    threshold = float(np.quantile(known, accept_rate))
+    return {"threshold": threshold, "known_accept_rate": float(np.mean(known <= threshold)),
+            "unknown_accept_rate": float(np.mean(unknown <= threshold)),
+            "calibration": f"{episodes} validation episodes, {way} enrolled classes x {shot} shot, "
+                           f"{query} queries from each enrolled and each of {way} unknown classes"}

@@ -1,0 +1,166 @@
+"""Export a trained backbone to TFLite variants with a manifest (host, TensorFlow).
+
+Variants (see ../shared/TOOLCHAIN.md for why each exists):
+  float32        dynamic batch, the float reference
+  dynamic_range  int8 weights, float activations; dynamic batch
+  int8           full-integer (int8 in and out), calibrated on real training images; dynamic batch
+  int8_static    the same with a static batch of 1: for boards (XNNPACK, tflite-runtime) and the
+                 input of the Edge TPU compiler
+Each variant is measured with the evaluation protocol through the TFLite interpreter, and the
+open-set threshold is calibrated for it on validation episodes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from pathlib import Path
+
+import numpy as np
+
+from edgemeta.data import DatasetSpec, load_dataset
+from edgemeta.errors import EdgemetaError
+from edgemeta.evaluate import STANDARD_SETTINGS, calibrate_open_set, embed_split, evaluate, results_json
+from edgemeta.methods import get_method
+from edgemeta.modeldir import load_backbone, write_atomic, write_json
+from edgemeta.runtime.interpreter import Embedder, interpreter_module, runtime_version
+from edgemeta.runtime.manifest import MANIFEST_FILE, MANIFEST_FORMAT, sha256_file
+from edgemeta.runtime.tflite_info import read_structure
+
+VARIANTS = ("float32", "dynamic_range", "int8", "int8_static")
+DEFAULT_VARIANT = "int8_static"
+
+
+def convert(model, quantization: str, representative: np.ndarray | None = None) -> bytes:
+    """Keras model -> .tflite bytes. quantization: float32 | dynamic_range | int8."""
+    import tensorflow as tf
+
+    conv = tf.lite.TFLiteConverter.from_keras_model(model)
+    if quantization != "float32":
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        # FULLY_CONNECTED v9 instead of v12, which tflite-runtime 2.14 cannot load
+        conv._experimental_disable_per_channel_quantization_for_dense_layers = True
+    if quantization == "int8":
+        def rep():
+            for img in representative:
+                yield [img[None].astype(np.float32) / 255.0]
+
+        conv.representative_dataset = rep
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        conv.inference_input_type = tf.int8
+        conv.inference_output_type = tf.int8
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)  # the converter's MLIR diagnostics go straight to fd 2
+    try:
+        data = conv.convert()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    if quantization != "float32" and len(data) > 0.5 * model.count_params() * 4:
+        raise EdgemetaError("quantised export came out as large as float weights: weights were not frozen; "
+                            "this is a bug in edgemeta's export")
+    return data
+
+
+def _static_copy(model, info):
+    from edgemeta.backbones import build_backbone
+
+    static = build_backbone(info.backbone, info.preprocess.input_shape, batch_size=1)
+    static.set_weights(model.get_weights())
+    return static
+
+
+def export_model(model_dir: str | Path, out: str | Path | None = None, data: str = "", folder: str = "",
+                 episodes: int = 1000, calibration_images: int = 300, seed: int = 0, log=print) -> dict:
+    """Write the .tflite variants and manifest.json for a model folder; returns the manifest."""
+    model_dir = Path(model_dir)
+    out = Path(out) if out else model_dir
+    out.mkdir(parents=True, exist_ok=True)
+    model, info = load_backbone(model_dir)
+    method = get_method(info.algorithm)
+    if folder or info.data.get("kind") == "folder":
+        root = folder or info.data.get("root", "")
+        if not root:
+            raise EdgemetaError(f"{model_dir} was trained on a folder dataset; pass --folder with that data")
+        spec = DatasetSpec(kind="folder", root=root, fractions=tuple(info.data.get("fractions", (0.6, 0.2, 0.2))),
+                           seed=info.data.get("seed", 0))
+    else:
+        spec = DatasetSpec(kind="omniglot", root=data, split=info.data["split"], rotations=info.data.get("rotations", True))
+    splits = load_dataset(spec, info.preprocess)
+    rng = np.random.default_rng(seed)
+    train_images = splits["train"].images
+    representative = train_images[rng.choice(len(train_images), size=min(calibration_images, len(train_images)), replace=False)]
+
+    runtime, _ = interpreter_module()
+    variants, evaluations = {}, {}
+    static = _static_copy(model, info)
+    for name in VARIANTS:
+        log(f"converting {name} ...")
+        quant = "int8" if name.startswith("int8") else name
+        data_bytes = convert(static if name.endswith("_static") else model, quant, representative)
+        path = out / f"{name}.tflite"
+        write_atomic(path, data_bytes)
+        structure = read_structure(path, data_bytes)
+        embedder = Embedder(path, threads=os.cpu_count() or 1)
+        val_emb = embed_split(embedder, splits["val"])
+        test_emb = embed_split(embedder, splits["test"])
+        open_set = calibrate_open_set(val_emb, splits["val"], method.distance, seed=seed)
+        results = evaluate(embedder, method.classify, splits["test"], STANDARD_SETTINGS, episodes, seed=seed, embeddings=test_emb)
+        evaluations[name] = results
+        variants[name] = {
+            "file": path.name, "sha256": sha256_file(path), "size": len(data_bytes), "quantization": quant,
+            "static_batch": 1 if name.endswith("_static") else None,
+            "input": vars(structure.inputs[0]), "output": vars(structure.outputs[0]),
+            "ops": structure.ops, "tensor_types": structure.tensor_types,
+            "open_set_threshold": open_set["threshold"], "open_set": open_set,
+            "evaluation": results_json(results),
+        }
+        log(f"  {name}: {len(data_bytes) / 1024:.0f} KiB, " + ", ".join(f"{r.name} {r.accuracy:.2f}%" for r in results if r.episodes))
+
+    from edgemeta.host import keras_embedder
+
+    float_results = evaluate(keras_embedder(model), method.classify, splits["test"], STANDARD_SETTINGS, episodes, seed=seed)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "name": model_dir.resolve().name,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "backbone": info.backbone, "algorithm": info.algorithm,
+        "embedding_dim": info.embedding_dim, "distance": method.distance,
+        "preprocess": {**info.preprocess.to_dict(), "resize": "lanczos", "scale": "x / 255 (input range [0, 1])",
+                       "polarity": "inverted: dark ink becomes bright" if info.preprocess.invert else "as stored"},
+        "default_variant": DEFAULT_VARIANT,
+        "variants": variants,
+        "evaluation": {"protocol": f"{episodes} seeded episodes per setting (seed {seed}), 15 queries per class, "
+                                   f"mean accuracy and 95% CI in percent; test split of {spec.kind}"
+                                   + (f" {spec.split}" if spec.kind == "omniglot" else ""),
+                       "runtime": f"{runtime} {runtime_version(runtime)}",
+                       "keras_float32": results_json(float_results)},
+        "source": {"model.keras_sha256": sha256_file(model_dir / "model.keras"), "data": info.data},
+        "training": info.training,
+    }
+    write_json(out / MANIFEST_FILE, manifest)
+    write_atomic(out / "export.md", export_report(manifest))
+    return manifest
+
+
+def export_report(manifest: dict) -> str:
+    """Markdown summary of a manifest's variants: size, ops, accuracy per setting."""
+    settings = [r["setting"] for r in manifest["evaluation"]["keras_float32"]]
+    lines = [f"# Export of {manifest['name']}", "", f"- {manifest['evaluation']['protocol']}",
+             f"- interpreter: {manifest['evaluation']['runtime']}", "",
+             "| variant | size (KiB) | " + " | ".join(settings) + " | open-set threshold (unknown accepted) |",
+             "|---|---|" + "---|" * len(settings) + "---|"]
+
+    def cells(results):
+        return " | ".join(f"{r['accuracy']:.2f} +/- {r['ci95']:.2f}" if r["episodes"] else "-" for r in results)
+
+    lines.append(f"| keras float32 | - | {cells(manifest['evaluation']['keras_float32'])} | - |")
+    for name, v in manifest["variants"].items():
+        lines.append(f"| {name} | {v['size'] / 1024:.0f} | {cells(v['evaluation'])} | "
+                     f"{v['open_set_threshold']:.3g} ({100 * v['open_set']['unknown_accept_rate']:.1f}%) |")
+    lines += ["", "Ops (highest version): " + ", ".join(f"{k} v{v}" for k, v in manifest["variants"][DEFAULT_VARIANT]["ops"].items())]
+    return "\n".join(lines) + "\n"
+
+
+

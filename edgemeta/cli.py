@@ -21,18 +21,15 @@ def _require_tensorflow() -> None:
     variable silences in TF 2.21) kept off stderr, and say how to get it when it is missing."""
     if "tensorflow" in sys.modules:
         return
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
+    from edgemeta.quiet import native_stderr_silenced
+
     try:
-        import keras  # noqa: F401
-        import tensorflow  # noqa: F401
+        with native_stderr_silenced():
+            import keras  # noqa: F401
+            import tensorflow  # noqa: F401
     except ImportError as e:
         raise EdgemetaError(f"this command needs TensorFlow, which is not importable ({e}); "
                             "install the host extra: pip install 'edgemeta[host]'") from None
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
 
 
 class _Group(click.Group):
@@ -149,3 +146,181 @@ def eval_cmd(model_dir: str, data: str, folder: str, split: str, settings: tuple
         click.echo(json.dumps({"context": context, "results": results_json(results)}, indent=2))
     else:
         click.echo(text)
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Where to write the variants (default: MODEL_DIR).")
+@click.option("--data", default="", help="Omniglot location (else $EDGEMETA_OMNIGLOT), for calibration and evaluation.")
+@click.option("--folder", default="", help="The folder dataset a folder-trained model was trained on.")
+@click.option("--episodes", type=int, default=1000, show_default=True, help="Evaluation episodes per setting and variant.")
+def export(model_dir: str, out: str | None, data: str, folder: str, episodes: int) -> None:
+    """Write float32, dynamic-range, int8 and static-batch int8 .tflite variants and manifest.json.
+
+    int8 is calibrated on real training images; every variant is evaluated with the standard
+    protocol through the TFLite interpreter and gets its own open-set threshold, calibrated on
+    validation episodes.
+
+    \b
+    Example:
+      edgemeta export models/omniglot-conv4 --data ../shared/data/omniglot
+    """
+    _require_tensorflow()
+    from edgemeta.export import export_model
+
+    manifest = export_model(model_dir, out, data=data, folder=folder, episodes=episodes, log=lambda m: click.echo(m, err=True))
+    from edgemeta.export import export_report
+
+    click.echo(export_report(manifest))
+
+
+@main.command()
+@click.argument("tflite_file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect(tflite_file: str, as_json: bool) -> None:
+    """Ops with versions, tensor types and size of a .tflite file, read without loading it.
+
+    \b
+    Example:
+      edgemeta inspect models/omniglot-conv4/int8_static.tflite
+    """
+    from edgemeta.runtime.tflite_info import read_structure
+
+    s = read_structure(tflite_file)
+    if as_json:
+        click.echo(json.dumps(s.to_dict(), indent=2))
+        return
+    click.echo(f"{tflite_file}: {s.size} bytes ({s.size / 1024:.1f} KiB)")
+    for t in s.inputs + s.outputs:
+        kind = "input " if t in s.inputs else "output"
+        q = f", scale {t.scale:.6g} zero point {t.zero_point}" if t.scale is not None else ""
+        click.echo(f"  {kind} {t.name}: {t.dtype} {t.shape}{q}")
+    click.echo("  ops: " + ", ".join(f"{k} v{v} (x{s.op_counts[k]})" for k, v in s.ops.items()))
+    click.echo("  tensor types: " + ", ".join(f"{k} x{v}" for k, v in s.tensor_types.items()))
+
+
+def _runtime(model: str | None, store: str, variant: str | None, threads: int, edgetpu: str | None):
+    """The runtime for a store: --model, else $EDGEMETA_MODEL, else the model the store was enrolled with."""
+    from edgemeta.runtime.classifier import FewShotRuntime
+    from edgemeta.runtime.store import EnrollmentStore
+
+    model = model or os.environ.get("EDGEMETA_MODEL")
+    if not model and EnrollmentStore.exists(store):
+        model = EnrollmentStore.open(store).backbone.get("model_path")
+        variant = variant or EnrollmentStore.open(store).backbone.get("variant")
+    if not model:
+        raise EdgemetaError("which model? pass --model DIR (an exported model folder with manifest.json) or set $EDGEMETA_MODEL")
+    return FewShotRuntime(model, variant=variant, threads=threads, edgetpu=edgetpu)
+
+
+def _runtime_options(f):
+    f = click.option("--edgetpu", default=None, metavar="DEVICE",
+                     help="Run on the Edge TPU delegate: usb, usb:0, pci, or '' for the first.")(f)
+    f = click.option("--threads", type=int, default=1, show_default=True, help="Interpreter threads.")(f)
+    f = click.option("--variant", default=None, help="Model variant (default: the manifest's, int8_static).")(f)
+    f = click.option("--model", default=None, type=click.Path(file_okay=False),
+                     help="Exported model folder (default: $EDGEMETA_MODEL or the store's).")(f)
+    return click.option("--store", required=True, type=click.Path(), help="Enrollment store folder.")(f)
+
+
+@main.command()
+@_runtime_options
+@click.option("--label", required=True, help="The class these samples show.")
+@click.option("--keep-samples", is_flag=True, help="Also keep the samples (new stores only), for re-enrollment after a model upgrade.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.argument("files", nargs=-1, required=True, type=click.Path())
+def enroll(store: str, model: str | None, variant: str | None, threads: int, edgetpu: str | None, label: str,
+           keep_samples: bool, as_json: bool, files: tuple[str, ...]) -> None:
+    """Teach the board a class from a few samples (images or .npy arrays).
+
+    \b
+    Example:
+      edgemeta enroll --store ~/store --model models/omniglot-conv4 --label alpha a1.png a2.png
+    """
+    rt = _runtime(model, store, variant, threads, edgetpu)
+    count = rt.enroll(store, label, list(files), keep_samples=keep_samples)
+    if as_json:
+        click.echo(json.dumps({"label": label.strip(), "samples": count}))
+    else:
+        click.echo(f"enrolled {len(files)} file(s) as {label.strip()!r}; it now has {count} sample(s)")
+
+
+@main.command()
+@_runtime_options
+@click.option("--top-k", type=int, default=1, show_default=True, help="How many nearest classes to list.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.argument("files", nargs=-1, required=True, type=click.Path())
+def classify(store: str, model: str | None, variant: str | None, threads: int, edgetpu: str | None, top_k: int,
+             as_json: bool, files: tuple[str, ...]) -> None:
+    """Name the class of each image, or 'unknown' when no enrolled class is near enough.
+
+    \b
+    Example:
+      edgemeta classify --store ~/store --top-k 3 query.png
+    """
+    rt = _runtime(model, store, variant, threads, edgetpu)
+    results = rt.classify(store, list(files), top_k=top_k)
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    for r in results:
+        others = ", ".join(f"{t['label']} {100 * t['probability']:.1f}%" for t in r["top"])
+        click.echo(f"{r['file']}: {r['label']} (distance {r['distance']:.3g}; {others})")
+
+
+def _store_change(store: str, change):
+    from edgemeta.runtime.store import EnrollmentStore
+
+    EnrollmentStore.open(store)  # a clear error before a lock file is created in a wrong folder
+    with EnrollmentStore.locked(store):
+        s = EnrollmentStore.open(store)
+        result = change(s)
+        s.save()
+    return result
+
+
+@main.command()
+@click.option("--store", required=True, type=click.Path(), help="Enrollment store folder.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def classes(store: str, as_json: bool) -> None:
+    """List the enrolled classes with their sample counts."""
+    from edgemeta.runtime.store import EnrollmentStore
+
+    s = EnrollmentStore.open(store)
+    counts = s.counts()
+    if as_json:
+        click.echo(json.dumps({"backbone": s.backbone, "classes": counts}, indent=2))
+        return
+    click.echo(f"{len(counts)} class(es), backbone {s.backbone.get('model')}/{s.backbone.get('variant')}")
+    for name, n in counts.items():
+        click.echo(f"  {name}: {n} sample(s)")
+
+
+@main.command()
+@click.option("--store", required=True, type=click.Path(), help="Enrollment store folder.")
+@click.option("--label", required=True, help="The class to forget.")
+def forget(store: str, label: str) -> None:
+    """Remove a class and its samples from the store."""
+    n = _store_change(store, lambda s: s.forget(label))
+    click.echo(f"forgot {label!r} ({n} sample(s))")
+
+
+@main.command()
+@click.option("--store", required=True, type=click.Path(), help="Enrollment store folder.")
+@click.argument("old")
+@click.argument("new")
+def rename(store: str, old: str, new: str) -> None:
+    """Rename a class."""
+    _store_change(store, lambda s: s.rename(old, new))
+    click.echo(f"renamed {old!r} to {new.strip()!r}")
+
+
+@main.command()
+@_runtime_options
+def reenroll(store: str, model: str | None, variant: str | None, threads: int, edgetpu: str | None) -> None:
+    """Re-embed a store's kept samples with a new model (after an upgrade)."""
+    if not model and not os.environ.get("EDGEMETA_MODEL"):
+        raise EdgemetaError("pass --model with the new model folder to re-enroll with")
+    rt = _runtime(model, store, variant, threads, edgetpu)
+    n = rt.reenroll(store)
+    click.echo(f"re-enrolled {n} sample(s) with {rt.backbone['model']}/{rt.backbone['variant']}")

@@ -23,6 +23,7 @@ from edgemeta.errors import EdgemetaError
 from edgemeta.evaluate import STANDARD_SETTINGS, calibrate_open_set, embed_split, evaluate, results_json
 from edgemeta.methods import get_method
 from edgemeta.modeldir import load_backbone, write_atomic, write_json
+from edgemeta.quiet import native_stderr_silenced
 from edgemeta.runtime.interpreter import Embedder, interpreter_module, runtime_version
 from edgemeta.runtime.manifest import MANIFEST_FILE, MANIFEST_FORMAT, sha256_file
 from edgemeta.runtime.tflite_info import read_structure
@@ -49,14 +50,8 @@ def convert(model, quantization: str, representative: np.ndarray | None = None) 
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         conv.inference_input_type = tf.int8
         conv.inference_output_type = tf.int8
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)  # the converter's MLIR diagnostics go straight to fd 2
-    try:
+    with native_stderr_silenced():  # the converter's MLIR diagnostics go straight to fd 2
         data = conv.convert()
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
     if quantization != "float32" and len(data) > 0.5 * model.count_params() * 4:
         raise EdgemetaError("quantised export came out as large as float weights: weights were not frozen; "
                             "this is a bug in edgemeta's export")

@@ -73,3 +73,45 @@ class Preprocess:
 def to_float(images: np.ndarray) -> np.ndarray:
     """uint8 images in [0, 255] -> float32 in [0, 1], the network's input range."""
     return images.astype(np.float32) * np.float32(1.0 / 255.0)
+
+
+def load_images(paths: list[str | Path], pre: Preprocess) -> tuple[np.ndarray, list[str]]:
+    """Image files (PNG, JPEG, ... through Pillow) or .npy arrays -> (n, H, W, C) uint8 model
+    inputs and a name for each (the file, or ``file.npy[i]`` for a stack).
+
+    A .npy file holds one uint8 image (H, W) / (H, W, C) or a stack (n, H, W[, C]); it is
+    preprocessed like a decoded image file.
+    """
+    out, names = [], []
+    for p in paths:
+        p = Path(p)
+        if p.suffix.lower() == ".npy":
+            images = _npy_images(p, pre)
+            out.extend(images)
+            names.extend([str(p)] if len(images) == 1 else [f"{p}[{i}]" for i in range(len(images))])
+        else:
+            if not p.is_file():
+                raise EdgemetaError(f"image {p} does not exist")
+            out.append(pre.file(p))
+            names.append(str(p))
+    if not out:
+        raise EdgemetaError("no images given")
+    return np.stack(out), names
+
+
+def _npy_images(path: Path, pre: Preprocess) -> list[np.ndarray]:
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise EdgemetaError(f"cannot read {path} as a numpy array ({e})") from None
+    if arr.dtype != np.uint8 or arr.ndim not in (2, 3, 4):
+        raise EdgemetaError(f"{path}: expected uint8 image data of shape (H, W), (H, W, C) or (n, H, W[, C]), "
+                            f"got {arr.dtype} {arr.shape}")
+    if not arr.size:
+        raise EdgemetaError(f"{path} holds no image data")
+    stack = arr[None] if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (1, 3, 4)) else arr
+    images = []
+    for a in stack:
+        a = a[..., 0] if a.ndim == 3 and a.shape[-1] == 1 else a
+        images.append(pre.image(Image.fromarray(a)))
+    return images

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from edgemeta.errors import EdgemetaError
+from edgemeta.quiet import native_stderr_silenced
 
 EDGETPU_LIB = "libedgetpu.so.1"
 RUNTIMES = ("ai_edge_litert", "tflite_runtime", "tensorflow")
@@ -70,10 +71,10 @@ class Embedder:
         if not xnnpack:
             kwargs["experimental_op_resolver_type"] = mod.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), native_stderr_silenced():
                 warnings.simplefilter("ignore")  # tf.lite's deprecation notice
                 self.interpreter = mod.Interpreter(**kwargs)
-            self.interpreter.allocate_tensors()
+                self.interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as e:
             raise EdgemetaError(f"{self.path} cannot be loaded by {self.runtime} ({str(e).strip().splitlines()[0][:200]}); "
                                 "the file is damaged or needs a newer runtime (check with `edgemeta inspect`)") from None

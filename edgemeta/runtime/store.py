@@ -1,0 +1,201 @@
+"""The on-device enrollment store: which classes are known, from which support embeddings.
+
+One folder holding one ``store.npz`` (arrays only, read with allow_pickle=False):
+    embeddings   (n, dim) float32  support embeddings, one row per enrolled sample
+    labels       (n,) int32        index into class_names
+    class_names  (c,) str          labels are data, never used as file names
+    samples      (n, H, W, C) uint8, optional: the preprocessed samples themselves, so classes
+                 can be re-enrolled after a model upgrade
+    meta         () str            JSON: format, backbone identity, timestamps
+Every change rewrites the file to a temporary name, fsyncs it and renames it over the old one
+(then fsyncs the folder): a crash at any moment leaves the last good store. Writers take an
+exclusive lock, so an agent and a command line can share a store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from edgemeta.errors import EdgemetaError
+
+STORE_FILE = "store.npz"
+LOCK_FILE = ".lock"
+STORE_FORMAT = 1
+MAX_LABEL = 128
+
+
+def check_label(label: str) -> str:
+    label = label.strip() if isinstance(label, str) else ""
+    if not label:
+        raise EdgemetaError("a label must not be empty")
+    if len(label) > MAX_LABEL or any(ord(c) < 32 or ord(c) == 127 for c in label):
+        raise EdgemetaError(f"label {label[:40]!r} is not allowed: at most {MAX_LABEL} printable characters")
+    return label
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class EnrollmentStore:
+    """Load with `EnrollmentStore.open(folder)`, change, then `save()` (inside `locked()` for writers)."""
+
+    def __init__(self, folder: Path, meta: dict, embeddings: np.ndarray, labels: np.ndarray, class_names: list[str],
+                 samples: np.ndarray | None):
+        self.folder, self.meta = folder, meta
+        self.embeddings, self.labels, self.class_names, self.samples = embeddings, labels, class_names, samples
+
+    # --- opening --------------------------------------------------------------------------
+
+    @staticmethod
+    def exists(folder: str | Path) -> bool:
+        return (Path(folder) / STORE_FILE).is_file()
+
+    @classmethod
+    def create(cls, folder: str | Path, backbone: dict, keep_samples: bool, sample_shape: tuple[int, ...]) -> EnrollmentStore:
+        folder = Path(folder)
+        if folder.exists() and not folder.is_dir():
+            raise EdgemetaError(f"{folder} is a file, not a store folder")
+        if folder.is_dir() and any(p.name not in (LOCK_FILE,) for p in folder.iterdir()) and not cls.exists(folder):
+            raise EdgemetaError(f"{folder} is not an enrollment store (no {STORE_FILE}) and not empty; "
+                                "use a new or empty folder for --store")
+        folder.mkdir(parents=True, exist_ok=True)
+        dim = int(backbone["embedding_dim"])
+        meta = {"format": STORE_FORMAT, "backbone": backbone, "created": _now(), "updated": _now()}
+        samples = np.zeros((0, *sample_shape), np.uint8) if keep_samples else None
+        return cls(folder, meta, np.zeros((0, dim), np.float32), np.zeros(0, np.int32), [], samples)
+
+    @classmethod
+    def open(cls, folder: str | Path) -> EnrollmentStore:
+        folder = Path(folder)
+        path = folder / STORE_FILE
+        if not path.is_file():
+            what = "does not exist" if not folder.exists() else f"is not an enrollment store (no {STORE_FILE})"
+            raise EdgemetaError(f"{folder} {what}; enroll a class first (`edgemeta enroll --store {folder} ...`)")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
+                emb, labels = z["embeddings"].astype(np.float32), z["labels"].astype(np.int32)
+                names = [str(n) for n in z["class_names"]]
+                samples = z["samples"] if "samples" in z.files else None
+        except (OSError, ValueError, KeyError) as e:
+            raise EdgemetaError(f"{path} is damaged ({type(e).__name__}); restore it from a backup or start a new store") from None
+        if meta.get("format") != STORE_FORMAT:
+            raise EdgemetaError(f"{path} has store format {meta.get('format')!r}, this edgemeta reads {STORE_FORMAT}")
+        if len(emb) != len(labels) or (len(labels) and labels.max() >= len(names)):
+            raise EdgemetaError(f"{path} is inconsistent (embeddings and labels disagree); restore it from a backup")
+        return cls(folder, meta, emb, labels, names, samples)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def locked(folder: str | Path) -> Iterator[None]:
+        """Exclusive writer lock on the store folder (blocks until free)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / LOCK_FILE, "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    # --- reading --------------------------------------------------------------------------
+
+    @property
+    def backbone(self) -> dict:
+        return self.meta["backbone"]
+
+    def check_backbone(self, backbone: dict) -> None:
+        mine = self.backbone
+        if mine.get("sha256") != backbone.get("sha256"):
+            raise EdgemetaError(
+                f"store {self.folder} was enrolled with {mine.get('model')}/{mine.get('variant')} "
+                f"(sha256 {str(mine.get('sha256'))[:12]}), not with {backbone.get('model')}/{backbone.get('variant')} "
+                f"(sha256 {str(backbone.get('sha256'))[:12]}): embeddings of different backbones do not mix; "
+                + ("re-enroll the kept samples with `edgemeta reenroll`" if self.samples is not None
+                   else "use the matching model or enroll into a new store"))
+
+    def counts(self) -> dict[str, int]:
+        c = np.bincount(self.labels, minlength=len(self.class_names))
+        return {name: int(c[i]) for i, name in enumerate(self.class_names)}
+
+    def class_index(self, label: str) -> int:
+        try:
+            return self.class_names.index(label)
+        except ValueError:
+            raise EdgemetaError(f"no class {label!r} in store {self.folder}; `edgemeta classes` lists them") from None
+
+    # --- changing (call save() afterwards) ------------------------------------------------
+
+    def add(self, label: str, embeddings: np.ndarray, samples: np.ndarray | None = None) -> int:
+        """Add support samples to a class (created when new); returns the class's sample count."""
+        label = check_label(label)
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.embeddings.shape[1]:
+            raise EdgemetaError(f"embeddings of shape {embeddings.shape} do not fit this store (dim {self.embeddings.shape[1]})")
+        if label not in self.class_names:
+            self.class_names.append(label)
+        idx = self.class_names.index(label)
+        self.embeddings = np.concatenate([self.embeddings, embeddings.astype(np.float32)])
+        self.labels = np.concatenate([self.labels, np.full(len(embeddings), idx, np.int32)])
+        if self.samples is not None:
+            if samples is None or samples.shape[1:] != self.samples.shape[1:]:
+                raise EdgemetaError("this store keeps samples; give the preprocessed samples along with the embeddings")
+            self.samples = np.concatenate([self.samples, samples.astype(np.uint8)])
+        return int(np.sum(self.labels == idx))
+
+    def forget(self, label: str) -> int:
+        """Remove a class; returns how many samples it had."""
+        idx = self.class_index(label)
+        keep = self.labels != idx
+        removed = int(np.sum(~keep))
+        self.embeddings, self.labels = self.embeddings[keep], self.labels[keep]
+        if self.samples is not None:
+            self.samples = self.samples[keep]
+        self.labels = np.where(self.labels > idx, self.labels - 1, self.labels).astype(np.int32)
+        del self.class_names[idx]
+        return removed
+
+    def rename(self, old: str, new: str) -> None:
+        idx = self.class_index(old)
+        new = check_label(new)
+        if new in self.class_names:
+            raise EdgemetaError(f"class {new!r} already exists; forget it first or choose another name")
+        self.class_names[idx] = new
+
+    def replace_embeddings(self, embeddings: np.ndarray, backbone: dict) -> None:
+        """After re-embedding the kept samples with another backbone."""
+        self.embeddings = embeddings.astype(np.float32)
+        self.meta["backbone"] = backbone
+
+    def save(self) -> None:
+        self.meta["updated"] = _now()
+        arrays = {"embeddings": self.embeddings, "labels": self.labels,
+                  "class_names": np.array(self.class_names, dtype=str), "meta": np.array(json.dumps(self.meta))}
+        if not self.class_names:
+            arrays["class_names"] = np.zeros(0, dtype="<U1")
+        if self.samples is not None:
+            arrays["samples"] = self.samples
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".store.", suffix=".npz.tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.folder / STORE_FILE)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        dirfd = os.open(self.folder, os.O_RDONLY)
+        try:
+            os.fsync(dirfd)  # make the rename itself durable
+        finally:
+            os.close(dirfd)

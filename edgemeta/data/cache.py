@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def cached_arrays(name: str, key: str, build: Callable[[], dict[str, np.ndarray]
         try:
             with np.load(path, allow_pickle=False) as z:
                 return {k: z[k] for k in z.files}
-        except (OSError, ValueError):
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError):
             pass  # a damaged cache file is rebuilt below
     arrays = build()
     try:

@@ -52,6 +52,7 @@ class FewShotRuntime:
         """Embed the samples and add them to the class (created if new); returns its sample count."""
         images, _ = self.images(files)  # all inputs are read before the store is touched
         embeddings = self.embedder(images)
+        EnrollmentStore.check_folder(Path(folder))
         with EnrollmentStore.locked(folder):
             if EnrollmentStore.exists(folder):
                 store = self.open_store(folder)

@@ -20,6 +20,7 @@ import fcntl
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,16 +64,21 @@ class EnrollmentStore:
     @classmethod
     def create(cls, folder: str | Path, backbone: dict, keep_samples: bool, sample_shape: tuple[int, ...]) -> EnrollmentStore:
         folder = Path(folder)
-        if folder.exists() and not folder.is_dir():
-            raise EdgemetaError(f"{folder} is a file, not a store folder")
-        if folder.is_dir() and any(p.name not in (LOCK_FILE,) for p in folder.iterdir()) and not cls.exists(folder):
-            raise EdgemetaError(f"{folder} is not an enrollment store (no {STORE_FILE}) and not empty; "
-                                "use a new or empty folder for --store")
+        cls.check_folder(folder)
         folder.mkdir(parents=True, exist_ok=True)
         dim = int(backbone["embedding_dim"])
         meta = {"format": STORE_FORMAT, "backbone": backbone, "created": _now(), "updated": _now()}
         samples = np.zeros((0, *sample_shape), np.uint8) if keep_samples else None
         return cls(folder, meta, np.zeros((0, dim), np.float32), np.zeros(0, np.int32), [], samples)
+
+    @classmethod
+    def check_folder(cls, folder: Path) -> None:
+        """A store folder is a store, or new, or empty: never someone else's folder."""
+        if folder.exists() and not folder.is_dir():
+            raise EdgemetaError(f"{folder} is a file, not a store folder")
+        if folder.is_dir() and not cls.exists(folder) and any(p.name != LOCK_FILE for p in folder.iterdir()):
+            raise EdgemetaError(f"{folder} is not an enrollment store (no {STORE_FILE}) and not empty; "
+                                "use a new or empty folder for --store")
 
     @classmethod
     def open(cls, folder: str | Path) -> EnrollmentStore:
@@ -87,7 +93,7 @@ class EnrollmentStore:
                 emb, labels = z["embeddings"].astype(np.float32), z["labels"].astype(np.int32)
                 names = [str(n) for n in z["class_names"]]
                 samples = z["samples"] if "samples" in z.files else None
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
             raise EdgemetaError(f"{path} is damaged ({type(e).__name__}); restore it from a backup or start a new store") from None
         if meta.get("format") != STORE_FORMAT:
             raise EdgemetaError(f"{path} has store format {meta.get('format')!r}, this edgemeta reads {STORE_FORMAT}")

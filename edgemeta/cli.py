@@ -115,14 +115,17 @@ def train(config_path: str, out: str, data: str, episodes: int | None, max_minut
 @click.option("--seed", type=int, default=0, show_default=True, help="Episode seed; the same seed gives the same episodes.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of a table.")
 @click.option("--report", type=click.Path(dir_okay=False), default=None, help="Also write a Markdown report here (and .json beside it).")
+@click.option("--variant", default=None,
+              help="Evaluate an exported .tflite variant (e.g. int8_static) through the runtime instead of Keras.")
 def eval_cmd(model_dir: str, data: str, folder: str, split: str, settings: tuple[str, ...], episodes: int, query: int,
-             seed: int, as_json: bool, report: str | None) -> None:
+             seed: int, as_json: bool, report: str | None, variant: str | None) -> None:
     """Mean accuracy with 95% confidence intervals over seeded test episodes.
 
     \b
     Example:
       edgemeta eval --model models/omniglot-vinyals-conv4 --data ../shared/data/omniglot
       edgemeta eval --model models/omniglot-conv4 --folder samples/omniglot --setting 5w1s --json
+      edgemeta eval --model models/omniglot-conv4 --data ../shared/data/omniglot --variant int8_static
     """
     from edgemeta.evaluate import STANDARD_SETTINGS, parse_setting
 
@@ -133,7 +136,8 @@ def eval_cmd(model_dir: str, data: str, folder: str, split: str, settings: tuple
     from edgemeta.host import evaluate_model_dir
 
     results, context, text, md = evaluate_model_dir(model_dir, data=data, folder=folder, split=split,
-                                                    settings=parsed, episodes=episodes, query=query, seed=seed)
+                                                    settings=parsed, episodes=episodes, query=query, seed=seed,
+                                                    variant=variant)
     if report:
         from edgemeta.evaluate import results_json
         from edgemeta.modeldir import write_atomic, write_json

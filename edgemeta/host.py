@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from edgemeta.data import DatasetSpec, load_dataset
@@ -23,10 +24,12 @@ def keras_embedder(model):
 
 
 def evaluate_model_dir(model_dir: str, data: str = "", folder: str = "", split: str = "test",
-                       settings=STANDARD_SETTINGS, episodes: int = 1000, query: int = 15, seed: int = 0
-                       ) -> tuple[list[SettingResult], dict, str, str]:
+                       settings=STANDARD_SETTINGS, episodes: int = 1000, query: int = 15, seed: int = 0,
+                       variant: str | None = None) -> tuple[list[SettingResult], dict, str, str]:
     """Evaluate a trained model folder on its dataset's test split (or every class of `folder`).
 
+    With `variant` (e.g. "int8_static"), the backbone is that exported .tflite run through the
+    board runtime's interpreter instead of the Keras model; the head is the same numpy code.
     Returns the results, their context (what was measured), a text table and a Markdown report."""
     model, info = load_backbone(model_dir)
     if folder:
@@ -43,9 +46,17 @@ def evaluate_model_dir(model_dir: str, data: str = "", folder: str = "", split: 
         raise EdgemetaError(f"{model_dir}: model input {model.input_shape[1:]} does not match model.json "
                             f"preprocessing {info.preprocess.input_shape}; the folder is inconsistent")
     method = get_method(info.algorithm)
-    results = evaluate(keras_embedder(model), method.classify, data_split, settings, episodes, query, seed)
+    if variant:
+        from edgemeta.runtime.interpreter import Embedder, runtime_version
+        from edgemeta.runtime.manifest import read_manifest
+
+        embedder = Embedder(read_manifest(model_dir).model_path(variant), threads=os.cpu_count() or 1)
+        backend = f"{variant}.tflite through {embedder.runtime} {runtime_version(embedder.runtime)}"
+    else:
+        embedder, backend = keras_embedder(model), "keras (float32)"
+    results = evaluate(embedder, method.classify, data_split, settings, episodes, query, seed)
     context = {"model": Path(model_dir).name, "algorithm": info.algorithm, "backbone": info.backbone,
-               "backend": "keras (float32)", "data": source, "classes": data_split.num_classes,
+               "backend": backend, "data": source, "classes": data_split.num_classes,
                "images": len(data_split.images), "episodes per setting": episodes, "seed": seed}
     md = results_markdown(results, f"Evaluation of {Path(model_dir).name}", context)
     return results, context, results_table(results), md

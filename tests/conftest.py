@@ -46,3 +46,16 @@ def mini_omniglot(tmp_path_factory, omniglot_dir) -> Path:
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:
     return SAMPLE
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, sample_dir):
+    from test_train import tiny_config
+
+    from edgemeta.export import export_model
+    from edgemeta.train import train
+
+    out = tmp_path_factory.mktemp("exported")
+    train(tiny_config(sample_dir, episodes=60), out, progress=False)
+    export_model(out, folder=str(sample_dir), episodes=100, log=lambda m: None)
+    return out

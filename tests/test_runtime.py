@@ -22,19 +22,6 @@ def drawings(char: str, drawers) -> list[str]:
     return [str(p) for p in sorted((SAMPLE / char).glob("*.png")) if int(p.stem[-2:]) in drawers]
 
 
-@pytest.fixture(scope="session")
-def exported(tmp_path_factory, sample_dir):
-    from test_train import tiny_config
-
-    from edgemeta.export import export_model
-    from edgemeta.train import train
-
-    out = tmp_path_factory.mktemp("exported")
-    train(tiny_config(sample_dir, episodes=60), out, progress=False)
-    export_model(out, folder=str(sample_dir), episodes=100, log=lambda m: None)
-    return out
-
-
 def run(*args, exe=None):
     cmd = [exe, *args] if exe else [sys.executable, "-m", "edgemeta", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)

@@ -1,0 +1,56 @@
+"""The board side in an environment where TensorFlow is not installed at all."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgemeta.runtime.classifier import FewShotRuntime
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def board_venv(tmp_path_factory) -> Path:
+    """A fresh virtual environment with edgemeta[device] only: numpy, Pillow, click, LiteRT."""
+    venv = tmp_path_factory.mktemp("board") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    proc = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", f"{REPO}[device]"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return venv
+
+
+def test_tensorflow_is_really_absent(board_venv):
+    proc = subprocess.run([str(board_venv / "bin" / "python"), "-c", "import tensorflow"], capture_output=True, text=True)
+    assert proc.returncode != 0 and "No module named 'tensorflow'" in proc.stderr
+    proc = subprocess.run([str(board_venv / "bin" / "python"), "-c",
+                           "import sys, edgemeta.cli, edgemeta.runtime.classifier, edgemeta.runtime.interpreter as i;"
+                           "print(i.interpreter_module()[0]); assert 'keras' not in sys.modules"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ai_edge_litert", proc.stderr
+
+
+def test_enroll_and_classify_without_tensorflow(board_venv, exported, tmp_path):
+    exe = str(board_venv / "bin" / "edgemeta")
+    sample = REPO / "samples" / "omniglot"
+    store = str(tmp_path / "store")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    for label in ("Keble_character01", "Tengwar_character02"):
+        files = [str(p) for p in sorted((sample / label).glob("*.png"))[:3]]
+        p = subprocess.run([exe, "enroll", "--store", store, "--model", str(exported), "--label", label, *files],
+                           capture_output=True, text=True, env=env)
+        assert p.returncode == 0, p.stderr
+    query = str(sorted((sample / "Keble_character01").glob("*.png"))[-1])
+    p = subprocess.run([exe, "classify", "--store", store, "--json", "--top-k", "2", query], capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr
+    board = json.loads(p.stdout)[0]
+    # the host (this process, whichever interpreter it has) gives the same answer from the same store
+    host = FewShotRuntime(exported).classify(store, [query], top_k=2)[0]
+    assert board["top"][0]["label"] == host["top"][0]["label"]
+    assert abs(board["distance"] - host["distance"]) <= 1e-4 * max(1.0, host["distance"])
+    (tmp_path / "c.toml").write_text("[train]\nway = 5\n")
+    p = subprocess.run([exe, "train", "--config", str(tmp_path / "c.toml"), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, env=env)
+    assert p.returncode == 2 and "needs TensorFlow" in p.stderr and "pip install 'edgemeta[host]'" in p.stderr

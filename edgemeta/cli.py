@@ -328,3 +328,45 @@ def reenroll(store: str, model: str | None, variant: str | None, threads: int, e
     rt = _runtime(model, store, variant, threads, edgetpu)
     n = rt.reenroll(store)
     click.echo(f"re-enrolled {n} sample(s) with {rt.backbone['model']}/{rt.backbone['variant']}")
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.option("--allow-cpu-ops", is_flag=True, help="Accept a model some of whose ops stay on the CPU.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def edgetpu(model_dir: str, allow_cpu_ops: bool, as_json: bool) -> None:
+    """Check that the int8_static variant maps to the Edge TPU, and compile it when edgetpu_compiler is here.
+
+    Without the compiler (it runs on x86-64 Debian/Ubuntu only), a static check of the model's
+    quantisation, shapes and ops predicts the mapping and the command says how to compile.
+
+    \b
+    Example:
+      edgemeta edgetpu models/omniglot-conv4
+    """
+    from edgemeta.edgetpu import INSTALL_HINT, compile_model, static_check
+    from edgemeta.runtime.manifest import read_manifest
+
+    manifest = read_manifest(model_dir)
+    source = manifest.model_path("int8_static")
+    report = static_check(source)
+    compiled = None
+    if not report.fully_mapped and not allow_cpu_ops:
+        raise EdgemetaError(f"{source.name} would not map fully to the Edge TPU: {'; '.join(report.problems)}")
+    import shutil
+
+    if shutil.which("edgetpu_compiler"):
+        compiled, report = compile_model(source, manifest.folder, allow_cpu_ops=allow_cpu_ops)
+        from edgemeta.export import add_variant
+
+        add_variant(manifest.folder, "edgetpu", compiled, quantization="int8", static_batch=1,
+                    based_on="int8_static", extra={"edgetpu_ops": report.tpu_ops, "cpu_ops": report.cpu_ops})
+    out = {"model": str(source), "source": report.source, "tpu_ops": report.tpu_ops, "cpu_ops": report.cpu_ops,
+           "problems": report.problems, "compiled": str(compiled) if compiled else None}
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+        return
+    click.echo(f"{source.name}: {report.tpu_ops} op(s) on the Edge TPU, {report.cpu_ops} on the CPU ({report.source})")
+    for p in report.problems:
+        click.echo(f"  {p}")
+    click.echo(f"compiled: {compiled}" if compiled else f"not compiled: {INSTALL_HINT}")

@@ -139,6 +139,22 @@ def export_model(model_dir: str | Path, out: str | Path | None = None, data: str
     return manifest
 
 
+def add_variant(folder: Path, name: str, path: Path, quantization: str, static_batch: int | None, based_on: str,
+                extra: dict) -> None:
+    """Record a file made from an existing variant (the Edge TPU compilation) in the manifest."""
+    import json
+
+    manifest_path = Path(folder) / MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text())
+    base = manifest["variants"][based_on]
+    manifest["variants"][name] = {
+        "file": path.name, "sha256": sha256_file(path), "size": path.stat().st_size, "quantization": quantization,
+        "static_batch": static_batch, "input": base["input"], "output": base["output"],
+        "open_set_threshold": base["open_set_threshold"], "based_on": based_on, **extra,
+    }
+    write_json(manifest_path, manifest)
+
+
 def export_report(manifest: dict) -> str:
     """Markdown summary of a manifest's variants: size, ops, accuracy per setting."""
     settings = [r["setting"] for r in manifest["evaluation"]["keras_float32"]]
@@ -152,6 +168,8 @@ def export_report(manifest: dict) -> str:
 
     lines.append(f"| keras float32 | - | {cells(manifest['evaluation']['keras_float32'])} | - |")
     for name, v in manifest["variants"].items():
+        if "evaluation" not in v:
+            continue
         lines.append(f"| {name} | {v['size'] / 1024:.0f} | {cells(v['evaluation'])} | "
                      f"{v['open_set_threshold']:.3g} ({100 * v['open_set']['unknown_accept_rate']:.1f}%) |")
     lines += ["", "Ops (highest version): " + ", ".join(f"{k} v{v}" for k, v in manifest["variants"][DEFAULT_VARIANT]["ops"].items())]

@@ -29,6 +29,8 @@ class ModelStructure:
     inputs: list[TensorInfo]
     outputs: list[TensorInfo]
     tensor_types: dict[str, int] = field(default_factory=dict)  # dtype -> number of tensors
+    op_sequence: list[str] = field(default_factory=list)        # ops in execution order
+    dynamic_tensors: int = 0                                      # tensors with an unknown (-1) dimension
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
@@ -65,11 +67,13 @@ def read_structure(path: str | Path, data: bytes | None = None) -> ModelStructur
             codes.append((name, oc.Version()))
         ops: dict[str, int] = {}
         counts: dict[str, int] = {}
+        sequence = []
         graph = model.Subgraphs(0)
         for i in range(graph.OperatorsLength()):
             name, version = codes[graph.Operators(i).OpcodeIndex()]
             ops[name] = max(ops.get(name, 0), version)
             counts[name] = counts.get(name, 0) + 1
+            sequence.append(name)
 
         def tensor(ix: int) -> TensorInfo:
             t = graph.Tensors(ix)
@@ -81,13 +85,17 @@ def read_structure(path: str | Path, data: bytes | None = None) -> ModelStructur
             return TensorInfo(t.Name().decode(), type_names.get(t.Type(), str(t.Type())).lower(), shape, scale, zp)
 
         types: dict[str, int] = {}
+        dynamic = 0
         for i in range(graph.TensorsLength()):
-            tname = type_names.get(graph.Tensors(i).Type(), "?").lower()
+            t = graph.Tensors(i)
+            tname = type_names.get(t.Type(), "?").lower()
             types[tname] = types.get(tname, 0) + 1
+            dynamic += bool(t.ShapeSignatureLength() and (t.ShapeSignatureAsNumpy() < 0).any())
         inputs = [tensor(graph.Inputs(i)) for i in range(graph.InputsLength())]
         outputs = [tensor(graph.Outputs(i)) for i in range(graph.OutputsLength())]
     except EdgemetaError:
         raise
     except Exception as e:  # flatbuffers raises IndexError/struct.error etc. on damaged data
         raise EdgemetaError(f"{path} is damaged or truncated ({type(e).__name__}); re-export or copy it again") from None
-    return ModelStructure(len(data), dict(sorted(ops.items())), dict(sorted(counts.items())), inputs, outputs, types)
+    return ModelStructure(len(data), dict(sorted(ops.items())), dict(sorted(counts.items())), inputs, outputs, types,
+                          sequence, dynamic)

@@ -13,7 +13,7 @@ import numpy as np
 
 from edgemeta.errors import EdgemetaError
 from edgemeta.preprocess import load_images
-from edgemeta.runtime.head import DISTANCES, prototypes
+from edgemeta.runtime.head import DISTANCES, PrototypeHead
 from edgemeta.runtime.interpreter import Embedder
 from edgemeta.runtime.manifest import read_manifest
 from edgemeta.runtime.store import EnrollmentStore
@@ -35,7 +35,6 @@ class FewShotRuntime:
                                 f"-> {self.embedder.dim}, manifest {pre.input_shape} -> {self.manifest.embedding_dim}; re-export")
         if self.manifest.distance not in DISTANCES:
             raise EdgemetaError(f"manifest distance {self.manifest.distance!r} is unknown; known: {', '.join(DISTANCES)}")
-        self.distance = DISTANCES[self.manifest.distance]
         self.threshold = self.variant.open_set_threshold
         self.backbone = {"model": self.manifest.name, "variant": self.variant.name, "sha256": self.variant.sha256,
                          "embedding_dim": self.manifest.embedding_dim, "model_path": str(Path(model))}
@@ -75,29 +74,15 @@ class FewShotRuntime:
             store.save()
         return len(store.labels)
 
+    def head(self, store: EnrollmentStore) -> PrototypeHead:
+        """The prototype head of a store's classes, with this variant's open-set threshold."""
+        return PrototypeHead.from_embeddings(store.embeddings, store.labels, store.class_names,
+                                             distance=self.manifest.distance, threshold=self.threshold)
+
     def classify_embeddings(self, store: EnrollmentStore, embeddings: np.ndarray, top_k: int = 1) -> list[dict]:
         if not store.class_names:
             raise EdgemetaError(f"store {store.folder} has no classes; enroll some first")
-        protos = prototypes(store.embeddings, store.labels, len(store.class_names))
-        dist = self.distance(embeddings, protos)
-        # softmax over negative distances: the probabilities the network was trained to produce
-        logits = -dist - (-dist).max(axis=1, keepdims=True)
-        prob = np.exp(logits)
-        prob /= prob.sum(axis=1, keepdims=True)
-        k = min(max(top_k, 1), len(store.class_names))
-        order = np.argsort(dist, axis=1)[:, :k]
-        results = []
-        for i, row in enumerate(order):
-            nearest = float(dist[i, row[0]])
-            known = self.threshold is None or nearest <= self.threshold
-            results.append({
-                "label": store.class_names[row[0]] if known else UNKNOWN,
-                "known": bool(known),
-                "distance": nearest,
-                "top": [{"label": store.class_names[j], "distance": float(dist[i, j]), "probability": float(prob[i, j])}
-                        for j in row],
-            })
-        return results
+        return self.head(store).classify(embeddings, top_k, unknown=UNKNOWN)
 
     def classify(self, folder: str | Path, files: list[str | Path], top_k: int = 1) -> list[dict]:
         store = self.open_store(folder)

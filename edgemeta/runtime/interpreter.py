@@ -9,6 +9,7 @@ embeddings out.
 from __future__ import annotations
 
 import importlib
+import os
 import warnings
 from pathlib import Path
 
@@ -22,7 +23,11 @@ RUNTIMES = ("ai_edge_litert", "tflite_runtime", "tensorflow")
 
 
 def interpreter_module(prefer: str | None = None):
-    """(name, module exposing Interpreter and load_delegate) of the first importable runtime."""
+    """(name, module exposing Interpreter and load_delegate) of the first importable runtime,
+    or of `prefer` / $EDGEMETA_RUNTIME (one of RUNTIMES) when given."""
+    prefer = prefer or os.environ.get("EDGEMETA_RUNTIME") or None
+    if prefer and prefer not in RUNTIMES:
+        raise EdgemetaError(f"unknown interpreter runtime {prefer!r}; choose one of: {', '.join(RUNTIMES)}")
     order = (prefer,) if prefer else RUNTIMES
     for name in order:
         try:

@@ -370,3 +370,37 @@ def edgetpu(model_dir: str, allow_cpu_ops: bool, as_json: bool) -> None:
     for p in report.problems:
         click.echo(f"  {p}")
     click.echo(f"compiled: {compiled}" if compiled else f"not compiled: {INSTALL_HINT}")
+
+
+@main.command()
+@click.option("--model", default="models/omniglot-conv4", show_default=True, type=click.Path(file_okay=False),
+              help="Exported model folder.")
+@click.option("--samples", default="samples/omniglot", show_default=True, type=click.Path(file_okay=False),
+              help="Folder with one sub-folder of images per class.")
+@click.option("--way", type=int, default=20, show_default=True, help="Classes enrolled per episode.")
+@click.option("--shot", type=int, default=1, show_default=True, help="Samples enrolled per class.")
+@click.option("--episodes", type=int, default=10, show_default=True, help="Seeded episodes.")
+@click.option("--variant", default=None, help="Model variant (default: the manifest's, int8_static).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
+def demo(model: str, samples: str, way: int, shot: int, episodes: int, variant: str | None, as_json: bool) -> None:
+    """Enroll characters the model never saw from one drawing each, classify the rest, with timings.
+
+    Runs on the board runtime only (no TensorFlow), through real enrollment stores on disk.
+
+    \b
+    Example:
+      edgemeta demo --model models/omniglot-conv4 --samples samples/omniglot --way 20 --shot 1
+    """
+    from edgemeta.demo import run_demo
+
+    if way < 2 or shot < 1 or episodes < 1:
+        raise EdgemetaError("--way must be at least 2, --shot and --episodes at least 1")
+    s = run_demo(model, samples, way, shot, episodes, variant=variant, log=(lambda m: None) if as_json else click.echo)
+    if as_json:
+        click.echo(json.dumps(s, indent=2))
+        return
+    ci = f" +/- {s['ci95']:.1f}" if s["ci95"] is not None else ""
+    click.echo(f"\n{s['way']}-way {s['shot']}-shot on unseen characters: accuracy {s['accuracy']:.1f}{ci}% "
+               f"over {s['episodes']} episodes ({s['queries']} drawings); {s['answered_known']:.0f}% answered as known")
+    click.echo(f"timings: model load {s['model_load_ms']:.0f} ms, enroll {s['enroll_ms_per_class']:.1f} ms per class, "
+               f"classify {s['classify_ms_per_image']:.2f} ms per image ({s['runtime']}, {s['variant']})")

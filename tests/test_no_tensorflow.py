@@ -54,3 +54,13 @@ def test_enroll_and_classify_without_tensorflow(board_venv, exported, tmp_path):
     p = subprocess.run([exe, "train", "--config", str(tmp_path / "c.toml"), "--out", str(tmp_path / "o")],
                        capture_output=True, text=True, env=env)
     assert p.returncode == 2 and "needs TensorFlow" in p.stderr and "pip install 'edgemeta[host]'" in p.stderr
+
+
+def test_demo_without_tensorflow(board_venv, exported):
+    sample = REPO / "samples" / "omniglot"
+    p = subprocess.run([str(board_venv / "bin" / "edgemeta"), "demo", "--model", str(exported), "--samples", str(sample),
+                        "--way", "5", "--episodes", "2", "--json"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    s = json.loads(p.stdout)
+    assert s["runtime"] == "ai_edge_litert" and s["queries"] == 2 * 5 * 19 and 20 < s["accuracy"] <= 100
+    assert s["enroll_ms_per_class"] > 0 and s["classify_ms_per_image"] > 0

@@ -180,20 +180,32 @@ def export(model_dir: str, out: str | None, data: str, folder: str, episodes: in
 
 @main.command()
 @click.argument("tflite_file", type=click.Path(dir_okay=False))
+@click.option("--board", "board_names", multiple=True, help="Check that this board profile's runtime loads it (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def inspect(tflite_file: str, as_json: bool) -> None:
-    """Ops with versions, tensor types and size of a .tflite file, read without loading it.
+def inspect(tflite_file: str, board_names: tuple[str, ...], as_json: bool) -> None:
+    """Ops with versions, tensor types and size of a .tflite file, read without loading it,
+    and whether given boards' runtimes can load it (exit status 3 when one cannot).
 
     \b
     Example:
-      edgemeta inspect models/omniglot-conv4/int8_static.tflite
+      edgemeta inspect models/omniglot-conv4/int8_static.tflite --board rpi3b-32bit --board rpi5
     """
+    from edgemeta.boards import load_board
     from edgemeta.runtime.tflite_info import read_structure
 
     s = read_structure(tflite_file)
+    checks = {name: load_board(name).check_ops(s.ops) for name in board_names}
     if as_json:
-        click.echo(json.dumps(s.to_dict(), indent=2))
-        return
+        click.echo(json.dumps({**s.to_dict(), "boards": checks}, indent=2))
+    else:
+        _print_structure(tflite_file, s)
+        for name, problems in checks.items():
+            click.echo(f"  board {name}: " + ("loads it" if not problems else "cannot load it: " + "; ".join(problems)))
+    if any(checks.values()):
+        sys.exit(3)
+
+
+def _print_structure(tflite_file: str, s) -> None:
     click.echo(f"{tflite_file}: {s.size} bytes ({s.size / 1024:.1f} KiB)")
     for t in s.inputs + s.outputs:
         kind = "input " if t in s.inputs else "output"
@@ -404,3 +416,47 @@ def demo(model: str, samples: str, way: int, shot: int, episodes: int, variant: 
                f"over {s['episodes']} episodes ({s['queries']} drawings); {s['answered_known']:.0f}% answered as known")
     click.echo(f"timings: model load {s['model_load_ms']:.0f} ms, enroll {s['enroll_ms_per_class']:.1f} ms per class, "
                f"classify {s['classify_ms_per_image']:.2f} ms per image ({s['runtime']}, {s['variant']})")
+
+
+@main.group(invoke_without_command=True)
+@click.pass_context
+def boards(ctx: click.Context) -> None:
+    """List the board profiles (boards/*.toml); `edgemeta boards show NAME` explains one."""
+    if ctx.invoked_subcommand:
+        return
+    from edgemeta.boards import list_boards
+
+    for b in list_boards():
+        note = "" if b.supported else "  (not supported: " + b.raw.get("unsupported_reason", "") + ")"
+        click.echo(f"{b.name:22s} {b.title:48s} {b.raw['arch']:8s} {b.runtime['package']} {b.runtime['version']}, "
+                   f"{b.variant}{note}")
+
+
+@boards.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def boards_show(name: str, as_json: bool) -> None:
+    """Everything a profile says about one board."""
+    from edgemeta.boards import load_board
+
+    b = load_board(name)
+    if as_json:
+        click.echo(json.dumps({"name": b.name, **b.raw, "max_op_versions": b.max_op_versions()}, indent=2))
+        return
+    r = b.raw
+    click.echo(f"{b.name}: {b.title}")
+    click.echo(f"  system   {r['arch']}, {r['os']}, Python {r['python']}, glibc {r.get('glibc', '?')}, {r.get('memory_mb', '?')} MB, "
+               f"{r.get('cpu', '')}")
+    rt = b.runtime
+    click.echo(f"  runtime  {rt['package']}=={rt['version']} (import {rt['module']}), wheels {', '.join(rt['wheel_platforms'])}, "
+               f"{rt.get('numpy', '')}")
+    limits = b.max_op_versions()
+    click.echo("  ops      " + (", ".join(f"{k}<=v{v}" for k, v in limits.items()) if limits else "every op version TF 2.21 writes"))
+    d = r.get("delegate", {})
+    click.echo(f"  delegate {d.get('name', 'none')}" + (f" ({d['library']}, device {d.get('device', '')})" if "library" in d else "")
+               + f", {r.get('threads', 1)} threads")
+    click.echo(f"  model    {b.variant} (accepts {', '.join(r['model'].get('accepts', [b.variant]))})")
+    s = r.get("serial", {})
+    click.echo(f"  serial   {s.get('device', '-')} at {s.get('baud', '-')} baud")
+    if not b.supported:
+        click.echo(f"  NOT SUPPORTED: {r.get('unsupported_reason', '')}")

@@ -64,3 +64,45 @@ def test_demo_without_tensorflow(board_venv, exported):
     s = json.loads(p.stdout)
     assert s["runtime"] == "ai_edge_litert" and s["queries"] == 2 * 5 * 19 and 20 < s["accuracy"] <= 100
     assert s["enroll_ms_per_class"] > 0 and s["classify_ms_per_image"] > 0
+
+
+@pytest.fixture(scope="session")
+def tflite_runtime_venv(tmp_path_factory) -> Path:
+    """tflite-runtime 2.14 (the 32-bit Pi's runtime; x86-64 wheel here) with numpy < 2, no TensorFlow."""
+    venv = tmp_path_factory.mktemp("tflite_rt") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = str(venv / "bin" / "pip")
+    proc = subprocess.run([pip, "install", "-q", "tflite-runtime==2.14.0", "numpy<2", "pillow", "click", "tflite"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run([pip, "install", "-q", "--no-deps", str(REPO)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return venv
+
+
+def test_board_op_tables_agree_with_a_real_tflite_runtime_2_14(tflite_runtime_venv, exported, tmp_path):
+    """`inspect --board rpi3b-32bit` predicts what tflite-runtime 2.14 loads; load each variant to check."""
+    from edgemeta.boards import load_board
+    from edgemeta.runtime.tflite_info import read_structure
+
+    board = load_board("rpi3b-32bit")
+    py = str(tflite_runtime_venv / "bin" / "python")
+    for variant in ("int8_static", "int8", "float32", "dynamic_range"):
+        predicted_ok = not board.check_ops(read_structure(exported / f"{variant}.tflite").ops)
+        code = ("import sys, numpy as np; from edgemeta.runtime.interpreter import Embedder;"
+                f"e = Embedder({str(exported / (variant + '.tflite'))!r}, runtime='tflite_runtime');"
+                "print(e(np.zeros((3, 28, 28, 1), np.uint8)).shape)")
+        p = subprocess.run([py, "-c", code], capture_output=True, text=True)
+        assert (p.returncode == 0) == predicted_ok, (variant, p.stderr[-500:])
+        if predicted_ok:
+            assert p.stdout.strip() == "(3, 64)"
+    # and the whole enroll/classify path runs on that runtime
+    exe = str(tflite_runtime_venv / "bin" / "edgemeta")
+    env = {**os.environ, "EDGEMETA_RUNTIME": "tflite_runtime"}
+    sample = REPO / "samples" / "omniglot" / "Keble_character01"
+    files = [str(p) for p in sorted(sample.glob("*.png"))]
+    p = subprocess.run([exe, "enroll", "--store", str(tmp_path / "s"), "--model", str(exported), "--label", "k1", *files[:2]],
+                       capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr
+    p = subprocess.run([exe, "classify", "--store", str(tmp_path / "s"), "--json", files[5]], capture_output=True, text=True, env=env)
+    assert p.returncode == 0 and json.loads(p.stdout)[0]["top"][0]["label"] == "k1", p.stderr

@@ -215,7 +215,7 @@ def _print_structure(tflite_file: str, s) -> None:
     click.echo("  tensor types: " + ", ".join(f"{k} x{v}" for k, v in s.tensor_types.items()))
 
 
-def _runtime(model: str | None, store: str, variant: str | None, threads: int, edgetpu: str | None):
+def _runtime(model: str | None, store: str, variant: str | None, threads: int, edgetpu: str | None, xnnpack: bool = True):
     """The runtime for a store: --model, else $EDGEMETA_MODEL, else the model the store was enrolled with."""
     from edgemeta.runtime.classifier import FewShotRuntime
     from edgemeta.runtime.store import EnrollmentStore
@@ -226,10 +226,11 @@ def _runtime(model: str | None, store: str, variant: str | None, threads: int, e
         variant = variant or EnrollmentStore.open(store).backbone.get("variant")
     if not model:
         raise EdgemetaError("which model? pass --model DIR (an exported model folder with manifest.json) or set $EDGEMETA_MODEL")
-    return FewShotRuntime(model, variant=variant, threads=threads, edgetpu=edgetpu)
+    return FewShotRuntime(model, variant=variant, threads=threads, edgetpu=edgetpu, xnnpack=xnnpack)
 
 
 def _runtime_options(f):
+    f = click.option("--xnnpack/--no-xnnpack", default=True, show_default=True, help="Use LiteRT's XNNPACK CPU delegate.")(f)
     f = click.option("--edgetpu", default=None, metavar="DEVICE",
                      help="Run on the Edge TPU delegate: usb, usb:0, pci, or '' for the first.")(f)
     f = click.option("--threads", type=int, default=1, show_default=True, help="Interpreter threads.")(f)
@@ -245,7 +246,7 @@ def _runtime_options(f):
 @click.option("--keep-samples", is_flag=True, help="Also keep the samples (new stores only), for re-enrollment after a model upgrade.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.argument("files", nargs=-1, required=True, type=click.Path())
-def enroll(store: str, model: str | None, variant: str | None, threads: int, edgetpu: str | None, label: str,
+def enroll(store: str, model: str | None, variant: str | None, threads: int, edgetpu: str | None, xnnpack: bool, label: str,
            keep_samples: bool, as_json: bool, files: tuple[str, ...]) -> None:
     """Teach the board a class from a few samples (images or .npy arrays).
 
@@ -253,7 +254,7 @@ def enroll(store: str, model: str | None, variant: str | None, threads: int, edg
     Example:
       edgemeta enroll --store ~/store --model models/omniglot-conv4 --label alpha a1.png a2.png
     """
-    rt = _runtime(model, store, variant, threads, edgetpu)
+    rt = _runtime(model, store, variant, threads, edgetpu, xnnpack)
     count = rt.enroll(store, label, list(files), keep_samples=keep_samples)
     if as_json:
         click.echo(json.dumps({"label": label.strip(), "samples": count}))
@@ -266,7 +267,7 @@ def enroll(store: str, model: str | None, variant: str | None, threads: int, edg
 @click.option("--top-k", type=int, default=1, show_default=True, help="How many nearest classes to list.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.argument("files", nargs=-1, required=True, type=click.Path())
-def classify(store: str, model: str | None, variant: str | None, threads: int, edgetpu: str | None, top_k: int,
+def classify(store: str, model: str | None, variant: str | None, threads: int, edgetpu: str | None, xnnpack: bool, top_k: int,
              as_json: bool, files: tuple[str, ...]) -> None:
     """Name the class of each image, or 'unknown' when no enrolled class is near enough.
 
@@ -274,7 +275,7 @@ def classify(store: str, model: str | None, variant: str | None, threads: int, e
     Example:
       edgemeta classify --store ~/store --top-k 3 query.png
     """
-    rt = _runtime(model, store, variant, threads, edgetpu)
+    rt = _runtime(model, store, variant, threads, edgetpu, xnnpack)
     results = rt.classify(store, list(files), top_k=top_k)
     if as_json:
         click.echo(json.dumps(results, indent=2))
@@ -333,11 +334,11 @@ def rename(store: str, old: str, new: str) -> None:
 
 @main.command()
 @_runtime_options
-def reenroll(store: str, model: str | None, variant: str | None, threads: int, edgetpu: str | None) -> None:
+def reenroll(store: str, model: str | None, variant: str | None, threads: int, edgetpu: str | None, xnnpack: bool) -> None:
     """Re-embed a store's kept samples with a new model (after an upgrade)."""
     if not model and not os.environ.get("EDGEMETA_MODEL"):
         raise EdgemetaError("pass --model with the new model folder to re-enroll with")
-    rt = _runtime(model, store, variant, threads, edgetpu)
+    rt = _runtime(model, store, variant, threads, edgetpu, xnnpack)
     n = rt.reenroll(store)
     click.echo(f"re-enrolled {n} sample(s) with {rt.backbone['model']}/{rt.backbone['variant']}")
 

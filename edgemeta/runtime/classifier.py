@@ -25,10 +25,11 @@ class FewShotRuntime:
     """One loaded backbone. `enroll`/`forget`/`rename` change a store atomically; `classify` reads it."""
 
     def __init__(self, model: str | Path, variant: str | None = None, threads: int = 1, edgetpu: str | None = None,
-                 verify: bool = True):
+                 verify: bool = True, xnnpack: bool = True):
         self.manifest = read_manifest(model)
         self.variant = self.manifest.variant(variant)
-        self.embedder = Embedder(self.manifest.model_path(self.variant.name, verify), threads=threads, edgetpu=edgetpu)
+        self.embedder = Embedder(self.manifest.model_path(self.variant.name, verify), threads=threads, edgetpu=edgetpu,
+                                 xnnpack=xnnpack)
         pre = self.manifest.preprocess
         if self.embedder.input_shape != pre.input_shape or self.embedder.dim != self.manifest.embedding_dim:
             raise EdgemetaError(f"{self.variant.file} does not match its manifest: model input {self.embedder.input_shape} "

@@ -461,3 +461,121 @@ def boards_show(name: str, as_json: bool) -> None:
     click.echo(f"  serial   {s.get('device', '-')} at {s.get('baud', '-')} baud")
     if not b.supported:
         click.echo(f"  NOT SUPPORTED: {r.get('unsupported_reason', '')}")
+
+
+@main.command()
+@click.option("--model", required=True, type=click.Path(file_okay=False), help="Exported model folder.")
+@click.option("--store", default=None, type=click.Path(), help="Also check this enrollment store fits the model.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def health(model: str, store: str | None, as_json: bool) -> None:
+    """Load the model and embed a sample: the check deploy runs on a board after installing a release."""
+    import time
+
+    import numpy as np
+
+    from edgemeta.runtime.classifier import FewShotRuntime
+    from edgemeta.runtime.store import EnrollmentStore
+
+    t = time.perf_counter()
+    rt = FewShotRuntime(model)
+    emb = rt.embedder(np.full((1, *rt.manifest.preprocess.input_shape), 128, np.uint8))
+    if emb.shape != (1, rt.manifest.embedding_dim) or not np.isfinite(emb).all():
+        raise EdgemetaError(f"{model}: the model gives a bad embedding {emb.shape}")
+    out = {"model": rt.manifest.name, "variant": rt.variant.name, "runtime": rt.embedder.runtime,
+           "ms": round(1000 * (time.perf_counter() - t), 1), "store": None}
+    if store and EnrollmentStore.exists(store):
+        s = EnrollmentStore.open(store)
+        out["store"] = {"classes": len(s.class_names), "matches_model": s.backbone.get("sha256") == rt.variant.sha256}
+    if as_json:
+        click.echo(json.dumps(out))
+    else:
+        click.echo(f"ok: {out['model']}/{out['variant']} on {out['runtime']} loaded and embedded in {out['ms']} ms"
+                   + (f"; store has {out['store']['classes']} classes"
+                      + ("" if out["store"]["matches_model"] else " enrolled with another model (run edgemeta reenroll)")
+                      if out["store"] else ""))
+
+
+@main.command()
+@click.option("--board", required=True, help="Board profile (see `edgemeta boards`).")
+@click.option("--model", required=True, type=click.Path(file_okay=False), help="Exported model folder.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
+@click.option("--wheelhouse", is_flag=True, help="Include every wheel for the board's platform (offline install).")
+def bundle(board: str, model: str, out: str, wheelhouse: bool) -> None:
+    """Build a checksummed release of a model for one board; refuses a model the board cannot run.
+
+    \b
+    Example:
+      edgemeta bundle --board rpi5 --model models/omniglot-conv4 --out dist/rpi5 --wheelhouse
+    """
+    from edgemeta.deploy.bundle import build_bundle
+
+    path = build_bundle(board, model, out, wheelhouse=wheelhouse)
+    n = sum(1 for p in path.rglob("*") if p.is_file())
+    click.echo(f"bundle for {board} written to {path} ({n} files)")
+
+
+@main.command()
+@click.option("--board", default=None, help="Board profile; builds the bundle from --model.")
+@click.option("--model", default=None, type=click.Path(file_okay=False), help="Exported model folder (with --board).")
+@click.option("--bundle", "bundle_dir", default=None, type=click.Path(file_okay=False), help="A bundle already built.")
+@click.option("--host", "hosts", multiple=True, help="user@host or an ~/.ssh/config alias (repeatable).")
+@click.option("--hosts", "hosts_file", default=None, type=click.Path(dir_okay=False), help="File with one host per line.")
+@click.option("--ssh-config", default=None, type=click.Path(dir_okay=False), help="ssh -F FILE (default: ~/.ssh/config).")
+@click.option("--parallel", type=int, default=4, show_default=True, help="Hosts deployed at once.")
+@click.option("--wheelhouse", is_flag=True, help="Ship every wheel with the bundle: boards install offline.")
+@click.option("--dry-run", is_flag=True, help="Check the hosts and say what would happen; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable per-host results.")
+def deploy(board: str | None, model: str | None, bundle_dir: str | None, hosts: tuple[str, ...], hosts_file: str | None,
+           ssh_config: str | None, parallel: int, wheelhouse: bool, dry_run: bool, as_json: bool) -> None:
+    """Deploy a model to boards over SSH: verify, install, health-check, activate atomically, roll back on failure.
+
+    \b
+    Example:
+      edgemeta deploy --board rpi5 --model models/omniglot-conv4 --host pi@kitchen --host pi@garage
+      edgemeta deploy --bundle dist/rpi5 --hosts fleet.txt --parallel 8
+    """
+    import tempfile
+
+    from edgemeta.deploy.bundle import build_bundle
+    from edgemeta.deploy.ssh import deploy_fleet, read_hosts_file
+
+    targets = list(hosts) + (read_hosts_file(hosts_file) if hosts_file else [])
+    if not targets:
+        raise EdgemetaError("no hosts given: pass --host user@board (repeatable) or --hosts FILE")
+    with tempfile.TemporaryDirectory() as tmp:
+        if bundle_dir:
+            path = Path(bundle_dir)
+        elif board and model:
+            path = build_bundle(board, model, Path(tmp) / "bundle", wheelhouse=wheelhouse)
+        else:
+            raise EdgemetaError("pass --bundle DIR, or --board NAME with --model DIR")
+        results = deploy_fleet(targets, path, ssh_config, dry_run, parallel,
+                               log=(lambda h, m: None) if as_json else (lambda h, m: click.echo(f"{h}: {m}", err=True)))
+    if as_json:
+        click.echo(json.dumps([r.__dict__ for r in results], indent=2))
+    else:
+        width = max(len(r.host) for r in results)
+        click.echo(f"{'host':{width}}  result  release / error")
+        for r in results:
+            click.echo(f"{r.host:{width}}  {'ok' if r.ok else 'FAILED':6}  {r.release if r.ok else r.error}")
+    if not all(r.ok for r in results):
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--host", "hosts", multiple=True, required=True, help="user@host or an ~/.ssh/config alias (repeatable).")
+@click.option("--ssh-config", default=None, type=click.Path(dir_okay=False), help="ssh -F FILE.")
+def rollback(hosts: tuple[str, ...], ssh_config: str | None) -> None:
+    """Switch boards back to their previous release."""
+    from edgemeta.deploy.ssh import rollback_host
+
+    failed = False
+    for h in hosts:
+        try:
+            r = rollback_host(h, ssh_config)
+            click.echo(f"{h}: active {r['active']} (was {r['rolled_back_from']})")
+        except EdgemetaError as e:
+            click.echo(f"{h}: FAILED {e}", err=True)
+            failed = True
+    if failed:
+        sys.exit(1)

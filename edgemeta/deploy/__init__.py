@@ -1,0 +1,1 @@
+"""Taking a model to boards: bundles, SSH deployment with atomic activation and rollback."""

@@ -1,0 +1,131 @@
+"""A bundle: one self-contained, checksummed release of a model for one board profile.
+
+    BUNDLE.json            board, model, variant, edgemeta version, sha256 of every other file
+    model/manifest.json    the manifest, reduced to the variant this board takes
+    model/<variant>.tflite
+    wheels/edgemeta-*.whl  edgemeta itself
+    requirements.txt       the board's runtime, pinned
+    wheelhouse/            optional: every wheel for the board's platform, for offline installs
+    board.toml             the profile the bundle was made for
+    edgemeta-agent.service systemd unit for `edgemeta serve`
+The bundle is refused before anything leaves the host when the board cannot run the model.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from edgemeta.boards import Board, boards_dir, load_board
+from edgemeta.errors import EdgemetaError
+from edgemeta.runtime.manifest import read_manifest, sha256_file
+from edgemeta.runtime.tflite_info import read_structure
+
+BUNDLE_FILE = "BUNDLE.json"
+BASE_REQUIREMENTS = ["pillow>=10", "click>=8.1", "tflite>=2.10", "pyserial>=3.5"]
+
+
+def requirements(board: Board) -> list[str]:
+    rt = board.runtime
+    return [f"{rt['package']}=={rt['version']}", rt.get("numpy", "numpy"), *BASE_REQUIREMENTS]
+
+
+def check_model_for_board(model_dir: str | Path, board: Board) -> tuple[object, object]:
+    """(manifest, variant) the board will run, or an error saying why it cannot."""
+    if not board.supported:
+        raise EdgemetaError(f"board {board.name} is not supported: {board.raw.get('unsupported_reason', '')}")
+    manifest = read_manifest(model_dir)
+    name = board.variant
+    if name not in manifest.variants:
+        fix = "run `edgemeta edgetpu MODEL_DIR` where edgetpu_compiler is installed" if name == "edgetpu" else "re-export the model"
+        raise EdgemetaError(f"board {board.name} takes the {name} variant, which {manifest.name} does not have; {fix}")
+    path = manifest.model_path(name)
+    problems = board.check_ops(read_structure(path).ops)
+    if problems:
+        raise EdgemetaError(f"{board.runtime['package']} {board.runtime['version']} on {board.name} cannot load {path.name}: "
+                            + "; ".join(problems))
+    if name == "edgetpu" or board.raw.get("delegate", {}).get("name") == "edgetpu":
+        from edgemeta.edgetpu import static_check
+
+        report = static_check(manifest.model_path("int8_static"))
+        if not report.fully_mapped:
+            raise EdgemetaError(f"{manifest.name} does not map fully to the Edge TPU: {'; '.join(report.problems)}")
+    return manifest, manifest.variant(name)
+
+
+def _edgemeta_wheel(dest: Path) -> Path:
+    """Build edgemeta's own wheel from the source tree this package runs from."""
+    src = Path(__file__).resolve().parents[2]
+    if not (src / "pyproject.toml").is_file():
+        raise EdgemetaError("bundling needs edgemeta's source tree (run from a git checkout installed with pip -e)")
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dest), str(src)],
+                          capture_output=True, text=True)
+    wheels = sorted(dest.glob("edgemeta-*.whl"))
+    if proc.returncode != 0 or not wheels:
+        raise EdgemetaError(f"could not build the edgemeta wheel: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+    return wheels[-1]
+
+
+def download_wheelhouse(board: Board, dest: Path) -> None:
+    """Every wheel the board needs, for its platform and Python, so it installs without an index."""
+    tags = []
+    for tag in board.runtime["wheel_platforms"]:
+        tags += ["--platform", tag]
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "--python-version", board.raw["python"],
+           *tags, "-d", str(dest), *requirements(board)]
+    if board.raw.get("runtime", {}).get("system_packages"):
+        raise EdgemetaError(f"board {board.name} takes numpy and Pillow from the OS ({', '.join(board.runtime['system_packages'])}); "
+                            "an offline wheelhouse cannot provide them: deploy without --wheelhouse")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise EdgemetaError(f"pip could not download wheels for {board.name}: "
+                            f"{(proc.stderr or proc.stdout).strip().splitlines()[-1][:300]}")
+
+
+SERVICE = """[Unit]
+Description=edgemeta few-shot agent
+After=network.target
+
+[Service]
+ExecStart={root}/current/venv/bin/edgemeta serve --model {root}/current/model --store {root}/store --socket {root}/agent.sock
+Restart=on-failure
+RestartSec=2
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def build_bundle(board_name: str, model_dir: str | Path, out: str | Path, wheelhouse: bool = False,
+                 root: str = "/opt/edgemeta") -> Path:
+    """Write the bundle folder `out` for one board; returns it."""
+    board = load_board(board_name)
+    manifest, variant = check_model_for_board(model_dir, board)
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    (out / "model").mkdir(parents=True)
+    shutil.copy2(manifest.folder / variant.file, out / "model" / variant.file)
+    reduced = dict(manifest.raw)
+    reduced["variants"] = {variant.name: manifest.raw["variants"][variant.name]}
+    reduced["default_variant"] = variant.name
+    (out / "model" / "manifest.json").write_text(json.dumps(reduced, indent=2) + "\n")
+    (out / "wheels").mkdir()
+    wheel = _edgemeta_wheel(out / "wheels")
+    (out / "requirements.txt").write_text("\n".join(requirements(board)) + "\n")
+    if wheelhouse:
+        download_wheelhouse(board, out / "wheelhouse")
+    shutil.copy2(boards_dir() / f"{board.name}.toml", out / "board.toml")
+    (out / "edgemeta-agent.service").write_text(SERVICE.format(root=root))
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    info = {"format": 1, "board": board.name, "arch": board.raw["arch"], "python": board.raw["python"],
+            "model": manifest.name, "variant": variant.name, "model_sha256": variant.sha256, "wheel": wheel.name,
+            "system_site_packages": bool(board.runtime.get("system_packages")),
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "files": {p.relative_to(out).as_posix(): sha256_file(p) for p in files}}
+    (out / BUNDLE_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return out

@@ -1,0 +1,172 @@
+"""Deploying bundles to boards through the system's OpenSSH client.
+
+~/.ssh/config, keys and known_hosts are honoured as ssh does (BatchMode: no password prompts; a
+host whose key is unknown or changed is refused by ssh itself). Every board-side step runs
+board_ops.py with the board's python3; see that file for the layout on the board.
+
+Order for one host: preflight (architecture, Python) -> upload board_ops.py -> stream the bundle
+(tar over ssh) into a partial folder, renamed when complete -> verify checksums on the board ->
+create the release's venv and install the runtime (never TensorFlow) -> health check the new
+release -> switch `current` atomically -> health check again through `current`, rolling back
+automatically when it fails -> prune old releases.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+import subprocess
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgemeta.deploy.bundle import BUNDLE_FILE
+from edgemeta.errors import EdgemetaError
+
+OPS = Path(__file__).with_name("board_ops.py")
+OPS_REMOTE = "$HOME/.edgemeta-ops.py"  # outside ROOT so several roots on one account share it
+
+
+@dataclass
+class HostResult:
+    host: str
+    ok: bool
+    release: str = ""
+    steps: list[str] = field(default_factory=list)
+    error: str = ""
+
+
+class Remote:
+    """One board reached with `ssh [-F config] HOST`."""
+
+    def __init__(self, host: str, ssh_config: str | None = None, connect_timeout: int = 10):
+        self.host = host
+        self.base = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={connect_timeout}"]
+        if ssh_config:
+            self.base += ["-F", ssh_config]
+
+    def run(self, command: str, stdin=None, input: bytes | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+        """Run a shell command line on the board (the caller quotes every argument)."""
+        try:
+            return subprocess.run([*self.base, self.host, command], stdin=stdin, input=input, capture_output=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise EdgemetaError(f"{self.host}: no answer within {timeout:.0f} s") from None
+
+    def ops(self, *args: str, stdin=None, timeout: float = 900) -> dict:
+        """Run a board_ops.py command; its last output line is JSON. Errors become EdgemetaError."""
+        p = self.run(f"python3 {OPS_REMOTE} " + shlex.join(args), stdin=stdin, timeout=timeout)
+        return self._answer(p, args[0])
+
+    def _answer(self, p: subprocess.CompletedProcess, what: str) -> dict:
+        out = p.stdout.decode(errors="replace").strip().splitlines()
+        try:
+            answer = json.loads(out[-1]) if out else {}
+        except ValueError:
+            answer = {}
+        if p.returncode == 255:  # ssh's own failure: connection, authentication, host key
+            err = p.stderr.decode(errors="replace").strip().splitlines()
+            raise EdgemetaError(f"ssh to {self.host} failed: {err[-1] if err else 'unknown error'}")
+        if p.returncode != 0 or "error" in answer:
+            msg = answer.get("error") or (p.stderr.decode(errors="replace").strip().splitlines() or ["failed"])[-1]
+            raise EdgemetaError(f"{what} on {self.host}: {msg}")
+        return answer
+
+    def install_ops(self) -> None:
+        p = self.run(f"cat > {OPS_REMOTE}.tmp && mv {OPS_REMOTE}.tmp {OPS_REMOTE}", input=OPS.read_bytes())
+        if p.returncode:
+            self._answer(p, "upload board_ops.py")
+
+    def upload(self, bundle: Path, release: str) -> dict:
+        """Stream the bundle as a tar archive into the board's releases folder."""
+        proc = subprocess.Popen([*self.base, self.host, f"python3 {OPS_REMOTE} receive {shlex.quote(release)}"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            with tarfile.open(fileobj=proc.stdin, mode="w|") as tar:
+                for path in sorted(bundle.rglob("*")):
+                    tar.add(path, arcname=path.relative_to(bundle).as_posix(), recursive=False)
+        except BrokenPipeError:
+            pass  # the board side stopped reading; its answer below says why
+        finally:
+            proc.stdin.close()
+            proc.stdin = None  # already closed: communicate() must not flush it
+        stdout, stderr = proc.communicate(timeout=900)
+        return self._answer(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), "upload")
+
+
+def release_id(bundle: Path) -> str:
+    info = json.loads((bundle / BUNDLE_FILE).read_text())
+    digest = hashlib.sha256((bundle / BUNDLE_FILE).read_bytes()).hexdigest()[:10]
+    return f"{info['model']}-{info['variant']}-{digest}"
+
+
+def deploy_host(host: str, bundle: Path, ssh_config: str | None = None, dry_run: bool = False, keep: int = 3,
+                log=lambda host, msg: None) -> HostResult:
+    """Deploy one bundle to one host; never raises, the result says what happened."""
+    info = json.loads((bundle / BUNDLE_FILE).read_text())
+    release = release_id(bundle)
+    result = HostResult(host, False, release)
+
+    def step(msg: str) -> None:
+        result.steps.append(msg)
+        log(host, msg)
+
+    remote = Remote(host, ssh_config)
+    try:
+        remote.install_ops()
+        pre = remote.ops("preflight", timeout=60)
+        if pre["arch"] != info["arch"]:
+            raise EdgemetaError(f"{host} is {pre['arch']}, the bundle is for {info['board']} ({info['arch']}); "
+                                "build the bundle for this board's profile")
+        if tuple(int(x) for x in pre["python"].split(".")[:2]) < (3, 10):
+            raise EdgemetaError(f"{host} has Python {pre['python']}; edgemeta needs 3.10 or newer on the board")
+        step(f"preflight: {pre['arch']}, Python {pre['python']}, {pre['free_mb']} MB free, active: {pre['current'] or 'none'}")
+        if dry_run:
+            step(f"dry run: would upload {release} ({len(info['files'])} files), verify, install, health-check and activate it")
+            result.ok = True
+            return result
+        remote.upload(bundle, release)
+        step("uploaded")
+        remote.ops("verify", release)
+        step("checksums verified on the board")
+        remote.ops("install", release)
+        step("runtime installed in the release's venv")
+        remote.ops("health", release)
+        step("health check of the new release passed")
+        act = remote.ops("activate", release)
+        step(f"activated (previous: {act['previous'] or 'none'})")
+        try:
+            remote.ops("health", "current")
+        except EdgemetaError as e:
+            back = remote.ops("rollback")
+            raise EdgemetaError(f"{e}; rolled back to {back['active']}") from None
+        step("health check through current passed")
+        remote.ops("prune", str(keep))
+        result.ok = True
+    except EdgemetaError as e:
+        result.error = str(e)
+    return result
+
+
+def deploy_fleet(hosts: list[str], bundle: Path, ssh_config: str | None = None, dry_run: bool = False, parallel: int = 4,
+                 log=lambda host, msg: None) -> list[HostResult]:
+    """Deploy to many hosts with bounded concurrency; one bad host does not stop the others."""
+    if not hosts:
+        raise EdgemetaError("no hosts given: pass --host user@board (repeatable) or --hosts FILE")
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        return list(pool.map(lambda h: deploy_host(h, bundle, ssh_config, dry_run, log=log), hosts))
+
+
+def rollback_host(host: str, ssh_config: str | None = None) -> dict:
+    remote = Remote(host, ssh_config)
+    remote.install_ops()
+    return remote.ops("rollback")
+
+
+def read_hosts_file(path: str) -> list[str]:
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise EdgemetaError(f"cannot read hosts file {path}: {e.strerror}") from None
+    return [ln.split("#", 1)[0].strip() for ln in lines if ln.split("#", 1)[0].strip()]

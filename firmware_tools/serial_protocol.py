@@ -1,0 +1,531 @@
+"""The serial wire protocol between the host and the board agent (written spec + implementation).
+
+The host (``edgemeta remote --via serial:/dev/ttyUSB0``) sends requests over a UART to the board
+agent (``edgemeta serve --serial /dev/ttyS0``), which answers each one. A UART gives an ordered
+byte stream with no framing, no integrity check and no flow control, and the line may carry boot
+messages or noise; so everything travels in self-delimiting, checksummed, versioned frames.
+
+Frame layout (protocol version 1; all integers unsigned, big-endian)::
+
+    offset  size  field
+    0       4     magic        A5 5A 45 4D  (0xA5 0x5A then ASCII "EM")
+    4       1     version      1
+    5       1     type         1 REQUEST, 2 RESPONSE, 3 ERROR, 4 CHUNK
+    6       2     flags        reserved: senders write 0, receivers ignore
+    8       4     request_id   chosen by the host; every frame of one exchange carries it
+    12      4     length       N, payload bytes; a receiver rejects N > its limit (default 65536)
+    16      N     payload      depends on type, below
+    16+N    4     crc32        zlib.crc32 of bytes [0, 16+N), i.e. header + payload
+
+Payloads:
+
+- REQUEST: UTF-8 JSON object ``{"op": str, "args": object, "attachments": [size, ...]}``; the
+  list declares how many binary attachments follow and the byte size of each (may be empty).
+- CHUNK: one piece of an attachment, ``index u16 | offset u32 | total u32 | data``: ``index``
+  into the request's attachment list, ``offset`` of ``data`` in that attachment, ``total`` its
+  full size (must equal the declared size). A CHUNK payload is at most 4096 bytes, so ``data``
+  is at most 4086 bytes. The chunks of one attachment are sent in order (offset 0, 4086, ...);
+  an attachment of size 0 has no chunks.
+- RESPONSE: UTF-8 JSON object, the handler's result.
+- ERROR: UTF-8 JSON object ``{"message": str, "type": str}``, ``message`` one human line.
+
+Exchange: the host sends REQUEST then the CHUNKs of attachment 0, 1, ... (all with the same
+``request_id``), and the board answers with one RESPONSE or one ERROR carrying that id. Ids of
+other exchanges are stale (e.g. the answer to a request that had timed out) and are skipped.
+
+Receiving: a reader scans for the magic (bytes before it are garbage, dropped), checks the
+version and the length limit as soon as the header is in (no waiting for a bogus 4 GB payload),
+then the CRC. On any bad frame it drops only the first magic byte and scans again, so a valid
+frame that was swallowed by a corrupt header is still found. A frame that stops arriving for
+``stall_timeout`` seconds is truncated. Each failure is a :class:`FrameError` subclass carrying
+the header's ``request_id`` when the header was read; the board answers those with an ERROR
+frame, so the host fails fast instead of waiting for its timeout. No retries at this layer.
+
+>>> import serial                                                          # doctest: +SKIP
+>>> port = serial.Serial("/dev/ttyUSB0", baudrate=115200, timeout=0.1)     # doctest: +SKIP
+>>> SerialClient(port).request("enroll", {"label": "cat"}, [png_bytes])     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import secrets
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+__all__ = [
+    "MAGIC", "VERSION", "HEADER_SIZE", "MAX_PAYLOAD", "CHUNK_PAYLOAD_MAX", "CHUNK_DATA_MAX",
+    "FrameType", "Frame", "encode_frame", "decode_frame", "FrameReader", "SerialClient", "serve",
+    "ProtocolError", "RemoteError", "FrameError", "BadMagic", "BadCrc", "UnsupportedVersion",
+    "OversizeFrame", "TruncatedFrame", "UnknownFrameType", "BadPayload",
+]
+
+MAGIC = b"\xa5\x5aEM"
+VERSION = 1
+_HEADER = struct.Struct(">4sBBHII")  # magic, version, type, flags, request_id, length
+_CRC = struct.Struct(">I")
+_CHUNK = struct.Struct(">HII")  # attachment index, offset, total size
+HEADER_SIZE = _HEADER.size  # 16
+TRAILER_SIZE = _CRC.size  # 4
+MAX_PAYLOAD = 64 * 1024
+CHUNK_PAYLOAD_MAX = 4096
+CHUNK_DATA_MAX = CHUNK_PAYLOAD_MAX - _CHUNK.size  # 4086
+MAX_ATTACHMENT_BYTES = 16 * 1024 * 1024  # board-side memory bound per request
+STALL_TIMEOUT = 1.0  # at 115200 baud a healthy sender never pauses this long inside a frame
+_U32 = 0xFFFFFFFF
+
+_log = logging.getLogger(__name__)
+
+
+class FrameType(enum.IntEnum):
+    REQUEST = 1
+    RESPONSE = 2
+    ERROR = 3
+    CHUNK = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    type: FrameType
+    request_id: int
+    payload: bytes = b""
+
+
+class ProtocolError(Exception):
+    """A request could not be completed over the serial link; the message is one line for people."""
+
+
+class RemoteError(ProtocolError):
+    """The board answered with an ERROR frame. ``type`` is the board-side exception's class name."""
+
+    def __init__(self, message: str, type: str = "") -> None:
+        super().__init__(message)
+        self.type = type
+
+
+class FrameError(ProtocolError):
+    """A received frame was rejected. ``request_id`` is the header's id when the header was read."""
+
+    def __init__(self, message: str, request_id: int | None = None) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+
+
+class BadMagic(FrameError):
+    """The bytes do not start with the magic (only from :func:`decode_frame`; a reader resyncs)."""
+
+
+class BadCrc(FrameError):
+    pass
+
+
+class UnsupportedVersion(FrameError):
+    pass
+
+
+class OversizeFrame(FrameError):
+    pass
+
+
+class TruncatedFrame(FrameError):
+    pass
+
+
+class UnknownFrameType(FrameError):
+    pass
+
+
+class BadPayload(FrameError):
+    """The frame is intact but its payload does not follow the spec (bad JSON, bad chunk)."""
+
+
+class Port(Protocol):
+    """What is used of ``serial.Serial``: ``read(n)`` returns at most n bytes, waiting up to ``timeout``."""
+
+    timeout: float | None
+
+    def read(self, size: int = 1) -> bytes: ...
+
+    def write(self, data: bytes, /) -> int | None: ...
+
+
+Handler = Callable[[str, dict[str, Any], list[bytes]], dict[str, Any]]
+
+
+# --- frames -------------------------------------------------------------------------------------
+
+
+def encode_frame(frame: Frame, *, max_payload: int = MAX_PAYLOAD) -> bytes:
+    """The wire bytes of one frame."""
+    if not 0 <= frame.request_id <= _U32:
+        raise ValueError(f"request_id {frame.request_id} does not fit in u32")
+    if len(frame.payload) > max_payload:
+        raise ValueError(f"payload of {len(frame.payload)} bytes exceeds the {max_payload}-byte frame limit")
+    head = _HEADER.pack(MAGIC, VERSION, FrameType(frame.type), 0, frame.request_id, len(frame.payload))
+    body = head + bytes(frame.payload)
+    return body + _CRC.pack(zlib.crc32(body))
+
+
+def _check_header(buf: bytes | bytearray, max_payload: int) -> tuple[int, int, int]:
+    """(type, request_id, length) of the header at buf[0:16]; raises before any payload is awaited."""
+    _, version, ftype, _flags, rid, length = _HEADER.unpack_from(buf)
+    if version != VERSION:
+        raise UnsupportedVersion(f"frame for request {rid} uses protocol version {version}, this side speaks {VERSION}", rid)
+    if length > max_payload:
+        raise OversizeFrame(f"frame for request {rid} declares {length} payload bytes, the limit is {max_payload}", rid)
+    return ftype, rid, length
+
+
+def _finish(buf: bytes | bytearray, ftype: int, rid: int, length: int) -> Frame:
+    """Check the CRC and type of a complete frame at buf[0:16+length+4]."""
+    end = HEADER_SIZE + length
+    (got,) = _CRC.unpack_from(buf, end)
+    want = zlib.crc32(memoryview(buf)[:end])
+    if got != want:
+        raise BadCrc(f"CRC mismatch in frame for request {rid} (got {got:#010x}, computed {want:#010x})", rid)
+    try:
+        ftype = FrameType(ftype)
+    except ValueError:
+        raise UnknownFrameType(f"unknown frame type {ftype} for request {rid}", rid) from None
+    return Frame(ftype, rid, bytes(buf[HEADER_SIZE:end]))
+
+
+def decode_frame(data: bytes, *, max_payload: int = MAX_PAYLOAD) -> Frame:
+    """Decode exactly one frame (no leading garbage, no trailing bytes); any defect raises FrameError."""
+    if data[: len(MAGIC)] != MAGIC:
+        raise BadMagic("data does not start with the frame magic")
+    if len(data) < HEADER_SIZE:
+        raise TruncatedFrame(f"{len(data)} bytes is shorter than a frame header")
+    ftype, rid, length = _check_header(data, max_payload)
+    size = HEADER_SIZE + length + TRAILER_SIZE
+    if len(data) < size:
+        raise TruncatedFrame(f"frame for request {rid} needs {size} bytes, got {len(data)}", rid)
+    if len(data) > size:
+        raise FrameError(f"{len(data) - size} bytes after the end of the frame for request {rid}", rid)
+    return _finish(data, ftype, rid, length)
+
+
+def _json_frame(ftype: FrameType, rid: int, obj: dict[str, Any], max_payload: int) -> bytes:
+    payload = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    return encode_frame(Frame(ftype, rid, payload), max_payload=max_payload)
+
+
+def _json_payload(frame: Frame) -> dict[str, Any]:
+    try:
+        obj = json.loads(frame.payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: "[[[[..." nested 60k deep
+        raise BadPayload(f"{frame.type.name} payload for request {frame.request_id} is not UTF-8 JSON: {exc}", frame.request_id) from None
+    if not isinstance(obj, dict):
+        raise BadPayload(f"{frame.type.name} payload for request {frame.request_id} is not a JSON object", frame.request_id)
+    return obj
+
+
+def _chunk_frames(rid: int, index: int, data: bytes, chunk_data: int) -> list[bytes]:
+    total = len(data)
+    return [encode_frame(Frame(FrameType.CHUNK, rid, _CHUNK.pack(index, off, total) + data[off : off + chunk_data]))
+            for off in range(0, total, chunk_data)]
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --- reader -------------------------------------------------------------------------------------
+
+
+class FrameReader:
+    """Pulls frames out of a byte stream that may hold garbage, corrupt or cut-off frames.
+
+    ``read_frame(timeout)`` returns the next valid frame, returns None when none completed before
+    the deadline (a partial frame stays buffered for the next call), or raises a FrameError for a
+    rejected frame (the reader has already moved past it; call again to continue).
+    """
+
+    def __init__(self, port: Port, *, max_payload: int = MAX_PAYLOAD, stall_timeout: float = STALL_TIMEOUT) -> None:
+        if getattr(port, "timeout", None) is None:
+            # read() would block forever on a silent line and no deadline could be kept.
+            raise ValueError("the serial port needs a finite read timeout, e.g. serial.Serial(..., timeout=0.1)")
+        self._port = port
+        self._max_payload = max_payload
+        self._stall_timeout = stall_timeout
+        self._buf = bytearray()
+        self._last_rx = time.monotonic()
+
+    def read_frame(self, timeout: float) -> Frame | None:
+        # Overshoot past the deadline is bounded by one port.read(), i.e. by port.timeout.
+        deadline = time.monotonic() + timeout
+        while True:
+            frame = self._parse()
+            if frame is not None:
+                return frame
+            if time.monotonic() >= deadline:
+                return None
+            self._receive()
+
+    def _parse(self) -> Frame | None:
+        buf = self._buf
+        start = buf.find(MAGIC)
+        if start < 0:
+            # Keep a tail that could be the first bytes of a magic split across reads.
+            del buf[: max(0, len(buf) - (len(MAGIC) - 1))]
+            return None
+        if start:
+            _log.debug("skipped %d garbage bytes", start)
+            del buf[:start]
+        if len(buf) < HEADER_SIZE:
+            return None
+        try:
+            ftype, rid, length = _check_header(buf, self._max_payload)
+            if len(buf) < HEADER_SIZE + length + TRAILER_SIZE:
+                return None
+            frame = _finish(buf, ftype, rid, length)
+        except FrameError:
+            del buf[:1]  # rescan from the next byte: a real frame may hide inside the bad one
+            raise
+        del buf[: HEADER_SIZE + length + TRAILER_SIZE]
+        return frame
+
+    def _check_stall(self) -> None:
+        # Only called after a read came back empty: the rest of a frame is not merely waiting unread
+        # in the OS buffer, it has stopped arriving.
+        buf = self._buf
+        if not buf or time.monotonic() - self._last_rx <= self._stall_timeout:
+            return
+        if not buf.startswith(MAGIC):
+            buf.clear()  # a lone partial magic that never completed
+            return
+        rid = _HEADER.unpack_from(buf)[4] if len(buf) >= HEADER_SIZE else None
+        have = len(buf)
+        del buf[:1]
+        about = f"frame for request {rid}" if rid is not None else "frame header"
+        raise TruncatedFrame(f"truncated {about}: only {have} bytes arrived before the line went quiet for {self._stall_timeout:g} s", rid)
+
+    def _receive(self) -> None:
+        buf = self._buf
+        need = HEADER_SIZE - len(buf)
+        if len(buf) >= HEADER_SIZE:  # _parse left a plausible header in front: wait for its whole frame
+            need = HEADER_SIZE + _HEADER.unpack_from(buf)[5] + TRAILER_SIZE - len(buf)
+        # Ask for what is already waiting too, so a burst is taken in one call instead of per frame part.
+        waiting = min(getattr(self._port, "in_waiting", 0) or 0, HEADER_SIZE + self._max_payload + TRAILER_SIZE)
+        data = self._port.read(max(need, waiting, 1))
+        if data:
+            buf += data
+            self._last_rx = time.monotonic()
+            return
+        if not self._port.timeout:
+            time.sleep(0.01)  # a non-blocking port (timeout=0) must not turn the wait into a busy loop
+        self._check_stall()
+
+
+# --- host side ----------------------------------------------------------------------------------
+
+
+class SerialClient:
+    """The host end: one request at a time, answered by the board's :func:`serve` loop.
+
+    ``timeout`` is how long to wait for the answer after the request has been written.
+    """
+
+    def __init__(self, port: Port, *, timeout: float = 10.0, max_payload: int = MAX_PAYLOAD,
+                 stall_timeout: float = STALL_TIMEOUT) -> None:
+        self._port = port
+        self._reader = FrameReader(port, max_payload=max_payload, stall_timeout=stall_timeout)
+        self._timeout = timeout
+        self._max_payload = max_payload
+        # A random start keeps answers meant for an earlier host session from matching ours.
+        self._next_id = secrets.randbits(32)
+        self._lock = threading.Lock()
+
+    def request(self, op: str, args: dict[str, Any], attachments: Sequence[bytes] = (), *,
+                timeout: float | None = None) -> dict[str, Any]:
+        """Send ``op`` with JSON ``args`` and binary attachments; return the board's JSON answer.
+
+        Raises RemoteError when the board answers with an ERROR frame, ProtocolError on timeout or
+        a malformed answer, ValueError/TypeError for arguments that cannot be sent.
+        """
+        if not isinstance(op, str) or not op:
+            raise ValueError("op must be a non-empty string")
+        if not isinstance(args, dict):
+            raise TypeError(f"args must be a dict, not {type(args).__name__}")
+        blobs = [bytes(a) for a in attachments]
+        if len(blobs) > 0xFFFF:
+            raise ValueError(f"{len(blobs)} attachments, the protocol carries at most 65535")
+        with self._lock:
+            rid = self._next_id
+            self._next_id = (rid + 1) & _U32
+            try:
+                head = _json_frame(FrameType.REQUEST, rid, {"op": op, "args": args, "attachments": [len(b) for b in blobs]},
+                                   self._max_payload)
+            except ValueError as exc:
+                raise ValueError(f"request '{op}' cannot be sent: {exc} (send large data as attachments)") from None
+            self._port.write(head)
+            for index, blob in enumerate(blobs):
+                for chunk in _chunk_frames(rid, index, blob, CHUNK_DATA_MAX):
+                    self._port.write(chunk)
+            return self._await(op, rid, self._timeout if timeout is None else timeout)
+
+    def _await(self, op: str, rid: int, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        rejected = 0
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                frame = self._reader.read_frame(left)
+            except FrameError as exc:
+                rejected += 1
+                _log.warning("ignored a bad frame from the board: %s", exc)
+                continue
+            if frame is None:
+                break
+            if frame.request_id != rid or frame.type not in (FrameType.RESPONSE, FrameType.ERROR):
+                _log.debug("skipped stale %s frame for request %d", frame.type.name, frame.request_id)
+                continue
+            try:
+                body = _json_payload(frame)
+            except BadPayload as exc:
+                raise ProtocolError(f"malformed answer to '{op}' from the board: {exc}") from None
+            if frame.type is FrameType.ERROR:
+                message = _one_line(str(body.get("message") or "no message"))
+                raise RemoteError(f"board error for '{op}': {message}", str(body.get("type", "")))
+            return body
+        extra = f"; {rejected} corrupt frame(s) were dropped" if rejected else ""
+        raise ProtocolError(f"no answer from the board to '{op}' within {timeout:g} s{extra} "
+                            "(check the cable, the baud rate and that `edgemeta serve --serial` runs on the board)")
+
+
+# --- board side ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Pending:
+    """A REQUEST whose attachments are still arriving."""
+
+    request_id: int
+    op: str
+    args: dict[str, Any]
+    sizes: list[int]
+    parts: list[bytearray] = field(default_factory=list)
+    last_progress: float = field(default_factory=time.monotonic)
+
+    @classmethod
+    def start(cls, frame: Frame, max_attachment_bytes: int) -> _Pending:
+        rid = frame.request_id
+        body = _json_payload(frame)
+        op, args, sizes = body.get("op"), body.get("args", {}), body.get("attachments", [])
+        if not isinstance(op, str) or not op:
+            raise BadPayload(f"request {rid} has no 'op' string", rid)
+        if not isinstance(args, dict):
+            raise BadPayload(f"request {rid}: 'args' must be a JSON object", rid)
+        if (not isinstance(sizes, list) or len(sizes) > 0xFFFF
+                or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= _U32 for s in sizes)):
+            raise BadPayload(f"request {rid}: 'attachments' must be a list of byte sizes", rid)
+        if sum(sizes) > max_attachment_bytes:
+            raise BadPayload(f"request {rid}: {sum(sizes)} attachment bytes exceed the board's limit of {max_attachment_bytes}", rid)
+        return cls(rid, op, args, sizes, [bytearray() for _ in sizes])
+
+    @property
+    def complete(self) -> bool:
+        return all(len(p) == s for p, s in zip(self.parts, self.sizes, strict=True))
+
+    def add(self, frame: Frame) -> None:
+        rid, payload = self.request_id, frame.payload
+        if len(payload) < _CHUNK.size:
+            raise BadPayload(f"request {rid}: chunk payload of {len(payload)} bytes is shorter than its header", rid)
+        index, offset, total = _CHUNK.unpack_from(payload)
+        data = payload[_CHUNK.size :]
+        if index >= len(self.sizes):
+            raise BadPayload(f"request {rid}: chunk for attachment {index}, the request declared {len(self.sizes)}", rid)
+        got = len(self.parts[index])
+        if total != self.sizes[index]:
+            raise BadPayload(f"request {rid}: attachment {index} chunk says {total} bytes, the request declared {self.sizes[index]}", rid)
+        if offset != got:
+            raise BadPayload(f"request {rid}: attachment {index} chunk at offset {offset}, expected {got} (a chunk was lost)", rid)
+        if offset + len(data) > total:
+            raise BadPayload(f"request {rid}: attachment {index} chunk runs past its {total} bytes", rid)
+        self.parts[index] += data
+        self.last_progress = time.monotonic()
+
+
+def _send_error(port: Port, rid: int, message: str, kind: str, max_payload: int) -> None:
+    port.write(_json_frame(FrameType.ERROR, rid, {"message": _one_line(message), "type": kind}, max_payload))
+
+
+def _answer(port: Port, req: _Pending, handler: Handler, max_payload: int) -> None:
+    try:
+        result = handler(req.op, req.args, [bytes(p) for p in req.parts])
+    except Exception as exc:  # the handler's failure is the client's answer, and the loop goes on
+        _log.info("request %d '%s' failed: %s", req.request_id, req.op, exc)
+        _send_error(port, req.request_id, str(exc) or type(exc).__name__, type(exc).__name__, max_payload)
+        return
+    if not isinstance(result, dict):
+        _send_error(port, req.request_id, f"handler for '{req.op}' returned {type(result).__name__}, not a dict", "TypeError", max_payload)
+        return
+    try:
+        frame = _json_frame(FrameType.RESPONSE, req.request_id, result, max_payload)
+    except (TypeError, ValueError, RecursionError) as exc:
+        _send_error(port, req.request_id, f"answer to '{req.op}' cannot be sent: {exc}", type(exc).__name__, max_payload)
+        return
+    port.write(frame)
+
+
+def serve(port: Port, handler: Handler, stop: threading.Event | None = None, *, max_payload: int = MAX_PAYLOAD,
+          max_attachment_bytes: int = MAX_ATTACHMENT_BYTES, stall_timeout: float = STALL_TIMEOUT,
+          poll_interval: float = 0.2) -> None:
+    """The board end: answer requests on ``port`` until ``stop`` is set (forever when None).
+
+    ``handler(op, args, attachments)`` returns a JSON-able dict; an exception it raises becomes an
+    ERROR frame with the exception's message. Bad frames are answered with ERROR when their request
+    id could be read, else skipped. Errors of the port itself (unplugged, closed) propagate.
+    ``stop`` is checked every ``poll_interval`` seconds plus at most one ``port.timeout``.
+    """
+    reader = FrameReader(port, max_payload=max_payload, stall_timeout=stall_timeout)
+    pending: _Pending | None = None
+
+    def fail(rid: int, message: str, kind: str) -> None:
+        nonlocal pending
+        _log.warning("request %d rejected: %s", rid, message)
+        _send_error(port, rid, message, kind, max_payload)
+        if pending is not None and pending.request_id == rid:
+            pending = None  # later chunks of it are dropped silently below
+
+    while stop is None or not stop.is_set():
+        try:
+            frame = reader.read_frame(poll_interval)
+        except FrameError as exc:
+            if exc.request_id is not None:
+                fail(exc.request_id, f"bad frame: {exc}", type(exc).__name__)
+            else:
+                _log.warning("skipped a bad frame: %s", exc)
+            continue
+        if pending is not None and time.monotonic() - pending.last_progress > stall_timeout:
+            got, want = sum(map(len, pending.parts)), sum(pending.sizes)
+            fail(pending.request_id, f"attachments stopped arriving ({got} of {want} bytes received)", "TruncatedFrame")
+        if frame is None:
+            continue
+        if frame.type is FrameType.REQUEST:
+            if pending is not None:
+                fail(pending.request_id, "a new request arrived before this one's attachments were complete", "TruncatedFrame")
+            try:
+                pending = _Pending.start(frame, max_attachment_bytes)
+            except FrameError as exc:
+                fail(frame.request_id, str(exc), type(exc).__name__)
+                continue
+        elif frame.type is FrameType.CHUNK and pending is not None and frame.request_id == pending.request_id:
+            try:
+                pending.add(frame)
+            except FrameError as exc:
+                fail(frame.request_id, str(exc), type(exc).__name__)
+                continue
+        else:
+            _log.debug("skipped %s frame for request %d", frame.type.name, frame.request_id)
+            continue
+        if pending.complete:
+            req, pending = pending, None
+            _answer(port, req, handler, max_payload)

@@ -1,0 +1,94 @@
+"""Real OpenSSH servers on 127.0.0.1 for deployment tests: each one plays a board.
+
+Throwaway host and client keys; an ssh client config with one alias per board (boardN) that
+pins the host key in its own known_hosts file and sends EDGEMETA_ROOT, so each "board" keeps
+its releases in its own folder although they share this machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def keygen(path: Path) -> str:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+    return path.with_suffix(".pub").read_text().strip() if path.suffix else Path(f"{path}.pub").read_text().strip()
+
+
+@dataclass
+class Board:
+    alias: str
+    port: int
+    root: Path
+    proc: subprocess.Popen
+
+
+class SshLab:
+    def __init__(self, base: Path):
+        if not Path(SSHD).exists():
+            raise RuntimeError("sshd is not installed (apt-get install openssh-server); .ci/run installs it")
+        self.base = base
+        base.mkdir(parents=True, exist_ok=True)
+        Path("/run/sshd").mkdir(parents=True, exist_ok=True)
+        self.client_key = base / "client_key"
+        self.client_pub = keygen(self.client_key)
+        self.known_hosts = base / "known_hosts"
+        self.known_hosts.write_text("")
+        self.ssh_config = base / "ssh_config"
+        self.ssh_config.write_text("")
+        self.boards: list[Board] = []
+
+    def add_board(self, authorized: bool = True) -> Board:
+        n = len(self.boards) + 1
+        d = self.base / f"board{n}"
+        d.mkdir()
+        host_key = d / "host_key"
+        host_pub = keygen(host_key)
+        auth = d / "authorized_keys"
+        auth.write_text(self.client_pub + "\n" if authorized else "")
+        port = free_port()
+        cfg = d / "sshd_config"
+        cfg.write_text(f"Port {port}\nListenAddress 127.0.0.1\nHostKey {host_key}\nAuthorizedKeysFile {auth}\n"
+                       "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
+                       f"PidFile {d / 'sshd.pid'}\nAcceptEnv EDGEMETA_ROOT\nPermitRootLogin prohibit-password\n")
+        proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=open(d / "sshd.log", "w"))
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        with open(self.known_hosts, "a") as f:
+            f.write(f"[127.0.0.1]:{port} {' '.join(host_pub.split()[:2])}\n")
+        alias = f"board{n}"
+        root = d / "edgemeta"
+        with open(self.ssh_config, "a") as f:
+            f.write(f"Host {alias}\n  HostName 127.0.0.1\n  Port {port}\n  User {os.environ.get('USER', 'root')}\n"
+                    f"  IdentityFile {self.client_key}\n  IdentitiesOnly yes\n  UserKnownHostsFile {self.known_hosts}\n"
+                    f"  StrictHostKeyChecking yes\n  SetEnv EDGEMETA_ROOT={root}\n  LogLevel ERROR\n\n")
+        board = Board(alias, port, root, proc)
+        self.boards.append(board)
+        return board
+
+    def ssh(self, board: Board, command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["ssh", "-F", str(self.ssh_config), "-o", "BatchMode=yes", board.alias, command],
+                              capture_output=True, text=True, timeout=120)
+
+    def stop(self) -> None:
+        for b in self.boards:
+            b.proc.terminate()
+            b.proc.wait(timeout=10)

@@ -1,0 +1,150 @@
+"""Deployment against real OpenSSH servers on 127.0.0.1 (the generic-x86_64 board profile)."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sshd import SshLab
+
+from edgemeta.deploy.bundle import build_bundle
+from edgemeta.runtime.manifest import sha256_file
+
+SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "omniglot"
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    lab = SshLab(tmp_path_factory.mktemp("ssh"))
+    yield lab
+    lab.stop()
+
+
+@pytest.fixture(scope="module")
+def bundle(exported, tmp_path_factory):
+    return build_bundle("generic-x86_64", exported, tmp_path_factory.mktemp("bundles") / "b1", wheelhouse=True)
+
+
+def deploy(lab, *args):
+    return subprocess.run([sys.executable, "-m", "edgemeta", "deploy", "--ssh-config", str(lab.ssh_config), *args],
+                          capture_output=True, text=True, timeout=900)
+
+
+def status(lab, board):
+    p = lab.ssh(board, "python3 $HOME/.edgemeta-ops.py status")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def rebundle(bundle: Path, dest: Path, change=None) -> Path:
+    """A copy of a bundle, optionally changed, with BUNDLE.json re-signed (as a new build would be)."""
+    shutil.copytree(bundle, dest)
+    if change:
+        change(dest)
+    info = json.loads((dest / "BUNDLE.json").read_text())
+    info["created"] = dest.name  # a new build: new release id
+    info["files"] = {k: sha256_file(dest / k) for k in info["files"]}
+    (dest / "BUNDLE.json").write_text(json.dumps(info))
+    return dest
+
+
+def test_deploy_enroll_classify_and_upgrade(lab, bundle, tmp_path):
+    board = lab.add_board()
+    p = deploy(lab, "--bundle", str(bundle), "--host", board.alias)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "ok" in p.stdout and "checksums verified on the board" in p.stderr
+    first = status(lab, board)["current"]
+    assert first and (board.root / "current" / "venv" / "bin" / "edgemeta").exists()
+    venv_py = board.root / "current" / "venv" / "bin" / "python"
+    assert lab.ssh(board, f"{venv_py} -c 'import tensorflow'").returncode != 0  # never TensorFlow on a board
+    # enroll and classify on the board, through ssh, with the deployed release and the shared store
+    exe, store, model = board.root / "current/venv/bin/edgemeta", board.root / "store", board.root / "current/model"
+    files = sorted((SAMPLE / "Keble_character01").glob("*.png"))
+    r = lab.ssh(board, f"{exe} enroll --store {store} --model {model} --label k1 {files[0]} {files[1]}")
+    assert r.returncode == 0, r.stderr
+    r = lab.ssh(board, f"{exe} classify --store {store} --json {files[7]}")
+    assert json.loads(r.stdout)[0]["top"][0]["label"] == "k1"
+    # upgrade: a new release becomes current, the store survives
+    p = deploy(lab, "--bundle", str(rebundle(bundle, tmp_path / "b2")), "--host", board.alias)
+    assert p.returncode == 0, p.stderr
+    st = status(lab, board)
+    assert st["current"] != first and st["history"][-2:] == [first, st["current"]]
+    r = lab.ssh(board, f"{exe} classes --store {store} --json")
+    assert json.loads(r.stdout)["classes"] == {"k1": 2}
+    # and back by hand
+    p = subprocess.run([sys.executable, "-m", "edgemeta", "rollback", "--ssh-config", str(lab.ssh_config), "--host", board.alias],
+                       capture_output=True, text=True)
+    assert p.returncode == 0 and status(lab, board)["current"] == first, p.stderr
+
+
+def test_failed_health_check_keeps_the_old_release(lab, bundle, tmp_path):
+    board = lab.add_board()
+    assert deploy(lab, "--bundle", str(bundle), "--host", board.alias).returncode == 0
+    good = status(lab, board)["current"]
+
+    def break_manifest(d):
+        m = json.loads((d / "model/manifest.json").read_text())
+        m["embedding_dim"] = 7
+        (d / "model/manifest.json").write_text(json.dumps(m))
+
+    p = deploy(lab, "--bundle", str(rebundle(bundle, tmp_path / "bad", break_manifest)), "--host", board.alias)
+    assert p.returncode == 1 and "health check failed" in p.stdout
+    assert status(lab, board)["current"] == good
+
+
+def test_tampered_bundle_is_refused(lab, bundle, tmp_path):
+    board = lab.add_board()
+    assert deploy(lab, "--bundle", str(bundle), "--host", board.alias).returncode == 0
+    good = status(lab, board)["current"]
+    bad = rebundle(bundle, tmp_path / "tampered")
+    with open(bad / "model" / "int8_static.tflite", "r+b") as f:  # changed after signing
+        f.seek(2000)
+        f.write(b"\x00\x01\x02\x03")
+    p = deploy(lab, "--bundle", str(bad), "--host", board.alias)
+    assert p.returncode == 1 and "checksum mismatch: model/int8_static.tflite" in p.stdout
+    st = status(lab, board)
+    assert st["current"] == good and len(st["releases"]) == 1
+
+
+def test_fleet_with_bad_hosts_and_a_cut_transfer(lab, bundle, exported, tmp_path):
+    ok1, ok2 = lab.add_board(), lab.add_board()
+    refused = lab.add_board(authorized=False)
+    with open(lab.ssh_config, "a") as f:
+        f.write("Host gone\n  HostName 127.0.0.1\n  Port 9\n  ConnectTimeout 3\n\n")
+    # a transfer cut midway leaves a partial upload behind; the next deploy cleans it up
+    data = subprocess.run(["tar", "-C", str(bundle), "-cf", "-", "."], capture_output=True).stdout
+    ops = (Path(__file__).parents[1] / "edgemeta/deploy/board_ops.py").read_bytes()
+    subprocess.run(["ssh", "-F", str(lab.ssh_config), ok1.alias, "cat > .edgemeta-ops.py"], input=ops, check=True)
+    cut = subprocess.run(["ssh", "-F", str(lab.ssh_config), ok1.alias, "python3 $HOME/.edgemeta-ops.py receive cut"],
+                         input=data[: len(data) // 2], capture_output=True)
+    assert cut.returncode != 0 and list((ok1.root / "releases").glob(".cut.partial"))
+    hosts = tmp_path / "fleet.txt"
+    hosts.write_text(f"# the fleet\n{ok1.alias}\n{refused.alias}\ngone\n{ok2.alias}\n")
+    p = deploy(lab, "--bundle", str(bundle), "--hosts", str(hosts), "--parallel", "2", "--json")
+    assert p.returncode == 1
+    results = {r["host"]: r for r in json.loads(p.stdout)}
+    assert results[ok1.alias]["ok"] and results[ok2.alias]["ok"]
+    assert not results[refused.alias]["ok"] and "Permission denied" in results[refused.alias]["error"]
+    assert not results["gone"]["ok"] and "ssh to gone failed" in results["gone"]["error"]
+    assert not list((ok1.root / "releases").glob(".*.partial"))
+    # the wrong architecture is refused before anything is uploaded
+    arm = build_bundle("rpi5", exported, tmp_path / "arm")
+    p = deploy(lab, "--bundle", str(arm), "--host", ok2.alias)
+    assert p.returncode == 1 and "is x86_64, the bundle is for rpi5 (aarch64)" in p.stdout
+
+
+def test_dry_run_changes_nothing(lab, bundle):
+    board = lab.add_board()
+    p = deploy(lab, "--bundle", str(bundle), "--host", board.alias, "--dry-run")
+    assert p.returncode == 0 and "dry run: would upload" in p.stderr
+    assert not (board.root / "releases").exists()
+
+
+def test_bundle_refuses_what_the_board_cannot_run(exported, tmp_path):
+    p = subprocess.run([sys.executable, "-m", "edgemeta", "bundle", "--board", "rpi-coral-usb", "--model", str(exported),
+                        "--out", str(tmp_path / "b")], capture_output=True, text=True)
+    assert p.returncode == 2 and "takes the edgetpu variant" in p.stderr and not (tmp_path / "b").exists()
+    p = subprocess.run([sys.executable, "-m", "edgemeta", "bundle", "--board", "coral-devboard", "--model", str(exported),
+                        "--out", str(tmp_path / "b")], capture_output=True, text=True)
+    assert p.returncode == 2 and "Python 3.7" in p.stderr

@@ -276,13 +276,25 @@ def classify(store: str, model: str | None, variant: str | None, threads: int, e
       edgemeta classify --store ~/store --top-k 3 query.png
     """
     rt = _runtime(model, store, variant, threads, edgetpu, xnnpack)
-    results = rt.classify(store, list(files), top_k=top_k)
+    _print_results(rt.classify(store, list(files), top_k=top_k), as_json)
+
+
+def _print_results(results: list[dict], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return
     for r in results:
         others = ", ".join(f"{t['label']} {100 * t['probability']:.1f}%" for t in r["top"])
         click.echo(f"{r['file']}: {r['label']} (distance {r['distance']:.3g}; {others})")
+
+
+def _print_classes(counts: dict[str, int], backbone: dict, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({"backbone": backbone, "classes": counts}, indent=2))
+        return
+    click.echo(f"{len(counts)} class(es), backbone {backbone.get('model')}/{backbone.get('variant')}")
+    for name, n in counts.items():
+        click.echo(f"  {name}: {n} sample(s)")
 
 
 def _store_change(store: str, change):
@@ -304,13 +316,7 @@ def classes(store: str, as_json: bool) -> None:
     from edgemeta.runtime.store import EnrollmentStore
 
     s = EnrollmentStore.open(store)
-    counts = s.counts()
-    if as_json:
-        click.echo(json.dumps({"backbone": s.backbone, "classes": counts}, indent=2))
-        return
-    click.echo(f"{len(counts)} class(es), backbone {s.backbone.get('model')}/{s.backbone.get('variant')}")
-    for name, n in counts.items():
-        click.echo(f"  {name}: {n} sample(s)")
+    _print_classes(s.counts(), s.backbone, as_json)
 
 
 @main.command()
@@ -579,3 +585,145 @@ def rollback(hosts: tuple[str, ...], ssh_config: str | None) -> None:
             failed = True
     if failed:
         sys.exit(1)
+
+
+@main.command()
+@click.option("--model", required=True, type=click.Path(file_okay=False), help="Exported model folder.")
+@click.option("--store", required=True, type=click.Path(), help="Enrollment store folder.")
+@click.option("--socket", "unix_path", default=None, help="Listen on this Unix socket.")
+@click.option("--tcp", default=None, metavar="HOST:PORT", help="Listen on TCP (use 127.0.0.1 unless the network is trusted).")
+@click.option("--serial", "serial_device", default=None, help="Also answer framed requests on this serial port.")
+@click.option("--baud", type=int, default=115200, show_default=True, help="Serial speed.")
+@click.option("--stdio", is_flag=True, help="Answer JSON lines on stdin/stdout (what `remote --via ssh:` uses).")
+@click.option("--threads", type=int, default=1, show_default=True, help="Interpreter threads.")
+@click.option("--edgetpu", default=None, metavar="DEVICE", help="Run on the Edge TPU delegate.")
+def serve(model: str, store: str, unix_path: str | None, tcp: str | None, serial_device: str | None, baud: int, stdio: bool,
+          threads: int, edgetpu: str | None) -> None:
+    """The board agent: keeps the model and store loaded and answers enroll, classify, classes,
+    forget, rename and status requests (JSON lines on a socket or stdio; framed on a serial port).
+
+    \b
+    Example:
+      edgemeta serve --model /opt/edgemeta/current/model --store /opt/edgemeta/store --socket /run/edgemeta.sock --serial /dev/serial0
+    """
+    import signal
+    import threading
+
+    from edgemeta.runtime.agent import Agent, make_server, serve_serial, serve_stdio
+
+    if not (unix_path or tcp or serial_device or stdio):
+        raise EdgemetaError("say where to listen: --socket PATH, --tcp HOST:PORT, --serial DEVICE or --stdio")
+    agent = Agent(model, store, threads=threads, edgetpu=edgetpu)
+    if stdio:
+        serve_stdio(agent, sys.stdin.buffer, sys.stdout.buffer)
+        return
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    server = make_server(agent, unix_path, tcp) if (unix_path or tcp) else None
+    threads_ = []
+    if server:
+        threads_.append(threading.Thread(target=server.serve_forever, daemon=True))
+    if serial_device:
+        threads_.append(threading.Thread(target=serve_serial, args=(agent, serial_device, baud, stop), daemon=True))
+    for t in threads_:
+        t.start()
+    where = ", ".join(x for x in (unix_path, tcp, serial_device and f"{serial_device}@{baud}") if x)
+    click.echo(f"serving {agent.rt.manifest.name}/{agent.rt.variant.name} on {where}", err=True)
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    if server:
+        server.shutdown()
+        server.server_close()
+        if unix_path:
+            Path(unix_path).unlink(missing_ok=True)
+
+
+@main.group()
+@click.option("--via", required=True, help="unix:PATH, tcp:HOST:PORT, ssh:USER@HOST (the deployed release) or serial:DEVICE[@BAUD].")
+@click.option("--ssh-config", default=None, type=click.Path(dir_okay=False), help="ssh -F FILE.")
+@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds to wait for an answer.")
+@click.pass_context
+def remote(ctx: click.Context, via: str, ssh_config: str | None, timeout: float) -> None:
+    """Run enroll, classify, classes, forget, rename or status on a board.
+
+    \b
+    Example:
+      edgemeta remote --via ssh:pi@kitchen enroll --label mug mug1.jpg mug2.jpg
+      edgemeta remote --via serial:/dev/ttyUSB0 classify --top-k 3 cup.jpg
+    """
+    ctx.obj.update(via=via, ssh_config=ssh_config, timeout=timeout)
+
+
+def _remote_call(op: str, args: dict, files: tuple[str, ...] = ()) -> dict:
+    from edgemeta.runtime.agent import connect
+
+    obj = click.get_current_context().obj
+    attachments = []
+    for f in files:
+        try:
+            attachments.append(Path(f).read_bytes())
+        except OSError as e:
+            raise EdgemetaError(f"cannot read {f}: {e.strerror}") from None
+    client = connect(obj["via"], obj["ssh_config"], obj["timeout"])
+    try:
+        return client.request(op, args, attachments)
+    finally:
+        client.close()
+
+
+@remote.command("enroll")
+@click.option("--label", required=True, help="The class these samples show.")
+@click.argument("files", nargs=-1, required=True, type=click.Path())
+def remote_enroll(label: str, files: tuple[str, ...]) -> None:
+    """Enroll image files (sent to the board) as a class."""
+    r = _remote_call("enroll", {"label": label}, files)
+    click.echo(f"enrolled {len(files)} file(s) as {r['label']!r}; it now has {r['samples']} sample(s)")
+
+
+@remote.command("classify")
+@click.option("--top-k", type=int, default=1, show_default=True, help="How many nearest classes to list.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.argument("files", nargs=-1, required=True, type=click.Path())
+def remote_classify(top_k: int, as_json: bool, files: tuple[str, ...]) -> None:
+    """Classify image files on the board."""
+    results = _remote_call("classify", {"top_k": top_k}, files)["results"]
+    for f, r in zip(files, results, strict=True):
+        r["file"] = f
+    _print_results(results, as_json)
+
+
+@remote.command("classes")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def remote_classes(as_json: bool) -> None:
+    """List the board's enrolled classes."""
+    r = _remote_call("classes", {})
+    _print_classes(r["classes"], r["backbone"], as_json)
+
+
+@remote.command("forget")
+@click.option("--label", required=True, help="The class to forget.")
+def remote_forget(label: str) -> None:
+    """Remove a class on the board."""
+    r = _remote_call("forget", {"label": label})
+    click.echo(f"forgot {label!r} ({r['removed']} sample(s))")
+
+
+@remote.command("rename")
+@click.argument("old")
+@click.argument("new")
+def remote_rename(old: str, new: str) -> None:
+    """Rename a class on the board."""
+    _remote_call("rename", {"old": old, "new": new})
+    click.echo(f"renamed {old!r} to {new.strip()!r}")
+
+
+@remote.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def remote_status(as_json: bool) -> None:
+    """The agent's model, runtime and store."""
+    r = _remote_call("status", {})
+    click.echo(json.dumps(r, indent=2) if as_json else
+               f"{r['model']}/{r['variant']} on {r['runtime']}: {r['classes']} class(es), {r['requests']} request(s), up {r['uptime_s']} s")

@@ -51,6 +51,10 @@ class FewShotRuntime:
     def enroll(self, folder: str | Path, label: str, files: list[str | Path], keep_samples: bool = False) -> int:
         """Embed the samples and add them to the class (created if new); returns its sample count."""
         images, _ = self.images(files)  # all inputs are read before the store is touched
+        return self.enroll_images(folder, label, images, keep_samples)
+
+    def enroll_images(self, folder: str | Path, label: str, images: np.ndarray, keep_samples: bool = False) -> int:
+        """`enroll` for images already preprocessed to the model's input."""
         embeddings = self.embedder(images)
         EnrollmentStore.check_folder(Path(folder))
         with EnrollmentStore.locked(folder):

@@ -9,15 +9,14 @@ pyserial, like /dev/ttyUSB0; a thread copies bytes between the two masters (the 
 from __future__ import annotations
 
 import os
-import select
 import subprocess
 import sys
-import threading
 import time
 import tty
 from collections.abc import Callable, Iterator
 
 import pytest
+from ptys import NullModem
 
 serial = pytest.importorskip("serial")
 
@@ -71,32 +70,6 @@ if shell == "bash":
     os.execve("/bin/bash", ["bash", "--norc", "--noprofile", "-i"], env)
 os.execve("/bin/sh", ["sh", "-i"], env)
 """
-
-
-class NullModem:
-    """Copies bytes between two pty masters until stopped or one side goes away."""
-
-    def __init__(self, a: int, b: int) -> None:
-        self.a, self.b = a, b
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            ready, _, _ = select.select([self.a, self.b], [], [], 0.05)
-            for src in ready:
-                dst = self.b if src == self.a else self.a
-                try:
-                    data = os.read(src, 4096)
-                    while data:
-                        data = data[os.write(dst, data):]
-                except OSError:  # EIO: the board's terminal was closed (its process ended)
-                    return
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(timeout=2)
 
 
 @pytest.fixture

@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import select
 import struct
 import threading
 import time
-import tty
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,6 +20,7 @@ from typing import Any
 
 import pytest
 import serial
+from ptys import NullModem
 
 from firmware_tools.serial_protocol import (
     CHUNK_DATA_MAX,
@@ -52,48 +50,6 @@ STALL = 0.3  # board-side stall timeout in these tests: short, so fault tests st
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-
-class NullModem:
-    """Two raw pty pairs whose masters are cross-connected by a thread (select-driven, no polling)."""
-
-    def __init__(self) -> None:
-        (self._ma, self._sa), (self._mb, self._sb) = os.openpty(), os.openpty()
-        for fd in (self._ma, self._sa, self._mb, self._sb):
-            tty.setraw(fd)  # no echo, no CR/LF mapping, no line editing: bytes pass unchanged
-        self.names = os.ttyname(self._sa), os.ttyname(self._sb)
-        os.set_blocking(self._ma, False)
-        os.set_blocking(self._mb, False)
-        self._wake_r, self._wake_w = os.pipe()
-        self._thread = threading.Thread(target=self._pump, daemon=True)
-        self._thread.start()
-
-    def _pump(self) -> None:
-        peer = {self._ma: self._mb, self._mb: self._ma}
-        pending = {self._ma: bytearray(), self._mb: bytearray()}  # bytes waiting to go INTO that master
-        while True:
-            readable = [self._wake_r] + [fd for fd in peer if len(pending[peer[fd]]) < 1 << 20]
-            r, w, _ = select.select(readable, [fd for fd in peer if pending[fd]], [])
-            if self._wake_r in r:
-                return
-            for fd in r:
-                try:
-                    pending[peer[fd]] += os.read(fd, 65536)
-                except BlockingIOError:
-                    pass
-                except OSError:  # EIO: a side hung up
-                    return
-            for fd in w:
-                try:
-                    del pending[fd][: os.write(fd, pending[fd])]
-                except BlockingIOError:
-                    pass
-
-    def close(self) -> None:
-        os.write(self._wake_w, b"x")
-        self._thread.join(2)
-        for fd in (self._ma, self._sa, self._mb, self._sb, self._wake_r, self._wake_w):
-            os.close(fd)
 
 
 class Recorder:

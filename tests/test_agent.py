@@ -48,7 +48,7 @@ def exercise(via):
     assert json.loads(r.stdout)["classes"] == {"alpha": 2, "gamma": 2}
     # errors are one line, and the agent keeps serving afterwards
     r = cli("remote", "--via", via, "forget", "--label", "nope")
-    assert r.returncode == 2 and r.stderr.startswith("error: no class 'nope'") and r.stderr.count("\n") == 1
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "no class 'nope'" in r.stderr and r.stderr.count("\n") == 1
     r = cli("remote", "--via", via, "enroll", "--label", "x", __file__)  # this file is no image
     assert r.returncode == 2 and "cannot read image" in r.stderr, r.stderr
     assert cli("remote", "--via", via, "forget", "--label", "gamma").returncode == 0

@@ -58,13 +58,14 @@ def test_deploy_enroll_classify_and_upgrade(lab, bundle, tmp_path):
     assert first and (board.root / "current" / "venv" / "bin" / "edgemeta").exists()
     venv_py = board.root / "current" / "venv" / "bin" / "python"
     assert lab.ssh(board, f"{venv_py} -c 'import tensorflow'").returncode != 0  # never TensorFlow on a board
-    # enroll and classify on the board, through ssh, with the deployed release and the shared store
-    exe, store, model = board.root / "current/venv/bin/edgemeta", board.root / "store", board.root / "current/model"
-    files = sorted((SAMPLE / "Keble_character01").glob("*.png"))
-    r = lab.ssh(board, f"{exe} enroll --store {store} --model {model} --label k1 {files[0]} {files[1]}")
-    assert r.returncode == 0, r.stderr
-    r = lab.ssh(board, f"{exe} classify --store {store} --json {files[7]}")
-    assert json.loads(r.stdout)[0]["top"][0]["label"] == "k1"
+    # enroll and classify on the board from here: the images travel over ssh to the deployed release
+    exe, store = board.root / "current/venv/bin/edgemeta", board.root / "store"
+    files = [str(p) for p in sorted((SAMPLE / "Keble_character01").glob("*.png"))]
+    remote = [sys.executable, "-m", "edgemeta", "remote", "--via", f"ssh:{board.alias}", "--ssh-config", str(lab.ssh_config)]
+    r = subprocess.run([*remote, "enroll", "--label", "k1", files[0], files[1]], capture_output=True, text=True)
+    assert r.returncode == 0 and "now has 2 sample(s)" in r.stdout, r.stderr
+    r = subprocess.run([*remote, "classify", "--json", files[7]], capture_output=True, text=True)
+    assert json.loads(r.stdout)[0]["top"][0]["label"] == "k1", r.stderr
     # upgrade: a new release becomes current, the store survives
     p = deploy(lab, "--bundle", str(rebundle(bundle, tmp_path / "b2")), "--host", board.alias)
     assert p.returncode == 0, p.stderr

@@ -149,3 +149,17 @@ def test_bundle_refuses_what_the_board_cannot_run(exported, tmp_path):
     p = subprocess.run([sys.executable, "-m", "edgemeta", "bundle", "--board", "coral-devboard", "--model", str(exported),
                         "--out", str(tmp_path / "b")], capture_output=True, text=True)
     assert p.returncode == 2 and "Python 3.7" in p.stderr
+
+
+def test_doctor_over_ssh_before_and_after_deploy(lab, bundle):
+    board = lab.add_board()
+    doctor = [sys.executable, "-m", "edgemeta", "doctor", "--board", "generic-x86_64", "--host", board.alias,
+              "--ssh-config", str(lab.ssh_config), "--json"]
+    before = subprocess.run(doctor, capture_output=True, text=True)
+    checks = {c["check"]: c for c in json.loads(before.stdout)}
+    assert before.returncode == 1 and checks["interpreter"]["status"] == "fail" and "pip install" in checks["interpreter"]["fix"]
+    assert checks["architecture"]["status"] == "pass" and checks["python"]["status"] == "pass"
+    assert deploy(lab, "--bundle", str(bundle), "--host", board.alias).returncode == 0
+    after = subprocess.run(doctor, capture_output=True, text=True)
+    checks = {c["check"]: c for c in json.loads(after.stdout)}
+    assert after.returncode == 0 and checks["interpreter"]["detail"] == "ai_edge_litert 2.3.0", after.stdout

@@ -1,0 +1,44 @@
+import json
+import os
+import subprocess
+import sys
+
+
+def cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "edgemeta", *args], capture_output=True, text=True, env=env)
+
+
+def test_doctor_here():
+    p = cli("doctor", "--board", "generic-x86_64", "--json")
+    checks = {c["check"]: c for c in json.loads(p.stdout)}
+    assert {"python", "architecture", "glibc", "interpreter", "numpy", "libedgetpu", "coral usb", "disk", "memory"} <= set(checks)
+    assert checks["architecture"]["status"] == "pass" and checks["disk"]["status"] == "pass"
+    # the wrong profile for this machine fails, and says what to do
+    p = cli("doctor", "--board", "rpi-coral-usb")
+    assert p.returncode == 1 and "FAIL  architecture" in p.stdout and "fix: use the profile of this board" in p.stdout
+    assert "apt-get install libedgetpu1-std" in p.stdout
+
+
+def test_provision_cli_is_idempotent(tmp_path):
+    boot = tmp_path / "bootfs"
+    boot.mkdir()
+    (boot / "config.txt").write_text("# For more options and information see\n[all]\ndtparam=audio=on\n")
+    (boot / "cmdline.txt").write_text("console=tty1 root=PARTUUID=1234-02 rootfstype=ext4 fsck.repair=yes rootwait\n")
+    key = tmp_path / "id.pub"
+    key.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ5k7hV2aG8m8JZ3CFdGUiz8Pj2hX0E7q0uYbFhS2yFK test@host\n")
+    env = {**os.environ, "PW": "correct horse"}
+    args = ["provision", str(boot), "--hostname", "kitchen", "--user", "pi", "--password-env", "PW",
+            "--ssh-key", str(key), "--coral", "usb"]
+    first = cli(*args, env=env)
+    assert first.returncode == 0, first.stderr
+    assert "enable_uart=1" in (boot / "config.txt").read_text() and "console=serial0,115200" in (boot / "cmdline.txt").read_text()
+    assert (boot / "ssh").exists() and (boot / "userconf.txt").read_text().startswith("pi:$6$")
+    again = cli(*args, env=env)
+    assert again.returncode == 0 and "nothing to change" in again.stdout
+    bad = cli("provision", str(tmp_path), "--hostname", "x", "--user", "pi", "--password-env", "PW", env=env)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
+
+
+def test_console_needs_its_password_variable():
+    p = cli("console", "--device", "/dev/null", "--user", "pi", "--password-env", "EDGEMETA_NO_SUCH_VAR", "true")
+    assert p.returncode == 2 and "EDGEMETA_NO_SUCH_VAR is not set" in p.stderr

@@ -59,3 +59,13 @@ def exported(tmp_path_factory, sample_dir):
     train(tiny_config(sample_dir, episodes=60), out, progress=False)
     export_model(out, folder=str(sample_dir), episodes=100, log=lambda m: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def lab(tmp_path_factory):
+    """Real OpenSSH servers on 127.0.0.1 playing boards (tests/sshd.py)."""
+    from sshd import SshLab
+
+    lab = SshLab(tmp_path_factory.mktemp("ssh"))
+    yield lab
+    lab.stop()

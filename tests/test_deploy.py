@@ -7,19 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from sshd import SshLab
 
 from edgemeta.deploy.bundle import build_bundle
 from edgemeta.runtime.manifest import sha256_file
 
 SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "omniglot"
-
-
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    lab = SshLab(tmp_path_factory.mktemp("ssh"))
-    yield lab
-    lab.stop()
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from edgemeta.runtime.manifest import read_manifest, sha256_file
 from edgemeta.runtime.tflite_info import read_structure
 
 BUNDLE_FILE = "BUNDLE.json"
-BASE_REQUIREMENTS = ["pillow>=10", "click>=8.1", "tflite>=2.10", "pyserial>=3.5"]
+BASE_REQUIREMENTS = ["pillow>=9", "click>=8.1", "tflite>=2.10", "pyserial>=3.5"]  # Pillow 9.4: Debian bookworm
 
 
 def requirements(board: Board) -> list[str]:
@@ -71,15 +71,21 @@ def _edgemeta_wheel(dest: Path) -> Path:
 
 
 def download_wheelhouse(board: Board, dest: Path) -> None:
-    """Every wheel the board needs, for its platform and Python, so it installs without an index."""
+    """Every wheel the board needs, for its platform and Python, so it installs without an index.
+
+    Boards that take numpy and Pillow from the OS (32-bit Raspberry Pi OS: PyPI has no armv7l
+    numpy) get the rest; their venv sees the OS packages (--system-site-packages)."""
     tags = []
     for tag in board.runtime["wheel_platforms"]:
         tags += ["--platform", tag]
+    reqs = requirements(board)
+    if board.runtime.get("system_packages"):
+        reqs = [r for r in reqs if not r.lower().startswith(("numpy", "pillow"))]
     cmd = [sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "--python-version", board.raw["python"],
-           *tags, "-d", str(dest), *requirements(board)]
-    if board.raw.get("runtime", {}).get("system_packages"):
-        raise EdgemetaError(f"board {board.name} takes numpy and Pillow from the OS ({', '.join(board.runtime['system_packages'])}); "
-                            "an offline wheelhouse cannot provide them: deploy without --wheelhouse")
+           *tags, "-d", str(dest), *reqs]
+    if board.runtime.get("system_packages"):
+        cmd.insert(4, "--no-deps")  # numpy would be pulled in again by tflite-runtime and tflite
+        cmd += ["flatbuffers"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise EdgemetaError(f"pip could not download wheels for {board.name}: "

@@ -48,6 +48,8 @@ def test_deploy_enroll_classify_and_upgrade(lab, bundle, tmp_path):
     assert "ok" in p.stdout and "checksums verified on the board" in p.stderr
     first = status(lab, board)["current"]
     assert first and (board.root / "current" / "venv" / "bin" / "edgemeta").exists()
+    unit = (board.root / "edgemeta-agent.service").read_text()
+    assert f"ExecStart={board.root}/current/venv/bin/edgemeta serve" in unit and "@ROOT@" not in unit
     venv_py = board.root / "current" / "venv" / "bin" / "python"
     assert lab.ssh(board, f"{venv_py} -c 'import tensorflow'").returncode != 0  # never TensorFlow on a board
     # enroll and classify on the board from here: the images travel over ssh to the deployed release

@@ -1,6 +1,7 @@
-"""Deploying to an emulated Raspberry Pi: Raspberry Pi OS 64-bit userland (Debian bookworm arm64,
-Python 3.11) under qemu, with its own arm64 sshd, and the rpi5 profile's bundle with an offline
-aarch64 wheelhouse. Install, health check, doctor, enroll and classify, all through the CLI."""
+"""Deploying to emulated Raspberry Pis: Raspberry Pi OS 64-bit (Debian bookworm arm64) and 32-bit
+(armhf) userlands under qemu, each with its own sshd, and the rpi5 / rpi3b-32bit profiles' bundles
+with offline wheelhouses (ai-edge-litert on arm64; tflite-runtime 2.14 with the OS's numpy on
+armhf). Install, health check, doctor, enroll and classify, all through the CLI."""
 
 import json
 import subprocess
@@ -15,27 +16,32 @@ from edgemeta.deploy.bundle import build_bundle
 SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "omniglot"
 
 
-@pytest.fixture(scope="module")
-def pi(lab):
-    board = EmulatedPi(lab, "arm64")
+CASES = {"arm64": ("rpi5", "aarch64", "ai_edge_litert 2.3.0"), "armhf": ("rpi3b-32bit", "armv7l", "tflite_runtime 2.14.0")}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def pi(lab, request):
+    board = EmulatedPi(lab, request.param)
     yield board
     board.stop()
 
 
-def test_deploy_enroll_classify_on_an_emulated_pi5(pi, lab, exported, tmp_path):
+def test_deploy_enroll_classify_on_an_emulated_pi(pi, lab, exported, tmp_path):
+    profile, machine, interpreter = CASES[pi.arch]
     ssh = ["--ssh-config", str(lab.ssh_config)]
     arch = subprocess.run(["ssh", "-F", str(lab.ssh_config), pi.alias, "uname -m; python3 --version"], capture_output=True, text=True)
-    assert arch.stdout.split()[:3] == ["aarch64", "Python", "3.11.2"], arch.stderr
-    bundle = build_bundle("rpi5", exported, tmp_path / "rpi5", wheelhouse=True)
-    assert all("aarch64" in w.name or "none-any" in w.name for w in (bundle / "wheelhouse").iterdir())
+    assert arch.stdout.split()[:3] == [machine, "Python", "3.11.2"], arch.stderr
+    bundle = build_bundle(profile, exported, tmp_path / profile, wheelhouse=True)
+    assert all(machine in w.name or "none-any" in w.name for w in (bundle / "wheelhouse").iterdir())
     p = subprocess.run([sys.executable, "-m", "edgemeta", "deploy", "--bundle", str(bundle), "--host", pi.alias, *ssh],
                        capture_output=True, text=True, timeout=1200)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "health check through current passed" in p.stderr
-    doctor = subprocess.run([sys.executable, "-m", "edgemeta", "doctor", "--board", "rpi5", "--host", pi.alias, *ssh, "--json"],
+    doctor = subprocess.run([sys.executable, "-m", "edgemeta", "doctor", "--board", profile, "--host", pi.alias, *ssh, "--json"],
                             capture_output=True, text=True, timeout=300)
     checks = {c["check"]: c for c in json.loads(doctor.stdout)}
-    assert checks["architecture"]["status"] == "pass" and checks["interpreter"]["detail"] == "ai_edge_litert 2.3.0"
+    assert checks["architecture"]["status"] == "pass" and checks["interpreter"]["detail"] == interpreter, doctor.stdout
+    assert checks["numpy"]["status"] == "pass"
     remote = [sys.executable, "-m", "edgemeta", "remote", "--via", f"ssh:{pi.alias}", *ssh, "--timeout", "300"]
     for char in ("Keble_character01", "Tengwar_character05"):
         files = [str(f) for f in sorted((SAMPLE / char).glob("*.png"))[:2]]

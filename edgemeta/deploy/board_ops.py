@@ -154,6 +154,9 @@ def cmd_activate(rid: str) -> None:
     h = [x for x in history() if x != rid] + [rid]
     write_atomic(root() / "history.json", json.dumps(h))
     (root() / "store").mkdir(exist_ok=True)
+    unit = root() / "releases" / rid / "edgemeta-agent.service"
+    if unit.exists():  # ready for `sudo cp ROOT/edgemeta-agent.service /etc/systemd/system/`
+        write_atomic(root() / "edgemeta-agent.service", unit.read_text().replace("@ROOT@", str(root().resolve())))
     done({"active": rid, "previous": previous})
 
 

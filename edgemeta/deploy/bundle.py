@@ -7,7 +7,7 @@
     requirements.txt       the board's runtime, pinned
     wheelhouse/            optional: every wheel for the board's platform, for offline installs
     board.toml             the profile the bundle was made for
-    edgemeta-agent.service systemd unit for `edgemeta serve`
+    edgemeta-agent.service systemd unit for `edgemeta serve` (a template: the board fills in its root)
 The bundle is refused before anything leaves the host when the board cannot run the model.
 """
 
@@ -97,7 +97,7 @@ Description=edgemeta few-shot agent
 After=network.target
 
 [Service]
-ExecStart={root}/current/venv/bin/edgemeta serve --model {root}/current/model --store {root}/store --socket {root}/agent.sock
+ExecStart=@ROOT@/current/venv/bin/edgemeta serve --model @ROOT@/current/model --store @ROOT@/store --socket @ROOT@/agent.sock
 Restart=on-failure
 RestartSec=2
 
@@ -106,8 +106,7 @@ WantedBy=multi-user.target
 """
 
 
-def build_bundle(board_name: str, model_dir: str | Path, out: str | Path, wheelhouse: bool = False,
-                 root: str = "/opt/edgemeta") -> Path:
+def build_bundle(board_name: str, model_dir: str | Path, out: str | Path, wheelhouse: bool = False) -> Path:
     """Write the bundle folder `out` for one board; returns it."""
     board = load_board(board_name)
     manifest, variant = check_model_for_board(model_dir, board)
@@ -126,7 +125,7 @@ def build_bundle(board_name: str, model_dir: str | Path, out: str | Path, wheelh
     if wheelhouse:
         download_wheelhouse(board, out / "wheelhouse")
     shutil.copy2(boards_dir() / f"{board.name}.toml", out / "board.toml")
-    (out / "edgemeta-agent.service").write_text(SERVICE.format(root=root))
+    (out / "edgemeta-agent.service").write_text(SERVICE)  # @ROOT@ is filled in on the board at activation
     files = sorted(p for p in out.rglob("*") if p.is_file())
     info = {"format": 1, "board": board.name, "arch": board.raw["arch"], "python": board.raw["python"],
             "model": manifest.name, "variant": variant.name, "model_sha256": variant.sha256, "wheel": wheel.name,

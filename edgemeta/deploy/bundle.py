@@ -26,7 +26,7 @@ from edgemeta.runtime.manifest import read_manifest, sha256_file
 from edgemeta.runtime.tflite_info import read_structure
 
 BUNDLE_FILE = "BUNDLE.json"
-BASE_REQUIREMENTS = ["pillow>=9", "click>=8.1", "tflite>=2.10", "pyserial>=3.5"]  # Pillow 9.4: Debian bookworm
+BASE_REQUIREMENTS = ["pillow>=9.1", "click>=8.1", "tflite>=2.10", "pyserial>=3.5"]  # Pillow 9.4: Debian bookworm
 
 
 def requirements(board: Board) -> list[str]:

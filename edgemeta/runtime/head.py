@@ -18,7 +18,7 @@ def prototypes(embeddings: np.ndarray, labels: np.ndarray, num_classes: int) -> 
     counts = np.bincount(labels, minlength=num_classes)
     if (counts == 0).any():
         raise ValueError("every class needs at least one sample")
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.intp)  # intp is 32-bit on armv7l
     sums = np.add.reduceat(embeddings[order].astype(np.float64), starts, axis=0)
     return (sums / counts[:, None]).astype(np.float32)
 
@@ -66,7 +66,7 @@ class PrototypeHead:
         if len(labels):
             order = np.argsort(labels, kind="stable")
             present = np.flatnonzero(head._counts)
-            starts = np.concatenate([[0], np.cumsum(head._counts[present])[:-1]])
+            starts = np.concatenate([[0], np.cumsum(head._counts[present])[:-1]]).astype(np.intp)  # 32-bit on armv7l
             head._sums[present] = np.add.reduceat(embeddings[order].astype(np.float64), starts, axis=0)
         return head
 

@@ -73,7 +73,7 @@ def test_deploy_enroll_classify_and_upgrade(lab, bundle, tmp_path):
     assert p.returncode == 0 and status(lab, board)["current"] == first, p.stderr
 
 
-def test_failed_health_check_keeps_the_old_release(lab, bundle, tmp_path):
+def test_failed_health_check_rolls_back(lab, bundle, tmp_path):
     board = lab.add_board()
     assert deploy(lab, "--bundle", str(bundle), "--host", board.alias).returncode == 0
     good = status(lab, board)["current"]
@@ -84,8 +84,9 @@ def test_failed_health_check_keeps_the_old_release(lab, bundle, tmp_path):
         (d / "model/manifest.json").write_text(json.dumps(m))
 
     p = deploy(lab, "--bundle", str(rebundle(bundle, tmp_path / "bad", break_manifest)), "--host", board.alias)
-    assert p.returncode == 1 and "health check failed" in p.stdout
-    assert status(lab, board)["current"] == good
+    assert p.returncode == 1 and "health check failed" in p.stdout and f"rolled back to {good}" in p.stdout
+    st = status(lab, board)
+    assert st["current"] == good and st["history"] == [good]
 
 
 def test_tampered_bundle_is_refused(lab, bundle, tmp_path):

@@ -6,9 +6,9 @@ board_ops.py with the board's python3; see that file for the layout on the board
 
 Order for one host: preflight (architecture, Python) -> upload board_ops.py -> stream the bundle
 (tar over ssh) into a partial folder, renamed when complete -> verify checksums on the board ->
-create the release's venv and install the runtime (never TensorFlow) -> health check the new
-release -> switch `current` atomically -> health check again through `current`, rolling back
-automatically when it fails -> prune old releases.
+create the release's venv and install the runtime (never TensorFlow) -> switch `current`
+atomically -> health check through `current` (load the model, embed a sample), rolling back to
+the previous release automatically when it fails -> prune old releases.
 """
 
 from __future__ import annotations
@@ -132,13 +132,13 @@ def deploy_host(host: str, bundle: Path, ssh_config: str | None = None, dry_run:
         step("checksums verified on the board")
         remote.ops("install", release)
         step("runtime installed in the release's venv")
-        remote.ops("health", release)
-        step("health check of the new release passed")
         act = remote.ops("activate", release)
         step(f"activated (previous: {act['previous'] or 'none'})")
         try:
             remote.ops("health", "current")
         except EdgemetaError as e:
+            if not act["previous"]:
+                raise
             back = remote.ops("rollback")
             raise EdgemetaError(f"{e}; rolled back to {back['active']}") from None
         step("health check through current passed")

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from emulated_pi import EmulatedPi
+from emulated_pi import EmulatedPi, build_rootfs, register_binfmt
 
 from edgemeta.deploy.bundle import build_bundle
 
@@ -19,8 +19,19 @@ SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "omniglot"
 CASES = {"arm64": ("rpi5", "aarch64", "ai_edge_litert 2.3.0"), "armhf": ("rpi3b-32bit", "armv7l", "tflite_runtime 2.14.0")}
 
 
+@pytest.fixture(scope="module")
+def rootfs():
+    """Build both userlands at once on a machine that has none cached (each takes minutes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    for arch in CASES:
+        register_binfmt(arch)
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(build_rootfs, CASES))
+
+
 @pytest.fixture(scope="module", params=list(CASES))
-def pi(lab, request):
+def pi(lab, rootfs, request):
     board = EmulatedPi(lab, request.param)
     yield board
     board.stop()

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from edgemeta.data import EpisodeSampler, FewShotSplit
+from edgemeta.errors import EdgemetaError
 
 STANDARD_SETTINGS = ((5, 1), (5, 5), (20, 1), (20, 5))
 EmbedFn = Callable[[np.ndarray], np.ndarray]
@@ -55,8 +56,6 @@ def parse_setting(text: str) -> tuple[int, int]:
         way, shot = t.rstrip("s").split("w")
         return int(way), int(shot)
     except ValueError:
-        from edgemeta.errors import EdgemetaError
-
         raise EdgemetaError(f"cannot read setting {text!r}; write it as 5w1s (5-way 1-shot)") from None
 
 

@@ -59,14 +59,14 @@ def make_strategy(devices: list[str]):
 class _Progress:
     """A one-line progress display on a terminal; plain log lines otherwise (background jobs)."""
 
-    def __init__(self, total: int, enabled: bool):
+    def __init__(self, total: int, enabled: bool, done: int = 0):
         self.total, self.enabled, self.tty = total, enabled, sys.stderr.isatty()
-        self.start = time.monotonic()
+        self.start, self.first = time.monotonic(), done  # a resumed run counts its own episodes only
 
     def update(self, done: int, loss: float, acc: float, val: str, force_line: bool = False) -> None:
         if not self.enabled:
             return
-        rate = done / max(time.monotonic() - self.start, 1e-9)
+        rate = (done - self.first) / max(time.monotonic() - self.start, 1e-9)
         width = 30
         filled = int(width * done / self.total)
         text = (f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} episodes  "
@@ -175,7 +175,7 @@ def train(cfg: Config, out: str | Path, progress: bool = True, fresh: bool = Fal
         return mean_ci95(episode_accuracies(method.classify, emb, val_sampler, vc.episodes))
 
     writer = tf.summary.create_file_writer(str(out / "tensorboard"))
-    bar = _Progress(tc.episodes, progress)
+    bar = _Progress(tc.episodes, progress, done)
     last_val = "-" if state["best_val_acc"] < 0 else f"{100 * state['best_val_acc']:.2f}%"
     started, elapsed0 = time.monotonic(), state["elapsed_s"]
     stopped_by, losses, accs, since_best = "episodes", [], [], 0

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edgemeta.data import DatasetSpec, load_dataset
+from edgemeta.data import load_dataset
 from edgemeta.errors import EdgemetaError
 from edgemeta.evaluate import STANDARD_SETTINGS, calibrate_open_set, embed_split, evaluate, results_json
+from edgemeta.host import training_dataset
 from edgemeta.methods import get_method
 from edgemeta.modeldir import load_backbone, write_atomic, write_json
 from edgemeta.quiet import native_stderr_silenced
@@ -74,14 +75,7 @@ def export_model(model_dir: str | Path, out: str | Path | None = None, data: str
     out.mkdir(parents=True, exist_ok=True)
     model, info = load_backbone(model_dir)
     method = get_method(info.algorithm)
-    if folder or info.data.get("kind") == "folder":
-        root = folder or info.data.get("root", "")
-        if not root:
-            raise EdgemetaError(f"{model_dir} was trained on a folder dataset; pass --folder with that data")
-        spec = DatasetSpec(kind="folder", root=root, fractions=tuple(info.data.get("fractions", (0.6, 0.2, 0.2))),
-                           seed=info.data.get("seed", 0))
-    else:
-        spec = DatasetSpec(kind="omniglot", root=data, split=info.data["split"], rotations=info.data.get("rotations", True))
+    spec = training_dataset(info, folder or data)
     splits = load_dataset(spec, info.preprocess)
     rng = np.random.default_rng(seed)
     train_images = splits["train"].images

@@ -23,6 +23,17 @@ def keras_embedder(model):
     return lambda images: run(images).numpy()
 
 
+def training_dataset(info, data: str = "") -> DatasetSpec:
+    """The dataset a model was trained on, as recorded in its model.json (`data` overrides the location)."""
+    d = info.data
+    if d.get("kind") == "folder":
+        root = data or d.get("root", "")
+        if not root:
+            raise EdgemetaError("the model was trained on a folder dataset whose location is not recorded; pass --folder")
+        return DatasetSpec(kind="folder", root=root, fractions=tuple(d.get("fractions", (0.6, 0.2, 0.2))), seed=d.get("seed", 0))
+    return DatasetSpec(kind="omniglot", root=data, split=d["split"], rotations=d.get("rotations", True))
+
+
 def evaluate_model_dir(model_dir: str, data: str = "", folder: str = "", split: str = "test",
                        settings=STANDARD_SETTINGS, episodes: int = 1000, query: int = 15, seed: int = 0,
                        variant: str | None = None) -> tuple[list[SettingResult], dict, str, str]:
@@ -36,11 +47,9 @@ def evaluate_model_dir(model_dir: str, data: str = "", folder: str = "", split: 
         spec = DatasetSpec(kind="folder", root=folder, fractions=(0.0, 0.0, 1.0))
         source = f"folder {folder} (all classes)"
     else:
-        d = info.data
-        if d.get("kind") != "omniglot":
-            raise EdgemetaError(f"{model_dir} was trained on a folder dataset; pass --folder with the data to evaluate on")
-        spec = DatasetSpec(kind="omniglot", root=data, split=d["split"], rotations=d.get("rotations", True))
-        source = f"Omniglot, {d['split']} split, {split} classes"
+        spec = training_dataset(info, data)
+        source = (f"Omniglot, {spec.split} split, {split} classes" if spec.kind == "omniglot"
+                  else f"folder {spec.root}, {split} classes of its seeded split")
     data_split = load_dataset(spec, info.preprocess, (split,))[split]
     if model.input_shape[1:] != info.preprocess.input_shape:
         raise EdgemetaError(f"{model_dir}: model input {model.input_shape[1:]} does not match model.json "

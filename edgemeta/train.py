@@ -273,7 +273,9 @@ def _write_summary(cfg: Config, out: Path, model, method, result: TrainResult, h
         backbone=cfg.model.backbone, algorithm=cfg.model.algorithm, distance=method.distance,
         preprocess=cfg.model.preprocess, embedding_dim=int(model.output_shape[-1]),
         data={"kind": cfg.data.kind, "split": cfg.data.split, "rotations": cfg.data.rotations,
-              "fractions": list(cfg.data.fractions), "seed": cfg.data.seed},
+              "fractions": list(cfg.data.fractions), "seed": cfg.data.seed,
+              # a folder dataset is found again by its path (Omniglot by --data / $EDGEMETA_OMNIGLOT)
+              **({"root": cfg.data.root} if cfg.data.kind == "folder" else {})},
         training={"episodes": result.episodes, "episodes_per_step": replicas, "best_episode": result.best_episode,
                   "best_val_acc": round(100 * result.best_val_acc, 2), "best_val_ci95": round(100 * result.best_val_ci95, 2),
                   "validation": f"{cfg.validation.episodes} episodes {cfg.validation.way}-way {cfg.validation.shot}-shot "

@@ -77,8 +77,9 @@ def test_errors_are_one_line(tmp_path, model_dir):
     assert_one_line_error(run("eval", "--model", str(tmp_path)), "is not an edgemeta model folder")
     assert_one_line_error(run("eval", "--model", str(model_dir), "--folder", str(tmp_path / "none")), "does not exist")
     assert_one_line_error(run("eval", "--model", str(model_dir), "--setting", "fiveway"), "cannot read setting")
-    # a folder dataset's model needs --folder to be evaluated
-    assert_one_line_error(run("eval", "--model", str(model_dir)), "pass --folder")
+    # a folder dataset's model is evaluated on the test classes of its own recorded split
+    data = json.loads(run("eval", "--model", str(model_dir), "--episodes", "20", "--setting", "5w1s", "--json").stdout)
+    assert data["context"]["classes"] == 10 and "test classes of its seeded split" in data["context"]["data"]
 
 
 def test_omniglot_errors(tmp_path, mini_omniglot):

@@ -195,3 +195,11 @@ def test_damaged_models_and_manifests(exported, tmp_path):
     (bad / "manifest.json").write_text("{not json")
     one_line_error(run("classify", "--store", str(tmp_path / "s"), "--model", str(bad), img), "not a valid edgemeta manifest")
     assert not (tmp_path / "s").exists()
+
+
+def test_missing_edge_tpu_runtime_names_the_fix(exported):
+    # no libedgetpu on this machine: the delegate cannot load, and the message says what to install
+    with pytest.raises(EdgemetaError, match="apt-get install libedgetpu1-std"):
+        FewShotRuntime(exported, edgetpu="usb")
+    with pytest.raises(EdgemetaError, match="threads must be at least 1"):
+        FewShotRuntime(exported, threads=0)

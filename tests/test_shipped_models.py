@@ -45,9 +45,9 @@ def test_recorded_int8_figures_are_reproduced(name, omniglot_dir):
     recorded = {r["setting"]: r for r in m.raw["variants"]["int8_static"]["evaluation"]}
     for r in results:
         assert r.accuracy == pytest.approx(recorded[f"{r.way}w{r.shot}s"]["accuracy"], abs=0.01)
-    # quantisation costs little against the float Keras model on the same episodes
+    # the goal: quantisation costs at most 0.3 points against the float Keras model on the same episodes
     float20 = next(r for r in m.raw["evaluation"]["keras_float32"] if r["setting"] == "20w1s")["accuracy"]
-    assert recorded["20w1s"]["accuracy"] >= float20 - 0.5
+    assert recorded["20w1s"]["accuracy"] >= float20 - 0.3
 
 
 def test_the_readme_demo_on_the_default_model():

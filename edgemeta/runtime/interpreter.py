@@ -32,9 +32,9 @@ def interpreter_module(prefer: str | None = None):
     for name in order:
         try:
             if name == "tensorflow":
-                import tensorflow as tf
-
-                return name, tf.lite
+                # last resort on a host that has TensorFlow but no board interpreter (DESIGN.md);
+                # boards always have ai_edge_litert or tflite_runtime, so this never runs there
+                return name, importlib.import_module("tensorflow").lite
             return name, importlib.import_module(f"{name}.interpreter")
         except ImportError:
             continue

@@ -26,7 +26,7 @@ def free_port() -> int:
 
 def keygen(path: Path) -> str:
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
-    return path.with_suffix(".pub").read_text().strip() if path.suffix else Path(f"{path}.pub").read_text().strip()
+    return Path(f"{path}.pub").read_text().strip()
 
 
 @dataclass

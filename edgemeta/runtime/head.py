@@ -9,17 +9,25 @@ from __future__ import annotations
 import numpy as np
 
 
-def prototypes(embeddings: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """Mean embedding of each class 0..num_classes-1: (num_classes, dim) float32.
+def class_sums(embeddings: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class embedding sums (float64) and sample counts for classes 0..num_classes-1.
 
-    Every class must have at least one sample. Sorting once and summing contiguous runs is
-    ~20x faster than np.add.at for thousands of samples."""
-    order = np.argsort(labels, kind="stable")
-    counts = np.bincount(labels, minlength=num_classes)
+    Sorting once and summing contiguous runs is ~20x faster than np.add.at for thousands of samples."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.int64)
+    sums = np.zeros((num_classes, embeddings.shape[1]), np.float64)
+    present = np.flatnonzero(counts)
+    if len(present):
+        order = np.argsort(labels, kind="stable")
+        starts = np.concatenate([[0], np.cumsum(counts[present])[:-1]]).astype(np.intp)  # intp is 32-bit on armv7l
+        sums[present] = np.add.reduceat(embeddings[order].astype(np.float64), starts, axis=0)
+    return sums, counts
+
+
+def prototypes(embeddings: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Mean embedding of each class 0..num_classes-1: (num_classes, dim) float32; every class needs a sample."""
+    sums, counts = class_sums(embeddings, labels, num_classes)
     if (counts == 0).any():
         raise ValueError("every class needs at least one sample")
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.intp)  # intp is 32-bit on armv7l
-    sums = np.add.reduceat(embeddings[order].astype(np.float64), starts, axis=0)
     return (sums / counts[:, None]).astype(np.float32)
 
 
@@ -61,13 +69,7 @@ class PrototypeHead:
     def from_embeddings(cls, embeddings: np.ndarray, labels: np.ndarray, names: list[str], **kwargs) -> PrototypeHead:
         head = cls(embeddings.shape[1], **kwargs)
         head.names = list(names)
-        head._counts = np.bincount(labels, minlength=len(names)).astype(np.int64)
-        head._sums = np.zeros((len(names), embeddings.shape[1]), np.float64)
-        if len(labels):
-            order = np.argsort(labels, kind="stable")
-            present = np.flatnonzero(head._counts)
-            starts = np.concatenate([[0], np.cumsum(head._counts[present])[:-1]]).astype(np.intp)  # 32-bit on armv7l
-            head._sums[present] = np.add.reduceat(embeddings[order].astype(np.float64), starts, axis=0)
+        head._sums, head._counts = class_sums(embeddings, labels, len(names))
         return head
 
     def add(self, name: str, embeddings: np.ndarray) -> None:

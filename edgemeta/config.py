@@ -69,10 +69,24 @@ class TrainConfig:
     lr_decay_rate: float = 0.5
     seed: int = 0
     devices: list[str] = field(default_factory=list)  # empty: all GPUs, else the CPU
+    # Start from these weights (a model folder or a .keras file, relative to the working directory)
+    # instead of a random initialisation, e.g. to fine-tune a model with another shot or augmentation.
+    init_from: str = ""
+    # Random affine augmentation of training episodes, one draw per image (0: off): the largest shift as a
+    # fraction of the image side, rotation in degrees and relative scale change.
+    augment_shift: float = 0.0
+    augment_rotate: float = 0.0
+    augment_scale: float = 0.0
 
     def __post_init__(self) -> None:
         if self.episodes < 1 or self.lr_decay_every < 1 or self.learning_rate <= 0:
             raise EdgemetaError("[train] episodes, lr_decay_every and learning_rate must be positive")
+        if not (0 <= self.augment_shift < 0.5 and 0 <= self.augment_rotate <= 180 and 0 <= self.augment_scale < 1):
+            raise EdgemetaError("[train] augment_shift must be in [0, 0.5), augment_rotate in [0, 180] degrees, augment_scale in [0, 1)")
+
+    @property
+    def augments(self) -> bool:
+        return bool(self.augment_shift or self.augment_rotate or self.augment_scale)
 
 
 @dataclass(frozen=True)

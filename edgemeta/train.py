@@ -26,6 +26,7 @@ import numpy as np
 
 from edgemeta.config import Config, dump_toml
 from edgemeta.data import EpisodeSampler, load_dataset
+from edgemeta.errors import EdgemetaError
 from edgemeta.evaluate import embed_split, episode_accuracies, mean_ci95
 from edgemeta.methods import get_method
 from edgemeta.modeldir import INFO_FILE, MODEL_FILE, ModelInfo, write_atomic, write_json
@@ -99,9 +100,16 @@ class EpisodicTrainer:
                 tc.learning_rate, decay_steps=max(1, tc.lr_decay_every // replicas), decay_rate=tc.lr_decay_rate, staircase=True)
             self.optimizer = keras.optimizers.Adam(self.schedule)
             self.optimizer.build(self.model.trainable_variables)
+            if tc.init_from:
+                _load_initial_weights(self.model, tc.init_from)
         model, optimizer, method, strategy = self.model, self.optimizer, self.method, self.strategy
 
-        def replica_step(support, support_labels, query, query_labels):
+        def replica_step(support, support_labels, query, query_labels, episode):
+            if tc.augments:  # one seeded draw per episode, so a resumed run sees the same images
+                seed = tf.stack([tf.constant(tc.seed, tf.int64), tf.cast(episode, tf.int64)])
+                n = tf.shape(support)[0]
+                both = random_affine(tf.concat([support, query], 0), seed, tc.augment_shift, tc.augment_rotate, tc.augment_scale)
+                support, query = both[:n], both[n:]
             with tf.GradientTape() as tape:
                 loss, acc = method.episode_loss(model, support, support_labels, query, query_labels, tc.way, training=True)
                 scaled = loss / replicas
@@ -133,7 +141,8 @@ class EpisodicTrainer:
         def value(ctx):
             e = eps[ctx.replica_id_in_sync_group]
             return (tf.cast(e.support, tf.float32) / 255.0, tf.constant(e.support_labels),
-                    tf.cast(e.query, tf.float32) / 255.0, tf.constant(e.query_labels))
+                    tf.cast(e.query, tf.float32) / 255.0, tf.constant(e.query_labels),
+                    tf.constant(first + ctx.replica_id_in_sync_group, tf.int64))
 
         loss, acc = self._train_step(self.strategy.experimental_distribute_values_from_function(value))
         return float(loss), float(acc)
@@ -234,6 +243,53 @@ def train(cfg: Config, out: str | Path, progress: bool = True, fresh: bool = Fal
     return result
 
 
+def random_affine(images, seed, shift: float, rotate: float, scale: float):
+    """Shift, rotate and scale each image of a batch (N, H, W, C) by its own stateless random draw.
+
+    Edges are extended from the border pixels, which suits both white-background scans and photos."""
+    import math
+
+    import tensorflow as tf
+
+    shape = tf.shape(images)
+    n, h, w = shape[0], tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
+    seeds = tf.random.experimental.stateless_split(seed, 4)
+
+    def draw(i, bound):
+        return tf.random.stateless_uniform([n], seeds[i], -bound, bound)
+
+    theta = draw(0, rotate * math.pi / 180)
+    s = 1.0 + draw(1, scale)
+    tx, ty = draw(2, shift) * w, draw(3, shift) * h
+    cx, cy = (w - 1) / 2, (h - 1) / 2
+    # The op maps each output pixel to the input pixel it samples: the inverse of rotate-scale-shift about the centre.
+    a0, a1 = tf.cos(theta) / s, tf.sin(theta) / s
+    b0, b1 = -tf.sin(theta) / s, tf.cos(theta) / s
+    a2 = cx - a0 * (cx + tx) - a1 * (cy + ty)
+    b2 = cy - b0 * (cx + tx) - b1 * (cy + ty)
+    zeros = tf.zeros_like(theta)
+    transforms = tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=images, transforms=transforms, output_shape=shape[1:3], fill_value=0.0,
+        interpolation="BILINEAR", fill_mode="NEAREST")
+
+
+def _load_initial_weights(model, source: str) -> None:
+    """Copy the weights of a trained model (folder or .keras file) into `model`, which must have the same architecture."""
+    import keras
+
+    path = Path(source)
+    if path.is_dir():
+        path = path / MODEL_FILE
+    if not path.is_file():
+        raise EdgemetaError(f"[train] init_from: no model at {source} (give a model folder or its {MODEL_FILE})")
+    try:
+        src = keras.models.load_model(path, compile=False)
+        model.set_weights(src.get_weights())
+    except ValueError as e:
+        raise EdgemetaError(f"[train] init_from: {source} does not match the configured backbone: {str(e).splitlines()[0]}") from None
+
+
 def _write_config(cfg: Config, path: Path) -> None:
     """Record the resolved configuration, keeping an existing file (and its comments) that says the same."""
     from edgemeta.config import load_config
@@ -281,6 +337,7 @@ def _write_summary(cfg: Config, out: Path, model, method, result: TrainResult, h
                   "validation": f"{cfg.validation.episodes} episodes {cfg.validation.way}-way {cfg.validation.shot}-shot "
                                 f"{cfg.validation.query}-query on the val split",
                   "wall_time_s": round(result.elapsed_s, 1), "stopped_by": result.stopped_by,
+                  **({"init_from": cfg.train.init_from} if cfg.train.init_from else {}),
                   "machine": _machine(), "tensorflow": tf.__version__},
     )
     write_json(out / INFO_FILE, info.to_dict())

@@ -28,6 +28,8 @@ def test_registries_agree():
     ({"data": {"split": "random"}}, "unknown Omniglot split"),
     ({"data": {"fractions": [0.5, 0.5, 0.5]}}, "fractions must be"),
     ({"validation": {"every": 0}}, "at least 1"),
+    ({"train": {"augment_shift": 0.7}}, "augment_shift must be in"),
+    ({"train": {"augment_rotate": -5}}, "augment_rotate in"),
 ])
 def test_bad_configs(raw, message):
     with pytest.raises(EdgemetaError, match=message):

@@ -10,7 +10,8 @@ import time
 import pytest
 
 from edgemeta.config import config_from_dict
-from edgemeta.train import train
+from edgemeta.errors import EdgemetaError
+from edgemeta.train import EpisodicTrainer, random_affine, train
 
 
 def tiny_config(sample_dir, **train_overrides):
@@ -95,7 +96,8 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 sys.path.insert(0, {str(os.path.dirname(__file__))!r})
 from test_train import tiny_config
 from edgemeta.train import train
-r = train(tiny_config({str(sample_dir)!r}, episodes=40, devices=["/cpu:0", "/cpu:1"]), {str(tmp_path)!r}, progress=False)
+cfg = tiny_config({str(sample_dir)!r}, episodes=40, devices=["/cpu:0", "/cpu:1"], augment_shift=0.1, augment_rotate=10.0)
+r = train(cfg, {str(tmp_path)!r}, progress=False)
 print(json.dumps({{"episodes": r.episodes, "acc": r.best_val_acc}}))
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
@@ -104,3 +106,38 @@ print(json.dumps({{"episodes": r.episodes, "acc": r.best_val_acc}}))
     info = json.loads((tmp_path / "model.json").read_text())
     assert result["episodes"] == 40 and info["training"]["episodes_per_step"] == 2
     assert result["acc"] > 0.3
+
+
+def test_init_from_copies_the_weights_of_a_trained_model(trained, sample_dir, tmp_path):
+    import keras
+    import numpy as np
+
+    out, _ = trained
+    source = keras.models.load_model(out / "model.keras", compile=False).get_weights()
+    for init in (str(out), str(out / "model.keras")):
+        model = EpisodicTrainer(tiny_config(sample_dir, init_from=init), sampler=None).model
+        assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), source, strict=True))
+    fresh = EpisodicTrainer(tiny_config(sample_dir), sampler=None).model
+    assert not all(np.array_equal(a, b) for a, b in zip(fresh.get_weights(), source, strict=True))
+    with pytest.raises(EdgemetaError, match="init_from: no model at"):
+        EpisodicTrainer(tiny_config(sample_dir, init_from=str(tmp_path)), sampler=None)
+    wrong = config_from_dict({**tiny_config(sample_dir, init_from=str(out)).to_dict(), "model": {"backbone": "resnet12"}})
+    with pytest.raises(EdgemetaError, match="does not match the configured backbone"):
+        EpisodicTrainer(wrong, sampler=None)
+
+
+def test_random_affine_is_seeded_and_moves_the_strokes():
+    import numpy as np
+    import tensorflow as tf
+
+    x = np.zeros((8, 28, 28, 1), np.float32)
+    x[:, 10:18, 12:15] = 1.0
+    seed = tf.constant([0, 7], tf.int64)
+    assert np.array_equal(random_affine(x, seed, 0.0, 0.0, 0.0).numpy(), x)
+    a = random_affine(x, seed, 0.1, 10.0, 0.1).numpy()
+    assert np.array_equal(a, random_affine(x, seed, 0.1, 10.0, 0.1).numpy())
+    assert not np.array_equal(a, random_affine(x, tf.constant([0, 8], tf.int64), 0.1, 10.0, 0.1).numpy())
+    assert not np.array_equal(a[0], a[1])  # one draw per image
+    rows = np.arange(28)[None, :, None, None]
+    centre = (random_affine(x, seed, 0.1, 0.0, 0.0).numpy() * rows).sum((1, 2, 3)) / x.sum((1, 2, 3))
+    assert np.all(np.abs(centre - 13.5) <= 2.8 + 0.5) and np.any(np.abs(centre - 13.5) > 0.3)

@@ -72,6 +72,9 @@ class TrainConfig:
     # Start from these weights (a model folder or a .keras file, relative to the working directory)
     # instead of a random initialisation, e.g. to fine-tune a model with another shot or augmentation.
     init_from: str = ""
+    # "trainval" trains on the validation classes too (the final-model protocol of Snell et al., once the
+    # recipe has been chosen on val): validation then measures seen classes, so the last weights are kept.
+    classes: str = "train"
     # Random affine augmentation of training episodes, one draw per image (0: off): the largest shift as a
     # fraction of the image side, rotation in degrees and relative scale change.
     augment_shift: float = 0.0
@@ -81,6 +84,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.episodes < 1 or self.lr_decay_every < 1 or self.learning_rate <= 0:
             raise EdgemetaError("[train] episodes, lr_decay_every and learning_rate must be positive")
+        if self.classes not in ("train", "trainval"):
+            raise EdgemetaError(f"[train] classes must be 'train' or 'trainval', not {self.classes!r}")
         if not (0 <= self.augment_shift < 0.5 and 0 <= self.augment_rotate <= 180 and 0 <= self.augment_scale < 1):
             raise EdgemetaError("[train] augment_shift must be in [0, 0.5), augment_rotate in [0, 180] degrees, augment_scale in [0, 1)")
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from edgemeta.config import Config, dump_toml
-from edgemeta.data import EpisodeSampler, load_dataset
+from edgemeta.data import EpisodeSampler, load_dataset, merge_splits
 from edgemeta.errors import EdgemetaError
 from edgemeta.evaluate import embed_split, episode_accuracies, mean_ci95
 from edgemeta.methods import get_method
@@ -158,7 +158,8 @@ def train(cfg: Config, out: str | Path, progress: bool = True, fresh: bool = Fal
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     splits = load_dataset(cfg.data, cfg.model.preprocess, ("train", "val"))
     tc, vc = cfg.train, cfg.validation
-    sampler = EpisodeSampler(splits["train"], tc.way, tc.shot, tc.query, seed=tc.seed)
+    train_split = merge_splits("trainval", splits["train"], splits["val"]) if tc.classes == "trainval" else splits["train"]
+    sampler = EpisodeSampler(train_split, tc.way, tc.shot, tc.query, seed=tc.seed)
     val_sampler = EpisodeSampler(splits["val"], vc.way, vc.shot, vc.query, seed=vc.seed)
     tf.keras.utils.set_random_seed(tc.seed)
     trainer = EpisodicTrainer(cfg, sampler)
@@ -211,7 +212,7 @@ def train(cfg: Config, out: str | Path, progress: bool = True, fresh: bool = Fal
                 with writer.as_default(step=done):
                     for k in ("loss", "train_acc", "val_acc", "learning_rate"):
                         tf.summary.scalar(k, row[k])
-                if val_acc > state["best_val_acc"]:
+                if val_acc > state["best_val_acc"] or tc.classes == "trainval":
                     state.update(best_val_acc=val_acc, best_val_ci95=val_ci, best_episode=done)
                     _save_model(model, out)
                     since_best = 0
@@ -335,7 +336,9 @@ def _write_summary(cfg: Config, out: Path, model, method, result: TrainResult, h
         training={"episodes": result.episodes, "episodes_per_step": replicas, "best_episode": result.best_episode,
                   "best_val_acc": round(100 * result.best_val_acc, 2), "best_val_ci95": round(100 * result.best_val_ci95, 2),
                   "validation": f"{cfg.validation.episodes} episodes {cfg.validation.way}-way {cfg.validation.shot}-shot "
-                                f"{cfg.validation.query}-query on the val split",
+                                f"{cfg.validation.query}-query on the val split"
+                                + (" (trained on too: not held out; last weights kept)" if cfg.train.classes == "trainval" else ""),
+                  "classes": cfg.train.classes,
                   "wall_time_s": round(result.elapsed_s, 1), "stopped_by": result.stopped_by,
                   **({"init_from": cfg.train.init_from} if cfg.train.init_from else {}),
                   "machine": _machine(), "tensorflow": tf.__version__},

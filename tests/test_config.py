@@ -30,6 +30,7 @@ def test_registries_agree():
     ({"validation": {"every": 0}}, "at least 1"),
     ({"train": {"augment_shift": 0.7}}, "augment_shift must be in"),
     ({"train": {"augment_rotate": -5}}, "augment_rotate in"),
+    ({"train": {"classes": "all"}}, "classes must be 'train' or 'trainval'"),
 ])
 def test_bad_configs(raw, message):
     with pytest.raises(EdgemetaError, match=message):

@@ -141,3 +141,20 @@ def test_random_affine_is_seeded_and_moves_the_strokes():
     rows = np.arange(28)[None, :, None, None]
     centre = (random_affine(x, seed, 0.1, 0.0, 0.0).numpy() * rows).sum((1, 2, 3)) / x.sum((1, 2, 3))
     assert np.all(np.abs(centre - 13.5) <= 2.8 + 0.5) and np.any(np.abs(centre - 13.5) > 0.3)
+
+
+def test_trainval_trains_on_the_val_classes_and_keeps_the_last_weights(tmp_path, sample_dir):
+    import numpy as np
+
+    from edgemeta.data import load_dataset, merge_splits
+
+    cfg = tiny_config(sample_dir, episodes=40, classes="trainval")
+    splits = load_dataset(cfg.data, cfg.model.preprocess, ("train", "val"))
+    both = merge_splits("trainval", splits["train"], splits["val"])
+    assert both.num_classes == splits["train"].num_classes + splits["val"].num_classes
+    assert len(both.images) == len(splits["train"].images) + len(splits["val"].images)
+    first_val = both.class_indices()[splits["train"].num_classes]
+    assert np.array_equal(both.images[first_val], splits["val"].images[splits["val"].class_indices()[0]])
+    result = train(cfg, tmp_path, progress=False)
+    info = json.loads((tmp_path / "model.json").read_text())["training"]
+    assert result.best_episode == 40 and info["classes"] == "trainval" and "not held out" in info["validation"]

@@ -49,6 +49,14 @@ class FewShotSplit:
         return min(len(ix) for ix in self.class_indices())
 
 
+def merge_splits(name: str, *parts: FewShotSplit) -> FewShotSplit:
+    """One split holding the classes of all `parts` (e.g. train + val), relabelled consecutively."""
+    offsets = np.cumsum([0] + [p.num_classes for p in parts[:-1]])
+    return FewShotSplit(name, np.concatenate([p.images for p in parts]),
+                        np.concatenate([p.labels + o for p, o in zip(parts, offsets, strict=True)]),
+                        [c for p in parts for c in p.class_names])
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     """Which data to load.

@@ -22,8 +22,7 @@ def _conv_bn(x, filters: int, name: str, relu: bool = True):
     return layers.ReLU(name=f"{name}_relu")(x) if relu else x
 
 
-def conv4(input_shape: tuple[int, int, int], width: int = 64, batch_size: int | None = None,
-          pool_padding: str = "valid") -> keras.Model:
+def conv4(input_shape: tuple[int, int, int], width: int = 64, batch_size: int | None = None) -> keras.Model:
     """Conv-4 of Snell et al. (2017), "Prototypical Networks for Few-shot Learning":
     4 x [conv 3x3 (width), batch norm, ReLU, max-pool 2x2], flattened.
     A 28x28 Omniglot image gives a 64-d embedding, an 84x84 image 1600-d."""
@@ -31,15 +30,8 @@ def conv4(input_shape: tuple[int, int, int], width: int = 64, batch_size: int | 
     x = inp
     for i in range(4):
         x = _conv_bn(x, width, f"block{i + 1}")
-        x = layers.MaxPool2D(2, padding=pool_padding, name=f"block{i + 1}_pool")(x)
+        x = layers.MaxPool2D(2, name=f"block{i + 1}_pool")(x)
     return keras.Model(inp, layers.Flatten(name="embedding")(x), name="conv4")
-
-
-def conv4_same(input_shape: tuple[int, int, int], width: int = 64, batch_size: int | None = None) -> keras.Model:
-    """Conv-4 whose max-pools pad odd-sized maps instead of dropping their last row and column
-    (28 -> 14 -> 7 -> 4 -> 2 instead of ... -> 3 -> 1): a 28x28 image gives a 2x2x64 = 256-d embedding
-    that keeps coarse positions. Same weights as `conv4`, so one can be fine-tuned from the other."""
-    return conv4(input_shape, width, batch_size, pool_padding="same")
 
 
 def resnet12(input_shape: tuple[int, int, int], widths: tuple[int, ...] = (64, 128, 256, 512),
@@ -61,7 +53,7 @@ def resnet12(input_shape: tuple[int, int, int], widths: tuple[int, ...] = (64, 1
     return keras.Model(inp, layers.GlobalAveragePooling2D(name="embedding")(x), name="resnet12")
 
 
-BACKBONES: dict[str, Callable[..., keras.Model]] = {"conv4": conv4, "conv4-same": conv4_same, "resnet12": resnet12}
+BACKBONES: dict[str, Callable[..., keras.Model]] = {"conv4": conv4, "resnet12": resnet12}
 
 
 def build_backbone(name: str, input_shape: tuple[int, int, int], batch_size: int | None = None, **kwargs) -> keras.Model:

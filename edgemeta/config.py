@@ -35,7 +35,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 ALGORITHMS = ("protonet",)
-BACKBONE_NAMES = ("conv4", "conv4-same", "resnet12")
+BACKBONE_NAMES = ("conv4", "resnet12")
 
 
 @dataclass(frozen=True)

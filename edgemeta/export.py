@@ -95,6 +95,8 @@ def export_model(model_dir: str | Path, out: str | Path | None = None, data: str
         val_emb = embed_split(embedder, splits["val"])
         test_emb = embed_split(embedder, splits["test"])
         open_set = calibrate_open_set(val_emb, splits["val"], method.distance, seed=seed)
+        if info.training.get("classes") == "trainval":  # no held-out classes are left to calibrate on
+            open_set["calibration"] += "; the model also trained on these classes, so new classes may sit farther out"
         results = evaluate(embedder, method.classify, splits["test"], STANDARD_SETTINGS, episodes, seed=seed, embeddings=test_emb)
         evaluations[name] = results
         variants[name] = {

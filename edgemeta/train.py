@@ -291,6 +291,16 @@ def _load_initial_weights(model, source: str) -> None:
         raise EdgemetaError(f"[train] init_from: {source} does not match the configured backbone: {str(e).splitlines()[0]}") from None
 
 
+def _init_training(source: str) -> dict:
+    """The training summary of the model a run started from, so the total cost stays on record."""
+    path = Path(source)
+    info = (path if path.is_dir() else path.parent) / INFO_FILE
+    if not info.is_file():
+        return {}
+    t = json.loads(info.read_text()).get("training", {})
+    return {k: t[k] for k in ("episodes", "wall_time_s", "best_val_acc", "classes", "init_training") if k in t}
+
+
 def _write_config(cfg: Config, path: Path) -> None:
     """Record the resolved configuration, keeping an existing file (and its comments) that says the same."""
     from edgemeta.config import load_config
@@ -340,7 +350,8 @@ def _write_summary(cfg: Config, out: Path, model, method, result: TrainResult, h
                                 + (" (trained on too: not held out; last weights kept)" if cfg.train.classes == "trainval" else ""),
                   "classes": cfg.train.classes,
                   "wall_time_s": round(result.elapsed_s, 1), "stopped_by": result.stopped_by,
-                  **({"init_from": cfg.train.init_from} if cfg.train.init_from else {}),
+                  **({"init_from": cfg.train.init_from, "init_training": _init_training(cfg.train.init_from)}
+                     if cfg.train.init_from else {}),
                   "machine": _machine(), "tensorflow": tf.__version__},
     )
     write_json(out / INFO_FILE, info.to_dict())

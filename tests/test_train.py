@@ -117,6 +117,9 @@ def test_init_from_copies_the_weights_of_a_trained_model(trained, sample_dir, tm
     for init in (str(out), str(out / "model.keras")):
         model = EpisodicTrainer(tiny_config(sample_dir, init_from=init), sampler=None).model
         assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), source, strict=True))
+    again = train(tiny_config(sample_dir, episodes=30, init_from=str(out)), tmp_path / "again", progress=False)
+    info = json.loads((tmp_path / "again" / "model.json").read_text())["training"]
+    assert again.episodes == 30 and info["init_from"] == str(out) and info["init_training"]["episodes"] == 60
     fresh = EpisodicTrainer(tiny_config(sample_dir), sampler=None).model
     assert not all(np.array_equal(a, b) for a, b in zip(fresh.get_weights(), source, strict=True))
     with pytest.raises(EdgemetaError, match="init_from: no model at"):

@@ -100,8 +100,6 @@ class EpisodicTrainer:
                 tc.learning_rate, decay_steps=max(1, tc.lr_decay_every // replicas), decay_rate=tc.lr_decay_rate, staircase=True)
             self.optimizer = keras.optimizers.Adam(self.schedule)
             self.optimizer.build(self.model.trainable_variables)
-            if tc.init_from:
-                _load_initial_weights(self.model, tc.init_from)
         model, optimizer, method, strategy = self.model, self.optimizer, self.method, self.strategy
 
         def replica_step(support, support_labels, query, query_labels, episode):
@@ -177,6 +175,8 @@ def train(cfg: Config, out: str | Path, progress: bool = True, fresh: bool = Fal
         if state_path.exists():
             state = json.loads(state_path.read_text())
     done = trainer.episodes_done
+    if done == 0 and tc.init_from:  # a resumed run has its weights from the checkpoint
+        _load_initial_weights(model, tc.init_from)
     _write_config(cfg, out / "config.toml")
     embed = keras_embedder(model)
 

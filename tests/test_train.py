@@ -112,21 +112,23 @@ def test_init_from_copies_the_weights_of_a_trained_model(trained, sample_dir, tm
     import keras
     import numpy as np
 
+    from edgemeta.train import _load_initial_weights
+
     out, _ = trained
     source = keras.models.load_model(out / "model.keras", compile=False).get_weights()
     for init in (str(out), str(out / "model.keras")):
-        model = EpisodicTrainer(tiny_config(sample_dir, init_from=init), sampler=None).model
+        model = EpisodicTrainer(tiny_config(sample_dir), sampler=None).model
+        assert not all(np.array_equal(a, b) for a, b in zip(model.get_weights(), source, strict=True))
+        _load_initial_weights(model, init)
         assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), source, strict=True))
     again = train(tiny_config(sample_dir, episodes=30, init_from=str(out)), tmp_path / "again", progress=False)
     info = json.loads((tmp_path / "again" / "model.json").read_text())["training"]
     assert again.episodes == 30 and info["init_from"] == str(out) and info["init_training"]["episodes"] == 60
-    fresh = EpisodicTrainer(tiny_config(sample_dir), sampler=None).model
-    assert not all(np.array_equal(a, b) for a, b in zip(fresh.get_weights(), source, strict=True))
     with pytest.raises(EdgemetaError, match="init_from: no model at"):
-        EpisodicTrainer(tiny_config(sample_dir, init_from=str(tmp_path)), sampler=None)
+        train(tiny_config(sample_dir, init_from=str(tmp_path / "nothing")), tmp_path / "bad", progress=False)
     wrong = config_from_dict({**tiny_config(sample_dir, init_from=str(out)).to_dict(), "model": {"backbone": "resnet12"}})
     with pytest.raises(EdgemetaError, match="does not match the configured backbone"):
-        EpisodicTrainer(wrong, sampler=None)
+        train(wrong, tmp_path / "wrong", progress=False)
 
 
 def test_random_affine_is_seeded_and_moves_the_strokes():

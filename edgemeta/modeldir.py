@@ -77,15 +77,18 @@ def read_info(model_dir: str | Path) -> ModelInfo:
         raise EdgemetaError(f"{d / INFO_FILE} is damaged ({e}); retrain or restore the model folder") from None
 
 
-def load_backbone(model_dir: str | Path):
-    """(keras model, ModelInfo) of a model folder."""
+def load_keras(path: Path):
+    """A saved Keras model, with a clear error when the file is damaged."""
     import keras
 
-    info = read_info(model_dir)
-    path = Path(model_dir) / MODEL_FILE
     try:
-        model = keras.models.load_model(path, compile=False)
+        return keras.models.load_model(path, compile=False)
     except Exception as e:  # Keras raises many types for a damaged file
         raise EdgemetaError(f"cannot load {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                             "the file is damaged, retrain or restore it") from None
-    return model, info
+
+
+def load_backbone(model_dir: str | Path):
+    """(keras model, ModelInfo) of a model folder."""
+    info = read_info(model_dir)
+    return load_keras(Path(model_dir) / MODEL_FILE), info

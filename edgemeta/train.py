@@ -29,7 +29,7 @@ from edgemeta.data import EpisodeSampler, load_dataset, merge_splits
 from edgemeta.errors import EdgemetaError
 from edgemeta.evaluate import embed_split, episode_accuracies, mean_ci95
 from edgemeta.methods import get_method
-from edgemeta.modeldir import INFO_FILE, MODEL_FILE, ModelInfo, write_atomic, write_json
+from edgemeta.modeldir import INFO_FILE, MODEL_FILE, ModelInfo, load_keras, read_info, write_atomic, write_json
 
 STATE_FILE = "checkpoints/state.json"
 HISTORY_FIELDS = ("episode", "loss", "train_acc", "val_acc", "val_ci95", "learning_rate", "elapsed_s")
@@ -277,15 +277,13 @@ def random_affine(images, seed, shift: float, rotate: float, scale: float):
 
 def _load_initial_weights(model, source: str) -> None:
     """Copy the weights of a trained model (folder or .keras file) into `model`, which must have the same architecture."""
-    import keras
-
     path = Path(source)
     if path.is_dir():
         path = path / MODEL_FILE
     if not path.is_file():
         raise EdgemetaError(f"[train] init_from: no model at {source} (give a model folder or its {MODEL_FILE})")
+    src = load_keras(path)
     try:
-        src = keras.models.load_model(path, compile=False)
         model.set_weights(src.get_weights())
     except ValueError as e:
         raise EdgemetaError(f"[train] init_from: {source} does not match the configured backbone: {str(e).splitlines()[0]}") from None
@@ -294,10 +292,10 @@ def _load_initial_weights(model, source: str) -> None:
 def _init_training(source: str) -> dict:
     """The training summary of the model a run started from, so the total cost stays on record."""
     path = Path(source)
-    info = (path if path.is_dir() else path.parent) / INFO_FILE
-    if not info.is_file():
+    folder = path if path.is_dir() else path.parent
+    if not (folder / INFO_FILE).is_file():
         return {}
-    t = json.loads(info.read_text()).get("training", {})
+    t = read_info(folder).training
     return {k: t[k] for k in ("episodes", "wall_time_s", "best_val_acc", "classes", "init_training") if k in t}
 
 

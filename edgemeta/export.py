@@ -12,7 +12,9 @@ open-set threshold is calibrated for it on validation episodes.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import io
 import os
 from pathlib import Path
 
@@ -51,7 +53,9 @@ def convert(model, quantization: str, representative: np.ndarray | None = None) 
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         conv.inference_input_type = tf.int8
         conv.inference_output_type = tf.int8
-    with native_stderr_silenced():  # the converter's MLIR diagnostics go straight to fd 2
+    # The converter's MLIR diagnostics go straight to fd 2, and Keras prints its intermediate
+    # SavedModel's signature ("Saved artifact at ...") to stdout: neither is for the user.
+    with native_stderr_silenced(), contextlib.redirect_stdout(io.StringIO()):
         data = conv.convert()
     if quantization != "float32" and len(data) > 0.5 * model.count_params() * 4:
         raise EdgemetaError("quantised export came out as large as float weights: weights were not frozen; "

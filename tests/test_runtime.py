@@ -55,6 +55,15 @@ def test_manifest_and_variants(exported):
     assert "| int8_static |" in (exported / "export.md").read_text()
 
 
+def test_conversion_prints_nothing(capfd):
+    from edgemeta.backbones import conv4
+    from edgemeta.export import convert
+
+    assert len(convert(conv4((28, 28, 1), width=8), "float32")) > 0
+    out = capfd.readouterr().out  # (stderr holds TensorFlow's import chatter, silenced by the CLI)
+    assert out == "", out[:200]
+
+
 def test_enroll_classify_forget_rename(exported, tmp_path):
     rt = FewShotRuntime(exported)
     store = tmp_path / "store"

@@ -117,8 +117,10 @@ def train(config_path: str, out: str, data: str, episodes: int | None, max_minut
 @click.option("--report", type=click.Path(dir_okay=False), default=None, help="Also write a Markdown report here (and .json beside it).")
 @click.option("--variant", default=None,
               help="Evaluate an exported .tflite variant (e.g. int8_static) through the runtime instead of Keras.")
+@click.option("--confusions", type=int, default=0, show_default=True,
+              help="Also list the N class pairs (true -> predicted) most often confused in each setting.")
 def eval_cmd(model_dir: str, data: str, folder: str, split: str, settings: tuple[str, ...], episodes: int, query: int,
-             seed: int, as_json: bool, report: str | None, variant: str | None) -> None:
+             seed: int, as_json: bool, report: str | None, variant: str | None, confusions: int) -> None:
     """Mean accuracy with 95% confidence intervals over seeded test episodes.
 
     \b
@@ -126,18 +128,19 @@ def eval_cmd(model_dir: str, data: str, folder: str, split: str, settings: tuple
       edgemeta eval --model models/omniglot-vinyals-conv4 --data ../shared/data/omniglot
       edgemeta eval --model models/omniglot-conv4 --folder samples/omniglot --setting 5w1s --json
       edgemeta eval --model models/omniglot-conv4 --data ../shared/data/omniglot --variant int8_static
+      edgemeta eval --model models/omniglot-conv4 --data ../shared/data/omniglot --split val --confusions 10
     """
     from edgemeta.evaluate import STANDARD_SETTINGS, parse_setting
 
-    if episodes < 1 or query < 1:
-        raise EdgemetaError("--episodes and --query must be at least 1")
+    if episodes < 1 or query < 1 or confusions < 0:
+        raise EdgemetaError("--episodes and --query must be at least 1, --confusions at least 0")
     parsed = tuple(parse_setting(s) for s in settings) or STANDARD_SETTINGS
     _require_tensorflow()
     from edgemeta.host import evaluate_model_dir
 
     results, context, text, md = evaluate_model_dir(model_dir, data=data, folder=folder, split=split,
                                                     settings=parsed, episodes=episodes, query=query, seed=seed,
-                                                    variant=variant)
+                                                    variant=variant, confusions=confusions)
     if report:
         from edgemeta.evaluate import results_json
         from edgemeta.modeldir import write_atomic, write_json

@@ -13,8 +13,9 @@ statistics at test time), every test image is embedded once and episodes only in
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -35,6 +36,9 @@ class SettingResult:
     accuracy: float  # percent
     ci95: float      # percent, half-width
     note: str = ""
+    # the most frequent errors: {"true": class, "predicted": class, "count": query errors}
+    confusions: list[dict] = field(default_factory=list)
+    errors: int | None = None  # wrong queries over all episodes (counted only when confusions are asked for)
 
     @property
     def name(self) -> str:
@@ -63,25 +67,33 @@ def embed_split(embed: EmbedFn, split: FewShotSplit, batch: int = 1024) -> np.nd
     return np.concatenate([embed(split.images[i:i + batch]) for i in range(0, len(split.images), batch)])
 
 
-def episode_accuracies(classify: ClassifyFn, embeddings: np.ndarray, sampler: EpisodeSampler, episodes: int) -> np.ndarray:
-    """Per-episode accuracy (fraction) of `episodes` seeded episodes over precomputed embeddings."""
+def episode_accuracies(classify: ClassifyFn, embeddings: np.ndarray, sampler: EpisodeSampler, episodes: int,
+                       confusions: Counter | None = None) -> np.ndarray:
+    """Per-episode accuracy (fraction) of `episodes` seeded episodes over precomputed embeddings.
+
+    With a `confusions` counter, every wrong query adds one to (true class, predicted class),
+    both as indices into the split's classes."""
     way, shot, query = sampler.way, sampler.shot, sampler.query
     support_labels = np.repeat(np.arange(way), shot)
     query_labels = np.repeat(np.arange(way), query)
     accs = np.empty(episodes)
     for i in range(episodes):
-        _, s, q = sampler.indices(i)
-        scores = classify(embeddings[s], support_labels, embeddings[q], way)
-        accs[i] = np.mean(np.argmax(scores, axis=1) == query_labels)
+        classes, s, q = sampler.indices(i)
+        pred = np.argmax(classify(embeddings[s], support_labels, embeddings[q], way), axis=1)
+        accs[i] = np.mean(pred == query_labels)
+        if confusions is not None:
+            wrong = pred != query_labels
+            confusions.update(zip(classes[query_labels[wrong]].tolist(), classes[pred[wrong]].tolist(), strict=True))
     return accs
 
 
 def evaluate(embed: EmbedFn, classify: ClassifyFn, split: FewShotSplit,
              settings=STANDARD_SETTINGS, episodes: int = 1000, query: int = 15, seed: int = 0,
-             embeddings: np.ndarray | None = None) -> list[SettingResult]:
+             embeddings: np.ndarray | None = None, confusions: int = 0) -> list[SettingResult]:
     """Run the protocol on one split. A setting whose way exceeds the split's classes is skipped
     with a note; when classes have fewer than shot + query images, fewer queries are used and
-    the note says so."""
+    the note says so. `confusions` > 0 also lists that many most frequent (true -> predicted)
+    class pairs among the wrong queries: which classes the embedding cannot tell apart."""
     if embeddings is None:
         embeddings = embed_split(embed, split)
     results = []
@@ -99,9 +111,20 @@ def evaluate(embed: EmbedFn, classify: ClassifyFn, split: FewShotSplit,
                 continue
             note = f"{q} queries per class instead of {query}: the smallest class has {split.min_class_size()} images"
         sampler = EpisodeSampler(split, way, shot, q, seed=seed)
-        mean, ci = mean_ci95(episode_accuracies(classify, embeddings, sampler, episodes))
-        results.append(SettingResult(way, shot, q, episodes, 100 * mean, 100 * ci, note))
+        counts = Counter() if confusions > 0 else None
+        mean, ci = mean_ci95(episode_accuracies(classify, embeddings, sampler, episodes, counts))
+        result = SettingResult(way, shot, q, episodes, 100 * mean, 100 * ci, note)
+        if counts is not None:
+            result.errors = sum(counts.values())
+            result.confusions = [{"true": split.class_names[t], "predicted": split.class_names[p], "count": n}
+                                 for (t, p), n in counts.most_common(confusions)]
+        results.append(result)
     return results
+
+
+def _confusion_lines(r: SettingResult) -> list[str]:
+    total = max(r.errors or 0, 1)
+    return [f"{c['count']:>6} ({100 * c['count'] / total:4.1f}% of errors)  {c['true']} -> {c['predicted']}" for c in r.confusions]
 
 
 def results_table(results: list[SettingResult]) -> str:
@@ -109,6 +132,10 @@ def results_table(results: list[SettingResult]) -> str:
     for r in results:
         acc = "-" if r.episodes == 0 else f"{r.accuracy:6.2f} +/- {r.ci95:.2f} %"
         lines.append(f"{r.name:<18} {r.query:>7} {r.episodes:>8}  {acc}" + (f"  ({r.note})" if r.note else ""))
+    for r in results:
+        if r.confusions:
+            lines += ["", f"{r.name}: most confused classes ({r.errors} wrong queries in all), true -> predicted"]
+            lines += ["  " + line for line in _confusion_lines(r)]
     return "\n".join(lines)
 
 
@@ -120,6 +147,10 @@ def results_markdown(results: list[SettingResult], title: str, context: dict) ->
         acc = "-" if r.episodes == 0 else f"{r.accuracy:.2f}"
         ci = "-" if r.episodes == 0 else f"{r.ci95:.2f}"
         lines.append(f"| {r.name} | {r.query} | {r.episodes} | {acc} | {ci} | {r.note} |")
+    for r in results:
+        if r.confusions:
+            lines += ["", f"## {r.name}: most confused classes", "", f"{r.errors} wrong queries in all; true -> predicted:", ""]
+            lines += [f"    {line}" for line in _confusion_lines(r)]
     return "\n".join(lines) + "\n"
 
 
@@ -127,7 +158,13 @@ def results_json(results: list[SettingResult]) -> list[dict]:
     def clean(v):
         return None if isinstance(v, float) and math.isnan(v) else v
 
-    return [{**{k: clean(v) for k, v in asdict(r).items()}, "setting": f"{r.way}w{r.shot}s"} for r in results]
+    def row(r: SettingResult) -> dict:
+        d = {k: clean(v) for k, v in asdict(r).items()}
+        if r.errors is None:  # not counted: keep the plain protocol's keys only
+            del d["errors"], d["confusions"]
+        return {**d, "setting": f"{r.way}w{r.shot}s"}
+
+    return [row(r) for r in results]
 
 
 def calibrate_open_set(embeddings: np.ndarray, split: FewShotSplit, distance: str, way: int = 5, shot: int = 1,

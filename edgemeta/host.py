@@ -36,7 +36,7 @@ def training_dataset(info, data: str = "") -> DatasetSpec:
 
 def evaluate_model_dir(model_dir: str, data: str = "", folder: str = "", split: str = "test",
                        settings=STANDARD_SETTINGS, episodes: int = 1000, query: int = 15, seed: int = 0,
-                       variant: str | None = None) -> tuple[list[SettingResult], dict, str, str]:
+                       variant: str | None = None, confusions: int = 0) -> tuple[list[SettingResult], dict, str, str]:
     """Evaluate a trained model folder on its dataset's test split (or every class of `folder`).
 
     With `variant` (e.g. "int8_static"), the backbone is that exported .tflite run through the
@@ -63,7 +63,7 @@ def evaluate_model_dir(model_dir: str, data: str = "", folder: str = "", split: 
         backend = f"{variant}.tflite through {embedder.runtime} {runtime_version(embedder.runtime)}"
     else:
         embedder, backend = keras_embedder(model), "keras (float32)"
-    results = evaluate(embedder, method.classify, data_split, settings, episodes, query, seed)
+    results = evaluate(embedder, method.classify, data_split, settings, episodes, query, seed, confusions=confusions)
     context = {"model": Path(model_dir).name, "algorithm": info.algorithm, "backbone": info.backbone,
                "backend": backend, "data": source, "classes": data_split.num_classes,
                "images": len(data_split.images), "episodes per setting": episodes, "seed": seed}

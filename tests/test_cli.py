@@ -7,7 +7,7 @@ import zipfile
 
 import pytest
 
-from edgemeta.evaluate import mean_ci95, parse_setting
+from edgemeta.evaluate import evaluate, mean_ci95, parse_setting, results_json, results_markdown, results_table
 
 
 def run(*args, env=None, timeout=300):
@@ -51,6 +51,9 @@ def test_eval_table_json_and_report(model_dir, sample_dir, tmp_path):
     assert [r["setting"] for r in data["results"]] == ["5w1s", "5w5s", "20w1s", "20w5s"]
     assert all(20 < r["accuracy"] <= 100 and 0 < r["ci95"] < 10 and r["episodes"] == 50 for r in data["results"][:2])
     assert "| 5-way 1-shot | 15 | 50 |" in report.read_text()
+    assert "confusions" not in data["results"][0]
+    confused = run(*args, "--setting", "20w1s", "--confusions", "2")
+    assert confused.returncode == 0 and "20-way 1-shot: most confused classes" in confused.stdout, confused.stderr
     assert json.loads(report.with_suffix(".json").read_text())["results"] == data["results"]
     # seeded: the same command gives the same figures, another seed other ones
     assert json.loads(run(*args, "--json").stdout)["results"] == data["results"]
@@ -113,6 +116,30 @@ def test_setting_parser_and_ci():
     assert parse_setting("5w1s") == (5, 1) and parse_setting("20-way-5-shot") == (20, 5)
     mean, ci = mean_ci95([1.0, 0.0] * 50)
     assert mean == 0.5 and abs(ci - 1.96 * 0.5025 / 10) < 1e-3
+
+
+def test_confusions_name_the_classes_the_embedding_cannot_separate():
+    import numpy as np
+
+    from edgemeta.data import FewShotSplit
+    from edgemeta.methods.protonet import ProtoNet
+
+    # 8 classes of 20 "images" whose embedding is their class's point plus noise; classes 2 and 5
+    # share one point, so every error is a 2 <-> 5 confusion and nothing else is ever confused
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(8), 20)
+    centres = np.eye(8) * 10
+    centres[5] = centres[2]
+    emb = (centres[labels] + rng.normal(0, 0.5, (160, 8))).astype(np.float32)
+    split = FewShotSplit("test", np.zeros((160, 1, 1, 1), np.uint8), labels, [f"c{i}" for i in range(8)])
+    plain, counted = (evaluate(None, ProtoNet().classify, split, ((5, 1),), episodes=200, embeddings=emb, confusions=n)[0]
+                      for n in (0, 3))
+    assert plain.accuracy == counted.accuracy < 100
+    assert counted.errors == round((100 - counted.accuracy) / 100 * 200 * 5 * 15)
+    pairs = {(c["true"], c["predicted"]) for c in counted.confusions}
+    assert pairs == {("c2", "c5"), ("c5", "c2")} and sum(c["count"] for c in counted.confusions) == counted.errors
+    assert "c2 -> c5" in results_table([counted]) and "most confused classes" in results_markdown([counted], "t", {})
+    assert "confusions" in results_json([counted])[0] and "confusions" not in results_json([plain])[0]
 
 
 def test_python_m_and_console_script_agree():

@@ -206,9 +206,17 @@ def test_damaged_models_and_manifests(exported, tmp_path):
     assert not (tmp_path / "s").exists()
 
 
-def test_missing_edge_tpu_runtime_names_the_fix(exported):
+def test_missing_edge_tpu_runtime_names_the_fix(exported, tmp_path):
     # no libedgetpu on this machine: the delegate cannot load, and the message says what to install
     with pytest.raises(EdgemetaError, match="apt-get install libedgetpu1-std"):
         FewShotRuntime(exported, edgetpu="usb")
     with pytest.raises(EdgemetaError, match="threads must be at least 1"):
         FewShotRuntime(exported, threads=0)
+    # from the CLI: the one line and nothing else (LiteRT's half-built Delegate used to print a
+    # traceback at exit), exit 2, and no store created
+    store = tmp_path / "store"
+    proc = subprocess.run([sys.executable, "-m", "edgemeta", "enroll", "--store", str(store), "--model", str(exported),
+                           "--label", "a", "--edgetpu", "usb", str(next(SAMPLE.glob("*/*.png")))], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: cannot load the Edge TPU delegate")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not store.exists()

@@ -8,6 +8,7 @@ embeddings out.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import os
 import warnings
@@ -138,6 +139,9 @@ def load_edgetpu(mod, device: str = ""):
     """The Edge TPU delegate, or an error that names the fix."""
     options = {"device": device} if device else {}
     try:
+        # Load the library ourselves first: when it is missing, the runtime's Delegate fails half-built
+        # and its __del__ prints an AttributeError traceback at exit, under our one-line error.
+        ctypes.CDLL(EDGETPU_LIB)
         return mod.load_delegate(EDGETPU_LIB, options)
     except (OSError, ValueError) as e:  # a missing library raises OSError, not the documented ValueError
         raise EdgemetaError(f"cannot load the Edge TPU delegate {EDGETPU_LIB} ({str(e).strip()[:120]}); install the Edge TPU "

@@ -2,9 +2,12 @@
 
 import hashlib
 import json
+import random
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +128,97 @@ def test_a_failed_write_leaves_the_last_good_store(exported, tmp_path, monkeypat
         rt.enroll(store, "b", drawings("Keble_character02", [1]))
     assert (store / STORE_FILE).read_bytes() == before
     assert sorted(p.name for p in store.iterdir()) == [".lock", STORE_FILE]
+
+
+# `edgemeta ...` in a process that is SIGKILLed inside the store write, after half the file is on disk.
+KILLED_IN_WRITE = """
+import os, runpy, signal, sys
+import numpy as np
+def killed_mid_write(f, **arrays):
+    f.write(b"PK\\x03\\x04" + bytes(4096))
+    f.flush()
+    os.fsync(f.fileno())
+    os.kill(os.getpid(), signal.SIGKILL)
+np.savez = killed_mid_write
+sys.argv = ["edgemeta", *sys.argv[1:]]
+runpy.run_module("edgemeta", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_kill_inside_the_first_write_leaves_a_folder_the_next_enroll_takes(exported, tmp_path):
+    store = tmp_path / "s"
+    enroll = ["enroll", "--store", str(store), "--model", str(exported), "--label", "a", drawings("Keble_character01", [1])[0]]
+    p = subprocess.run([sys.executable, "-c", KILLED_IN_WRITE, *enroll], capture_output=True, text=True, timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    left = sorted(x.name for x in store.iterdir())  # what a kill leaves: the lock and a partial temporary file
+    assert len(left) == 2 and left[0] == ".lock" and left[1].startswith(".store.") and left[1].endswith(".npz.tmp"), left
+    p = run(*enroll)
+    assert p.returncode == 0 and "now has 1 sample(s)" in p.stdout, p.stderr
+    assert sorted(x.name for x in store.iterdir()) == [".lock", STORE_FILE]
+
+
+# First writes of a big store (so that most of the time goes to writing) into new folders, until killed.
+FIRST_WRITES = """
+import json, sys
+from pathlib import Path
+import numpy as np
+from edgemeta.runtime.store import EnrollmentStore
+base, backbone, shape = Path(sys.argv[1]), json.loads(sys.argv[2]), tuple(json.loads(sys.argv[3]))
+emb = np.ones((4000, backbone["embedding_dim"]), np.float32)
+samples = np.zeros((4000, *shape), np.uint8)
+print("ready", flush=True)
+for i in range(10**6):
+    folder = base / str(i)
+    with EnrollmentStore.locked(folder):
+        s = EnrollmentStore.create(folder, backbone, True, shape)
+        s.add("a", emb, samples)
+        s.save()
+"""
+
+
+def test_random_kills_during_first_writes_leave_folders_that_take_the_next_enroll(exported, tmp_path):
+    rt = FewShotRuntime(exported)
+    images, _ = rt.images(drawings("Keble_character01", [1]))
+    rng = random.Random(12)
+    deadline, kills = time.monotonic() + 4, 0
+    while kills < 5 or time.monotonic() < deadline:
+        base = tmp_path / str(kills)
+        child = subprocess.Popen([sys.executable, "-c", FIRST_WRITES, str(base), json.dumps(rt.backbone),
+                                  json.dumps(list(rt.manifest.preprocess.input_shape))], stdout=subprocess.PIPE, text=True)
+        assert child.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0, 0.2))
+        child.kill()
+        child.wait()
+        child.stdout.close()
+        kills += 1
+    folders = sorted(tmp_path.glob("*/*"))
+    in_write = [f for f in folders if any(x.name.endswith(".npz.tmp") for x in f.iterdir())]
+    assert in_write, f"no kill of {kills} landed inside a write"
+    for folder in folders:
+        rt.enroll_images(folder, "b", images)
+        assert sorted(x.name for x in folder.iterdir()) == [".lock", STORE_FILE], folder
+
+
+def test_leftover_cleanup_removes_only_the_stores_own_temporary_files(exported, tmp_path):
+    rt = FewShotRuntime(exported)
+    store = tmp_path / "s"
+    rt.enroll(store, "a", drawings("Keble_character01", [1]))
+    leftover = ".store.k9_x2qpz.npz.tmp"  # save()'s form: .store. + 8 of [a-z0-9_] + .npz.tmp
+    users = ["notes.txt", "store.npz.tmp", ".store.npz.tmp", ".store.backup.npz", ".store.k9_x2qpzz.npz.tmp",
+             ".store.K9_X2QPZ.npz.tmp", ".store.k9_x2qpz.npz.tmp.keep", "x.store.k9_x2qpz.npz.tmp"]
+    for name in [leftover, *users]:
+        (store / name).write_bytes(b"someone's data")
+    rt.enroll(store, "b", drawings("Keble_character02", [1]))
+    assert sorted(x.name for x in store.iterdir()) == sorted([".lock", STORE_FILE, *users])
+    assert all((store / name).read_bytes() == b"someone's data" for name in users)
+    # a folder with a user's file besides a lock and a leftover is still not taken for a store, and left alone
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in [".lock", leftover, "holiday.jpg"]:
+        (photos / name).write_bytes(b"x")
+    with pytest.raises(EdgemetaError, match="is not an enrollment store"):
+        rt.enroll(photos, "a", drawings("Keble_character01", [1]))
+    assert sorted(x.name for x in photos.iterdir()) == sorted([".lock", leftover, "holiday.jpg"])
 
 
 def test_reenroll_after_a_model_upgrade(exported, tmp_path):

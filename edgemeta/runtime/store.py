@@ -9,7 +9,8 @@ One folder holding one ``store.npz`` (arrays only, read with allow_pickle=False)
     meta         () str            JSON: format, backbone identity, timestamps
 Every change rewrites the file to a temporary name, fsyncs it and renames it over the old one
 (then fsyncs the folder): a crash at any moment leaves the last good store. Writers take an
-exclusive lock, so an agent and a command line can share a store.
+exclusive lock, so an agent and a command line can share a store. A writer killed mid-write leaves
+its temporary file behind; the next writer removes it under the lock (only names of TMP_NAME's form).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import datetime as dt
 import fcntl
 import json
 import os
+import re
 import tempfile
 import zipfile
 from collections.abc import Iterator
@@ -30,6 +32,10 @@ from edgemeta.errors import EdgemetaError
 
 STORE_FILE = "store.npz"
 LOCK_FILE = ".lock"
+TMP_PREFIX, TMP_SUFFIX = ".store.", ".npz.tmp"
+# The names tempfile.mkstemp gives save()'s temporary files (8 characters of [a-z0-9_]): only files of
+# exactly this form are ever removed (the kill tests in tests/test_runtime.py check that they still match).
+TMP_NAME = re.compile(re.escape(TMP_PREFIX) + r"[a-z0-9_]{8}" + re.escape(TMP_SUFFIX))
 STORE_FORMAT = 1
 MAX_LABEL = 128
 
@@ -71,12 +77,18 @@ class EnrollmentStore:
         samples = np.zeros((0, *sample_shape), np.uint8) if keep_samples else None
         return cls(folder, meta, np.zeros((0, dim), np.float32), np.zeros(0, np.int32), [], samples)
 
+    @staticmethod
+    def _own_file(name: str) -> bool:
+        """The lock, or a temporary file of save() (left behind when a writer was killed)."""
+        return name == LOCK_FILE or TMP_NAME.fullmatch(name) is not None
+
     @classmethod
     def check_folder(cls, folder: Path) -> None:
-        """A store folder is a store, or new, or empty: never someone else's folder."""
+        """A store folder is a store, or new, or empty (of anything but the store's own leftovers from a
+        killed first write): never someone else's folder."""
         if folder.exists() and not folder.is_dir():
             raise EdgemetaError(f"{folder} is a file, not a store folder")
-        if folder.is_dir() and not cls.exists(folder) and any(p.name != LOCK_FILE for p in folder.iterdir()):
+        if folder.is_dir() and not cls.exists(folder) and not all(cls._own_file(p.name) for p in folder.iterdir()):
             raise EdgemetaError(f"{folder} is not an enrollment store (no {STORE_FILE}) and not empty; "
                                 "use a new or empty folder for --store")
 
@@ -104,12 +116,17 @@ class EnrollmentStore:
     @staticmethod
     @contextlib.contextmanager
     def locked(folder: str | Path) -> Iterator[None]:
-        """Exclusive writer lock on the store folder (blocks until free)."""
+        """Exclusive writer lock on the store folder (blocks until free); removes killed writers' leftovers."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / LOCK_FILE, "a+") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
+                # Every writer saves under this lock, so any temporary file of save()'s form now is
+                # one whose writer died before renaming it: never an acknowledged change.
+                for p in folder.iterdir():
+                    if TMP_NAME.fullmatch(p.name) and p.is_file() and not p.is_symlink():
+                        p.unlink(missing_ok=True)
                 yield
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
@@ -190,7 +207,7 @@ class EnrollmentStore:
             arrays["class_names"] = np.zeros(0, dtype="<U1")
         if self.samples is not None:
             arrays["samples"] = self.samples
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".store.", suffix=".npz.tmp")
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=TMP_PREFIX, suffix=TMP_SUFFIX)
         try:
             with os.fdopen(fd, "wb") as f:
                 np.savez(f, **arrays)

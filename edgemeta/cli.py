@@ -507,7 +507,8 @@ def health(model: str, store: str | None, as_json: bool) -> None:
 @main.command()
 @click.option("--board", required=True, help="Board profile (see `edgemeta boards`).")
 @click.option("--model", required=True, type=click.Path(file_okay=False), help="Exported model folder.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle folder to write.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Bundle folder to write: new, empty, or an earlier bundle (replaced once the new one is built).")
 @click.option("--wheelhouse", is_flag=True, help="Include every wheel for the board's platform (offline install).")
 def bundle(board: str, model: str, out: str, wheelhouse: bool) -> None:
     """Build a checksummed release of a model for one board; refuses a model the board cannot run.

@@ -146,6 +146,78 @@ def test_bundle_refuses_what_the_board_cannot_run(exported, tmp_path):
     assert p.returncode == 2 and "Python 3.7" in p.stderr
 
 
+def bundle_cli(exported, out):
+    return subprocess.run([sys.executable, "-m", "edgemeta", "bundle", "--board", "generic-x86_64", "--model", str(exported),
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def small_bundle(exported, tmp_path_factory):
+    return build_bundle("generic-x86_64", exported, tmp_path_factory.mktemp("small") / "b")
+
+
+def test_bundle_never_deletes_a_folder_it_did_not_write(exported, small_bundle, tmp_path):
+    mine = tmp_path / "my-stuff"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("years of work")
+    p = bundle_cli(exported, mine)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert p.stderr.startswith("error: ") and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert str(mine) in p.stderr and "not a bundle edgemeta wrote" in p.stderr and "choose a new or empty folder" in p.stderr
+    assert tree(mine) == {"thesis.txt": b"years of work"}
+    # a bundle with a user's file put into it is not taken for edgemeta's alone either
+    shutil.copytree(small_bundle, tmp_path / "b")
+    (tmp_path / "b" / "model" / "notes.txt").write_text("mine")
+    before = tree(tmp_path / "b")
+    p = bundle_cli(exported, tmp_path / "b")
+    assert p.returncode == 2 and "model/notes.txt" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert tree(tmp_path / "b") == before
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["b", "my-stuff"]  # no half-built sibling left
+
+
+def test_bundle_replaces_its_own_earlier_bundle(exported, small_bundle, tmp_path):
+    out = tmp_path / "b"
+    shutil.copytree(small_bundle, out)
+    (out / "requirements.txt").write_text("from the earlier build\n")  # a file the bundle lists
+    p = bundle_cli(exported, out)
+    assert p.returncode == 0, p.stderr
+    new = tree(out)
+    assert new.keys() == tree(small_bundle).keys()
+    assert new["requirements.txt"] == (small_bundle / "requirements.txt").read_bytes()
+    assert json.loads(new["BUNDLE.json"])["files"] == {k: sha256_file(out / k) for k in new if k != "BUNDLE.json"}
+    assert [x.name for x in tmp_path.iterdir()] == ["b"]
+
+
+def test_a_failed_build_leaves_the_earlier_bundle_intact(exported, small_bundle, tmp_path, monkeypatch):
+    import edgemeta.deploy.bundle as bundle_mod
+    from edgemeta.errors import EdgemetaError
+
+    out = tmp_path / "b"
+    shutil.copytree(small_bundle, out)
+    before = tree(out)
+
+    def no_wheel(dest):  # the build fails late, after the model was checked and copied
+        raise EdgemetaError("could not build the edgemeta wheel: test")
+
+    monkeypatch.setattr(bundle_mod, "_edgemeta_wheel", no_wheel)
+    with pytest.raises(EdgemetaError, match="could not build the edgemeta wheel"):
+        build_bundle("generic-x86_64", exported, out)
+    assert tree(out) == before
+    assert [x.name for x in tmp_path.iterdir()] == ["b"]
+    # a bad model: refused, the bundle untouched
+    bad = tmp_path / "bad-model"
+    shutil.copytree(exported, bad)
+    (bad / "manifest.json").write_text("{not json")
+    with pytest.raises(EdgemetaError):
+        build_bundle("generic-x86_64", bad, out)
+    assert tree(out) == before
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["b", "bad-model"]
+
+
 def test_doctor_over_ssh_before_and_after_deploy(lab, bundle):
     board = lab.add_board()
     doctor = [sys.executable, "-m", "edgemeta", "doctor", "--board", "generic-x86_64", "--host", board.alias,

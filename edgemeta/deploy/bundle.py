@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -22,7 +24,7 @@ from pathlib import Path
 
 from edgemeta.boards import Board, boards_dir, load_board
 from edgemeta.errors import EdgemetaError
-from edgemeta.runtime.manifest import read_manifest, sha256_file
+from edgemeta.runtime.manifest import Manifest, Variant, read_manifest, sha256_file
 from edgemeta.runtime.tflite_info import read_structure
 
 BUNDLE_FILE = "BUNDLE.json"
@@ -34,7 +36,7 @@ def requirements(board: Board) -> list[str]:
     return [f"{rt['package']}=={rt['version']}", rt.get("numpy", "numpy"), *BASE_REQUIREMENTS]
 
 
-def check_model_for_board(model_dir: str | Path, board: Board) -> tuple[object, object]:
+def check_model_for_board(model_dir: str | Path, board: Board) -> tuple[Manifest, Variant]:
     """(manifest, variant) the board will run, or an error saying why it cannot."""
     if not board.supported:
         raise EdgemetaError(f"board {board.name} is not supported: {board.raw.get('unsupported_reason', '')}")
@@ -106,14 +108,74 @@ WantedBy=multi-user.target
 """
 
 
+def _listed_files(folder: Path) -> set[str] | None:
+    """The files of a bundle edgemeta wrote (from its BUNDLE.json, itself included), or None if it is none."""
+    try:
+        info = json.loads((folder / BUNDLE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or info.get("format") != 1 or not isinstance(info.get("files"), dict):
+        return None
+    return {*info["files"], BUNDLE_FILE}
+
+
+def _check_replaceable(out: Path) -> None:
+    """`out` may be (re)written: it does not exist, is empty, or is a bundle edgemeta wrote and nothing else.
+    Anything else may be a user's files, which a new bundle must never delete."""
+    if out.is_symlink():
+        raise EdgemetaError(f"{out} is a symbolic link; pass the folder it points to as --out")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise EdgemetaError(f"{out} is a file, not a bundle folder; choose another --out")
+    if not any(out.iterdir()):
+        return
+    listed = _listed_files(out)
+    if listed is None:
+        raise EdgemetaError(f"{out} is not empty and is not a bundle edgemeta wrote (no valid {BUNDLE_FILE}); "
+                            "nothing was changed: choose a new or empty folder for --out, or move its files away")
+    extra = sorted(rel for p in out.rglob("*") if not p.is_dir() and (rel := p.relative_to(out).as_posix()) not in listed)
+    if extra:
+        raise EdgemetaError(f"{out} is a bundle but also holds files that are not part of it ({', '.join(extra[:3])}"
+                            f"{', ...' if len(extra) > 3 else ''}); nothing was changed: move them away or choose another --out")
+
+
 def build_bundle(board_name: str, model_dir: str | Path, out: str | Path, wheelhouse: bool = False) -> Path:
-    """Write the bundle folder `out` for one board; returns it."""
+    """Write the bundle folder `out` for one board; returns it.
+
+    `out` must be new, empty, or a bundle edgemeta wrote (which is replaced). The bundle is built in a
+    sibling folder and renamed into place only when complete: a failed build leaves `out` as it was."""
     board = load_board(board_name)
+    _check_replaceable(Path(out))  # before any work, so a refusal costs nothing
     manifest, variant = check_model_for_board(model_dir, board)
-    out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
-    (out / "model").mkdir(parents=True)
+    final = Path(os.path.abspath(out))  # a real name to put siblings beside, even for "." or "a/.."
+    final.parent.mkdir(parents=True, exist_ok=True)
+    token = f"{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = final.with_name(f".{final.name}.building-{token}")  # same filesystem as `out`: the swap is a rename
+    tmp.mkdir()
+    try:
+        _write_bundle(tmp, board, manifest, variant, wheelhouse)
+        _check_replaceable(final)  # again: someone may have put files there during the build
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{token}")
+            final.rename(old)
+            try:
+                tmp.rename(final)
+            except BaseException:
+                old.rename(final)
+                raise
+            shutil.rmtree(old)
+        else:
+            tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # the failed build's half-written folder, never `out`
+        raise
+    return Path(out)
+
+
+def _write_bundle(out: Path, board: Board, manifest: Manifest, variant: Variant, wheelhouse: bool) -> None:
+    """Fill the empty folder `out` with the bundle."""
+    (out / "model").mkdir()
     shutil.copy2(manifest.folder / variant.file, out / "model" / variant.file)
     reduced = dict(manifest.raw)
     reduced["variants"] = {variant.name: manifest.raw["variants"][variant.name]}
@@ -133,4 +195,3 @@ def build_bundle(board_name: str, model_dir: str | Path, out: str | Path, wheelh
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "files": {p.relative_to(out).as_posix(): sha256_file(p) for p in files}}
     (out / BUNDLE_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    return out

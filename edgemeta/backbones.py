@@ -9,23 +9,28 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import keras
-from keras import layers
-
 from edgemeta.errors import EdgemetaError
+
+# Keras is imported inside the builders, so that the registry (which configuration checks
+# read) costs nothing to import.
 
 
 def _conv_bn(x, filters: int, name: str, relu: bool = True):
+    from keras import layers
+
     x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv")(x)
     # momentum 0.9 (PyTorch's 0.1): running statistics keep up with a fast-moving backbone
     x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
     return layers.ReLU(name=f"{name}_relu")(x) if relu else x
 
 
-def conv4(input_shape: tuple[int, int, int], width: int = 64, batch_size: int | None = None) -> keras.Model:
+def conv4(input_shape: tuple[int, int, int], width: int = 64, batch_size: int | None = None):
     """Conv-4 of Snell et al. (2017), "Prototypical Networks for Few-shot Learning":
     4 x [conv 3x3 (width), batch norm, ReLU, max-pool 2x2], flattened.
     A 28x28 Omniglot image gives a 64-d embedding, an 84x84 image 1600-d."""
+    import keras
+    from keras import layers
+
     inp = keras.Input(input_shape, batch_size=batch_size, name="image")
     x = inp
     for i in range(4):
@@ -35,10 +40,13 @@ def conv4(input_shape: tuple[int, int, int], width: int = 64, batch_size: int | 
 
 
 def resnet12(input_shape: tuple[int, int, int], widths: tuple[int, ...] = (64, 128, 256, 512),
-             batch_size: int | None = None) -> keras.Model:
+             batch_size: int | None = None):
     """ResNet-12 (Oreshkin et al., 2018, TADAM; Lee et al., 2019, MetaOptNet): four residual
     blocks of three 3x3 conv-BN layers with a 1x1 conv-BN shortcut, each followed by a 2x2
     max-pool, then global average pooling. ReLU instead of leaky ReLU, for the Edge TPU."""
+    import keras
+    from keras import layers
+
     inp = keras.Input(input_shape, batch_size=batch_size, name="image")
     x = inp
     for i, w in enumerate(widths):
@@ -53,10 +61,10 @@ def resnet12(input_shape: tuple[int, int, int], widths: tuple[int, ...] = (64, 1
     return keras.Model(inp, layers.GlobalAveragePooling2D(name="embedding")(x), name="resnet12")
 
 
-BACKBONES: dict[str, Callable[..., keras.Model]] = {"conv4": conv4, "resnet12": resnet12}
+BACKBONES: dict[str, Callable] = {"conv4": conv4, "resnet12": resnet12}
 
 
-def build_backbone(name: str, input_shape: tuple[int, int, int], batch_size: int | None = None, **kwargs) -> keras.Model:
+def build_backbone(name: str, input_shape: tuple[int, int, int], batch_size: int | None = None, **kwargs):
     """Build a backbone by name, e.g. ``build_backbone("conv4", (28, 28, 1))``."""
     if name not in BACKBONES:
         raise EdgemetaError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}")

@@ -9,7 +9,9 @@ Example (``models/omniglot-vinyals-conv4/config.toml``)::
 
     [model]
     backbone = "conv4"
-    algorithm = "protonet"
+
+    [method]
+    name = "protonet"    # or maml, anil, metasgd; the method's own keys follow (see edgemeta/methods/)
 
     [train]
     way = 60
@@ -34,23 +36,21 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-ALGORITHMS = ("protonet",)
-BACKBONE_NAMES = ("conv4", "resnet12")
+LR_SCHEDULES = ("step", "cosine", "constant")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     backbone: str = "conv4"
-    algorithm: str = "protonet"
     image_size: int = 28
     channels: int = 1
     invert: bool = True  # Omniglot: dark strokes on white -> bright strokes on black
 
     def __post_init__(self) -> None:
-        if self.backbone not in BACKBONE_NAMES:
-            raise EdgemetaError(f"unknown backbone {self.backbone!r} in [model]; choose one of: {', '.join(BACKBONE_NAMES)}")
-        if self.algorithm not in ALGORITHMS:
-            raise EdgemetaError(f"unknown algorithm {self.algorithm!r} in [model]; choose one of: {', '.join(ALGORITHMS)}")
+        from edgemeta.backbones import BACKBONES
+
+        if self.backbone not in BACKBONES:
+            raise EdgemetaError(f"unknown backbone {self.backbone!r} in [model]; choose one of: {', '.join(BACKBONES)}")
 
     @property
     def preprocess(self) -> Preprocess:
@@ -64,7 +64,9 @@ class TrainConfig:
     query: int = 5
     episodes: int = 20000          # stop after this many training episodes
     max_minutes: float = 0.0       # and/or after this much wall time (0: no limit)
+    meta_batch: int = 1            # episodes (tasks) averaged per optimizer step on each replica (MAML: 32)
     learning_rate: float = 1e-3
+    lr_schedule: str = "step"      # step (below), cosine (to 0 over `episodes`, MAML++) or constant
     lr_decay_every: int = 2000     # episodes between learning-rate steps (Snell et al.: halve every 2000)
     lr_decay_rate: float = 0.5
     seed: int = 0
@@ -82,8 +84,10 @@ class TrainConfig:
     augment_scale: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.episodes < 1 or self.lr_decay_every < 1 or self.learning_rate <= 0:
-            raise EdgemetaError("[train] episodes, lr_decay_every and learning_rate must be positive")
+        if self.episodes < 1 or self.lr_decay_every < 1 or self.learning_rate <= 0 or self.meta_batch < 1:
+            raise EdgemetaError("[train] episodes, meta_batch, lr_decay_every and learning_rate must be positive")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise EdgemetaError(f"[train] lr_schedule must be one of {', '.join(LR_SCHEDULES)}, not {self.lr_schedule!r}")
         if self.classes not in ("train", "trainval"):
             raise EdgemetaError(f"[train] classes must be 'train' or 'trainval', not {self.classes!r}")
         if not (0 <= self.augment_shift < 0.5 and 0 <= self.augment_rotate <= 180 and 0 <= self.augment_scale < 1):
@@ -110,17 +114,55 @@ class ValidationConfig:
 
 
 @dataclass(frozen=True)
+class MethodConfig:
+    """The [method] table: the algorithm's name and its own keys (checked against its Params)."""
+
+    name: str = "protonet"
+    params: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from edgemeta.methods import method_params
+
+        method_params(self.name, self.params)  # raises on an unknown method, key, type or range
+
+    @property
+    def resolved(self):
+        from edgemeta.methods import method_params
+
+        return method_params(self.name, self.params)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, **dataclasses.asdict(self.resolved)}
+
+
+@dataclass(frozen=True)
 class Config:
     data: DatasetSpec = field(default_factory=DatasetSpec)
     model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["method"] = self.method.to_dict()
+        return d
 
 
-_SECTIONS = {"data": DatasetSpec, "model": ModelConfig, "train": TrainConfig, "validation": ValidationConfig}
+_SECTIONS = {"data": DatasetSpec, "model": ModelConfig, "method": MethodConfig, "train": TrainConfig,
+             "validation": ValidationConfig}
+
+
+def _method_section(raw: dict) -> MethodConfig:
+    """[method] name = ... plus the method's keys; `[model] algorithm` is the older spelling of the name."""
+    values = dict(raw.get("method", {}))
+    legacy = raw.get("model", {}).get("algorithm")
+    name = values.pop("name", legacy or "protonet")
+    if legacy is not None and legacy != name:
+        raise EdgemetaError(f"[model] algorithm = {legacy!r} and [method] name = {name!r} disagree; keep [method] name only")
+    if not isinstance(name, str):
+        raise EdgemetaError(f"[method] name must be a string, got {name!r}")
+    return MethodConfig(name, values)
 
 
 def _section(name: str, cls, values: dict):
@@ -145,7 +187,10 @@ def config_from_dict(raw: dict) -> Config:
     unknown = sorted(set(raw) - set(_SECTIONS))
     if unknown:
         raise EdgemetaError(f"unknown section [{unknown[0]}]; known sections: {', '.join(_SECTIONS)}")
-    return Config(**{name: _section(name, cls, raw.get(name, {})) for name, cls in _SECTIONS.items()})
+    model = {k: v for k, v in raw.get("model", {}).items() if k != "algorithm"}
+    sections = {name: _section(name, cls, model if name == "model" else raw.get(name, {}))
+                for name, cls in _SECTIONS.items() if name != "method"}
+    return Config(method=_method_section(raw), **sections)
 
 
 def load_config(path: str | Path) -> Config:

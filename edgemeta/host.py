@@ -7,8 +7,7 @@ from pathlib import Path
 
 from edgemeta.data import DatasetSpec, load_dataset
 from edgemeta.errors import EdgemetaError
-from edgemeta.evaluate import STANDARD_SETTINGS, SettingResult, evaluate, results_markdown, results_table
-from edgemeta.methods import get_method
+from edgemeta.evaluate import STANDARD_SETTINGS, SettingResult, embed_split, episode_inputs, evaluate, results_markdown, results_table
 from edgemeta.modeldir import load_backbone
 
 
@@ -54,7 +53,7 @@ def evaluate_model_dir(model_dir: str, data: str = "", folder: str = "", split: 
     if model.input_shape[1:] != info.preprocess.input_shape:
         raise EdgemetaError(f"{model_dir}: model input {model.input_shape[1:]} does not match model.json "
                             f"preprocessing {info.preprocess.input_shape}; the folder is inconsistent")
-    method = get_method(info.algorithm)
+    method = info.make_method(model_dir, model)
     if variant:
         from edgemeta.runtime.interpreter import Embedder, runtime_version
         from edgemeta.runtime.manifest import read_manifest
@@ -63,7 +62,14 @@ def evaluate_model_dir(model_dir: str, data: str = "", folder: str = "", split: 
         backend = f"{variant}.tflite through {embedder.runtime} {runtime_version(embedder.runtime)}"
     else:
         embedder, backend = keras_embedder(model), "keras (float32)"
-    results = evaluate(embedder, method.classify, data_split, settings, episodes, query, seed, confusions=confusions)
+    if method.adapts_body and variant:
+        classify, inputs = method.classify, embed_split(embedder, data_split)  # the board: body frozen, head adapted
+    else:
+        classify, inputs = episode_inputs(method, embedder, data_split)
+    if method.adapts_body and not variant:
+        backend += f", whole network adapted ({method.params.test_steps} steps, " + \
+            ("transductive" if method.params.transductive else "non-transductive") + " batch norm)"
+    results = evaluate(embedder, classify, data_split, settings, episodes, query, seed, embeddings=inputs, confusions=confusions)
     context = {"model": Path(model_dir).name, "algorithm": info.algorithm, "backbone": info.backbone,
                "backend": backend, "data": source, "classes": data_split.num_classes,
                "images": len(data_split.images), "episodes per setting": episodes, "seed": seed}

@@ -14,13 +14,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgemeta.errors import EdgemetaError
 from edgemeta.preprocess import Preprocess
 
 MODEL_FILE = "model.keras"
+HEAD_FILE = "head.npz"  # the method's own learned arrays (MAML's head initialisation, learned rates), if any
 INFO_FILE = "model.json"
 INFO_FORMAT = 1
 
@@ -34,16 +35,32 @@ class ModelInfo:
     embedding_dim: int
     data: dict
     training: dict
+    method: dict = field(default_factory=dict)  # [method] name and parameters (older folders: protonet defaults)
 
     def to_dict(self) -> dict:
         return {"format": INFO_FORMAT, "backbone": self.backbone, "algorithm": self.algorithm,
                 "distance": self.distance, "preprocess": self.preprocess.to_dict(),
-                "embedding_dim": self.embedding_dim, "data": self.data, "training": self.training}
+                "embedding_dim": self.embedding_dim, "data": self.data, "training": self.training,
+                "method": self.method or {"name": self.algorithm}}
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelInfo:
         return cls(d["backbone"], d["algorithm"], d["distance"], Preprocess.from_dict(d["preprocess"]),
-                   int(d["embedding_dim"]), d.get("data", {}), d.get("training", {}))
+                   int(d["embedding_dim"]), d.get("data", {}), d.get("training", {}), d.get("method", {}))
+
+    def make_method(self, model_dir: str | Path | None = None, backbone=None, way: int = 5):
+        """The folder's method with its parameters, built over `backbone` and its learned arrays restored."""
+        from edgemeta.methods import get_method
+
+        params = {k: v for k, v in (self.method or {}).items() if k != "name"}
+        method = get_method(self.algorithm, params)
+        if backbone is not None:
+            arrays = read_npz(Path(model_dir) / HEAD_FILE) if model_dir and (Path(model_dir) / HEAD_FILE).is_file() else {}
+            trained_way = arrays["w0"].shape[1] if "w0" in arrays else way
+            method.build(backbone, trained_way)
+            if arrays:
+                method.load_head(arrays)
+        return method
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:
@@ -59,6 +76,26 @@ def write_atomic(path: Path, data: bytes | str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_npz(path: Path, arrays: dict) -> None:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    write_atomic(path, buf.getvalue())
+
+
+def read_npz(path: Path) -> dict:
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise EdgemetaError(f"{path} is damaged ({e}); retrain or restore the model folder") from None
 
 
 def write_json(path: Path, obj) -> None:

@@ -27,9 +27,9 @@ import numpy as np
 from edgemeta.config import Config, dump_toml
 from edgemeta.data import EpisodeSampler, load_dataset, merge_splits
 from edgemeta.errors import EdgemetaError
-from edgemeta.evaluate import embed_split, episode_accuracies, mean_ci95
-from edgemeta.methods import get_method
-from edgemeta.modeldir import INFO_FILE, MODEL_FILE, ModelInfo, load_keras, read_info, write_atomic, write_json
+from edgemeta.evaluate import episode_accuracies, episode_inputs, mean_ci95
+from edgemeta.methods import TaskEpisode, get_method
+from edgemeta.modeldir import HEAD_FILE, INFO_FILE, MODEL_FILE, ModelInfo, load_keras, read_info, write_atomic, write_json, write_npz
 
 STATE_FILE = "checkpoints/state.json"
 HISTORY_FIELDS = ("episode", "loss", "train_acc", "val_acc", "val_ci95", "learning_rate", "elapsed_s")
@@ -60,9 +60,10 @@ def make_strategy(devices: list[str]):
 class _Progress:
     """A one-line progress display on a terminal; plain log lines otherwise (background jobs)."""
 
-    def __init__(self, total: int, enabled: bool, done: int = 0):
+    def __init__(self, total: int, enabled: bool, done: int = 0, log_every_s: float = 60.0):
         self.total, self.enabled, self.tty = total, enabled, sys.stderr.isatty()
         self.start, self.first = time.monotonic(), done  # a resumed run counts its own episodes only
+        self.log_every_s, self.last_line = log_every_s, time.monotonic()
 
     def update(self, done: int, loss: float, acc: float, val: str, force_line: bool = False) -> None:
         if not self.enabled:
@@ -71,18 +72,21 @@ class _Progress:
         width = 30
         filled = int(width * done / self.total)
         text = (f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} episodes  "
-                f"loss {loss:.3f}  acc {100 * acc:5.1f}%  val {val}  {rate:.1f} ep/s")
+                f"loss {loss:.3f}  acc {100 * acc:5.1f}%  val {val}  {rate:.3g} ep/s")
         if self.tty:
             print("\r" + text, end="\n" if force_line else "", file=sys.stderr, flush=True)
-        elif force_line:
+        elif force_line or time.monotonic() - self.last_line >= self.log_every_s:  # a log gets a line a minute
+            self.last_line = time.monotonic()
             print(text, file=sys.stderr, flush=True)
 
 
 class EpisodicTrainer:
-    """The model, optimizer and compiled training step under one distribution strategy.
+    """The model, the method's variables, the optimizer and the compiled training step under one
+    distribution strategy.
 
-    ``step(first)`` trains on episodes ``first .. first + replicas - 1`` of `sampler` (one per
-    replica, gradients averaged) and returns the mean loss and accuracy."""
+    ``step(first)`` trains on episodes ``first .. first + episodes_per_step - 1`` of `sampler`:
+    each replica takes ``meta_batch`` consecutive episodes, their gradients are averaged over all
+    of them, and the optimizer takes one step. Returns the mean loss and accuracy."""
 
     def __init__(self, cfg: Config, sampler: EpisodeSampler):
         import keras
@@ -91,29 +95,49 @@ class EpisodicTrainer:
         from edgemeta.backbones import build_backbone
 
         tc = cfg.train
-        self.sampler, self.method = sampler, get_method(cfg.model.algorithm)
+        self.sampler, self.method = sampler, get_method(cfg.method.name, cfg.method.params)
         self.strategy = make_strategy(tc.devices)
         self.replicas = replicas = self.strategy.num_replicas_in_sync
+        self.meta_batch = meta_batch = tc.meta_batch
+        self.episodes_per_step = per_step = replicas * meta_batch
         with self.strategy.scope():
             self.model = build_backbone(cfg.model.backbone, cfg.model.preprocess.input_shape)
-            self.schedule = keras.optimizers.schedules.ExponentialDecay(
-                tc.learning_rate, decay_steps=max(1, tc.lr_decay_every // replicas), decay_rate=tc.lr_decay_rate, staircase=True)
+            self.method.build(self.model, tc.way)
+            self.variables = self.model.trainable_variables + self.method.variables
+            steps = max(1, tc.episodes // per_step)
+            if tc.lr_schedule == "cosine":
+                self.schedule = keras.optimizers.schedules.CosineDecay(tc.learning_rate, decay_steps=steps)
+            else:
+                rate = tc.lr_decay_rate if tc.lr_schedule == "step" else 1.0
+                self.schedule = keras.optimizers.schedules.ExponentialDecay(
+                    tc.learning_rate, decay_steps=max(1, tc.lr_decay_every // per_step), decay_rate=rate, staircase=True)
             self.optimizer = keras.optimizers.Adam(self.schedule)
-            self.optimizer.build(self.model.trainable_variables)
-        model, optimizer, method, strategy = self.model, self.optimizer, self.method, self.strategy
+            self.optimizer.build(self.variables)
+        optimizer, method, strategy, variables = self.optimizer, self.method, self.strategy, self.variables
 
-        def replica_step(support, support_labels, query, query_labels, episode):
+        def task_grads(support, support_labels, query, query_labels, episode):
             if tc.augments:  # one seeded draw per episode, so a resumed run sees the same images
                 seed = tf.stack([tf.constant(tc.seed, tf.int64), tf.cast(episode, tf.int64)])
                 n = tf.shape(support)[0]
                 both = random_affine(tf.concat([support, query], 0), seed, tc.augment_shift, tc.augment_rotate, tc.augment_scale)
                 support, query = both[:n], both[n:]
             with tf.GradientTape() as tape:
-                loss, acc = method.episode_loss(model, support, support_labels, query, query_labels, tc.way, training=True)
-                scaled = loss / replicas
-            grads = tape.gradient(scaled, model.trainable_variables)
-            optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
-            return loss, acc
+                loss, acc = method.episode_loss(
+                    TaskEpisode(support, support_labels, query, query_labels, tc.way, progress=episode), training=True)
+            grads = tape.gradient(loss, variables)
+            return loss, acc, [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables, strict=True)]
+
+        def replica_step(support, support_labels, query, query_labels, episode):
+            # The meta-batch is a loop, not a wider batch: tasks must not share batch-norm statistics.
+            def body(t, loss, acc, grads):
+                lt, at, gt = task_grads(support[t], support_labels[t], query[t], query_labels[t], episode[t])
+                return t + 1, loss + lt, acc + at, [a + g for a, g in zip(grads, gt, strict=True)]
+
+            zeros = [tf.zeros_like(v) for v in variables]
+            _, loss, acc, grads = tf.while_loop(lambda t, *_: t < meta_batch, body,
+                                                (tf.constant(0), tf.constant(0.0), tf.constant(0.0), zeros))
+            optimizer.apply_gradients(zip([g / per_step for g in grads], variables, strict=True))
+            return loss / meta_batch, acc / meta_batch
 
         @tf.function
         def train_step(inputs):
@@ -125,22 +149,31 @@ class EpisodicTrainer:
 
     @property
     def episodes_done(self) -> int:
-        return int(self.optimizer.iterations.numpy()) * self.replicas
+        return int(self.optimizer.iterations.numpy()) * self.episodes_per_step
 
     @property
     def learning_rate(self) -> float:
         return float(self.schedule(self.optimizer.iterations))
 
+    def checkpoint(self):
+        import tensorflow as tf
+
+        variables = self.method.variables
+        extra = {"method": {f"v{i}": v for i, v in enumerate(variables)}} if variables else {}
+        return tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, **extra)
+
     def step(self, first: int) -> tuple[float, float]:
         import tensorflow as tf
 
-        eps = [self.sampler.episode(first + r) for r in range(self.replicas)]
-
         def value(ctx):
-            e = eps[ctx.replica_id_in_sync_group]
-            return (tf.cast(e.support, tf.float32) / 255.0, tf.constant(e.support_labels),
-                    tf.cast(e.query, tf.float32) / 255.0, tf.constant(e.query_labels),
-                    tf.constant(first + ctx.replica_id_in_sync_group, tf.int64))
+            r = ctx.replica_id_in_sync_group
+            index = [first + r * self.meta_batch + t for t in range(self.meta_batch)]
+            eps = [self.sampler.episode(i) for i in index]
+            return (tf.cast(np.stack([e.support for e in eps]), tf.float32) / 255.0,
+                    tf.constant(np.stack([e.support_labels for e in eps])),
+                    tf.cast(np.stack([e.query for e in eps]), tf.float32) / 255.0,
+                    tf.constant(np.stack([e.query_labels for e in eps])),
+                    tf.constant(index, tf.int64))
 
         loss, acc = self._train_step(self.strategy.experimental_distribute_values_from_function(value))
         return float(loss), float(acc)
@@ -161,8 +194,8 @@ def train(cfg: Config, out: str | Path, progress: bool = True, fresh: bool = Fal
     val_sampler = EpisodeSampler(splits["val"], vc.way, vc.shot, vc.query, seed=vc.seed)
     tf.keras.utils.set_random_seed(tc.seed)
     trainer = EpisodicTrainer(cfg, sampler)
-    model, method, replicas = trainer.model, trainer.method, trainer.replicas
-    ckpt = tf.train.Checkpoint(model=model, optimizer=trainer.optimizer)
+    model, method, replicas = trainer.model, trainer.method, trainer.episodes_per_step
+    ckpt = trainer.checkpoint()
     manager = tf.train.CheckpointManager(ckpt, out / "checkpoints", max_to_keep=2)
 
     state = {"history": [], "best_val_acc": -1.0, "best_val_ci95": 0.0, "best_episode": 0, "elapsed_s": 0.0}
@@ -181,8 +214,8 @@ def train(cfg: Config, out: str | Path, progress: bool = True, fresh: bool = Fal
     embed = keras_embedder(model)
 
     def validate() -> tuple[float, float]:
-        emb = embed_split(embed, splits["val"])
-        return mean_ci95(episode_accuracies(method.classify, emb, val_sampler, vc.episodes))
+        classify, inputs = episode_inputs(method, embed, splits["val"])
+        return mean_ci95(episode_accuracies(classify, inputs, val_sampler, vc.episodes))
 
     writer = tf.summary.create_file_writer(str(out / "tensorboard"))
     bar = _Progress(tc.episodes, progress, done)
@@ -214,7 +247,7 @@ def train(cfg: Config, out: str | Path, progress: bool = True, fresh: bool = Fal
                         tf.summary.scalar(k, row[k])
                 if val_acc > state["best_val_acc"] or tc.classes == "trainval":
                     state.update(best_val_acc=val_acc, best_val_ci95=val_ci, best_episode=done)
-                    _save_model(model, out)
+                    _save_model(model, method, out)
                     since_best = 0
                 else:
                     since_best += 1
@@ -311,9 +344,12 @@ def _write_config(cfg: Config, path: Path) -> None:
     write_atomic(path, dump_toml(cfg))
 
 
-def _save_model(model, out: Path) -> None:
+def _save_model(model, method, out: Path) -> None:
     tmp = out / f".tmp-{MODEL_FILE}"  # Keras insists on the .keras suffix
     model.save(tmp)
+    arrays = method.head_arrays()
+    if arrays:  # the method's own variables (head initialisation, learned rates) beside the backbone
+        write_npz(out / HEAD_FILE, arrays)
     tmp.replace(out / MODEL_FILE)
 
 
@@ -335,13 +371,15 @@ def _write_summary(cfg: Config, out: Path, model, method, result: TrainResult, h
     import tensorflow as tf
 
     info = ModelInfo(
-        backbone=cfg.model.backbone, algorithm=cfg.model.algorithm, distance=method.distance,
+        backbone=cfg.model.backbone, algorithm=cfg.method.name, distance=getattr(method, "distance", ""),
+        method=cfg.method.to_dict(),
         preprocess=cfg.model.preprocess, embedding_dim=int(model.output_shape[-1]),
         data={"kind": cfg.data.kind, "split": cfg.data.split, "rotations": cfg.data.rotations,
               "fractions": list(cfg.data.fractions), "seed": cfg.data.seed,
               # a folder dataset is found again by its path (Omniglot by --data / $EDGEMETA_OMNIGLOT)
               **({"root": cfg.data.root} if cfg.data.kind == "folder" else {})},
-        training={"episodes": result.episodes, "episodes_per_step": replicas, "best_episode": result.best_episode,
+        training={"episodes": result.episodes, "episodes_per_step": replicas, "meta_batch": cfg.train.meta_batch,
+                  "best_episode": result.best_episode,
                   "best_val_acc": round(100 * result.best_val_acc, 2), "best_val_ci95": round(100 * result.best_val_ci95, 2),
                   "validation": f"{cfg.validation.episodes} episodes {cfg.validation.way}-way {cfg.validation.shot}-shot "
                                 f"{cfg.validation.query}-query on the val split"
@@ -358,7 +396,7 @@ def _write_summary(cfg: Config, out: Path, model, method, result: TrainResult, h
     w.writeheader()
     w.writerows(history)
     write_atomic(out / "history.csv", buf.getvalue())
-    plot_curve(history, out / "curve.png", title=f"{cfg.model.algorithm} {cfg.model.backbone} ({cfg.data.kind} {cfg.data.split})")
+    plot_curve(history, out / "curve.png", title=f"{cfg.method.name} {cfg.model.backbone} ({cfg.data.kind} {cfg.data.split})")
 
 
 def plot_curve(history: list[dict], path: Path, title: str) -> None:

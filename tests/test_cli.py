@@ -75,7 +75,7 @@ def test_errors_are_one_line(tmp_path, model_dir):
     cfg.write_text('[model]\nbackbone = "vgg99"\n')
     assert_one_line_error(run("train", "--config", str(cfg), "--out", str(tmp_path / "o")), "unknown backbone 'vgg99'")
     cfg.write_text('[model]\nalgorithm = "maml++"\n')
-    assert_one_line_error(run("train", "--config", str(cfg), "--out", str(tmp_path / "o")), "unknown algorithm")
+    assert_one_line_error(run("train", "--config", str(cfg), "--out", str(tmp_path / "o")), "unknown method")
     assert_one_line_error(run("train", "--config", str(tmp_path / "nope.toml"), "--out", str(tmp_path / "o")), "does not exist")
     assert_one_line_error(run("eval", "--model", str(tmp_path)), "is not an edgemeta model folder")
     assert_one_line_error(run("eval", "--model", str(model_dir), "--folder", str(tmp_path / "none")), "does not exist")

@@ -1,9 +1,9 @@
 import pytest
 
-from edgemeta.backbones import BACKBONES
-from edgemeta.config import ALGORITHMS, BACKBONE_NAMES, config_from_dict, dump_toml, load_config
+import sys
+
+from edgemeta.config import config_from_dict, dump_toml, load_config
 from edgemeta.errors import EdgemetaError
-from edgemeta.methods import METHODS
 
 
 def test_round_trip(tmp_path):
@@ -14,13 +14,39 @@ def test_round_trip(tmp_path):
     assert load_config(p) == cfg
 
 
-def test_registries_agree():
-    assert set(BACKBONE_NAMES) == set(BACKBONES) and set(ALGORITHMS) == set(METHODS)
+def test_config_checks_need_no_tensorflow():
+    # every config error is reported before the 30-45 s TensorFlow import
+    import subprocess
+
+    code = ("import sys; from edgemeta.config import config_from_dict; "
+            "config_from_dict({'method': {'name': 'maml', 'inner_steps': 2}, 'model': {'backbone': 'resnet12'}}); "
+            "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_method_table_round_trips_and_the_old_spelling_still_reads(tmp_path):
+    cfg = config_from_dict({"method": {"name": "maml", "first_order": True, "inner_lr": 0.1}})
+    assert cfg.method.resolved.first_order and cfg.method.resolved.inner_lr == 0.1
+    p = tmp_path / "c.toml"
+    p.write_text(dump_toml(cfg))
+    assert load_config(p).method.resolved == cfg.method.resolved
+    assert config_from_dict({"model": {"algorithm": "protonet"}}).method.name == "protonet"
 
 
 @pytest.mark.parametrize("raw, message", [
     ({"model": {"backbone": "vgg99"}}, "unknown backbone 'vgg99'"),
-    ({"model": {"algorithm": "mystery"}}, "unknown algorithm 'mystery'"),
+    ({"model": {"algorithm": "mystery"}}, "unknown method 'mystery'"),
+    ({"method": {"name": "maml++"}}, "unknown method 'maml\\+\\+'; choose one of: protonet, maml, anil, metasgd"),
+    ({"method": {"name": "maml", "inner_rate": 0.4}}, "unknown key 'inner_rate' in \\[method\\] for maml"),
+    ({"method": {"name": "maml", "inner_steps": "5"}}, "inner_steps must be int"),
+    ({"method": {"name": "maml", "first_order": 1}}, "first_order must be bool"),
+    ({"method": {"name": "maml", "inner_steps": 0}}, "inner_steps must be in"),
+    ({"method": {"name": "maml", "inner_lr": -1.0}}, "inner_lr must be in"),
+    ({"method": {"name": "maml", "head_init": "random"}}, "head_init must be one of"),
+    ({"method": {"name": "protonet", "inner_lr": 0.4}}, "unknown key 'inner_lr' in \\[method\\] for protonet"),
+    ({"method": {"name": "maml"}, "model": {"algorithm": "protonet"}}, "disagree"),
+    ({"train": {"lr_schedule": "linear"}}, "lr_schedule must be one of"),
+    ({"train": {"meta_batch": 0}}, "meta_batch"),
     ({"train": {"wya": 5}}, "unknown key 'wya' in \\[train\\]"),
     ({"trian": {}}, "unknown section \\[trian\\]"),
     ({"train": {"way": "five"}}, "way must be a number"),

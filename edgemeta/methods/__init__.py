@@ -1,34 +1,38 @@
-"""Meta-learning algorithms, one per file, behind the `FewShotMethod` protocol.
+"""Meta-learning algorithms, one per file, behind the `Method` protocol (`methods/base.py`).
 
 An algorithm does not own the backbone: it is given one and says how an episode becomes a
-loss (training) and how a support set becomes a classifier (evaluation).
+loss (training) and how a support set becomes a classifier (evaluation, the board).
+
+    metric:        protonet
+    optimization:  maml (first_order = true: FOMAML; MAML++ options), anil, metasgd
 """
 
 from __future__ import annotations
 
-from typing import Protocol
-
-import numpy as np
-
 from edgemeta.errors import EdgemetaError
+from edgemeta.methods.anil import ANIL
+from edgemeta.methods.base import Method, TaskEpisode, make_params
+from edgemeta.methods.maml import MAML
+from edgemeta.methods.metasgd import MetaSGD
 from edgemeta.methods.protonet import ProtoNet
 
+METHODS: dict[str, type] = {m.name: m for m in (ProtoNet, MAML, ANIL, MetaSGD)}
 
-class FewShotMethod(Protocol):
-    name: str
-    distance: str
-
-    def episode_loss(self, backbone, support, support_labels, query, query_labels, way: int, training: bool):
-        """TensorFlow: (loss, accuracy) of one episode."""
-
-    def classify(self, support_emb: np.ndarray, support_labels: np.ndarray, query_emb: np.ndarray, way: int) -> np.ndarray:
-        """numpy: class scores (higher is better) of query embeddings given a support set."""
+__all__ = ["METHODS", "Method", "TaskEpisode", "get_method", "method_params"]
 
 
-METHODS = {"protonet": ProtoNet}
-
-
-def get_method(name: str) -> FewShotMethod:
+def method_class(name: str) -> type:
     if name not in METHODS:
-        raise EdgemetaError(f"unknown algorithm {name!r}; choose one of: {', '.join(METHODS)}")
-    return METHODS[name]()
+        raise EdgemetaError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def method_params(name: str, values: dict | None = None):
+    """The frozen Params of method `name` from a config's [method] table (without its `name` key)."""
+    cls = method_class(name)
+    return make_params(cls.Params, name, dict(values or {}))
+
+
+def get_method(name: str, params: dict | None = None) -> Method:
+    """A method by name with its parameters (a dict as in the config, or defaults)."""
+    return method_class(name)(method_params(name, params))

@@ -1,0 +1,93 @@
+"""The protocol every meta-learning algorithm implements, and the episode it is given.
+
+A method wraps a backbone and never owns it (learn2learn's rule): ``build`` is handed the
+backbone and creates only the method's own variables (a head initialisation, learned inner
+learning rates). Training calls ``episode_loss`` on one episode at a time; evaluation and the
+board call the numpy head (``classify`` over embeddings), or, for methods that adapt the whole
+network (``adapts_body``), the host-only ``adapt_classify`` over images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+
+from edgemeta.errors import EdgemetaError
+
+
+@dataclass
+class TaskEpisode:
+    """One episode as TensorFlow tensors: images scaled to [0, 1], labels 0..way-1, and the
+    number of training episodes done so far (for schedules inside a method, e.g. MAML++'s)."""
+
+    support: Any
+    support_labels: Any
+    query: Any
+    query_labels: Any
+    way: int
+    progress: Any = 0
+
+
+class Method(Protocol):
+    name: ClassVar[str]
+    family: ClassVar[str]                # "metric", "optimization" or "model"
+    Params: ClassVar[type]               # frozen dataclass read from the config's [method] table
+    params: Any
+    adapts_body: ClassVar[bool]          # evaluation adapts the body too (host only)
+
+    def build(self, backbone, way: int) -> None:
+        """Create the method's own variables (under the caller's strategy scope)."""
+
+    @property
+    def variables(self) -> list:
+        """Trainable variables the method owns, besides the backbone's."""
+
+    def episode_loss(self, episode: TaskEpisode, training: bool):
+        """TensorFlow: (loss, accuracy) of one episode."""
+
+    def classify(self, support_emb: np.ndarray, support_labels: np.ndarray, query_emb: np.ndarray, way: int) -> np.ndarray:
+        """numpy, the board's head: class scores (higher is better) of query embeddings."""
+
+    def head_spec(self) -> dict:
+        """The manifest's ``head`` section (JSON scalars and lists) and arrays for ``head.npz``."""
+
+    def load_head(self, arrays: dict[str, np.ndarray]) -> None:
+        """Restore the method's variables from what ``head_arrays`` returned."""
+
+    def head_arrays(self) -> dict[str, np.ndarray]:
+        """The method's learned variables as numpy arrays (saved beside the backbone)."""
+
+
+def make_params(cls, name: str, values: dict):
+    """A method's frozen Params from a config table, each key checked by name and type."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise EdgemetaError(f"unknown key {unknown[0]!r} in [method] for {name}; known keys: {', '.join(fields) or '(none)'}")
+    for key, value in values.items():
+        default = fields[key].default
+        kind = type(default)
+        ok = (isinstance(value, bool) if kind is bool
+              else isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or isinstance(value, int))
+              if kind in (int, float) else isinstance(value, kind))
+        if not ok:
+            raise EdgemetaError(f"[method] {key} must be {kind.__name__} for {name}, got {value!r}")
+    try:
+        return cls(**{k: (float(v) if type(fields[k].default) is float else v) for k, v in values.items()})
+    except ValueError as e:
+        raise EdgemetaError(f"[method] for {name}: {e}") from None
+
+
+def accuracy(logits, labels):
+    import tensorflow as tf
+
+    return tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, axis=1, output_type=tf.int32), labels), tf.float32))
+
+
+def cross_entropy(logits, labels):
+    import tensorflow as tf
+
+    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))

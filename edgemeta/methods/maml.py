@@ -1,0 +1,281 @@
+"""MAML, first-order MAML and MAML++.
+
+Finn, Abbeel and Levine (2017), "Model-Agnostic Meta-Learning for Fast Adaptation of Deep
+Networks", ICML. Learn an initialisation of the whole network (backbone + linear head) from
+which a few steps of gradient descent on a task's support set give a good classifier for its
+queries; the meta-gradient goes through the inner steps (second order), or, with
+``first_order``, treats the inner gradients as constants (FOMAML).
+
+Antoniou, Edwards and Storkey (2019), "How to train your MAML", ICLR (MAML++), as options:
+``multi_step_loss`` (the query loss after every inner step, weights annealed towards the last
+step over ``msl_episodes``), ``learn_inner_rates`` (one learned rate per layer per step, LSLR),
+``first_order_episodes`` (derivative-order annealing: first order for that many episodes,
+then second order); cosine annealing of the outer rate is ``[train] lr_schedule = "cosine"``.
+
+Defaults are the paper's Omniglot 5-way ones (the authors' code, cbfinn/maml: inner rate 0.4, one
+inner step in training, meta-batch 32 tasks (``[train] meta_batch``), outer Adam 1e-3, 10 steps
+at test); 20-way: inner rate 0.1, 5 steps, meta-batch 16.
+
+Batch norm: the inner loop normalises with the support set's batch statistics (the support set
+is given, so this leaks nothing). Queries, in training and at evaluation alike, are by default
+normalised with the *support* set's statistics under the adapted weights (non-transductive, the
+"MetaBN" of Bronskill et al. 2020): a query's answer never depends on the other queries.
+``transductive = true`` normalises the query batch with its own statistics, as the papers' code
+does; every figure says which was used. Running statistics are not used by MAML itself (in
+inference mode the adapted network drifts: a 5-way model after 6400 episodes scored 21% with
+running statistics, 78% with support statistics, 80% transductive, on 100 val episodes); they
+are kept up to date for the board path, whose frozen int8 body folds them in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgemeta.methods.base import TaskEpisode, accuracy, cross_entropy
+from edgemeta.runtime.linear_head import INITS, LinearHeadSpec, linear_scores
+
+
+@dataclass(frozen=True)
+class MAMLParams:
+    inner_lr: float = 0.4
+    inner_steps: int = 1           # in training
+    test_steps: int = 10           # at evaluation (and on the board)
+    first_order: bool = False
+    head_init: str = "learned"     # learned (Finn), zero (Kao et al. 2022) or proto (proto-MAML)
+    transductive: bool = False     # batch statistics at evaluation (the papers' code) instead of running ones
+    multi_step_loss: bool = False
+    msl_episodes: int = 0          # anneal the multi-step loss weights to the last step over this many episodes
+    learn_inner_rates: bool = False
+    first_order_episodes: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.inner_lr <= 10:
+            raise ValueError(f"inner_lr must be in (0, 10], got {self.inner_lr}")
+        if not (1 <= self.inner_steps <= 50 and 0 <= self.test_steps <= 200):
+            raise ValueError("inner_steps must be in [1, 50] and test_steps in [0, 200]")
+        if self.head_init not in INITS:
+            raise ValueError(f"head_init must be one of {', '.join(INITS)}, got {self.head_init!r}")
+        if self.msl_episodes < 0 or self.first_order_episodes < 0:
+            raise ValueError("msl_episodes and first_order_episodes must be >= 0")
+
+
+class MAML:
+    """Adapts every trainable variable of the backbone and the head in the inner loop."""
+
+    name = "maml"
+    family = "optimization"
+    Params = MAMLParams
+    adapts_body = True
+    per_parameter_rates = False   # Meta-SGD: one rate per parameter instead of per variable and step
+
+    def __init__(self, params: MAMLParams | None = None):
+        self.params = params or self.Params()
+        self.backbone = None
+        self._vars: list = []
+        self.head_w = self.head_b = None
+        self.rates: list = []     # per adapted variable: (steps,) learned rates (LSLR) or per-parameter (Meta-SGD)
+
+    # ---- variables -------------------------------------------------------------------------
+    def build(self, backbone, way: int) -> None:
+        import tensorflow as tf
+
+        p = self.params
+        self.backbone, self.way = backbone, way
+        dim = int(backbone.output_shape[-1])
+        if p.head_init == "learned":
+            limit = float(np.sqrt(6.0 / (dim + way)))  # Glorot uniform, as a Keras Dense layer
+            self.head_w = tf.Variable(tf.random.uniform((dim, way), -limit, limit), name="head_w")
+            self.head_b = tf.Variable(tf.zeros(way), name="head_b")
+        self.rates = self._build_rates()
+        self._vars = [v for v in (self.head_w, self.head_b) if v is not None] + [r for r in self.rates if r is not None]
+
+    def _build_rates(self) -> list:
+        import tensorflow as tf
+
+        if not self.params.learn_inner_rates:
+            return []
+        return [tf.Variable(tf.fill([self.params.inner_steps], self.params.inner_lr), name=f"lr_{i}")
+                for i, _ in enumerate(self._adapted_shapes())]
+
+    def _adapted_shapes(self) -> list:
+        shapes = [tuple(v.shape) for v in self.backbone.trainable_variables] if self.adapts_body else []
+        dim = int(self.backbone.output_shape[-1])
+        return shapes + [(dim, self.way), (self.way,)]
+
+    @property
+    def variables(self) -> list:
+        return self._vars
+
+    def head_arrays(self) -> dict[str, np.ndarray]:
+        out = {}
+        if self.head_w is not None:
+            out["w0"], out["b0"] = self.head_w.numpy(), self.head_b.numpy()
+        for i, r in enumerate(self.rates):
+            out[f"rate_{i}"] = r.numpy()
+        return out
+
+    def load_head(self, arrays: dict[str, np.ndarray]) -> None:
+        if self.head_w is not None:
+            self.head_w.assign(arrays["w0"])
+            self.head_b.assign(arrays["b0"])
+        for i, r in enumerate(self.rates):
+            r.assign(arrays[f"rate_{i}"])
+
+    # ---- the inner loop --------------------------------------------------------------------
+    def _rate(self, i: int, k):
+        """Learning rate of adapted variable i at step k (a tensor step index is clipped to the learned steps)."""
+        import tensorflow as tf
+
+        if not self.rates:
+            return self.params.inner_lr
+        if self.per_parameter_rates:  # Meta-SGD: the same array at every step
+            return self.rates[i]
+        return tf.gather(self.rates[i], tf.minimum(k, self.params.inner_steps - 1))  # LSLR: one per step
+
+    def _initial_head(self, emb_support, labels, way: int):
+        import tensorflow as tf
+
+        init = self.params.head_init
+        if init == "learned":
+            return tf.convert_to_tensor(self.head_w), tf.convert_to_tensor(self.head_b)
+        if init == "zero":
+            return tf.zeros((int(self.backbone.output_shape[-1]), way)), tf.zeros(way)
+        onehot = tf.one_hot(labels, way)
+        protos = tf.matmul(onehot, emb_support, transpose_a=True) / tf.reduce_sum(onehot, axis=0)[:, None]
+        return 2.0 * tf.transpose(protos), -tf.reduce_sum(protos**2, axis=1)
+
+    def _body(self, weights, x, update: bool = False):
+        """Embeddings with batch statistics of `x` (training mode); `update` folds them into the running ones."""
+        import tensorflow as tf
+
+        running = self.backbone.non_trainable_variables
+        emb, stats = self.backbone.stateless_call(weights, [tf.convert_to_tensor(v) for v in running], x, training=True)
+        if update:
+            for v, new in zip(running, stats, strict=True):
+                v.assign(tf.stop_gradient(new))
+        return emb
+
+    def _support_statistics(self, weights, support):
+        """The batch-norm statistics of the support set under `weights`, as a list shaped like the
+        backbone's non-trainable variables (a running-average update from zeros, divided by 1 - momentum)."""
+        import tensorflow as tf
+
+        zeros = [tf.zeros_like(v) for v in self.backbone.non_trainable_variables]
+        _, stats = self.backbone.stateless_call(weights, zeros, support, training=True)
+        return [s / (1.0 - m) for s, m in zip(stats, self._momenta(), strict=True)]
+
+    def _momenta(self) -> list[float]:
+        from keras import layers
+
+        by_path = {v.path: layer.momentum for layer in self.backbone.layers if isinstance(layer, layers.BatchNormalization)
+                   for v in layer.non_trainable_variables}
+        return [by_path[v.path] for v in self.backbone.non_trainable_variables]
+
+    def _query_logits(self, fast, support, query, update: bool = False):
+        """Logits of the queries under fast weights. Non-transductive (default): normalised with the
+        support set's statistics, so each query is answered alone; transductive: the query batch's own."""
+        nb = len(fast) - 2
+        if self.params.transductive:
+            emb = self._body(fast[:nb], query, update)
+        else:
+            if update:
+                self._body(fast[:nb], query, update)  # running statistics still follow the adapted network
+            stats = self._support_statistics(fast[:nb], support)
+            emb, _ = self.backbone.stateless_call(fast[:nb], stats, query, training=False)
+        return emb @ fast[nb] + fast[nb + 1]
+
+    def _inner_loop(self, episode: TaskEpisode, steps: int, update: bool, second_order):
+        """Fast weights after each of `steps` inner steps (the list has steps + 1 entries)."""
+        import tensorflow as tf
+
+        body = [tf.convert_to_tensor(v) for v in self.backbone.trainable_variables]
+        emb0 = self._body(body, episode.support) if self.params.head_init == "proto" else None
+        w, b = self._initial_head(emb0, episode.support_labels, episode.way)
+        fast = body + [w, b]
+        history = [fast]
+        for k in range(steps):
+            with tf.GradientTape() as tape:
+                tape.watch(fast)
+                logits = self._body(fast[:-2], episode.support, update) @ fast[-2] + fast[-1]
+                loss = cross_entropy(logits, episode.support_labels)
+            grads = tape.gradient(loss, fast)
+            # first order: the inner gradients are constants of the meta-gradient (second_order is 0 or 1)
+            grads = [second_order * g + (1.0 - second_order) * tf.stop_gradient(g) for g in grads]
+            fast = [x - self._rate(i, k) * g for i, (x, g) in enumerate(zip(fast, grads, strict=True))]
+            history.append(fast)
+        return history
+
+    def _second_order(self, progress):
+        import tensorflow as tf
+
+        p = self.params
+        if p.first_order:
+            return 0.0
+        if p.first_order_episodes:
+            return tf.cast(tf.cast(progress, tf.float32) >= p.first_order_episodes, tf.float32)
+        return 1.0
+
+    def _step_weights(self, progress):
+        """MAML++ multi-step loss weights over the inner steps: uniform, annealed to the last step."""
+        import tensorflow as tf
+
+        n = self.params.inner_steps
+        if not self.params.multi_step_loss or n == 1:
+            return tf.one_hot(n - 1, n)
+        t = 1.0 if not self.params.msl_episodes else tf.minimum(tf.cast(progress, tf.float32) / self.params.msl_episodes, 1.0)
+        uniform = tf.fill([n], 1.0 / n)
+        return (1.0 - t) * uniform + t * tf.one_hot(n - 1, n)
+
+    def episode_loss(self, episode: TaskEpisode, training: bool):
+        import tensorflow as tf
+
+        p = self.params
+        history = self._inner_loop(episode, p.inner_steps, training, self._second_order(episode.progress))
+        weights = self._step_weights(episode.progress)
+        losses, logits = [], None
+        for k in range(1, p.inner_steps + 1):
+            if not p.multi_step_loss and k < p.inner_steps:
+                continue
+            logits = self._query_logits(history[k], episode.support, episode.query, training and k == p.inner_steps)
+            losses.append(weights[k - 1] * cross_entropy(logits, episode.query_labels))
+        return tf.add_n(losses), accuracy(logits, episode.query_labels)
+
+    # ---- evaluation ------------------------------------------------------------------------
+    def adapt_classify(self, support, support_labels, query, way: int) -> np.ndarray:
+        """Host only: adapt the whole network on a support set (uint8 images) with the test-time
+        steps and return the queries' logits. Batch norm as ``transductive`` says."""
+        import tensorflow as tf
+
+        if not hasattr(self, "_predict"):
+            @tf.function(reduce_retracing=True)
+            def predict(s, sl, q, way):
+                ep = TaskEpisode(s, sl, q, None, int(way))
+                fast = self._inner_loop(ep, self.params.test_steps, False, 0.0)[-1]
+                return self._query_logits(fast, s, q)
+
+            self._predict = predict
+        return self._predict(tf.cast(support, tf.float32) / 255.0, tf.constant(support_labels, tf.int32),
+                             tf.cast(query, tf.float32) / 255.0, way).numpy()
+
+    def linear_head(self) -> LinearHeadSpec:
+        """The board's head: the meta-learned head adapted over frozen embeddings with the test-time steps
+        (and the learned rates of the head's two variables where the method has them)."""
+        rates_w, rates_b = [self.params.inner_lr], [self.params.inner_lr]
+        if self.rates:
+            rw, rb = self.rates[-2].numpy(), self.rates[-1].numpy()
+            rates_w, rates_b = ([rw], [rb]) if self.per_parameter_rates else (list(rw), list(rb))
+        return LinearHeadSpec(init=self.params.head_init, steps=self.params.test_steps, rates_w=rates_w, rates_b=rates_b,
+                              w0=None if self.head_w is None else self.head_w.numpy(),
+                              b0=None if self.head_b is None else self.head_b.numpy())
+
+    def classify(self, support_emb, support_labels, query_emb, way: int) -> np.ndarray:
+        if not hasattr(self, "_spec"):
+            self._spec = self.linear_head()
+        return linear_scores(self._spec, support_emb, support_labels, query_emb, way)
+
+    def head_spec(self) -> dict:
+        spec = self.linear_head()
+        return {"kind": "linear", "init": spec.init, "steps": spec.steps, "method": self.name,
+                "per_parameter_rates": bool(self.rates) and self.per_parameter_rates}

@@ -1,6 +1,6 @@
-import pytest
-
 import sys
+
+import pytest
 
 from edgemeta.config import config_from_dict, dump_toml, load_config
 from edgemeta.errors import EdgemetaError

@@ -59,9 +59,9 @@ def test_every_method_trains_through_the_protocol_and_its_board_head_runs(episod
         loss, acc = method.episode_loss(tf_episode(episode), training=True)
     grads = tape.gradient(loss, variables)
     assert np.isfinite(float(loss)) and 0 <= float(acc) <= 1
-    assert all(g is not None for g in grads), [v.path if hasattr(v, "path") else v.name for v, g in zip(variables, grads) if g is None]
-    opt.apply_gradients(zip(grads, variables))
-    frozen = [getattr(v, "path", v.name) for b, v in zip(before, variables) if np.array_equal(b, v.numpy())]
+    assert all(g is not None for g in grads)
+    opt.apply_gradients(zip(grads, variables, strict=True))
+    frozen = [getattr(v, "path", v.name) for b, v in zip(before, variables, strict=True) if np.array_equal(b, v.numpy())]
     assert not frozen, f"variables that did not train: {frozen}"
     # the board's head: numpy, over embeddings, returns one score per class
     emb = backbone(np.concatenate([episode.support, episode.query]).astype(np.float32) / 255.0, training=False).numpy()
@@ -118,7 +118,7 @@ def test_second_order_gradients_differ_from_first_order(episode):
         with tf.GradientTape() as tape:
             loss, _ = method.episode_loss(tf_episode(episode), training=False)
         grads[fo] = [g.numpy() for g in tape.gradient(loss, backbone.trainable_variables)]
-    diff = max(float(np.abs(a - b).max()) for a, b in zip(grads[False], grads[True]))
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(grads[False], grads[True], strict=True))
     assert diff > 1e-6
 
 
@@ -133,9 +133,9 @@ def test_derivative_order_annealing_switches_at_the_configured_episode(episode):
 
     early, late = body_grads(10, first_order_episodes=100), body_grads(100, first_order_episodes=100)
     fo, so = body_grads(0, first_order=True), body_grads(0)
-    for a, b in zip(early, fo):
+    for a, b in zip(early, fo, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-    for a, b in zip(late, so):
+    for a, b in zip(late, so, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
@@ -149,7 +149,8 @@ def test_batch_norm_mode_decides_whether_queries_see_each_other(episode, transdu
     assert same != transductive
 
 
-def test_linear_head_with_zero_steps_and_proto_init_is_the_prototype_classifier(rng=np.random.default_rng(0)):
+def test_linear_head_with_zero_steps_and_proto_init_is_the_prototype_classifier():
+    rng = np.random.default_rng(0)
     emb = rng.normal(size=(40, 16)).astype(np.float32)
     labels = np.repeat(np.arange(8), 5)
     queries = rng.normal(size=(30, 16)).astype(np.float32)

@@ -12,7 +12,7 @@ to the head's two variables.
 from __future__ import annotations
 
 from edgemeta.methods.base import TaskEpisode, accuracy, cross_entropy
-from edgemeta.methods.maml import MAML, MAMLParams
+from edgemeta.methods.maml import MAML, MAMLParams, _order
 
 
 class ANIL(MAML):
@@ -29,8 +29,7 @@ class ANIL(MAML):
             with tf.GradientTape() as tape:
                 tape.watch([w, b])
                 loss = cross_entropy(emb_s @ w + b, labels)
-            gw, gb = tape.gradient(loss, [w, b])
-            gw, gb = (second_order * g + (1.0 - second_order) * tf.stop_gradient(g) for g in (gw, gb))
+            gw, gb = _order(tape.gradient(loss, [w, b]), second_order)
             w, b = w - self._rate(0, k) * gw, b - self._rate(1, k) * gb
             history.append([w, b])
         return history

@@ -61,6 +61,16 @@ class MAMLParams:
             raise ValueError("msl_episodes and first_order_episodes must be >= 0")
 
 
+def _order(grads: list, second_order) -> list:
+    """Inner gradients as the meta-gradient sees them: constants for first order (0), differentiable
+    for second order (1); a tensor (derivative-order annealing) mixes the two, at second-order cost."""
+    import tensorflow as tf
+
+    if isinstance(second_order, (int, float)):
+        return grads if second_order else [tf.stop_gradient(g) for g in grads]
+    return [second_order * g + (1.0 - second_order) * tf.stop_gradient(g) for g in grads]
+
+
 class MAML:
     """Adapts every trainable variable of the backbone and the head in the inner loop."""
 
@@ -200,9 +210,7 @@ class MAML:
                 tape.watch(fast)
                 logits = self._body(fast[:-2], episode.support, update) @ fast[-2] + fast[-1]
                 loss = cross_entropy(logits, episode.support_labels)
-            grads = tape.gradient(loss, fast)
-            # first order: the inner gradients are constants of the meta-gradient (second_order is 0 or 1)
-            grads = [second_order * g + (1.0 - second_order) * tf.stop_gradient(g) for g in grads]
+            grads = _order(tape.gradient(loss, fast), second_order)
             fast = [x - self._rate(i, k) * g for i, (x, g) in enumerate(zip(fast, grads, strict=True))]
             history.append(fast)
         return history

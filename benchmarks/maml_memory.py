@@ -1,0 +1,85 @@
+"""Peak memory and time of one meta-gradient: MAML (second order) against first-order MAML, ANIL
+and ProtoNet, on the same Omniglot-sized episode (Conv-4, 28x28).
+
+Each method runs in its own process (peak RSS is per process, TensorFlow's own ~1.1 GB included);
+the comparison is the peak above ProtoNet's, which needs no inner loop.
+
+    .venv/bin/python benchmarks/maml_memory.py            # 20-way 5-shot 15-query, 5 inner steps
+    .venv/bin/python benchmarks/maml_memory.py --way 5 --shot 1 --query 15 --steps 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+CASES = [("maml", {}), ("maml", {"first_order": True}), ("anil", {}), ("protonet", {})]
+
+
+def child(name: str, params: dict, way: int, shot: int, query: int, steps: int, repeats: int) -> dict:
+    import resource
+    import time
+
+    import numpy as np
+    import tensorflow as tf
+
+    from edgemeta.backbones import build_backbone
+    from edgemeta.methods import TaskEpisode, get_method
+
+    if name != "protonet":
+        params = {**params, "inner_steps": steps}
+    method = get_method(name, params)
+    backbone = build_backbone("conv4", (28, 28, 1))
+    method.build(backbone, way)
+    variables = backbone.trainable_variables + method.variables
+    rng = np.random.default_rng(0)
+    ep = TaskEpisode(tf.constant(rng.random((way * shot, 28, 28, 1), np.float32)), tf.constant(np.repeat(np.arange(way), shot), tf.int32),
+                     tf.constant(rng.random((way * query, 28, 28, 1), np.float32)), tf.constant(np.repeat(np.arange(way), query), tf.int32),
+                     way)
+
+    @tf.function
+    def meta_gradient():
+        with tf.GradientTape() as tape:
+            loss, _ = method.episode_loss(ep, training=True)
+        return tape.gradient(loss, variables)
+
+    meta_gradient()  # trace and warm up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        meta_gradient()
+    ms = 1000 * (time.perf_counter() - start) / repeats
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"method": name + (" (first order)" if params.get("first_order") else ""), "ms_per_task": round(ms, 1),
+            "peak_rss_mb": round(peak, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--way", type=int, default=20)
+    ap.add_argument("--shot", type=int, default=5)
+    ap.add_argument("--query", type=int, default=15)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        name, params = json.loads(a.child)
+        print(json.dumps(child(name, params, a.way, a.shot, a.query, a.steps, a.repeats)))
+        return
+    print(f"Conv-4, {a.way}-way {a.shot}-shot {a.query}-query, {a.steps} inner steps, one task per meta-gradient")
+    print(f"{'method':<26} {'ms/task':>8} {'peak RSS (MB)':>14} {'above ProtoNet (MB)':>20}")
+    rows = []
+    for name, params in CASES:
+        out = subprocess.run([sys.executable, __file__, "--child", json.dumps([name, params]), "--way", str(a.way),
+                              "--shot", str(a.shot), "--query", str(a.query), "--steps", str(a.steps),
+                              "--repeats", str(a.repeats)], capture_output=True, text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    base = rows[-1]["peak_rss_mb"]
+    for r in rows:
+        print(f"{r['method']:<26} {r['ms_per_task']:>8} {r['peak_rss_mb']:>14} {r['peak_rss_mb'] - base:>20.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -119,8 +119,11 @@ def train(config_path: str, out: str, data: str, episodes: int | None, max_minut
               help="Evaluate an exported .tflite variant (e.g. int8_static) through the runtime instead of Keras.")
 @click.option("--confusions", type=int, default=0, show_default=True,
               help="Also list the N class pairs (true -> predicted) most often confused in each setting.")
+@click.option("--head-only", is_flag=True,
+              help="MAML-style models: freeze the body and adapt only the head, as the board does "
+                   "(default: the whole network adapts on each support set, host only).")
 def eval_cmd(model_dir: str, data: str, folder: str, split: str, settings: tuple[str, ...], episodes: int, query: int,
-             seed: int, as_json: bool, report: str | None, variant: str | None, confusions: int) -> None:
+             seed: int, as_json: bool, report: str | None, variant: str | None, confusions: int, head_only: bool) -> None:
     """Mean accuracy with 95% confidence intervals over seeded test episodes.
 
     \b
@@ -140,7 +143,7 @@ def eval_cmd(model_dir: str, data: str, folder: str, split: str, settings: tuple
 
     results, context, text, md = evaluate_model_dir(model_dir, data=data, folder=folder, split=split,
                                                     settings=parsed, episodes=episodes, query=query, seed=seed,
-                                                    variant=variant, confusions=confusions)
+                                                    variant=variant, confusions=confusions, head_only=head_only)
     if report:
         from edgemeta.evaluate import results_json
         from edgemeta.modeldir import write_atomic, write_json
@@ -153,6 +156,7 @@ def eval_cmd(model_dir: str, data: str, folder: str, split: str, settings: tuple
         click.echo(json.dumps({"context": context, "results": results_json(results)}, indent=2))
     else:
         click.echo(text)
+        click.echo(f"\nmeasured with: {context['backend']}")
 
 
 @main.command()
@@ -243,22 +247,51 @@ def _runtime_options(f):
     return click.option("--store", required=True, type=click.Path(), help="Enrollment store folder.")(f)
 
 
+def _adapt_setting(steps: str, lr: str | None) -> tuple[int, float | None]:
+    """--steps/--adapt and --lr, parsed here (not by click) so that bad values get the one-line error."""
+    from edgemeta.runtime.store import MAX_ADAPT_STEPS, check_adapt
+
+    try:
+        n = int(steps)
+    except ValueError:
+        raise EdgemetaError(f"adaptation steps must be an integer from 0 (off) to {MAX_ADAPT_STEPS}, got {steps!r}") from None
+    try:
+        rate = None if lr is None else float(lr)
+    except ValueError:
+        raise EdgemetaError(f"the adaptation learning rate must be a finite positive number, got {lr!r}") from None
+    return check_adapt(n, rate)
+
+
+def _describe_head(h: dict) -> str:
+    if h["kind"] == "prototype":
+        return "nearest prototype (no adaptation)"
+    lr = "the model's learned rates" if h["lr"] is None else f"rate {h['lr']:g}"
+    return f"linear head, {h['init']} init, {h['steps']} step(s) at {lr}"
+
+
 @main.command()
 @_runtime_options
 @click.option("--label", required=True, help="The class these samples show.")
 @click.option("--keep-samples", is_flag=True, help="Also keep the samples (new stores only), for re-enrollment after a model upgrade.")
+@click.option("--adapt", "adapt_steps", default=None, metavar="STEPS",
+              help="Also set the store's head adaptation (as `edgemeta adapt --steps`).")
+@click.option("--lr", default=None, metavar="RATE", help="With --adapt: its learning rate (as `edgemeta adapt --lr`).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.argument("files", nargs=-1, required=True, type=click.Path())
 def enroll(store: str, model: str | None, variant: str | None, threads: int, edgetpu: str | None, xnnpack: bool, label: str,
-           keep_samples: bool, as_json: bool, files: tuple[str, ...]) -> None:
+           keep_samples: bool, adapt_steps: str | None, lr: str | None, as_json: bool, files: tuple[str, ...]) -> None:
     """Teach the board a class from a few samples (images or .npy arrays).
 
     \b
     Example:
       edgemeta enroll --store ~/store --model models/omniglot-conv4 --label alpha a1.png a2.png
+      edgemeta enroll --store ~/store --label beta --adapt 10 b1.png b2.png b3.png
     """
+    if lr is not None and adapt_steps is None:
+        raise EdgemetaError("--lr goes with --adapt STEPS")
+    adapt = _adapt_setting(adapt_steps, lr) if adapt_steps is not None else None
     rt = _runtime(model, store, variant, threads, edgetpu, xnnpack)
-    count = rt.enroll(store, label, list(files), keep_samples=keep_samples)
+    count = rt.enroll(store, label, list(files), keep_samples=keep_samples, adapt=adapt)
     if as_json:
         click.echo(json.dumps({"label": label.strip(), "samples": count}))
     else:
@@ -291,11 +324,12 @@ def _print_results(results: list[dict], as_json: bool) -> None:
         click.echo(f"{r['file']}: {r['label']} (distance {r['distance']:.3g}; {others})")
 
 
-def _print_classes(counts: dict[str, int], backbone: dict, as_json: bool) -> None:
+def _print_classes(counts: dict[str, int], backbone: dict, as_json: bool, adapt: dict | None = None) -> None:
     if as_json:
-        click.echo(json.dumps({"backbone": backbone, "classes": counts}, indent=2))
+        click.echo(json.dumps({"backbone": backbone, "classes": counts, "adapt": adapt}, indent=2))
         return
-    click.echo(f"{len(counts)} class(es), backbone {backbone.get('model')}/{backbone.get('variant')}")
+    click.echo(f"{len(counts)} class(es), backbone {backbone.get('model')}/{backbone.get('variant')}"
+               + (f", head adapted with {adapt['steps']} step(s)" if adapt else ""))
     for name, n in counts.items():
         click.echo(f"  {name}: {n} sample(s)")
 
@@ -319,7 +353,7 @@ def classes(store: str, as_json: bool) -> None:
     from edgemeta.runtime.store import EnrollmentStore
 
     s = EnrollmentStore.open(store)
-    _print_classes(s.counts(), s.backbone, as_json)
+    _print_classes(s.counts(), s.backbone, as_json, s.adapt)
 
 
 @main.command()
@@ -339,6 +373,30 @@ def rename(store: str, old: str, new: str) -> None:
     """Rename a class."""
     _store_change(store, lambda s: s.rename(old, new))
     click.echo(f"renamed {old!r} to {new.strip()!r}")
+
+
+@main.command()
+@_runtime_options
+@click.option("--steps", required=True, metavar="N", help="Gradient steps (0 to 1000; 0 turns adaptation off).")
+@click.option("--lr", default=None, metavar="RATE",
+              help="Learning rate (default: a linear-head model's learned rates; prototype models 0.01).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def adapt(store: str, model: str | None, variant: str | None, threads: int, edgetpu: str | None, xnnpack: bool, steps: str,
+          lr: str | None, as_json: bool) -> None:
+    """Classify a store with a linear head adapted by a few gradient steps on its samples.
+
+    Prototype models start from the prototypes (proto-MAML), linear-head models from their
+    meta-learned head. The adapted head is saved with the store and recomputed on every change
+    (enroll, forget, rename, reenroll); `--steps 0` goes back to the model's own head.
+
+    \b
+    Example:
+      edgemeta adapt --store ~/store --model models/omniglot-conv4 --steps 10
+    """
+    setting = _adapt_setting(steps, lr)
+    rt = _runtime(model, store, variant, threads, edgetpu, xnnpack)
+    head = rt.adapt(store, *setting)
+    click.echo(json.dumps(head) if as_json else f"store {store}: {_describe_head(head)}")
 
 
 @main.command()
@@ -604,7 +662,7 @@ def rollback(hosts: tuple[str, ...], ssh_config: str | None) -> None:
 def serve(model: str, store: str, unix_path: str | None, tcp: str | None, serial_device: str | None, baud: int, stdio: bool,
           threads: int, edgetpu: str | None) -> None:
     """The board agent: keeps the model and store loaded and answers enroll, classify, classes,
-    forget, rename and status requests (JSON lines on a socket or stdio; framed on a serial port).
+    forget, rename, adapt and status requests (JSON lines on a socket or stdio; framed on a serial port).
 
     \b
     Example:
@@ -651,7 +709,7 @@ def serve(model: str, store: str, unix_path: str | None, tcp: str | None, serial
 @click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds to wait for an answer.")
 @click.pass_context
 def remote(ctx: click.Context, via: str, ssh_config: str | None, timeout: float) -> None:
-    """Run enroll, classify, classes, forget, rename or status on a board.
+    """Run enroll, classify, classes, forget, rename, adapt or status on a board.
 
     \b
     Example:
@@ -704,7 +762,7 @@ def remote_classify(top_k: int, as_json: bool, files: tuple[str, ...]) -> None:
 def remote_classes(as_json: bool) -> None:
     """List the board's enrolled classes."""
     r = _remote_call("classes", {})
-    _print_classes(r["classes"], r["backbone"], as_json)
+    _print_classes(r["classes"], r["backbone"], as_json, (r.get("head") or {}).get("adapt"))
 
 
 @remote.command("forget")
@@ -722,6 +780,15 @@ def remote_rename(old: str, new: str) -> None:
     """Rename a class on the board."""
     _remote_call("rename", {"old": old, "new": new})
     click.echo(f"renamed {old!r} to {new.strip()!r}")
+
+
+@remote.command("adapt")
+@click.option("--steps", required=True, metavar="N", help="Gradient steps (0 to 1000; 0 turns adaptation off).")
+@click.option("--lr", default=None, metavar="RATE", help="Learning rate (default: as `edgemeta adapt`).")
+def remote_adapt(steps: str, lr: str | None) -> None:
+    """Set the board store's head adaptation (as `edgemeta adapt`)."""
+    n, rate = _adapt_setting(steps, lr)
+    click.echo(f"board store: {_describe_head(_remote_call('adapt', {'steps': n, 'lr': rate}))}")
 
 
 @remote.command("status")

@@ -35,11 +35,14 @@ def training_dataset(info, data: str = "") -> DatasetSpec:
 
 def evaluate_model_dir(model_dir: str, data: str = "", folder: str = "", split: str = "test",
                        settings=STANDARD_SETTINGS, episodes: int = 1000, query: int = 15, seed: int = 0,
-                       variant: str | None = None, confusions: int = 0) -> tuple[list[SettingResult], dict, str, str]:
+                       variant: str | None = None, confusions: int = 0,
+                       head_only: bool = False) -> tuple[list[SettingResult], dict, str, str]:
     """Evaluate a trained model folder on its dataset's test split (or every class of `folder`).
 
     With `variant` (e.g. "int8_static"), the backbone is that exported .tflite run through the
-    board runtime's interpreter instead of the Keras model; the head is the same numpy code.
+    board runtime's interpreter instead of the Keras model; the head is the same numpy code. A method
+    that adapts the whole network (MAML, Meta-SGD) does so on the host; with a `variant` or
+    `head_only` it takes the board's path instead: the body frozen, only the numpy head adapted.
     Returns the results, their context (what was measured), a text table and a Markdown report."""
     model, info = load_backbone(model_dir)
     if folder:
@@ -62,13 +65,14 @@ def evaluate_model_dir(model_dir: str, data: str = "", folder: str = "", split: 
         backend = f"{variant}.tflite through {embedder.runtime} {runtime_version(embedder.runtime)}"
     else:
         embedder, backend = keras_embedder(model), "keras (float32)"
-    if method.adapts_body and variant:
+    if method.adapts_body and (variant or head_only):
         classify, inputs = method.classify, embed_split(embedder, data_split)  # the board: body frozen, head adapted
+        backend += f", body frozen, head adapted ({method.params.test_steps} steps, the board's path)"
     else:
         classify, inputs = episode_inputs(method, embedder, data_split)
-    if method.adapts_body and not variant:
-        backend += f", whole network adapted ({method.params.test_steps} steps, " + \
-            ("transductive" if method.params.transductive else "non-transductive") + " batch norm)"
+        if method.adapts_body:
+            backend += f", whole network adapted ({method.params.test_steps} steps, " + \
+                ("transductive" if method.params.transductive else "non-transductive") + " batch norm)"
     results = evaluate(embedder, classify, data_split, settings, episodes, query, seed, embeddings=inputs, confusions=confusions)
     context = {"model": Path(model_dir).name, "algorithm": info.algorithm, "backbone": info.backbone,
                "backend": backend, "data": source, "classes": data_split.num_classes,

@@ -256,6 +256,9 @@ def train(cfg: Config, out: str | Path, progress: bool = True, fresh: bool = Fal
                 state["elapsed_s"] = elapsed
                 manager.save(checkpoint_number=done)
                 write_json(state_path, state)
+                # the folder is a usable model folder while a long run goes on (eval, export)
+                _write_summary(cfg, out, model, method, TrainResult(done, state["best_val_acc"], state["best_val_ci95"],
+                               state["best_episode"], elapsed, "still running"), state["history"], replicas)
                 if out_of_time:
                     stopped_by = "time budget"
                     break

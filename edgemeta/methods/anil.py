@@ -30,7 +30,7 @@ class ANIL(MAML):
                 tape.watch([w, b])
                 loss = cross_entropy(emb_s @ w + b, labels)
             gw, gb = _order(tape.gradient(loss, [w, b]), second_order)
-            w, b = w - self._rate(0, k) * gw, b - self._rate(1, k) * gb
+            w, b = w - self._rate(0, k, way) * gw, b - self._rate(1, k, way) * gb
             history.append([w, b])
         return history
 

@@ -71,6 +71,18 @@ def _order(grads: list, second_order) -> list:
     return [second_order * g + (1.0 - second_order) * tf.stop_gradient(g) for g in grads]
 
 
+def _fit_way(x, way: int, fill):
+    """A head-shaped array (..., trained way) cut or padded with `fill` to `way` classes."""
+    import tensorflow as tf
+
+    x = tf.convert_to_tensor(x)
+    n = x.shape[-1]
+    if n >= way:
+        return x[..., :way]
+    pad = tf.fill(tf.concat([tf.shape(x)[:-1], [way - n]], 0), tf.cast(fill, x.dtype))
+    return tf.concat([x, pad], -1)
+
+
 class MAML:
     """Adapts every trainable variable of the backbone and the head in the inner loop."""
 
@@ -134,22 +146,23 @@ class MAML:
             r.assign(arrays[f"rate_{i}"])
 
     # ---- the inner loop --------------------------------------------------------------------
-    def _rate(self, i: int, k):
+    def _rate(self, i: int, k, way: int):
         """Learning rate of adapted variable i at step k (a tensor step index is clipped to the learned steps)."""
         import tensorflow as tf
 
         if not self.rates:
             return self.params.inner_lr
         if self.per_parameter_rates:  # Meta-SGD: the same array at every step
-            return self.rates[i]
+            r = self.rates[i]
+            return _fit_way(r, way, tf.reduce_mean(r)) if i >= len(self.rates) - 2 else r
         return tf.gather(self.rates[i], tf.minimum(k, self.params.inner_steps - 1))  # LSLR: one per step
 
     def _initial_head(self, emb_support, labels, way: int):
         import tensorflow as tf
 
         init = self.params.head_init
-        if init == "learned":
-            return tf.convert_to_tensor(self.head_w), tf.convert_to_tensor(self.head_b)
+        if init == "learned":  # another way than trained: extra classes start from zero (as the numpy head)
+            return _fit_way(self.head_w, way, 0.0), _fit_way(self.head_b, way, 0.0)
         if init == "zero":
             return tf.zeros((int(self.backbone.output_shape[-1]), way)), tf.zeros(way)
         onehot = tf.one_hot(labels, way)
@@ -211,7 +224,7 @@ class MAML:
                 logits = self._body(fast[:-2], episode.support, update) @ fast[-2] + fast[-1]
                 loss = cross_entropy(logits, episode.support_labels)
             grads = _order(tape.gradient(loss, fast), second_order)
-            fast = [x - self._rate(i, k) * g for i, (x, g) in enumerate(zip(fast, grads, strict=True))]
+            fast = [x - self._rate(i, k, episode.way) * g for i, (x, g) in enumerate(zip(fast, grads, strict=True))]
             history.append(fast)
         return history
 

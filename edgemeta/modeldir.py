@@ -12,11 +12,10 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgemeta.atomic import write_atomic
 from edgemeta.errors import EdgemetaError
 from edgemeta.preprocess import Preprocess
 
@@ -63,29 +62,10 @@ class ModelInfo:
         return method
 
 
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write a file so that a crash leaves either the old or the new content, never a mix."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_npz(path: Path, arrays: dict) -> None:
-    import io
-
     import numpy as np
 
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    write_atomic(path, buf.getvalue())
+    write_atomic(path, lambda f: np.savez(f, **arrays))
 
 
 def read_npz(path: Path) -> dict:

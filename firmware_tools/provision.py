@@ -29,17 +29,17 @@ script that is not there yet. A second run with the same arguments changes nothi
 from __future__ import annotations
 
 import base64
-import os
 import re
 import shlex
 import shutil
 import subprocess
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+
+from edgemeta.atomic import write_atomic
 
 __all__ = ["ProvisionError", "provision", "CORAL_CHOICES", "FIRSTRUN_TOKENS"]
 
@@ -494,29 +494,6 @@ def _read_text(path: Path) -> str:
 
 
 def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data``: a crash leaves either the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            try:
-                os.fchmod(f.fileno(), mode)
-            except OSError:  # FAT has no permission bits (every file is executable there)
-                pass
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable; not every file system lets a directory be fsynced
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    """Replace ``path`` with ``data``: a crash leaves either the old file or the new one, never half of one
+    (FAT has no permission bits: `mode` is applied where it can be)."""
+    write_atomic(path, data, mode=mode)

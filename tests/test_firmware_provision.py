@@ -303,7 +303,7 @@ def test_failed_write_leaves_old_file_and_no_temp(boot: Path, monkeypatch, fail_
             return real(*args)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(prov.os, fail_in, failing)
+    monkeypatch.setattr(os, fail_in, failing)
     with pytest.raises(OSError, match="No space left"):
         provision(boot, hostname="cam-1", user="pi", password="x")
     assert (boot / "cmdline.txt").read_bytes() == before

@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from edgemeta.atomic import write_atomic
 
 CACHE_FORMAT = 1
 
@@ -48,12 +49,7 @@ def cached_arrays(name: str, key: str, build: Callable[[], dict[str, np.ndarray]
     arrays = build()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, lambda f: np.savez(f, **arrays), suffix=".tmp.npz")
     except OSError:
         pass
     return arrays

@@ -1,0 +1,58 @@
+"""Atomic file replacement, the one implementation every writer uses (standard library only, so
+the board side and firmware_tools can import it; ``deploy/board_ops.py`` runs on a bare board
+before edgemeta is installed and keeps its own small copy).
+
+Write to a temporary file in the same folder, fsync it, rename it over the target, then fsync the
+folder so the rename itself survives a power cut: a crash at any point leaves the old content or
+the new, never a mix.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable; not every file system lets a directory be fsynced."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | Path, data: bytes | str | Callable[[BinaryIO], None], mode: int | None = None,
+                 prefix: str | None = None, suffix: str = ".tmp") -> None:
+    """Replace `path` with `data` (bytes, text, or a function that writes to the open file).
+
+    `mode` sets permission bits where the file system has them (FAT has none); `prefix`/`suffix`
+    name the temporary file (a reader that cleans up leftovers of killed writers matches them)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix if prefix is not None else f".{path.name}.", suffix=suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            if mode is not None:
+                try:
+                    os.fchmod(f.fileno(), mode)
+                except OSError:
+                    pass
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)

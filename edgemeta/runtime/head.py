@@ -98,23 +98,54 @@ class PrototypeHead:
             self._protos = (self._sums / np.maximum(self._counts, 1)[:, None]).astype(np.float32)
         return self._protos
 
+    def distances(self, queries: np.ndarray) -> np.ndarray:
+        """(n, c) distances of the queries to the prototypes."""
+        if not self.names:
+            raise ValueError("no classes")
+        return DISTANCES[self.distance](queries.astype(np.float32), self.prototypes)
+
     def classify(self, queries: np.ndarray, top_k: int = 1, unknown: str = "unknown") -> list[dict]:
         """For each query: the label (or `unknown`), whether it is known, the nearest distance, and
         the top-k classes with distances and softmax probabilities over negative distances."""
-        if not self.names:
-            raise ValueError("no classes")
-        dist = DISTANCES[self.distance](queries.astype(np.float32), self.prototypes)
-        k = min(max(top_k, 1), len(self.names))
-        order = np.argpartition(dist, k - 1, axis=1)[:, :k] if k < len(self.names) else np.tile(np.arange(k), (len(dist), 1))
-        order = np.take_along_axis(order, np.argsort(np.take_along_axis(dist, order, axis=1), axis=1), axis=1)
-        logits = -dist + dist.min(axis=1, keepdims=True)  # softmax of -distance, shifted for stability
-        prob = np.exp(logits)
-        prob /= prob.sum(axis=1, keepdims=True)
-        out = []
-        for i, row in enumerate(order):
-            nearest = float(dist[i, row[0]])
-            known = self.threshold is None or nearest <= self.threshold
-            out.append({"label": self.names[row[0]] if known else unknown, "known": bool(known), "distance": nearest,
-                        "top": [{"label": self.names[j], "distance": float(dist[i, j]), "probability": float(prob[i, j])}
-                                for j in row]})
-        return out
+        dist = self.distances(queries)
+        return answers(self.names, dist, dist, self.threshold, top_k, unknown)
+
+
+class LinearHead:
+    """A linear softmax head (``logits = emb @ w + b``, adapted elsewhere: runtime/linear_head.py) over
+    the same classes as a PrototypeHead, which still decides "unknown": the open-set threshold was
+    calibrated on nearest-prototype distances, so that test stays as it is."""
+
+    def __init__(self, protos: PrototypeHead, w: np.ndarray, b: np.ndarray):
+        if w.shape != (protos.dim, len(protos.names)) or b.shape != (len(protos.names),):
+            raise ValueError(f"head of shape {w.shape}, {b.shape} does not fit {len(protos.names)} classes of dim {protos.dim}")
+        self.protos, self.w, self.b = protos, w.astype(np.float32), b.astype(np.float32)
+
+    @property
+    def names(self) -> list[str]:
+        return self.protos.names
+
+    def classify(self, queries: np.ndarray, top_k: int = 1, unknown: str = "unknown") -> list[dict]:
+        """As PrototypeHead.classify, with classes ranked by logits and probabilities their softmax."""
+        dist = self.protos.distances(queries)
+        logits = queries.astype(np.float32) @ self.w + self.b
+        return answers(self.names, -logits, dist, self.protos.threshold, top_k, unknown)
+
+
+def answers(names: list[str], cost: np.ndarray, dist: np.ndarray, threshold: float | None, top_k: int,
+            unknown: str) -> list[dict]:
+    """Per query: the top-k classes by `cost` (lower is better; probabilities softmax(-cost)) with their
+    prototype distances `dist`; "unknown" when the nearest prototype is farther than `threshold`."""
+    k = min(max(top_k, 1), len(names))
+    order = np.argpartition(cost, k - 1, axis=1)[:, :k] if k < len(names) else np.tile(np.arange(k), (len(cost), 1))
+    order = np.take_along_axis(order, np.argsort(np.take_along_axis(cost, order, axis=1), axis=1), axis=1)
+    prob = np.exp(-cost + cost.min(axis=1, keepdims=True))  # shifted for stability
+    prob /= prob.sum(axis=1, keepdims=True)
+    nearest = dist.min(axis=1)
+    out = []
+    for i, row in enumerate(order):
+        known = threshold is None or nearest[i] <= threshold
+        out.append({"label": names[row[0]] if known else unknown, "known": bool(known), "distance": float(nearest[i]),
+                    "top": [{"label": names[j], "distance": float(dist[i, j]), "probability": float(prob[i, j])}
+                            for j in row]})
+    return out

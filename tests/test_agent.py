@@ -115,3 +115,67 @@ def test_unreachable_agents_say_so(tmp_path):
 def test_serve_bad_options(exported, tmp_path, listen):
     r = cli("serve", "--model", str(exported), "--store", str(tmp_path / "s"), *listen)
     assert r.returncode == 2 and r.stderr.startswith("error: ")
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "omniglot-conv4"
+
+
+def test_adapt_op_and_classify_with_the_stores_head(tmp_path):
+    import base64
+
+    from edgemeta.runtime.agent import Agent
+    from edgemeta.runtime.classifier import FewShotRuntime
+    from edgemeta.runtime.store import STORE_FILE, EnrollmentStore
+
+    agent = Agent(SHIPPED, tmp_path / "store")
+
+    def ask(op, args=None, files=()):
+        line = json.dumps({"id": 1, "op": op, "args": args or {},
+                           "attachments": [base64.b64encode(Path(f).read_bytes()).decode() for f in files]})
+        return json.loads(agent.answer_line(line.encode()))
+
+    chars = ["Keble_character01", "Keble_character05", "Tengwar_character03"]
+    for c in chars:
+        assert ask("enroll", {"label": c}, drawings(c, range(1, 6)))["ok"]
+    before = (tmp_path / "store" / STORE_FILE).read_bytes()
+    for bad in ({"steps": -1}, {"steps": 1001}, {"steps": "10"}, {"steps": True}, {"steps": 5, "lr": 0},
+                {"steps": 5, "lr": "0.1"}, {"steps": 5, "lr": float("inf")}, {}):
+        a = ask("adapt", bad)
+        assert not a["ok"] and ("adaptation steps" in a["error"] or "learning rate" in a["error"]), (bad, a)
+    a = ask("enroll", {"label": "x", "adapt": -2}, drawings("Keble_character02", [1]))
+    assert not a["ok"] and "got -2" in a["error"]
+    assert (tmp_path / "store" / STORE_FILE).read_bytes() == before  # nothing written
+    a = ask("adapt", {"steps": 15, "lr": 0.05})
+    assert a["ok"] and a["result"] == {"kind": "linear", "init": "proto", "steps": 15, "lr": 0.05,
+                                       "adapt": {"steps": 15, "lr": 0.05}}
+    queries = [f for c in chars for f in drawings(c, [14, 15])]
+    got = ask("classify", {"top_k": 2}, queries)["result"]["results"]
+    rt = FewShotRuntime(SHIPPED)
+    store = EnrollmentStore.open(tmp_path / "store")
+    want = rt.head(store).classify(rt.embedder(rt.images(queries)[0]), 2)
+    assert [r["top"][0]["label"] for r in got] == [r["top"][0]["label"] for r in want]
+    assert [r["top"][0]["probability"] for r in got] == pytest.approx([r["top"][0]["probability"] for r in want])
+    assert type(agent._head).__name__ == "LinearHead"
+    # forget through the agent recomputes the head without the class
+    assert ask("forget", {"label": chars[1]})["ok"]
+    assert EnrollmentStore.open(tmp_path / "store").head_w.shape == (64, 2)
+    assert ask("classes")["result"]["head"]["adapt"] == {"steps": 15, "lr": 0.05}
+    assert ask("adapt", {"steps": 0})["result"] == {"kind": "prototype", "adapt": None}
+    ask("classify", {}, queries[:1])
+    assert type(agent._head).__name__ == "PrototypeHead"
+
+
+def test_remote_adapt(tmp_path):
+    sock = tmp_path / "agent.sock"
+    proc = start_agent(SHIPPED, tmp_path / "store", "--socket", str(sock))
+    try:
+        via = f"unix:{sock}"
+        assert cli("remote", "--via", via, "enroll", "--label", "alpha", *drawings("Keble_character01", [1, 2])).returncode == 0
+        r = cli("remote", "--via", via, "adapt", "--steps", "12")
+        assert r.returncode == 0 and "proto init, 12 step(s) at rate 0.01" in r.stdout, r.stderr
+        r = cli("remote", "--via", via, "adapt", "--steps", "-4")
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "got -4" in r.stderr
+        r = cli("remote", "--via", via, "classes")
+        assert "head adapted with 12 step(s)" in r.stdout, r.stdout
+    finally:
+        stop(proc)

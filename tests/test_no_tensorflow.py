@@ -50,6 +50,14 @@ def test_enroll_and_classify_without_tensorflow(board_venv, exported, tmp_path):
     host = FewShotRuntime(exported).classify(store, [query], top_k=2)[0]
     assert board["top"][0]["label"] == host["top"][0]["label"]
     assert abs(board["distance"] - host["distance"]) <= 1e-4 * max(1.0, host["distance"])
+    # an adapted linear head, computed and saved on the board, answers as the host's from the same store
+    p = subprocess.run([exe, "adapt", "--store", store, "--steps", "10", "--lr", "0.05"], capture_output=True, text=True, env=env)
+    assert p.returncode == 0 and "proto init, 10 step(s)" in p.stdout, p.stderr
+    p = subprocess.run([exe, "classify", "--store", store, "--json", "--top-k", "2", query], capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr
+    board, host = json.loads(p.stdout)[0], FewShotRuntime(exported).classify(store, [query], top_k=2)[0]
+    assert [t["label"] for t in board["top"]] == [t["label"] for t in host["top"]]
+    assert abs(board["top"][0]["probability"] - host["top"][0]["probability"]) < 1e-4
     (tmp_path / "c.toml").write_text("[train]\nway = 5\n")
     p = subprocess.run([exe, "train", "--config", str(tmp_path / "c.toml"), "--out", str(tmp_path / "o")],
                        capture_output=True, text=True, env=env)

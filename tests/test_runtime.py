@@ -314,3 +314,203 @@ def test_missing_edge_tpu_runtime_names_the_fix(exported, tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith("error: cannot load the Edge TPU delegate")
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not store.exists()
+
+
+# --- head adaptation (on the shipped model: its manifest is format 1) ------------------------------
+
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "omniglot-conv4"
+CHARS = ["Keble_character01", "Keble_character05", "Tengwar_character03", "Tengwar_character10"]
+
+
+def linear_model(dst: Path, arrays: dict | None = None, **section) -> Path:
+    """A copy of the shipped model turned into a format-2 model with a linear head (head.npz beside
+    the manifest). Default: a learned init whose bias makes every query the second class."""
+    shutil.copytree(SHIPPED, dst, ignore=shutil.ignore_patterns("model.keras", "*.png", "*.csv"))
+    if arrays is None:
+        arrays = {"rates_w": np.array([0.01], np.float32), "rates_b": np.array([0.01], np.float32),
+                  "w0": np.zeros((64, 5), np.float32), "b0": np.array([0, 50, 0, 0, 0], np.float32)}
+    np.savez(dst / "head.npz", **arrays)
+    m = json.loads((dst / "manifest.json").read_text())
+    m["format"] = 2
+    m["head"] = {"kind": "linear", "method": "maml", "init": "learned", "steps": 3, "file": "head.npz",
+                 "sha256": hashlib.sha256((dst / "head.npz").read_bytes()).hexdigest(), "per_parameter_rates": False,
+                 **section}
+    (dst / "manifest.json").write_text(json.dumps(m))
+    return dst
+
+
+def enroll_chars(rt, store, chars=CHARS, adapt=None):
+    for c in chars:
+        rt.enroll(store, c, drawings(c, range(1, 6)), adapt=adapt)
+
+
+def test_format_1_and_2_manifests(tmp_path):
+    from edgemeta.runtime.manifest import read_manifest
+
+    m = read_manifest(SHIPPED)
+    assert json.loads((SHIPPED / "manifest.json").read_text())["format"] == 1
+    assert (m.head.kind, m.head.distance, m.head.linear) == ("prototype", "squared_euclidean", None)
+    lin = read_manifest(linear_model(tmp_path / "lin"))
+    assert lin.head.kind == "linear" and lin.head.linear.init == "learned" and lin.head.linear.steps == 3
+    assert lin.head.linear.w0.shape == (64, 5) and lin.distance == "squared_euclidean"
+
+
+def test_adapted_head_is_persisted_reused_and_undone_by_forget(tmp_path, monkeypatch):
+    import edgemeta.runtime.store as store_mod
+    from edgemeta.runtime.linear_head import LinearHeadSpec, adapt_linear
+
+    rt = FewShotRuntime(SHIPPED)
+    store = tmp_path / "s"
+    enroll_chars(rt, store, adapt=(20, 0.05))
+    s = EnrollmentStore.open(store)  # a reopen (a reboot) finds the head, equal to a recomputation
+    assert s.adapt == {"steps": 20, "lr": 0.05} and s.head_w.shape == (64, 4)
+    w, b = adapt_linear(LinearHeadSpec("proto", 20, [0.05], [0.05]), s.embeddings, s.labels, 4)
+    np.testing.assert_allclose(s.head_w, w, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(s.head_b, b, rtol=1e-5, atol=1e-4)
+    queries = [f for c in CHARS for f in drawings(c, range(11, 16))]
+    adapted = rt.classify(store, queries, top_k=2)
+
+    def no_recomputation(*a, **k):
+        raise AssertionError("classify recomputed the head")
+
+    monkeypatch.setattr(store_mod, "adapt_linear", no_recomputation)
+    assert rt.classify(store, queries, top_k=2) == adapted  # read from the store, not recomputed
+    monkeypatch.undo()
+    # a store whose head is missing (written by an older edgemeta) or stale is recomputed on the fly
+    with np.load(store / STORE_FILE) as z:
+        arrays = {k: z[k] for k in z.files if not k.startswith("head_")}
+    np.savez(store / STORE_FILE, **arrays)
+    again = rt.classify(store, queries, top_k=2)
+    assert [[t["label"] for t in r["top"]] for r in again] == [[t["label"] for t in r["top"]] for r in adapted]
+    assert [t["probability"] for r in again for t in r["top"]] == pytest.approx([t["probability"] for r in adapted for t in r["top"]])
+    assert EnrollmentStore.open(store).head_w is None  # classify only reads; the next change writes it again
+    rt.adapt(store, 20, 0.05)
+    # forget (from the CLI, without a model) recomputes the head without the class: the same head as
+    # a store that never had it
+    assert run("forget", "--store", str(store), "--label", CHARS[1]).returncode == 0
+    never = tmp_path / "never"
+    enroll_chars(rt, never, [c for c in CHARS if c != CHARS[1]], adapt=(20, 0.05))
+    a, b_ = EnrollmentStore.open(store), EnrollmentStore.open(never)
+    assert a.head_w.shape == (64, 3)
+    np.testing.assert_allclose(a.head_w, b_.head_w, rtol=1e-5, atol=1e-5)
+    assert run("rename", "--store", str(store), CHARS[0], "first").returncode == 0
+    np.testing.assert_allclose(EnrollmentStore.open(store).head_w, b_.head_w, rtol=1e-5, atol=1e-5)
+    # 0 steps turns it off: the nearest-prototype answers again, as in a store never adapted
+    plain = tmp_path / "plain"
+    enroll_chars(rt, plain, [c for c in CHARS if c != CHARS[1]])
+    assert rt.adapt(never, 0) == {"kind": "prototype", "adapt": None}
+    assert EnrollmentStore.open(never).adapt is None and EnrollmentStore.open(never).head_w is None
+    assert rt.classify(never, queries, top_k=2) == rt.classify(plain, queries, top_k=2)
+
+
+def test_zero_steps_from_the_prototypes_gives_the_prototype_answers(tmp_path):
+    from edgemeta.runtime.head import LinearHead
+    from edgemeta.runtime.linear_head import LinearHeadSpec
+
+    rt = FewShotRuntime(SHIPPED)
+    enroll_chars(rt, tmp_path / "s")
+    store = EnrollmentStore.open(tmp_path / "s")
+    protos = rt.head(store)
+    linear = LinearHead(protos, *store.linear_head(LinearHeadSpec("proto", 0, [0.1], [0.1])))
+    queries = [f for c in CHARS for f in drawings(c, range(11, 21))] + drawings("Keble_character02", range(1, 11))
+    emb = rt.embedder(rt.images(queries)[0])
+    want, got = protos.classify(emb, top_k=3), linear.classify(emb, top_k=3)
+    assert [(r["label"], [t["label"] for t in r["top"]]) for r in got] == [(r["label"], [t["label"] for t in r["top"]]) for r in want]
+    assert [r["distance"] for r in got] == pytest.approx([r["distance"] for r in want])
+    assert any(r["label"] == "unknown" for r in got)  # the open-set test is still the prototypes'
+
+
+def test_a_linear_head_model_classifies_with_its_head(tmp_path):
+    model = linear_model(tmp_path / "lin")
+    store = str(tmp_path / "s")
+    for c in CHARS[:3]:
+        p = run("enroll", "--store", store, "--model", str(model), "--label", c, *drawings(c, range(1, 4)))
+        assert p.returncode == 0, p.stderr
+    queries = [f for c in CHARS[:3] for f in drawings(c, [12, 13])]
+    p = run("classify", "--store", store, "--json", "--top-k", "3", *queries)
+    res = json.loads(p.stdout)
+    # the learned bias of column 1 wins for every query (the prototypes would say otherwise), and the
+    # distance is still the nearest prototype's, which decides "unknown"
+    assert {r["top"][0]["label"] for r in res} == {CHARS[1]} and all(r["top"][0]["probability"] > 0.99 for r in res)
+    assert all(r["distance"] == min(t["distance"] for t in r["top"]) for r in res)
+    s = EnrollmentStore.open(store)
+    assert s.adapt is None and s.meta["head"]["init"] == "learned" and s.meta["head"]["steps"] == 3
+    # a stale head (the model's steps changed since the store was written) is recomputed, not used
+    rt = FewShotRuntime(model)
+    spec3 = rt.head_spec(None)
+    m = json.loads((model / "manifest.json").read_text())
+    m["head"]["steps"] = 500
+    (model / "manifest.json").write_text(json.dumps(m))
+    rt500 = FewShotRuntime(model)
+    emb = rt500.embedder(rt500.images(queries)[0])
+    np.testing.assert_allclose(rt500.head(s).w, s.linear_head(rt500.head_spec(None))[0])
+    assert not np.allclose(rt500.head(s).w, s.linear_head(spec3)[0])
+    assert len(rt500.head(s).classify(emb)) == len(queries)
+    # --adapt overrides the model's steps (and --lr its learned rates)
+    p = run("adapt", "--store", store, "--model", str(model), "--steps", "7", "--lr", "0.02")
+    assert p.returncode == 0 and "learned init, 7 step(s) at rate 0.02" in p.stdout, p.stderr
+    s = EnrollmentStore.open(store)
+    assert s.adapt == {"steps": 7, "lr": 0.02} and s.meta["head"]["steps"] == 7
+    np.testing.assert_allclose(s.head_spec.rates_w, [0.02])
+
+
+def test_damaged_or_mismatched_heads_are_one_line_errors(tmp_path):
+    img = drawings("Keble_character01", [1])[0]
+
+    def enroll(model):
+        return run("enroll", "--store", str(tmp_path / "s"), "--model", str(model), "--label", "a", img)
+
+    m = linear_model(tmp_path / "m1")
+    (m / "head.npz").write_bytes((m / "head.npz").read_bytes()[:50])
+    one_line_error(enroll(m), "head.npz does not match its manifest checksum")
+    data = (m / "head.npz").read_bytes()
+    man = json.loads((m / "manifest.json").read_text())
+    man["head"]["sha256"] = hashlib.sha256(data).hexdigest()  # damaged, but the checksum says so
+    (m / "manifest.json").write_text(json.dumps(man))
+    one_line_error(enroll(m), "head.npz is not a readable head")
+    (m / "head.npz").unlink()
+    one_line_error(enroll(m), "head.npz is missing")
+    bad_shape = {"rates_w": np.array([0.1], np.float32), "rates_b": np.array([0.1], np.float32),
+                 "w0": np.zeros((63, 5), np.float32), "b0": np.zeros(5, np.float32)}
+    one_line_error(enroll(linear_model(tmp_path / "m2", bad_shape)), "w0 of shape (64, way)")
+    one_line_error(enroll(linear_model(tmp_path / "m3", steps="10")), "head steps must be an integer")
+    one_line_error(enroll(linear_model(tmp_path / "m4", init="random")), "head init must be one of")
+    one_line_error(enroll(linear_model(tmp_path / "m5", per_parameter_rates=True)), "per-parameter")
+    one_line_error(enroll(linear_model(tmp_path / "m6", file="../head.npz")), "file name beside the manifest")
+    one_line_error(enroll(linear_model(tmp_path / "m7", kind="sequence")), "unknown head kind 'sequence'")
+    m8 = linear_model(tmp_path / "m8")
+    man = json.loads((m8 / "manifest.json").read_text())
+    man["head"] = {"kind": "prototype", "distance": "cosine"}
+    (m8 / "manifest.json").write_text(json.dumps(man))
+    one_line_error(enroll(m8), "disagrees with the manifest's 'squared_euclidean'")
+    man["format"] = 3
+    (m8 / "manifest.json").write_text(json.dumps(man))
+    one_line_error(enroll(m8), "this edgemeta reads formats 1, 2")
+    assert not (tmp_path / "s").exists()
+
+
+def test_bad_adaptation_settings_are_one_line_and_write_nothing(tmp_path):
+    store = tmp_path / "s"
+    FewShotRuntime(SHIPPED).enroll(store, "a", drawings("Keble_character01", [1, 2]))
+    before = (store / STORE_FILE).read_bytes()
+    adapt = ["adapt", "--store", str(store), "--model", str(SHIPPED)]
+    one_line_error(run(*adapt, "--steps", "-1"), "from 0 (off) to 1000, got -1")
+    one_line_error(run(*adapt, "--steps", "1001"), "got 1001")
+    one_line_error(run(*adapt, "--steps", "ten"), "got 'ten'")
+    one_line_error(run(*adapt, "--steps", "2.5"), "got '2.5'")
+    for lr in ("0", "-0.1", "inf", "nan", "fast"):
+        one_line_error(run(*adapt, "--steps", "5", "--lr", lr), "learning rate must be a finite positive number")
+    enroll = ["enroll", "--store", str(store), "--label", "b", drawings("Keble_character02", [1])[0]]
+    one_line_error(run(*enroll, "--adapt", "-3"), "got -3")
+    one_line_error(run(*enroll, "--lr", "0.1"), "--lr goes with --adapt")
+    one_line_error(run("adapt", "--store", str(tmp_path / "none"), "--model", str(SHIPPED), "--steps", "3"), "does not exist")
+    assert (store / STORE_FILE).read_bytes() == before and not (tmp_path / "none").exists()
+    # and the good ones, from the CLI: the default rate of a prototype model is written out
+    p = run("enroll", *enroll[1:], "--adapt", "5")
+    assert p.returncode == 0, p.stderr
+    assert EnrollmentStore.open(store).adapt == {"steps": 5, "lr": 0.01}
+    p = run("classes", "--store", str(store))
+    assert "head adapted with 5 step(s)" in p.stdout
+    assert json.loads(run("classes", "--store", str(store), "--json").stdout)["adapt"] == {"steps": 5, "lr": 0.01}
+    p = run(*adapt, "--steps", "0")
+    assert p.returncode == 0 and "nearest prototype" in p.stdout and EnrollmentStore.open(store).adapt is None

@@ -1,11 +1,12 @@
 """The board agent: one loaded model and store answering requests, and clients to reach it.
 
 Operations (args are JSON, images travel as attachments of raw file bytes):
-    enroll   {label}           + images  -> {label, samples}
+    enroll   {label, [adapt, lr]} + images -> {label, samples}
     classify {top_k}           + images  -> {results: [...]}
-    classes  {}                          -> {classes: {label: samples}, backbone}
+    classes  {}                          -> {classes: {label: samples}, backbone, head}
     forget   {label}                     -> {label, removed}
     rename   {old, new}                  -> {old, new}
+    adapt    {steps, [lr]}               -> {kind, init, steps, lr, adapt} (steps 0: off)
     status   {}                          -> model, variant, runtime, classes, requests, uptime
 Transports: JSON lines over a Unix socket, loopback TCP or stdin/stdout (one request per line:
 {"id", "op", "args", "attachments": [base64]}; answers {"id", "ok", "result"} or {"id", "ok":
@@ -27,13 +28,13 @@ import numpy as np
 
 from edgemeta.errors import EdgemetaError
 from edgemeta.runtime.classifier import UNKNOWN, FewShotRuntime
-from edgemeta.runtime.store import STORE_FILE, EnrollmentStore
+from edgemeta.runtime.store import STORE_FILE, EnrollmentStore, check_adapt
 
 MAX_LINE = 64 * 2**20
 
 
 class Agent:
-    """Keeps the interpreter, the store and its prototype head in memory; one request at a time."""
+    """Keeps the interpreter, the store and its head in memory; one request at a time."""
 
     def __init__(self, model: str | Path, store: str | Path, threads: int = 1, edgetpu: str | None = None):
         self.rt = FewShotRuntime(model, threads=threads, edgetpu=edgetpu)
@@ -64,9 +65,14 @@ class Agent:
         with self.lock:
             self.requests += 1
             if op == "enroll":
+                adapt = (args["adapt"], args.get("lr")) if args.get("adapt") is not None else None
+                if adapt is not None:
+                    check_adapt(*adapt)  # before the images are decoded
                 images = self._images(attachments)
-                count = self.rt.enroll_images(self.store_dir, args.get("label", ""), images)
+                count = self.rt.enroll_images(self.store_dir, args.get("label", ""), images, adapt=adapt)
                 return {"label": str(args.get("label", "")).strip(), "samples": count}
+            if op == "adapt":
+                return self.rt.adapt(self.store_dir, args.get("steps"), args.get("lr"))
             if op == "classify":
                 images = self._images(attachments)
                 if self._load() is None or self._head is None:
@@ -74,7 +80,8 @@ class Agent:
                 return {"results": self._head.classify(self.rt.embedder(images), int(args.get("top_k", 1)), unknown=UNKNOWN)}
             if op == "classes":
                 store = self._load()
-                return {"classes": store.counts() if store else {}, "backbone": self.rt.backbone}
+                return {"classes": store.counts() if store else {}, "backbone": self.rt.backbone,
+                        "head": self.rt.describe_head(store) if store else None}
             if op in ("forget", "rename"):
                 with EnrollmentStore.locked(self.store_dir):
                     store = self.rt.open_store(self.store_dir)
@@ -83,14 +90,14 @@ class Agent:
                     else:
                         store.rename(str(args.get("old", "")), str(args.get("new", "")))
                         out = {"old": args.get("old"), "new": str(args.get("new", "")).strip()}
-                    store.save()
+                    self.rt.save(store)
                 return out
             if op == "status":
                 store = self._load()
                 return {"model": self.rt.manifest.name, "variant": self.rt.variant.name, "runtime": self.rt.embedder.runtime,
                         "classes": len(store.class_names) if store else 0, "requests": self.requests,
                         "uptime_s": round(time.monotonic() - self.started, 1)}
-            raise EdgemetaError(f"unknown operation {op!r}; known: enroll, classify, classes, forget, rename, status")
+            raise EdgemetaError(f"unknown operation {op!r}; known: enroll, classify, classes, forget, rename, adapt, status")
 
     # --- JSON lines -------------------------------------------------------------------------
 

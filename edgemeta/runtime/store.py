@@ -6,7 +6,13 @@ One folder holding one ``store.npz`` (arrays only, read with allow_pickle=False)
     class_names  (c,) str          labels are data, never used as file names
     samples      (n, H, W, C) uint8, optional: the preprocessed samples themselves, so classes
                  can be re-enrolled after a model upgrade
-    meta         () str            JSON: format, backbone identity, timestamps
+    meta         () str            JSON: format, backbone identity, timestamps, and optionally
+                 "adapt" {steps, lr} (the store's head-adaptation setting) and "head" {init, steps, key}
+    head_*       optional: the linear head the store is classified with: its spec (head_rates_w,
+                 head_rates_b, head_w0, head_b0 as in a model's head.npz) and its adapted weights
+                 head_w (dim, c), head_b (c,), recomputed on every save; `key` hashes what they were
+                 computed from, so a head left stale (an older edgemeta rewrote the store) is recomputed.
+Stores without these keys (older ones) load as before, with nothing to adapt.
 Every change rewrites the file to a temporary name, fsyncs it and renames it over the old one
 (then fsyncs the folder): a crash at any moment leaves the last good store. Writers take an
 exclusive lock, so an agent and a command line can share a store. A writer killed mid-write leaves
@@ -18,7 +24,9 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
+import hashlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -29,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from edgemeta.errors import EdgemetaError
+from edgemeta.runtime.linear_head import LinearHeadSpec, adapt_linear, spec_arrays, spec_from_manifest
 
 STORE_FILE = "store.npz"
 LOCK_FILE = ".lock"
@@ -36,8 +45,10 @@ TMP_PREFIX, TMP_SUFFIX = ".store.", ".npz.tmp"
 # The names tempfile.mkstemp gives save()'s temporary files (8 characters of [a-z0-9_]): only files of
 # exactly this form are ever removed (the kill tests in tests/test_runtime.py check that they still match).
 TMP_NAME = re.compile(re.escape(TMP_PREFIX) + r"[a-z0-9_]{8}" + re.escape(TMP_SUFFIX))
-STORE_FORMAT = 1
+STORE_FORMAT = 1  # the head keys are optional, so format-1 readers and writers still get along
 MAX_LABEL = 128
+MAX_ADAPT_STEPS = 1000
+HEAD_PREFIX = "head_"
 
 
 def check_label(label: str) -> str:
@@ -47,6 +58,25 @@ def check_label(label: str) -> str:
     if len(label) > MAX_LABEL or any(ord(c) < 32 or ord(c) == 127 for c in label):
         raise EdgemetaError(f"label {label[:40]!r} is not allowed: at most {MAX_LABEL} printable characters")
     return label
+
+
+def check_adapt(steps, lr=None) -> tuple[int, float | None]:
+    """A head-adaptation setting: steps an integer in [0, MAX_ADAPT_STEPS], lr None or a finite positive number."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 0 <= steps <= MAX_ADAPT_STEPS:
+        raise EdgemetaError(f"adaptation steps must be an integer from 0 (off) to {MAX_ADAPT_STEPS}, got {steps!r}")
+    if lr is not None and (not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0):
+        raise EdgemetaError(f"the adaptation learning rate must be a finite positive number, got {lr!r}")
+    return steps, None if lr is None else float(lr)
+
+
+def head_key(spec: LinearHeadSpec, embeddings: np.ndarray, labels: np.ndarray, way: int) -> str:
+    """What an adapted head is a function of: its spec and the support set."""
+    h = hashlib.sha256(json.dumps([spec.init, spec.steps, way]).encode())
+    for name, a in sorted(spec_arrays(spec).items()) + [("embeddings", embeddings), ("labels", labels)]:
+        a = np.ascontiguousarray(a)
+        h.update(f"{name}{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def _now() -> str:
@@ -60,6 +90,10 @@ class EnrollmentStore:
                  samples: np.ndarray | None):
         self.folder, self.meta = folder, meta
         self.embeddings, self.labels, self.class_names, self.samples = embeddings, labels, class_names, samples
+        # the linear head (None: nearest prototype), set by the runtime from the model and the adapt setting
+        self.head_spec: LinearHeadSpec | None = None
+        self.head_w: np.ndarray | None = None
+        self.head_b: np.ndarray | None = None
 
     # --- opening --------------------------------------------------------------------------
 
@@ -105,13 +139,28 @@ class EnrollmentStore:
                 emb, labels = z["embeddings"].astype(np.float32), z["labels"].astype(np.int32)
                 names = [str(n) for n in z["class_names"]]
                 samples = z["samples"] if "samples" in z.files else None
+                head = {k[len(HEAD_PREFIX):]: z[k] for k in z.files if k.startswith(HEAD_PREFIX)}
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
             raise EdgemetaError(f"{path} is damaged ({type(e).__name__}); restore it from a backup or start a new store") from None
-        if meta.get("format") != STORE_FORMAT:
-            raise EdgemetaError(f"{path} has store format {meta.get('format')!r}, this edgemeta reads {STORE_FORMAT}")
+        if not isinstance(meta, dict) or meta.get("format") != STORE_FORMAT:
+            fmt = meta.get("format") if isinstance(meta, dict) else None
+            raise EdgemetaError(f"{path} has store format {fmt!r}, this edgemeta reads {STORE_FORMAT}")
         if len(emb) != len(labels) or (len(labels) and labels.max() >= len(names)):
             raise EdgemetaError(f"{path} is inconsistent (embeddings and labels disagree); restore it from a backup")
-        return cls(folder, meta, emb, labels, names, samples)
+        store = cls(folder, meta, emb, labels, names, samples)
+        adapt = meta.get("adapt")
+        try:
+            if adapt is not None:
+                if not isinstance(adapt, dict):
+                    raise ValueError(f"adapt is {adapt!r}, not an object")
+                check_adapt(adapt.get("steps"), adapt.get("lr"))
+            if isinstance(meta.get("head"), dict) and "rates_w" in head:  # no arrays: an older writer dropped them
+                store.head_spec = spec_from_manifest(meta["head"], head, emb.shape[1])
+                store.head_w, store.head_b = head.get("w"), head.get("b")
+        except (EdgemetaError, ValueError, TypeError) as e:
+            raise EdgemetaError(f"{path} has a bad head or adaptation setting ({e}); run `edgemeta adapt` "
+                                "to set it again") from None
+        return store
 
     @staticmethod
     @contextlib.contextmanager
@@ -150,6 +199,20 @@ class EnrollmentStore:
     def counts(self) -> dict[str, int]:
         c = np.bincount(self.labels, minlength=len(self.class_names))
         return {name: int(c[i]) for i, name in enumerate(self.class_names)}
+
+    @property
+    def adapt(self) -> dict | None:
+        """The head-adaptation setting {steps, lr} (lr None: the model's own rates), or None: off."""
+        return self.meta.get("adapt")
+
+    def linear_head(self, spec: LinearHeadSpec) -> tuple[np.ndarray, np.ndarray]:
+        """(W, b) of `spec` adapted on this store's samples: the persisted ones when they are current."""
+        way, meta = len(self.class_names), self.meta.get("head")
+        key = meta.get("key") if isinstance(meta, dict) else None
+        if (self.head_w is not None and self.head_b is not None and self.head_w.shape == (self.embeddings.shape[1], way)
+                and self.head_b.shape == (way,) and key == head_key(spec, self.embeddings, self.labels, way)):
+            return self.head_w, self.head_b
+        return adapt_linear(spec, self.embeddings, self.labels, way)
 
     def class_index(self, label: str) -> int:
         try:
@@ -194,6 +257,18 @@ class EnrollmentStore:
             raise EdgemetaError(f"class {new!r} already exists; forget it first or choose another name")
         self.class_names[idx] = new
 
+    def set_adapt(self, steps: int, lr: float | None) -> None:
+        """Adapt the head with `steps` steps at rate `lr` (None: the model's own); 0 steps turns it off."""
+        steps, lr = check_adapt(steps, lr)
+        if steps:
+            self.meta["adapt"] = {"steps": steps, "lr": lr}
+        else:
+            self.meta.pop("adapt", None)
+
+    def set_head(self, spec: LinearHeadSpec | None) -> None:
+        """The linear head to classify with (None: nearest prototype); adapted by save()."""
+        self.head_spec = spec
+
     def replace_embeddings(self, embeddings: np.ndarray, backbone: dict) -> None:
         """After re-embedding the kept samples with another backbone."""
         self.embeddings = embeddings.astype(np.float32)
@@ -201,12 +276,14 @@ class EnrollmentStore:
 
     def save(self) -> None:
         self.meta["updated"] = _now()
+        self._adapt_head()
         arrays = {"embeddings": self.embeddings, "labels": self.labels,
                   "class_names": np.array(self.class_names, dtype=str), "meta": np.array(json.dumps(self.meta))}
         if not self.class_names:
             arrays["class_names"] = np.zeros(0, dtype="<U1")
         if self.samples is not None:
             arrays["samples"] = self.samples
+        arrays.update(self._head_arrays())
         fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=TMP_PREFIX, suffix=TMP_SUFFIX)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -222,3 +299,23 @@ class EnrollmentStore:
             os.fsync(dirfd)  # make the rename itself durable
         finally:
             os.close(dirfd)
+
+    def _adapt_head(self) -> None:
+        """Recompute the adapted head (on every save, so it always matches the samples), and its meta."""
+        self.meta.pop("head", None)
+        self.head_w = self.head_b = None
+        if self.head_spec is None:
+            return
+        spec, way = self.head_spec, len(self.class_names)
+        self.meta["head"] = {"init": spec.init, "steps": spec.steps}
+        if way:
+            self.head_w, self.head_b = adapt_linear(spec, self.embeddings, self.labels, way)
+            self.meta["head"]["key"] = head_key(spec, self.embeddings, self.labels, way)
+
+    def _head_arrays(self) -> dict[str, np.ndarray]:
+        if self.head_spec is None:
+            return {}
+        arrays = dict(spec_arrays(self.head_spec))
+        if self.head_w is not None:
+            arrays.update(w=self.head_w.astype(np.float32), b=self.head_b.astype(np.float32))
+        return {HEAD_PREFIX + k: v for k, v in arrays.items()}

@@ -230,3 +230,14 @@ def test_doctor_over_ssh_before_and_after_deploy(lab, bundle):
     after = subprocess.run(doctor, capture_output=True, text=True)
     checks = {c["check"]: c for c in json.loads(after.stdout)}
     assert after.returncode == 0 and checks["interpreter"]["detail"] == "ai_edge_litert 2.3.0", after.stdout
+
+
+def test_a_linear_head_travels_with_its_model(tmp_path):
+    from test_runtime import linear_model
+
+    from edgemeta.runtime.manifest import read_manifest
+
+    out = build_bundle("generic-x86_64", linear_model(tmp_path / "lin"), tmp_path / "b")
+    m = read_manifest(out / "model")  # checks head.npz against its checksum
+    assert m.head.kind == "linear" and m.head.linear.w0.shape == (64, 5)
+    assert "model/head.npz" in json.loads((out / "BUNDLE.json").read_text())["files"]

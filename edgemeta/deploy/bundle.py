@@ -177,6 +177,8 @@ def _write_bundle(out: Path, board: Board, manifest: Manifest, variant: Variant,
     """Fill the empty folder `out` with the bundle."""
     (out / "model").mkdir()
     shutil.copy2(manifest.folder / variant.file, out / "model" / variant.file)
+    if manifest.head.kind == "linear":  # the head's arrays (checksummed by the manifest) travel with the model
+        shutil.copy2(manifest.folder / manifest.raw["head"]["file"], out / "model" / manifest.raw["head"]["file"])
     reduced = dict(manifest.raw)
     reduced["variants"] = {variant.name: manifest.raw["variants"][variant.name]}
     reduced["default_variant"] = variant.name

@@ -22,17 +22,18 @@ import numpy as np
 
 from edgemeta.data import load_dataset
 from edgemeta.errors import EdgemetaError
-from edgemeta.evaluate import STANDARD_SETTINGS, calibrate_open_set, embed_split, evaluate, results_json
+from edgemeta.evaluate import STANDARD_SETTINGS, calibrate_open_set, embed_split, episode_inputs, evaluate, results_json
 from edgemeta.host import training_dataset
-from edgemeta.methods import get_method
-from edgemeta.modeldir import load_backbone, write_atomic, write_json
+from edgemeta.modeldir import load_backbone, write_atomic, write_json, write_npz
 from edgemeta.quiet import native_stderr_silenced
 from edgemeta.runtime.interpreter import Embedder, interpreter_module, runtime_version
-from edgemeta.runtime.manifest import MANIFEST_FILE, MANIFEST_FORMAT, sha256_file
+from edgemeta.runtime.linear_head import spec_arrays
+from edgemeta.runtime.manifest import MANIFEST_FILE, sha256_file
 from edgemeta.runtime.tflite_info import read_structure
 
 VARIANTS = ("float32", "dynamic_range", "int8", "int8_static")
 DEFAULT_VARIANT = "int8_static"
+HEAD_NPZ = "head.npz"  # a linear head's arrays (initialisation, learned rates), checksummed in the manifest
 
 
 def convert(model, quantization: str, representative: np.ndarray | None = None) -> bytes:
@@ -78,7 +79,8 @@ def export_model(model_dir: str | Path, out: str | Path | None = None, data: str
     out = Path(out) if out else model_dir
     out.mkdir(parents=True, exist_ok=True)
     model, info = load_backbone(model_dir)
-    method = get_method(info.algorithm)
+    method = info.make_method(model_dir, model)
+    distance = getattr(method, "distance", "squared_euclidean")  # the open-set test is nearest-prototype distance
     spec = training_dataset(info, folder or data)
     splits = load_dataset(spec, info.preprocess)
     rng = np.random.default_rng(seed)
@@ -98,7 +100,7 @@ def export_model(model_dir: str | Path, out: str | Path | None = None, data: str
         embedder = Embedder(path, threads=os.cpu_count() or 1)
         val_emb = embed_split(embedder, splits["val"])
         test_emb = embed_split(embedder, splits["test"])
-        open_set = calibrate_open_set(val_emb, splits["val"], method.distance, seed=seed)
+        open_set = calibrate_open_set(val_emb, splits["val"], distance, seed=seed)
         if info.training.get("classes") == "trainval":  # no held-out classes are left to calibrate on
             open_set["calibration"] += "; the model also trained on these classes, so new classes may sit farther out"
         results = evaluate(embedder, method.classify, splits["test"], STANDARD_SETTINGS, episodes, seed=seed, embeddings=test_emb)
@@ -116,12 +118,22 @@ def export_model(model_dir: str | Path, out: str | Path | None = None, data: str
     from edgemeta.host import keras_embedder
 
     float_results = evaluate(keras_embedder(model), method.classify, splits["test"], STANDARD_SETTINGS, episodes, seed=seed)
+    evaluation = {"keras_float32": results_json(float_results)}
+    if method.adapts_body:  # the host-only figure: every layer adapted on each support set
+        classify, images = episode_inputs(method, None, splits["test"])
+        evaluation["keras_float32_whole_network"] = results_json(
+            evaluate(None, classify, splits["test"], STANDARD_SETTINGS, episodes, seed=seed, embeddings=images))
+    head = method.head_spec()
+    if head["kind"] == "linear":
+        write_npz(out / HEAD_NPZ, spec_arrays(method.linear_head()))
+        head.update(file=HEAD_NPZ, sha256=sha256_file(out / HEAD_NPZ))
     manifest = {
-        "format": MANIFEST_FORMAT,
+        "format": 2,
         "name": model_dir.resolve().name,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "backbone": info.backbone, "algorithm": info.algorithm,
-        "embedding_dim": info.embedding_dim, "distance": method.distance,
+        "embedding_dim": info.embedding_dim, "distance": distance, "head": head,
+        "method": info.method or {"name": info.algorithm},
         "preprocess": {**info.preprocess.to_dict(), "resize": "lanczos", "scale": "x / 255 (input range [0, 1])",
                        "polarity": "inverted: dark ink becomes bright" if info.preprocess.invert else "as stored"},
         "default_variant": DEFAULT_VARIANT,
@@ -130,7 +142,9 @@ def export_model(model_dir: str | Path, out: str | Path | None = None, data: str
                                    f"mean accuracy and 95% CI in percent; test split of {spec.kind}"
                                    + (f" {spec.split}" if spec.kind == "omniglot" else ""),
                        "runtime": f"{runtime} {runtime_version(runtime)}",
-                       "keras_float32": results_json(float_results)},
+                       "head": "the board's: " + ("nearest prototype" if head["kind"] == "prototype" else
+                                f"linear, {head['init']} init, {head['steps']} steps over the frozen body's embeddings"),
+                       **evaluation},
         "source": {"model.keras_sha256": sha256_file(model_dir / "model.keras"), "data": info.data},
         "training": info.training,
     }

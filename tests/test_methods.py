@@ -157,3 +157,42 @@ def test_linear_head_with_zero_steps_and_proto_init_is_the_prototype_classifier(
     proto = get_method("protonet").classify(emb, labels, queries, 8)
     linear = linear_scores(LinearHeadSpec(init="proto", steps=0, rates_w=[0.1], rates_b=[0.1]), emb, labels, queries, 8)
     np.testing.assert_array_equal(proto.argmax(1), linear.argmax(1))
+
+
+@pytest.mark.parametrize("name", ["anil", "maml"])
+def test_an_exported_optimization_model_answers_on_the_board_as_on_the_host(tmp_path, sample_dir, name):
+    """Train a few episodes, export (format 2, linear head in head.npz), enroll on the board runtime
+    and classify: the board's answers are the host's numpy head over the same int8 embeddings."""
+    from test_train import tiny_config
+
+    from edgemeta.data import DatasetSpec, EpisodeSampler, load_dataset
+    from edgemeta.export import export_model
+    from edgemeta.modeldir import load_keras, read_info
+    from edgemeta.runtime.classifier import FewShotRuntime
+    from edgemeta.runtime.manifest import read_manifest
+    from edgemeta.train import train
+
+    cfg = tiny_config(sample_dir, episodes=8, meta_batch=4)
+    cfg = type(cfg)(**{**cfg.__dict__, "method": type(cfg.method)(name, {"test_steps": 3})})
+    out = tmp_path / "m"
+    train(cfg, out, progress=False)
+    export_model(out, folder=str(sample_dir), episodes=10, log=lambda m: None)
+    manifest = read_manifest(out)
+    assert manifest.raw["format"] == 2 and manifest.head.kind == "linear" and manifest.head.linear.steps == 3
+    if name == "maml":
+        assert "keras_float32_whole_network" in manifest.raw["evaluation"]
+
+    rt = FewShotRuntime(out, variant="int8_static")
+    split = load_dataset(DatasetSpec(kind="folder", root=str(sample_dir), fractions=(0.0, 0.0, 1.0)),
+                         read_info(out).preprocess, ("test",))["test"]
+    ep = EpisodeSampler(split, WAY, 2, 4, seed=5).episode(0)
+    store = tmp_path / "store"
+    names = [f"c{i}" for i in range(WAY)]
+    for i, label in enumerate(names):
+        rt.enroll_images(store, label, ep.support[ep.support_labels == i])
+    # the best class (the open-set "unknown" is a separate, distance-based decision)
+    board = [r["top"][0]["label"] for r in rt.classify_embeddings(rt.open_store(store), rt.embedder(ep.query))]
+
+    host_method = read_info(out).make_method(out, load_keras(out / "model.keras"))
+    scores = host_method.classify(rt.embedder(ep.support), ep.support_labels, rt.embedder(ep.query), WAY)
+    assert board == [names[i] for i in scores.argmax(1)]

@@ -52,7 +52,7 @@ class Method(Protocol):
         """numpy, the board's head: class scores (higher is better) of query embeddings."""
 
     def head_spec(self) -> dict:
-        """The manifest's ``head`` section (JSON scalars and lists) and arrays for ``head.npz``."""
+        """The manifest's ``head`` section (JSON scalars): kind, and for a linear head its init and steps."""
 
     def load_head(self, arrays: dict[str, np.ndarray]) -> None:
         """Restore the method's variables from what ``head_arrays`` returned."""

@@ -44,7 +44,7 @@ class MAMLParams:
     test_steps: int = 10           # at evaluation (and on the board)
     first_order: bool = False
     head_init: str = "learned"     # learned (Finn), zero (Kao et al. 2022) or proto (proto-MAML)
-    transductive: bool = False     # batch statistics at evaluation (the papers' code) instead of running ones
+    transductive: bool = False     # queries normalised with their own batch's statistics (the papers' code), not the support set's
     multi_step_loss: bool = False
     msl_episodes: int = 0          # anneal the multi-step loss weights to the last step over this many episodes
     learn_inner_rates: bool = False

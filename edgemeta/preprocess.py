@@ -1,12 +1,31 @@
-"""Image preprocessing shared by training, evaluation and (later) the board runtime.
+"""Image preprocessing shared by training, evaluation and the board runtime.
 
 Pure numpy + Pillow, no TensorFlow: the same function must give the same pixels on the host
-and on a board, so every place that turns a file into a model input goes through here.
+and on a board, so every place that turns a file (or the bytes of one) into a model input goes
+through `decode_image`.
+
+Decoding is bounded before it starts: the file's size is checked before it is read and the
+image's header (Pillow opens lazily) before any pixel is decoded, against `ImageLimits` (a board
+profile's `max_image_pixels` / `max_image_bytes`, else the defaults below). A JPEG is decoded at
+a reduced scale (`Image.draft`) when the model input is much smaller, and the pixel limit applies
+to what is decoded. Every failure is one `EdgemetaError` line that names the image.
+
+Conversion keeps what the image shows: 16-bit and 32-bit grayscale are scaled by their bit depth
+(not clipped to 255), transparent pixels are composited over the model's paper (white when the
+model inverts dark ink on white, black otherwise, so that they become input 0 either way),
+palette/CMYK/YCbCr/LAB/HSV images go through RGB, and EXIF orientation is applied.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
+import math
+import os
+import re
+import stat
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,6 +35,68 @@ from PIL import Image, UnidentifiedImageError
 from edgemeta.errors import EdgemetaError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
+# The Pillow formats tried, the ones IMAGE_SUFFIXES name (JPEG includes multi-picture MPO files).
+# Anything else (EPS, which runs Ghostscript, PSD, ICO, ...) is refused unread.
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF", "PPM")
+
+# Without a board profile. Measured peaks of one decode above the process's own memory, per
+# decoded pixel: L 1.2 bytes, RGB 4-5, 16-bit gray 6-7, RGBA 7 (to gray) to 13 (to RGB); a JPEG
+# 0.3 per pixel of its full size (decoded at 1/8 scale for a small model input). 24 megapixels
+# (a 6000x4000 camera image) thus peak at 30-320 MB; a 13000x13000 PNG bomb (169 MP, 0.5 MB of
+# file, 860 MB decoded) is refused. Board profiles set their own (max_image_pixels,
+# max_image_bytes); $EDGEMETA_MAX_IMAGE_PIXELS and $EDGEMETA_MAX_IMAGE_BYTES override both.
+DEFAULT_MAX_IMAGE_PIXELS = 24_000_000
+DEFAULT_MAX_IMAGE_BYTES = 64 * 2**20
+# Bumped when the same file decodes to other pixels (caches of decoded datasets key on it).
+DECODE_VERSION = 2
+
+_SIXTEEN = {"I;16", "I;16B", "I;16L", "I;16N"}
+_ALPHA = {"RGBA", "RGBa", "LA", "La", "PA"}
+_MODES = {"1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "I", "F"} | _SIXTEEN | _ALPHA
+# EXIF orientation -> the transpose that makes the image upright (as ImageOps.exif_transpose does)
+_ORIENT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """How much one image may cost to decode.
+
+    max_pixels: width x height as decoded (after a JPEG's reduced-scale decode), checked from
+        the header before any pixel is decoded.
+    max_bytes: size of the file (or of the bytes received), checked before it is read.
+    """
+
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+
+    def __post_init__(self) -> None:
+        for key in ("max_pixels", "max_bytes"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise EdgemetaError(f"image limit {key} must be a positive integer, got {v!r}")
+
+    @classmethod
+    def default(cls) -> ImageLimits:
+        """The built-in limits, or $EDGEMETA_MAX_IMAGE_PIXELS / $EDGEMETA_MAX_IMAGE_BYTES."""
+        return cls.resolve()
+
+    @classmethod
+    def resolve(cls, max_pixels: int | None = None, max_bytes: int | None = None) -> ImageLimits:
+        """$EDGEMETA_MAX_IMAGE_PIXELS / $EDGEMETA_MAX_IMAGE_BYTES where set (an operator's override),
+        else the values given (a board profile's), else the built-in defaults."""
+        values = {"max_pixels": max_pixels or DEFAULT_MAX_IMAGE_PIXELS, "max_bytes": max_bytes or DEFAULT_MAX_IMAGE_BYTES}
+        for key, var in (("max_pixels", "EDGEMETA_MAX_IMAGE_PIXELS"), ("max_bytes", "EDGEMETA_MAX_IMAGE_BYTES")):
+            text = os.environ.get(var, "").strip()
+            if text:
+                try:
+                    values[key] = int(text)
+                except ValueError:
+                    raise EdgemetaError(f"${var} must be a positive integer, got {text!r}") from None
+                if values[key] < 1:
+                    raise EdgemetaError(f"${var} must be a positive integer, got {text!r}")
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -43,6 +124,11 @@ class Preprocess:
     def input_shape(self) -> tuple[int, int, int]:
         return (self.image_size, self.image_size, self.channels)
 
+    @property
+    def background(self) -> int:
+        """What a transparent pixel shows: the paper, white under ink-on-white inversion, else black."""
+        return 255 if self.invert else 0
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -50,9 +136,15 @@ class Preprocess:
     def from_dict(cls, d: dict) -> Preprocess:
         return cls(int(d["image_size"]), int(d["channels"]), bool(d["invert"]))
 
-    def image(self, img: Image.Image) -> np.ndarray:
-        """A Pillow image -> uint8 array of shape (size, size, channels)."""
-        img = img.convert("L" if self.channels == 1 else "RGB")
+    def image(self, img: Image.Image, orientation: int = 1) -> np.ndarray:
+        """A Pillow image -> uint8 array of shape (size, size, channels).
+
+        orientation: the file's EXIF orientation (1-8); its transpose is applied to the converted 8-bit
+        image, which is cheaper than, and pixel for pixel the same as, ImageOps.exif_transpose first.
+        """
+        img = _to_mode(img, "L" if self.channels == 1 else "RGB", self.background)
+        if orientation in _ORIENT:
+            img = img.transpose(_ORIENT[orientation])
         if img.size != (self.image_size, self.image_size):
             # LANCZOS on the 8-bit image keeps the anti-aliased stroke edges of the 105 px scans.
             img = img.resize((self.image_size, self.image_size), Image.Resampling.LANCZOS)
@@ -61,13 +153,217 @@ class Preprocess:
             arr = 255 - arr
         return arr.reshape(self.input_shape)
 
-    def file(self, path: str | Path, data: bytes | None = None) -> np.ndarray:
-        """Decode one image file (or its bytes) -> uint8 array; a clear error when it is not one."""
+    def file(self, path: str | Path, data: bytes | None = None, *, limits: ImageLimits | None = None) -> np.ndarray:
+        """Decode one image file (or its bytes, named by path) -> uint8 array; see `decode_image`."""
+        return decode_image(path if data is None else data, self, name=str(path), limits=limits)
+
+
+def decode_image(source: str | Path | bytes, pre: Preprocess, *, name: str | None = None,
+                 limits: ImageLimits | None = None) -> np.ndarray:
+    """An image file, or the bytes of one, -> a (size, size, channels) uint8 model input.
+
+    Refuses, with one EdgemetaError line naming the image, its size and the limit: a file over
+    ``limits.max_bytes`` (before reading it), an image over ``limits.max_pixels`` (from its
+    header, before decoding), and anything that is not a whole image in IMAGE_FORMATS.
+    ``limits`` defaults to `ImageLimits.default()`.
+    """
+    limits = limits or ImageLimits.default()
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        name = name or "image"
+        if len(source) > limits.max_bytes:
+            raise _too_many_bytes(name, len(source), limits)
+        data = source
+    else:
+        name = name or str(source)
+        data = _read_bounded(Path(source), name, limits)
+    size = None
+    try:
+        with _pillow_quiet(), Image.open(io.BytesIO(data), formats=_formats()) as img:
+            if img.mode not in _MODES:
+                raise EdgemetaError(f"cannot read image {name}: its pixel format {img.mode} is not supported; "
+                                    "convert it to 8-bit grayscale or RGB")
+            if img.format in ("JPEG", "MPO") and min(img.size) >= 2 * pre.image_size:
+                # decode at 1/2, 1/4 or 1/8 scale, still at least the model's input size
+                img.draft("L" if pre.channels == 1 else "RGB", (pre.image_size, pre.image_size))
+            size = img.size
+            _check_pixels(name, size, limits)
+            orientation = _orientation(img)
+            img.load()
+            return pre.image(img, orientation)
+    except EdgemetaError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise _bomb(name, e, limits) from e
+    except UnidentifiedImageError as e:
+        raise EdgemetaError(f"cannot read image {name}: not an image in a known format ({', '.join(_formats())}); "
+                            "remove it or replace it with a valid image") from e
+    except MemoryError as e:
+        dims = f" ({size[0]}x{size[1]})" if size else ""
+        raise EdgemetaError(f"not enough memory to decode image {name}{dims}; resize it, or lower max_image_pixels "
+                            f"(now {limits.max_pixels}) so that such images are refused") from e
+    except Exception as e:  # Pillow's decoders raise OSError, SyntaxError, ValueError, struct.error, ...
+        raise EdgemetaError(f"cannot read image {name}: {_reason(e)}; remove it or replace it with a valid image") from e
+
+
+@functools.lru_cache(maxsize=1)
+def _formats() -> tuple[str, ...]:
+    """IMAGE_FORMATS that this Pillow reads (a build without WebP has no WEBP opener)."""
+    Image.init()
+    return tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)
+
+
+def _read_bounded(path: Path, name: str, limits: ImageLimits) -> bytes:
+    """The file's bytes, refused before reading when its size is over the limit."""
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            if stat.S_ISREG(st.st_mode) and st.st_size > limits.max_bytes:
+                raise _too_many_bytes(name, st.st_size, limits)
+            data = f.read(limits.max_bytes + 1)  # a pipe or device has no size: read one byte past the limit
+    except FileNotFoundError:
+        raise EdgemetaError(f"image {name} does not exist") from None
+    except IsADirectoryError:
+        raise EdgemetaError(f"image {name} is a folder, not an image file") from None
+    except OSError as e:
+        raise EdgemetaError(f"cannot read image {name}: {e.strerror or e}") from None
+    if len(data) > limits.max_bytes:
+        raise _too_many_bytes(name, None, limits)
+    return data
+
+
+def _check_pixels(name: str, size: tuple[int, int], limits: ImageLimits) -> None:
+    w, h = size
+    if w < 1 or h < 1:
+        raise EdgemetaError(f"cannot read image {name}: it is {w}x{h}, no pixels; remove it or replace it with a valid image")
+    if w * h > limits.max_pixels:
+        f = math.sqrt(limits.max_pixels / (w * h))
+        fit = f"{max(1, int(w * f))}x{max(1, int(h * f))}"
+        raise EdgemetaError(f"image {name} is {w}x{h} ({_pixels(w * h)}), more than the limit of {_pixels(limits.max_pixels)}; "
+                            f"resize it (to {fit} or less) or raise the limit (max_image_pixels in the board profile, "
+                            "or $EDGEMETA_MAX_IMAGE_PIXELS)")
+
+
+def _too_many_bytes(name: str, size: int | None, limits: ImageLimits) -> EdgemetaError:
+    what = _bytes(size) if size is not None else "larger than that"
+    return EdgemetaError(f"image {name} is {what}, more than the limit of {_bytes(limits.max_bytes)} per image; "
+                         "resize or recompress it, or raise the limit (max_image_bytes in the board profile, "
+                         "or $EDGEMETA_MAX_IMAGE_BYTES)")
+
+
+def _bomb(name: str, e: Exception, limits: ImageLimits) -> EdgemetaError:
+    """Pillow's own decompression-bomb stop (at 2 x Image.MAX_IMAGE_PIXELS, on opening) as our one line."""
+    m = re.search(r"\((\d+) pixels\)", str(e))
+    pixels = int(m[1]) if m else None
+    declared = f" declares {_pixels(pixels)}," if pixels else ""
+    if pixels is not None and pixels <= limits.max_pixels:  # the limit was raised above what Pillow decodes
+        return EdgemetaError(f"image {name}{declared} more than Pillow decodes ({_pixels(2 * (Image.MAX_IMAGE_PIXELS or 0))}); "
+                             "resize it")
+    return EdgemetaError(f"image {name}{declared} more than the limit of {_pixels(limits.max_pixels)}; resize it or raise "
+                         "the limit (max_image_pixels in the board profile, or $EDGEMETA_MAX_IMAGE_PIXELS)")
+
+
+@contextlib.contextmanager
+def _pillow_quiet():
+    """Pillow's warnings while decoding are noise to a user: over Image.MAX_IMAGE_PIXELS (our own limit,
+    checked next, decides; under python -W error the warning would be raised before the size could be
+    read), corrupt EXIF (the pixels still decode), palette transparency. (catch_warnings is process-wide.)"""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.filterwarnings("ignore", module=r"PIL\.")
+        yield
+
+
+def _orientation(img: Image.Image) -> int:
+    """EXIF orientation (1: upright); a damaged EXIF block counts as upright."""
+    try:
+        value = img.getexif().get(0x0112, 1)
+        return value if isinstance(value, int) else 1
+    except Exception:  # EXIF parsing of user files raises anything; the pixels still decode
+        return 1
+
+
+def _to_mode(img: Image.Image, target: str, background: int) -> Image.Image:
+    """Any supported Pillow image -> mode target ("L" or "RGB"), keeping what it shows."""
+    mode = img.mode
+    if mode in _SIXTEEN or mode in ("I", "F"):
+        gray = _deep_to_l(img)
+        return gray if target == "L" else gray.convert("RGB")
+    if mode in _ALPHA or "transparency" in img.info:
+        with_alpha = "LA" if mode in ("LA", "La") else "RGBA"
+        if mode != with_alpha:
+            img = img.convert(with_alpha)  # palette/key transparency, premultiplied alpha -> straight alpha
+        alpha = img.getchannel("A")
+        color = img.convert(target)  # drops the alpha
+        if alpha.getextrema()[0] == 255:
+            return color
+        base = Image.new(target, img.size, background if target == "L" else (background,) * 3)
+        base.paste(color, mask=alpha)  # color * a + background * (1 - a)
+        return base
+    if mode == target:
+        return img
+    if mode == "LAB" and target == "L":
         try:
-            with Image.open(io.BytesIO(data) if data is not None else path) as img:
-                return self.image(img)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise EdgemetaError(f"cannot read image {path}: {e}; remove it or replace it with a valid image") from None
+            return img.convert("RGB").convert("L")
+        except ValueError:  # Pillow without LAB -> RGB: its lightness channel
+            return img.getchannel("L")
+    return img.convert(target)
+
+
+def _deep_to_l(img: Image.Image) -> Image.Image:
+    """16/32-bit integer or float grayscale -> 8 bits, scaled by the bit depth (I;16: v / 257, rounded).
+
+    Float images are taken as [0, 1] (the convention of float TIFF/PFM); NaN counts as 0.
+    """
+    if img.mode == "F":
+        a = np.array(img, dtype=np.float32)
+        np.nan_to_num(a, copy=False, nan=0.0, posinf=1.0, neginf=0.0)
+        np.clip(a, 0.0, 1.0, out=a)
+        a *= 255.0
+        np.rint(a, out=a)
+        return Image.fromarray(a.astype(np.uint8), "L")
+    bits = _bit_depth(img)
+    top = (1 << bits) - 1
+    a = np.array(img)
+    if not (a.dtype.kind == "u" and a.dtype.itemsize == 2 and top == 65535):  # else every uint16 is in range
+        np.clip(a, 0, top, out=a)
+    if top <= 65535:
+        lut = np.rint(np.arange(top + 1, dtype=np.float64) * (255.0 / top)).astype(np.uint8)
+        out = lut[a]
+    else:
+        out = (a >> (bits - 8)).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(out), "L")
+
+
+def _bit_depth(img: Image.Image) -> int:
+    """Bits per sample of a 16/32-bit grayscale image: a TIFF says (BitsPerSample); PNG and PNM samples
+    are 16-bit whether Pillow opens them as I;16 or as I."""
+    limit = 16 if img.mode in _SIXTEEN else 31
+    if img.format == "TIFF":
+        try:
+            bits = img.tag_v2.get(258)
+            bits = bits[0] if isinstance(bits, tuple) else bits
+            if isinstance(bits, int) and 8 <= bits:
+                return min(bits, limit)
+        except Exception:  # a damaged tag: assume the mode's depth
+            pass
+    return 16
+
+
+def _pixels(n: int) -> str:
+    return f"{n / 1e6:.1f} megapixels" if n >= 100_000 else f"{n} pixels"
+
+
+def _bytes(n: int) -> str:
+    if n >= 2**20:
+        return f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**10:.1f} KiB" if n >= 2**10 else f"{n} bytes"
+
+
+def _reason(e: Exception) -> str:
+    """An exception as a short phrase of one line, without Python object addresses."""
+    text = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the data", str(e))
+    text = " ".join(text.split())[:200]
+    return text or type(e).__name__
 
 
 def to_float(images: np.ndarray) -> np.ndarray:
@@ -75,31 +371,38 @@ def to_float(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32) * np.float32(1.0 / 255.0)
 
 
-def load_images(paths: list[str | Path], pre: Preprocess) -> tuple[np.ndarray, list[str]]:
+def load_images(paths: list[str | Path], pre: Preprocess, *, limits: ImageLimits | None = None) -> tuple[np.ndarray, list[str]]:
     """Image files (PNG, JPEG, ... through Pillow) or .npy arrays -> (n, H, W, C) uint8 model
     inputs and a name for each (the file, or ``file.npy[i]`` for a stack).
 
     A .npy file holds one uint8 image (H, W) / (H, W, C) or a stack (n, H, W[, C]); it is
-    preprocessed like a decoded image file.
+    preprocessed like a decoded image file. Every file is held to ``limits`` (see `decode_image`).
     """
+    limits = limits or ImageLimits.default()
     out, names = [], []
     for p in paths:
         p = Path(p)
         if p.suffix.lower() == ".npy":
-            images = _npy_images(p, pre)
+            images = _npy_images(p, pre, limits)
             out.extend(images)
             names.extend([str(p)] if len(images) == 1 else [f"{p}[{i}]" for i in range(len(images))])
         else:
             if not p.is_file():
                 raise EdgemetaError(f"image {p} does not exist")
-            out.append(pre.file(p))
+            out.append(pre.file(p, limits=limits))
             names.append(str(p))
     if not out:
         raise EdgemetaError("no images given")
     return np.stack(out), names
 
 
-def _npy_images(path: Path, pre: Preprocess) -> list[np.ndarray]:
+def _npy_images(path: Path, pre: Preprocess, limits: ImageLimits) -> list[np.ndarray]:
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise EdgemetaError(f"cannot read {path}: {e.strerror or e}") from None
+    if size > limits.max_bytes:
+        raise _too_many_bytes(str(path), size, limits)
     try:
         arr = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:

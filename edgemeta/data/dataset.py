@@ -12,7 +12,7 @@ import numpy as np
 
 from edgemeta.data.cache import cached_arrays, fingerprint
 from edgemeta.errors import EdgemetaError
-from edgemeta.preprocess import IMAGE_SUFFIXES, Preprocess
+from edgemeta.preprocess import DECODE_VERSION, IMAGE_SUFFIXES, Preprocess
 
 OMNIGLOT_PARTS = ("images_background", "images_evaluation")
 OMNIGLOT_ENV = "EDGEMETA_OMNIGLOT"
@@ -242,7 +242,8 @@ def load_folder(root: str, pre: Preprocess) -> tuple[np.ndarray, np.ndarray, lis
         labels = np.repeat(np.arange(len(classes), dtype=np.int32), [len(fs) for fs in classes.values()])
         return {"images": images, "labels": labels, "names": np.array(list(classes))}
 
-    key = fingerprint(files, {"kind": "folder", "root": str(Path(root).resolve()), "pre": pre.to_dict()})
+    # decode: the same files decode to other pixels since 16-bit/transparent images are converted properly
+    key = fingerprint(files, {"kind": "folder", "root": str(Path(root).resolve()), "pre": pre.to_dict(), "decode": DECODE_VERSION})
     arrays = cached_arrays("folder", key, build)
     return arrays["images"], arrays["labels"], [str(n) for n in arrays["names"]]
 

@@ -10,8 +10,12 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgemeta.errors import EdgemetaError
+
+if TYPE_CHECKING:
+    from edgemeta.preprocess import ImageLimits
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -49,6 +53,15 @@ class Board:
     def supported(self) -> bool:
         return self.raw.get("supported", True)
 
+    @property
+    def image_limits(self) -> ImageLimits:
+        """What one image may cost to decode on this board: the profile's max_image_pixels and
+        max_image_bytes (built-in defaults where it has none; $EDGEMETA_MAX_IMAGE_PIXELS /
+        $EDGEMETA_MAX_IMAGE_BYTES override). Pass it to load_images / Preprocess.file / decode_image."""
+        from edgemeta.preprocess import ImageLimits  # numpy + Pillow, only when asked
+
+        return ImageLimits.resolve(self.raw.get("max_image_pixels"), self.raw.get("max_image_bytes"))
+
     def max_op_versions(self) -> dict[str, int]:
         path = boards_dir() / "op_tables" / f"{self.runtime['op_table']}.toml"
         try:
@@ -74,15 +87,29 @@ def list_boards() -> list[Board]:
     return [load_board(p.stem) for p in sorted(boards_dir().glob("*.toml"))]
 
 
+# optional top-level keys that must be positive integers when present
+POSITIVE_INT_KEYS = ("memory_mb", "threads", "max_image_pixels", "max_image_bytes")
+
+
 def load_board(name: str) -> Board:
     path = boards_dir() / f"{name}.toml"
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in boards_dir().glob("*.toml")))
         raise EdgemetaError(f"unknown board {name!r}; known boards: {known}")
+    return load_board_file(path, name)
+
+
+def load_board_file(path: str | Path, name: str | None = None) -> Board:
+    """A profile from a file (a release's board.toml on the board), named by its file unless told."""
+    path = Path(path)
     try:
         raw = tomllib.loads(path.read_text())
         for key in ("title", "arch", "python", "runtime", "model"):
             raw[key]  # noqa: B018 - presence check
-    except (tomllib.TOMLDecodeError, KeyError) as e:
+    except (OSError, tomllib.TOMLDecodeError, KeyError) as e:
         raise EdgemetaError(f"board profile {path} is broken ({type(e).__name__}: {e})") from None
-    return Board(name, raw)
+    for key in POSITIVE_INT_KEYS:
+        v = raw.get(key, 1)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise EdgemetaError(f"board profile {path} is broken: {key} must be a positive integer, got {v!r}")
+    return Board(name or path.stem, raw)

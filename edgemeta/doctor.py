@@ -1,9 +1,13 @@
 """`edgemeta doctor`: is this board ready to run edgemeta? Every check passes, warns or fails with the fix.
 
 Standard library only, so it runs with the board's bare python3 before anything is installed:
-`edgemeta doctor --host pi@board` sends this file over ssh and runs it there.
+`edgemeta doctor --host pi@board` sends this file over ssh and runs it there
+(edgemeta.deploy.ssh.doctor_on_host).
 
-    python3 doctor.py [--json] [--profile-json '{...board profile...}']
+    python3 doctor.py [--json] [--profile-json '{...board profile...}'] [--root DIR]
+
+DIR is the board's edgemeta root (edgemeta.runtime.paths, which this file cannot import); the
+disk check looks there when it exists, else in the home folder.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ def _ver(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(".")[:2] if x.isdigit())
 
 
-def run_checks(profile: dict | None = None) -> list[dict]:
+def run_checks(profile: dict | None = None, root: str | None = None) -> list[dict]:
     profile = profile or {}
     runtime = profile.get("runtime", {})
     delegate = profile.get("delegate", {}).get("name", "")
@@ -110,8 +114,7 @@ def run_checks(profile: dict | None = None) -> list[dict]:
         else:
             add(f"group {g}", "warn" if needed else "info", "not a member",
                 f"sudo usermod -aG {g} $USER, then log in again ({why})")
-    root = os.environ.get("EDGEMETA_ROOT") or os.path.expanduser("~/.edgemeta")
-    where = root if os.path.exists(root) else os.path.expanduser("~")
+    where = str(root) if root and os.path.exists(root) else os.path.expanduser("~")
     free = shutil.disk_usage(where).free // 2**20
     add("disk", "pass" if free >= 300 else "fail", f"{free} MB free in {where}",
         "" if free >= 300 else "a release needs ~250 MB (venv + runtime): free some space")
@@ -137,7 +140,8 @@ def format_checks(checks: list[dict]) -> str:
 
 def main(argv: list[str]) -> int:
     profile = json.loads(argv[argv.index("--profile-json") + 1]) if "--profile-json" in argv else None
-    checks = run_checks(profile)
+    root = argv[argv.index("--root") + 1] if "--root" in argv else None
+    checks = run_checks(profile, root)
     print(json.dumps(checks) if "--json" in argv else format_checks(checks))
     return 1 if any(c["status"] == "fail" for c in checks) else 0
 

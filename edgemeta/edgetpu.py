@@ -106,3 +106,26 @@ def compile_model(path: str | Path, out_dir: str | Path, allow_cpu_ops: bool = F
         raise EdgemetaError(f"{report.cpu_ops} op(s) would run on the CPU ({'; '.join(report.problems)[:300]}); "
                             "change the model or pass --allow-cpu-ops")
     return compiled, report
+
+
+def map_model(model_dir: str | Path, allow_cpu_ops: bool = False) -> dict:
+    """`edgemeta edgetpu`: check that a model's int8_static variant maps to the Edge TPU (an error when
+    it would not map fully, unless `allow_cpu_ops`) and, when the compiler is on PATH, compile it and
+    record it as the model's edgetpu variant. Returns {model, source, tpu_ops, cpu_ops, problems,
+    compiled} (compiled: the file, or None without the compiler)."""
+    from edgemeta.runtime.manifest import read_manifest
+
+    manifest = read_manifest(model_dir)
+    source = manifest.model_path("int8_static")
+    report = static_check(source)
+    compiled = None
+    if not report.fully_mapped and not allow_cpu_ops:
+        raise EdgemetaError(f"{source.name} would not map fully to the Edge TPU: {'; '.join(report.problems)}")
+    if shutil.which(COMPILER):
+        compiled, report = compile_model(source, manifest.folder, allow_cpu_ops=allow_cpu_ops)
+        from edgemeta.export import add_variant
+
+        add_variant(manifest.folder, "edgetpu", compiled, quantization="int8", static_batch=1,
+                    based_on="int8_static", extra={"edgetpu_ops": report.tpu_ops, "cpu_ops": report.cpu_ops})
+    return {"model": str(source), "source": report.source, "tpu_ops": report.tpu_ops, "cpu_ops": report.cpu_ops,
+            "problems": report.problems, "compiled": str(compiled) if compiled else None}

@@ -25,6 +25,7 @@ from pathlib import Path
 
 
 def root() -> Path:
+    # a copy of edgemeta.runtime.paths.board_root (this file runs with the standard library alone)
     return Path(os.environ.get("EDGEMETA_ROOT") or "~/.edgemeta").expanduser()
 
 

@@ -24,9 +24,11 @@ from pathlib import Path
 
 from edgemeta.deploy.bundle import BUNDLE_FILE
 from edgemeta.errors import EdgemetaError
+from edgemeta.runtime.paths import ROOT_SH
 
 OPS = Path(__file__).with_name("board_ops.py")
 OPS_REMOTE = "$HOME/.edgemeta-ops.py"  # outside ROOT so several roots on one account share it
+NO_HOSTS = "no hosts given: pass --host user@board (repeatable) or --hosts FILE"
 
 
 @dataclass
@@ -153,15 +155,52 @@ def deploy_fleet(hosts: list[str], bundle: Path, ssh_config: str | None = None, 
                  log=lambda host, msg: None) -> list[HostResult]:
     """Deploy to many hosts with bounded concurrency; one bad host does not stop the others."""
     if not hosts:
-        raise EdgemetaError("no hosts given: pass --host user@board (repeatable) or --hosts FILE")
+        raise EdgemetaError(NO_HOSTS)
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         return list(pool.map(lambda h: deploy_host(h, bundle, ssh_config, dry_run, log=log), hosts))
+
+
+def deploy_release(hosts: list[str], bundle: str | Path | None = None, board: str | None = None, model: str | Path | None = None,
+                   wheelhouse: bool = False, ssh_config: str | None = None, dry_run: bool = False, parallel: int = 4,
+                   log=lambda host, msg: None) -> list[HostResult]:
+    """`edgemeta deploy`: deploy a bundle already built, or one built here (in a temporary folder)
+    from `model` for the `board` profile, to every host (as deploy_fleet)."""
+    import tempfile
+
+    from edgemeta.deploy.bundle import build_bundle
+
+    if not hosts:
+        raise EdgemetaError(NO_HOSTS)
+    with tempfile.TemporaryDirectory() as tmp:
+        if bundle:
+            path = Path(bundle)
+        elif board and model:
+            path = build_bundle(board, model, Path(tmp) / "bundle", wheelhouse=wheelhouse)
+        else:
+            raise EdgemetaError("pass --bundle DIR, or --board NAME with --model DIR")
+        return deploy_fleet(hosts, path, ssh_config, dry_run, parallel, log=log)
 
 
 def rollback_host(host: str, ssh_config: str | None = None) -> dict:
     remote = Remote(host, ssh_config)
     remote.install_ops()
     return remote.ops("rollback")
+
+
+def doctor_on_host(host: str, ssh_config: str | None = None, profile: dict | None = None) -> list[dict]:
+    """edgemeta/doctor.py's checks run on a board: the file goes over ssh to the active release's
+    python (the board's python3 before the first deploy), with the board's root."""
+    from edgemeta import doctor
+
+    args = ["--json"] + (["--profile-json", json.dumps(profile)] if profile else [])
+    p = Remote(host, ssh_config).run(f'{ROOT_SH}; P=python3; [ -x "$R/current/venv/bin/python" ] && P="$R/current/venv/bin/python"; '
+                                     'exec "$P" - --root "$R" ' + shlex.join(args), input=Path(doctor.__file__).read_bytes())
+    if p.returncode == 255:
+        raise EdgemetaError(f"ssh to {host} failed: {p.stderr.decode(errors='replace').strip().splitlines()[-1:]}")
+    try:
+        return json.loads(p.stdout.decode().strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise EdgemetaError(f"doctor on {host} gave no answer: {p.stderr.decode(errors='replace')[-300:]}") from None
 
 
 def read_hosts_file(path: str) -> list[str]:

@@ -11,6 +11,7 @@ Operations (args are JSON, images travel as attachments of raw file bytes):
 Transports: JSON lines over a Unix socket, loopback TCP or stdin/stdout (one request per line:
 {"id", "op", "args", "attachments": [base64]}; answers {"id", "ok", "result"} or {"id", "ok":
 false, "error"}), and the framed serial protocol of firmware_tools.serial_protocol.
+`run_agent` is `edgemeta serve`: it loads the agent and serves it until stopped.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 
 from edgemeta.errors import EdgemetaError
 from edgemeta.runtime.classifier import UNKNOWN, FewShotRuntime
+from edgemeta.runtime.paths import ROOT_SH
 from edgemeta.runtime.store import STORE_FILE, EnrollmentStore, check_adapt
 
 MAX_LINE = 64 * 2**20
@@ -209,8 +211,7 @@ def connect(via: str, ssh_config: str | None = None, timeout: float = 30.0):
         import shlex
         import subprocess
 
-        remote = ('R="${EDGEMETA_ROOT:-$HOME/.edgemeta}"; exec "$R/current/venv/bin/edgemeta" serve --stdio '
-                  '--model "$R/current/model" --store "$R/store"')
+        remote = f'{ROOT_SH}; exec "$R/current/venv/bin/edgemeta" serve --stdio --model "$R/current/model" --store "$R/store"'
         cmd = ["ssh", "-o", "BatchMode=yes", *(["-F", ssh_config] if ssh_config else []), target, "sh -c " + shlex.quote(remote)]
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
@@ -272,3 +273,46 @@ def serve_serial(agent: Agent, device: str, baud: int, stop: threading.Event | N
         serve(port, agent.handle, stop)
     finally:
         port.close()
+
+
+def run_agent(model: str | Path, store: str | Path, *, threads: int = 1, edgetpu: str | None = None,
+              unix_path: str | None = None, tcp: str | None = None, serial_device: str | None = None, baud: int = 115200,
+              stdio: bool = False, log=lambda msg: None) -> None:
+    """Load an agent and answer requests until stopped.
+
+    With `stdio`, JSON lines on stdin/stdout until stdin ends (the other listeners are ignored).
+    Otherwise on a Unix socket and/or TCP (JSON lines) and/or a serial port (framed), each in its
+    own thread, until SIGTERM or Ctrl-C; then the socket server is shut down and its socket file
+    removed. `log` gets one line once the agent listens. Call it from the main thread (signals).
+    """
+    import signal
+    import sys
+
+    if not (unix_path or tcp or serial_device or stdio):
+        raise EdgemetaError("say where to listen: --socket PATH, --tcp HOST:PORT, --serial DEVICE or --stdio")
+    agent = Agent(model, store, threads=threads, edgetpu=edgetpu)
+    if stdio:
+        serve_stdio(agent, sys.stdin.buffer, sys.stdout.buffer)
+        return
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    server = make_server(agent, unix_path, tcp) if (unix_path or tcp) else None
+    workers = []
+    if server:
+        workers.append(threading.Thread(target=server.serve_forever, daemon=True))
+    if serial_device:
+        workers.append(threading.Thread(target=serve_serial, args=(agent, serial_device, baud, stop), daemon=True))
+    for t in workers:
+        t.start()
+    where = ", ".join(x for x in (unix_path, tcp, serial_device and f"{serial_device}@{baud}") if x)
+    log(f"serving {agent.rt.manifest.name}/{agent.rt.variant.name} on {where}")
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    if server:
+        server.shutdown()
+        server.server_close()
+        if unix_path:
+            Path(unix_path).unlink(missing_ok=True)

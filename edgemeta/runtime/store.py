@@ -31,8 +31,9 @@ import os
 import re
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -49,6 +50,7 @@ STORE_FORMAT = 1  # the head keys are optional, so format-1 readers and writers 
 MAX_LABEL = 128
 MAX_ADAPT_STEPS = 1000
 HEAD_PREFIX = "head_"
+T = TypeVar("T")
 
 
 def check_label(label: str) -> str:
@@ -179,6 +181,16 @@ class EnrollmentStore:
                 yield
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+    @classmethod
+    def update(cls, folder: str | Path, change: Callable[[EnrollmentStore], T]) -> T:
+        """Open the store under its lock, apply `change` to it and save it; returns what `change` returns."""
+        cls.open(folder)  # a clear error before a lock file is created in a wrong folder
+        with cls.locked(folder):
+            store = cls.open(folder)
+            result = change(store)
+            store.save()
+        return result
 
     # --- reading --------------------------------------------------------------------------
 

@@ -1,0 +1,229 @@
+"""Board commands: the enrollment store, the runtime, the agent. They run on a board, so they import
+the runtime only (numpy and an interpreter), never TensorFlow or a host module."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import click
+
+from edgemeta.cli import adapt_setting, describe_head, main, print_classes, print_results
+from edgemeta.errors import EdgemetaError
+
+
+def _runtime(model: str | None, store: str, variant: str | None, threads: int, edgetpu: str | None, xnnpack: bool = True):
+    """The runtime for a store: --model, else $EDGEMETA_MODEL, else the model the store was enrolled with."""
+    from edgemeta.runtime.classifier import FewShotRuntime
+    from edgemeta.runtime.store import EnrollmentStore
+
+    model = model or os.environ.get("EDGEMETA_MODEL")
+    if not model and EnrollmentStore.exists(store):
+        model = EnrollmentStore.open(store).backbone.get("model_path")
+        variant = variant or EnrollmentStore.open(store).backbone.get("variant")
+    if not model:
+        raise EdgemetaError("which model? pass --model DIR (an exported model folder with manifest.json) or set $EDGEMETA_MODEL")
+    return FewShotRuntime(model, variant=variant, threads=threads, edgetpu=edgetpu, xnnpack=xnnpack)
+
+
+def _runtime_options(f):
+    f = click.option("--xnnpack/--no-xnnpack", default=True, show_default=True, help="Use LiteRT's XNNPACK CPU delegate.")(f)
+    f = click.option("--edgetpu", default=None, metavar="DEVICE",
+                     help="Run on the Edge TPU delegate: usb, usb:0, pci, or '' for the first.")(f)
+    f = click.option("--threads", type=int, default=1, show_default=True, help="Interpreter threads.")(f)
+    f = click.option("--variant", default=None, help="Model variant (default: the manifest's, int8_static).")(f)
+    f = click.option("--model", default=None, type=click.Path(file_okay=False),
+                     help="Exported model folder (default: $EDGEMETA_MODEL or the store's).")(f)
+    return click.option("--store", required=True, type=click.Path(), help="Enrollment store folder.")(f)
+
+
+@main.command()
+@_runtime_options
+@click.option("--label", required=True, help="The class these samples show.")
+@click.option("--keep-samples", is_flag=True, help="Also keep the samples (new stores only), for re-enrollment after a model upgrade.")
+@click.option("--adapt", "adapt_steps", default=None, metavar="STEPS",
+              help="Also set the store's head adaptation (as `edgemeta adapt --steps`).")
+@click.option("--lr", default=None, metavar="RATE", help="With --adapt: its learning rate (as `edgemeta adapt --lr`).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.argument("files", nargs=-1, required=True, type=click.Path())
+def enroll(store: str, model: str | None, variant: str | None, threads: int, edgetpu: str | None, xnnpack: bool, label: str,
+           keep_samples: bool, adapt_steps: str | None, lr: str | None, as_json: bool, files: tuple[str, ...]) -> None:
+    """Teach the board a class from a few samples (images or .npy arrays).
+
+    \b
+    Example:
+      edgemeta enroll --store ~/store --model models/omniglot-conv4 --label alpha a1.png a2.png
+      edgemeta enroll --store ~/store --label beta --adapt 10 b1.png b2.png b3.png
+    """
+    if lr is not None and adapt_steps is None:
+        raise EdgemetaError("--lr goes with --adapt STEPS")
+    adapt = adapt_setting(adapt_steps, lr) if adapt_steps is not None else None
+    rt = _runtime(model, store, variant, threads, edgetpu, xnnpack)
+    count = rt.enroll(store, label, list(files), keep_samples=keep_samples, adapt=adapt)
+    if as_json:
+        click.echo(json.dumps({"label": label.strip(), "samples": count}))
+    else:
+        click.echo(f"enrolled {len(files)} file(s) as {label.strip()!r}; it now has {count} sample(s)")
+
+
+@main.command()
+@_runtime_options
+@click.option("--top-k", type=int, default=1, show_default=True, help="How many nearest classes to list.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.argument("files", nargs=-1, required=True, type=click.Path())
+def classify(store: str, model: str | None, variant: str | None, threads: int, edgetpu: str | None, xnnpack: bool, top_k: int,
+             as_json: bool, files: tuple[str, ...]) -> None:
+    """Name the class of each image, or 'unknown' when no enrolled class is near enough.
+
+    \b
+    Example:
+      edgemeta classify --store ~/store --top-k 3 query.png
+    """
+    rt = _runtime(model, store, variant, threads, edgetpu, xnnpack)
+    print_results(rt.classify(store, list(files), top_k=top_k), as_json)
+
+
+@main.command()
+@click.option("--store", required=True, type=click.Path(), help="Enrollment store folder.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def classes(store: str, as_json: bool) -> None:
+    """List the enrolled classes with their sample counts."""
+    from edgemeta.runtime.store import EnrollmentStore
+
+    s = EnrollmentStore.open(store)
+    print_classes(s.counts(), s.backbone, as_json, s.adapt)
+
+
+@main.command()
+@click.option("--store", required=True, type=click.Path(), help="Enrollment store folder.")
+@click.option("--label", required=True, help="The class to forget.")
+def forget(store: str, label: str) -> None:
+    """Remove a class and its samples from the store."""
+    from edgemeta.runtime.store import EnrollmentStore
+
+    n = EnrollmentStore.update(store, lambda s: s.forget(label))
+    click.echo(f"forgot {label!r} ({n} sample(s))")
+
+
+@main.command()
+@click.option("--store", required=True, type=click.Path(), help="Enrollment store folder.")
+@click.argument("old")
+@click.argument("new")
+def rename(store: str, old: str, new: str) -> None:
+    """Rename a class."""
+    from edgemeta.runtime.store import EnrollmentStore
+
+    EnrollmentStore.update(store, lambda s: s.rename(old, new))
+    click.echo(f"renamed {old!r} to {new.strip()!r}")
+
+
+@main.command()
+@_runtime_options
+@click.option("--steps", required=True, metavar="N", help="Gradient steps (0 to 1000; 0 turns adaptation off).")
+@click.option("--lr", default=None, metavar="RATE",
+              help="Learning rate (default: a linear-head model's learned rates; prototype models 0.01).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def adapt(store: str, model: str | None, variant: str | None, threads: int, edgetpu: str | None, xnnpack: bool, steps: str,
+          lr: str | None, as_json: bool) -> None:
+    """Classify a store with a linear head adapted by a few gradient steps on its samples.
+
+    Prototype models start from the prototypes (proto-MAML), linear-head models from their
+    meta-learned head. The adapted head is saved with the store and recomputed on every change
+    (enroll, forget, rename, reenroll); `--steps 0` goes back to the model's own head.
+
+    \b
+    Example:
+      edgemeta adapt --store ~/store --model models/omniglot-conv4 --steps 10
+    """
+    setting = adapt_setting(steps, lr)
+    rt = _runtime(model, store, variant, threads, edgetpu, xnnpack)
+    head = rt.adapt(store, *setting)
+    click.echo(json.dumps(head) if as_json else f"store {store}: {describe_head(head)}")
+
+
+@main.command()
+@_runtime_options
+def reenroll(store: str, model: str | None, variant: str | None, threads: int, edgetpu: str | None, xnnpack: bool) -> None:
+    """Re-embed a store's kept samples with a new model (after an upgrade)."""
+    if not model and not os.environ.get("EDGEMETA_MODEL"):
+        raise EdgemetaError("pass --model with the new model folder to re-enroll with")
+    rt = _runtime(model, store, variant, threads, edgetpu, xnnpack)
+    n = rt.reenroll(store)
+    click.echo(f"re-enrolled {n} sample(s) with {rt.backbone['model']}/{rt.backbone['variant']}")
+
+
+@main.command()
+@click.option("--model", default="models/omniglot-conv4", show_default=True, type=click.Path(file_okay=False),
+              help="Exported model folder.")
+@click.option("--samples", default="samples/omniglot", show_default=True, type=click.Path(file_okay=False),
+              help="Folder with one sub-folder of images per class.")
+@click.option("--way", type=int, default=20, show_default=True, help="Classes enrolled per episode.")
+@click.option("--shot", type=int, default=1, show_default=True, help="Samples enrolled per class.")
+@click.option("--episodes", type=int, default=10, show_default=True, help="Seeded episodes.")
+@click.option("--variant", default=None, help="Model variant (default: the manifest's, int8_static).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
+def demo(model: str, samples: str, way: int, shot: int, episodes: int, variant: str | None, as_json: bool) -> None:
+    """Enroll characters the model never saw from one drawing each, classify the rest, with timings.
+
+    Runs on the board runtime only (no TensorFlow), through real enrollment stores on disk.
+
+    \b
+    Example:
+      edgemeta demo --model models/omniglot-conv4 --samples samples/omniglot --way 20 --shot 1
+    """
+    from edgemeta.demo import run_demo
+
+    if way < 2 or shot < 1 or episodes < 1:
+        raise EdgemetaError("--way must be at least 2, --shot and --episodes at least 1")
+    s = run_demo(model, samples, way, shot, episodes, variant=variant, log=(lambda m: None) if as_json else click.echo)
+    if as_json:
+        click.echo(json.dumps(s, indent=2))
+        return
+    ci = f" +/- {s['ci95']:.1f}" if s["ci95"] is not None else ""
+    click.echo(f"\n{s['way']}-way {s['shot']}-shot on unseen characters: accuracy {s['accuracy']:.1f}{ci}% "
+               f"over {s['episodes']} episodes ({s['queries']} drawings); {s['answered_known']:.0f}% answered as known")
+    click.echo(f"timings: model load {s['model_load_ms']:.0f} ms, enroll {s['enroll_ms_per_class']:.1f} ms per class, "
+               f"classify {s['classify_ms_per_image']:.2f} ms per image ({s['runtime']}, {s['variant']})")
+
+
+@main.command()
+@click.option("--model", required=True, type=click.Path(file_okay=False), help="Exported model folder.")
+@click.option("--store", default=None, type=click.Path(), help="Also check this enrollment store fits the model.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def health(model: str, store: str | None, as_json: bool) -> None:
+    """Load the model and embed a sample: the check deploy runs on a board after installing a release."""
+    from edgemeta.runtime.health import check_health
+
+    out = check_health(model, store)
+    if as_json:
+        click.echo(json.dumps(out))
+    else:
+        click.echo(f"ok: {out['model']}/{out['variant']} on {out['runtime']} loaded and embedded in {out['ms']} ms"
+                   + (f"; store has {out['store']['classes']} classes"
+                      + ("" if out["store"]["matches_model"] else " enrolled with another model (run edgemeta reenroll)")
+                      if out["store"] else ""))
+
+
+@main.command()
+@click.option("--model", required=True, type=click.Path(file_okay=False), help="Exported model folder.")
+@click.option("--store", required=True, type=click.Path(), help="Enrollment store folder.")
+@click.option("--socket", "unix_path", default=None, help="Listen on this Unix socket.")
+@click.option("--tcp", default=None, metavar="HOST:PORT", help="Listen on TCP (use 127.0.0.1 unless the network is trusted).")
+@click.option("--serial", "serial_device", default=None, help="Also answer framed requests on this serial port.")
+@click.option("--baud", type=int, default=115200, show_default=True, help="Serial speed.")
+@click.option("--stdio", is_flag=True, help="Answer JSON lines on stdin/stdout (what `remote --via ssh:` uses).")
+@click.option("--threads", type=int, default=1, show_default=True, help="Interpreter threads.")
+@click.option("--edgetpu", default=None, metavar="DEVICE", help="Run on the Edge TPU delegate.")
+def serve(model: str, store: str, unix_path: str | None, tcp: str | None, serial_device: str | None, baud: int, stdio: bool,
+          threads: int, edgetpu: str | None) -> None:
+    """The board agent: keeps the model and store loaded and answers enroll, classify, classes,
+    forget, rename, adapt and status requests (JSON lines on a socket or stdio; framed on a serial port).
+
+    \b
+    Example:
+      edgemeta serve --model /opt/edgemeta/current/model --store /opt/edgemeta/store --socket /run/edgemeta.sock --serial /dev/serial0
+    """
+    from edgemeta.runtime.agent import run_agent
+
+    run_agent(model, store, threads=threads, edgetpu=edgetpu, unix_path=unix_path, tcp=tcp, serial_device=serial_device,
+              baud=baud, stdio=stdio, log=lambda m: click.echo(m, err=True))

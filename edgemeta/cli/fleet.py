@@ -1,0 +1,265 @@
+"""Fleet commands, run on the host to reach boards: board profiles, bundles, deploy over ssh,
+rollback, `remote` requests to a board's agent, doctor (here or on a board over ssh)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from edgemeta.cli import adapt_setting, describe_head, main, print_classes, print_results
+from edgemeta.errors import EdgemetaError
+
+
+@main.group(invoke_without_command=True)
+@click.pass_context
+def boards(ctx: click.Context) -> None:
+    """List the board profiles (boards/*.toml); `edgemeta boards show NAME` explains one."""
+    if ctx.invoked_subcommand:
+        return
+    from edgemeta.boards import list_boards
+
+    for b in list_boards():
+        note = "" if b.supported else "  (not supported: " + b.raw.get("unsupported_reason", "") + ")"
+        click.echo(f"{b.name:22s} {b.title:48s} {b.raw['arch']:8s} {b.runtime['package']} {b.runtime['version']}, "
+                   f"{b.variant}{note}")
+
+
+@boards.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def boards_show(name: str, as_json: bool) -> None:
+    """Everything a profile says about one board."""
+    from edgemeta.boards import load_board
+
+    b = load_board(name)
+    if as_json:
+        click.echo(json.dumps({"name": b.name, **b.raw, "max_op_versions": b.max_op_versions()}, indent=2))
+        return
+    r = b.raw
+    click.echo(f"{b.name}: {b.title}")
+    click.echo(f"  system   {r['arch']}, {r['os']}, Python {r['python']}, glibc {r.get('glibc', '?')}, {r.get('memory_mb', '?')} MB, "
+               f"{r.get('cpu', '')}")
+    rt = b.runtime
+    click.echo(f"  runtime  {rt['package']}=={rt['version']} (import {rt['module']}), wheels {', '.join(rt['wheel_platforms'])}, "
+               f"{rt.get('numpy', '')}")
+    limits = b.max_op_versions()
+    click.echo("  ops      " + (", ".join(f"{k}<=v{v}" for k, v in limits.items()) if limits else "every op version TF 2.21 writes"))
+    d = r.get("delegate", {})
+    click.echo(f"  delegate {d.get('name', 'none')}" + (f" ({d['library']}, device {d.get('device', '')})" if "library" in d else "")
+               + f", {r.get('threads', 1)} threads")
+    click.echo(f"  model    {b.variant} (accepts {', '.join(r['model'].get('accepts', [b.variant]))})")
+    s = r.get("serial", {})
+    click.echo(f"  serial   {s.get('device', '-')} at {s.get('baud', '-')} baud")
+    if not b.supported:
+        click.echo(f"  NOT SUPPORTED: {r.get('unsupported_reason', '')}")
+
+
+@main.command()
+@click.option("--board", required=True, help="Board profile (see `edgemeta boards`).")
+@click.option("--model", required=True, type=click.Path(file_okay=False), help="Exported model folder.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Bundle folder to write: new, empty, or an earlier bundle (replaced once the new one is built).")
+@click.option("--wheelhouse", is_flag=True, help="Include every wheel for the board's platform (offline install).")
+def bundle(board: str, model: str, out: str, wheelhouse: bool) -> None:
+    """Build a checksummed release of a model for one board; refuses a model the board cannot run.
+
+    \b
+    Example:
+      edgemeta bundle --board rpi5 --model models/omniglot-conv4 --out dist/rpi5 --wheelhouse
+    """
+    from edgemeta.deploy.bundle import build_bundle
+
+    path = build_bundle(board, model, out, wheelhouse=wheelhouse)
+    n = sum(1 for p in path.rglob("*") if p.is_file())
+    click.echo(f"bundle for {board} written to {path} ({n} files)")
+
+
+@main.command()
+@click.option("--board", default=None, help="Board profile; builds the bundle from --model.")
+@click.option("--model", default=None, type=click.Path(file_okay=False), help="Exported model folder (with --board).")
+@click.option("--bundle", "bundle_dir", default=None, type=click.Path(file_okay=False), help="A bundle already built.")
+@click.option("--host", "hosts", multiple=True, help="user@host or an ~/.ssh/config alias (repeatable).")
+@click.option("--hosts", "hosts_file", default=None, type=click.Path(dir_okay=False), help="File with one host per line.")
+@click.option("--ssh-config", default=None, type=click.Path(dir_okay=False), help="ssh -F FILE (default: ~/.ssh/config).")
+@click.option("--parallel", type=int, default=4, show_default=True, help="Hosts deployed at once.")
+@click.option("--wheelhouse", is_flag=True, help="Ship every wheel with the bundle: boards install offline.")
+@click.option("--dry-run", is_flag=True, help="Check the hosts and say what would happen; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable per-host results.")
+def deploy(board: str | None, model: str | None, bundle_dir: str | None, hosts: tuple[str, ...], hosts_file: str | None,
+           ssh_config: str | None, parallel: int, wheelhouse: bool, dry_run: bool, as_json: bool) -> None:
+    """Deploy a model to boards over SSH: verify, install, health-check, activate atomically, roll back on failure.
+
+    \b
+    Example:
+      edgemeta deploy --board rpi5 --model models/omniglot-conv4 --host pi@kitchen --host pi@garage
+      edgemeta deploy --bundle dist/rpi5 --hosts fleet.txt --parallel 8
+    """
+    from edgemeta.deploy.ssh import deploy_release, read_hosts_file
+
+    targets = list(hosts) + (read_hosts_file(hosts_file) if hosts_file else [])
+    results = deploy_release(targets, bundle_dir, board, model, wheelhouse, ssh_config, dry_run, parallel,
+                             log=(lambda h, m: None) if as_json else (lambda h, m: click.echo(f"{h}: {m}", err=True)))
+    if as_json:
+        click.echo(json.dumps([r.__dict__ for r in results], indent=2))
+    else:
+        width = max(len(r.host) for r in results)
+        click.echo(f"{'host':{width}}  result  release / error")
+        for r in results:
+            click.echo(f"{r.host:{width}}  {'ok' if r.ok else 'FAILED':6}  {r.release if r.ok else r.error}")
+    if not all(r.ok for r in results):
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--host", "hosts", multiple=True, required=True, help="user@host or an ~/.ssh/config alias (repeatable).")
+@click.option("--ssh-config", default=None, type=click.Path(dir_okay=False), help="ssh -F FILE.")
+def rollback(hosts: tuple[str, ...], ssh_config: str | None) -> None:
+    """Switch boards back to their previous release."""
+    from edgemeta.deploy.ssh import rollback_host
+
+    failed = False
+    for h in hosts:
+        try:
+            r = rollback_host(h, ssh_config)
+            click.echo(f"{h}: active {r['active']} (was {r['rolled_back_from']})")
+        except EdgemetaError as e:
+            click.echo(f"{h}: FAILED {e}", err=True)
+            failed = True
+    if failed:
+        sys.exit(1)
+
+
+@main.group()
+@click.option("--via", required=True, help="unix:PATH, tcp:HOST:PORT, ssh:USER@HOST (the deployed release) or serial:DEVICE[@BAUD].")
+@click.option("--ssh-config", default=None, type=click.Path(dir_okay=False), help="ssh -F FILE.")
+@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds to wait for an answer.")
+@click.pass_context
+def remote(ctx: click.Context, via: str, ssh_config: str | None, timeout: float) -> None:
+    """Run enroll, classify, classes, forget, rename, adapt or status on a board.
+
+    \b
+    Example:
+      edgemeta remote --via ssh:pi@kitchen enroll --label mug mug1.jpg mug2.jpg
+      edgemeta remote --via serial:/dev/ttyUSB0 classify --top-k 3 cup.jpg
+    """
+    ctx.obj.update(via=via, ssh_config=ssh_config, timeout=timeout)
+
+
+def _remote_call(op: str, args: dict, files: tuple[str, ...] = ()) -> dict:
+    from edgemeta.runtime.agent import connect
+
+    obj = click.get_current_context().obj
+    attachments = []
+    for f in files:
+        try:
+            attachments.append(Path(f).read_bytes())
+        except OSError as e:
+            raise EdgemetaError(f"cannot read {f}: {e.strerror}") from None
+    client = connect(obj["via"], obj["ssh_config"], obj["timeout"])
+    try:
+        return client.request(op, args, attachments)
+    finally:
+        client.close()
+
+
+@remote.command("enroll")
+@click.option("--label", required=True, help="The class these samples show.")
+@click.argument("files", nargs=-1, required=True, type=click.Path())
+def remote_enroll(label: str, files: tuple[str, ...]) -> None:
+    """Enroll image files (sent to the board) as a class."""
+    r = _remote_call("enroll", {"label": label}, files)
+    click.echo(f"enrolled {len(files)} file(s) as {r['label']!r}; it now has {r['samples']} sample(s)")
+
+
+@remote.command("classify")
+@click.option("--top-k", type=int, default=1, show_default=True, help="How many nearest classes to list.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.argument("files", nargs=-1, required=True, type=click.Path())
+def remote_classify(top_k: int, as_json: bool, files: tuple[str, ...]) -> None:
+    """Classify image files on the board."""
+    results = _remote_call("classify", {"top_k": top_k}, files)["results"]
+    for f, r in zip(files, results, strict=True):
+        r["file"] = f
+    print_results(results, as_json)
+
+
+@remote.command("classes")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def remote_classes(as_json: bool) -> None:
+    """List the board's enrolled classes."""
+    r = _remote_call("classes", {})
+    print_classes(r["classes"], r["backbone"], as_json, (r.get("head") or {}).get("adapt"))
+
+
+@remote.command("forget")
+@click.option("--label", required=True, help="The class to forget.")
+def remote_forget(label: str) -> None:
+    """Remove a class on the board."""
+    r = _remote_call("forget", {"label": label})
+    click.echo(f"forgot {label!r} ({r['removed']} sample(s))")
+
+
+@remote.command("rename")
+@click.argument("old")
+@click.argument("new")
+def remote_rename(old: str, new: str) -> None:
+    """Rename a class on the board."""
+    _remote_call("rename", {"old": old, "new": new})
+    click.echo(f"renamed {old!r} to {new.strip()!r}")
+
+
+@remote.command("adapt")
+@click.option("--steps", required=True, metavar="N", help="Gradient steps (0 to 1000; 0 turns adaptation off).")
+@click.option("--lr", default=None, metavar="RATE", help="Learning rate (default: as `edgemeta adapt`).")
+def remote_adapt(steps: str, lr: str | None) -> None:
+    """Set the board store's head adaptation (as `edgemeta adapt`)."""
+    n, rate = adapt_setting(steps, lr)
+    click.echo(f"board store: {describe_head(_remote_call('adapt', {'steps': n, 'lr': rate}))}")
+
+
+@remote.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def remote_status(as_json: bool) -> None:
+    """The agent's model, runtime and store."""
+    r = _remote_call("status", {})
+    click.echo(json.dumps(r, indent=2) if as_json else
+               f"{r['model']}/{r['variant']} on {r['runtime']}: {r['classes']} class(es), {r['requests']} request(s), up {r['uptime_s']} s")
+
+
+@main.command()
+@click.option("--board", default=None, help="Check against this board profile (runtime, delegate, serial).")
+@click.option("--host", default=None, help="Run the checks on this board over ssh (before or after deploy).")
+@click.option("--ssh-config", default=None, type=click.Path(dir_okay=False), help="ssh -F FILE.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def doctor(board: str | None, host: str | None, ssh_config: str | None, as_json: bool) -> None:
+    """Check a board: Python, architecture, glibc, interpreter, numpy, Edge TPU library and USB ids,
+    groups, disk, memory, serial port. Each check passes or fails with its fix; exit 1 on a failure.
+
+    \b
+    Example:
+      edgemeta doctor --board rpi5                       # on the board
+      edgemeta doctor --board rpi5 --host pi@kitchen     # from the host, over ssh
+    """
+    from edgemeta import doctor as doc
+
+    profile = None
+    if board:
+        from edgemeta.boards import load_board
+
+        profile = load_board(board).raw
+    if host:
+        from edgemeta.deploy.ssh import doctor_on_host
+
+        checks = doctor_on_host(host, ssh_config, profile)
+    else:
+        from edgemeta.runtime.paths import board_root
+
+        checks = doc.run_checks(profile, str(board_root()))
+    click.echo(json.dumps(checks, indent=2) if as_json else doc.format_checks(checks))
+    if any(c["status"] == "fail" for c in checks):
+        sys.exit(1)
+
+

@@ -158,3 +158,41 @@ def test_corrupt_model_file(model_dir, tmp_path):
     with zipfile.ZipFile(bad / "model.keras", "w") as z:
         z.writestr("junk", "junk")
     assert_one_line_error(run("eval", "--model", str(bad), "--folder", str(tmp_path)), "cannot load")
+
+
+# The commands as they were before cli.py became a package (edgemeta/cli/): names must not change.
+COMMANDS = {
+    (): {"adapt", "boards", "bundle", "classes", "classify", "console", "demo", "deploy", "doctor", "edgetpu", "enroll", "eval",
+         "export", "forget", "health", "inspect", "provision", "reenroll", "remote", "rename", "rollback", "serve", "train"},
+    ("boards",): {"show"},
+    ("remote",): {"adapt", "classes", "classify", "enroll", "forget", "rename", "status"},
+}
+
+
+def listed_commands(help_text: str) -> set[str]:
+    section = help_text.split("\nCommands:\n", 1)[1]
+    return {line.split()[0] for line in section.splitlines() if line.startswith("  ") and line.split()}
+
+
+def test_every_command_is_reachable_from_help():
+    from click.testing import CliRunner
+
+    from edgemeta.cli import main
+
+    for group, names in COMMANDS.items():
+        proc = run(*group, "--help")
+        assert proc.returncode == 0, proc.stderr
+        assert listed_commands(proc.stdout) == names, group
+        group_options = ["--via", "unix:/nowhere"] if group == ("remote",) else []  # remote's --via is required
+        for name in names:
+            r = CliRunner().invoke(main, [*group, *group_options, name, "--help"])
+            assert r.exit_code == 0 and r.output.startswith(f"Usage: main {' '.join([*group, name])} "), (group, name, r.output)
+
+
+def test_the_cli_imports_no_host_module():
+    """`import edgemeta.cli` registers every command without TensorFlow, numpy or a host-only module."""
+    host = ["tensorflow", "keras", "numpy", "edgemeta.train", "edgemeta.evaluate", "edgemeta.export", "edgemeta.host",
+            "edgemeta.config", "edgemeta.backbones", "edgemeta.methods", "edgemeta.data", "edgemeta.edgetpu"]
+    code = f"import sys, edgemeta.cli, edgemeta.cli.board; print([m for m in {host!r} if m in sys.modules])"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr

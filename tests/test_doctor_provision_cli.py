@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 
 def cli(*args, env=None):
@@ -42,3 +43,21 @@ def test_provision_cli_is_idempotent(tmp_path):
 def test_console_needs_its_password_variable():
     p = cli("console", "--device", "/dev/null", "--user", "pi", "--password-env", "EDGEMETA_NO_SUCH_VAR", "true")
     assert p.returncode == 2 and "EDGEMETA_NO_SUCH_VAR is not set" in p.stderr
+
+
+def test_one_board_root(tmp_path):
+    """$EDGEMETA_ROOT, else ~/.edgemeta: the Python rule, its sh form (commands over ssh) and board_ops.py's copy agree."""
+    from edgemeta.runtime.paths import ROOT_SH
+
+    ops_dir = Path(__file__).resolve().parents[1] / "edgemeta" / "deploy"  # board_ops.py runs as a script of its own
+    for value in (str(tmp_path / "r"), "", None):
+        env = {k: v for k, v in os.environ.items() if k != "EDGEMETA_ROOT"} | {"HOME": str(tmp_path / "home")}
+        if value is not None:
+            env["EDGEMETA_ROOT"] = value
+        code = ("import json; from edgemeta.runtime.paths import board_root; import board_ops;"
+                "print(json.dumps([str(board_root()), str(board_ops.root())]))")
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ops_dir)
+        assert p.returncode == 0, p.stderr
+        here, copy = json.loads(p.stdout)
+        sh = subprocess.run(["sh", "-c", f'{ROOT_SH}; printf %s "$R"'], capture_output=True, text=True, env=env).stdout
+        assert here == copy == sh == (value or str(tmp_path / "home" / ".edgemeta"))

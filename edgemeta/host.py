@@ -36,7 +36,7 @@ def training_dataset(info, data: str = "") -> DatasetSpec:
 def evaluate_model_dir(model_dir: str, data: str = "", folder: str = "", split: str = "test",
                        settings=STANDARD_SETTINGS, episodes: int = 1000, query: int = 15, seed: int = 0,
                        variant: str | None = None, confusions: int = 0,
-                       head_only: bool = False) -> tuple[list[SettingResult], dict, str, str]:
+                       head_only: bool = False, transductive: bool | None = None) -> tuple[list[SettingResult], dict, str, str]:
     """Evaluate a trained model folder on its dataset's test split (or every class of `folder`).
 
     With `variant` (e.g. "int8_static"), the backbone is that exported .tflite run through the
@@ -56,7 +56,7 @@ def evaluate_model_dir(model_dir: str, data: str = "", folder: str = "", split: 
     if model.input_shape[1:] != info.preprocess.input_shape:
         raise EdgemetaError(f"{model_dir}: model input {model.input_shape[1:]} does not match model.json "
                             f"preprocessing {info.preprocess.input_shape}; the folder is inconsistent")
-    method = info.make_method(model_dir, model)
+    method = info.make_method(model_dir, model, overrides={} if transductive is None else {"transductive": transductive})
     if variant:
         from edgemeta.runtime.interpreter import Embedder, runtime_version
         from edgemeta.runtime.manifest import read_manifest

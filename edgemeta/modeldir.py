@@ -47,11 +47,12 @@ class ModelInfo:
         return cls(d["backbone"], d["algorithm"], d["distance"], Preprocess.from_dict(d["preprocess"]),
                    int(d["embedding_dim"]), d.get("data", {}), d.get("training", {}), d.get("method", {}))
 
-    def make_method(self, model_dir: str | Path | None = None, backbone=None, way: int = 5):
-        """The folder's method with its parameters, built over `backbone` and its learned arrays restored."""
+    def make_method(self, model_dir: str | Path | None = None, backbone=None, way: int = 5, overrides: dict | None = None):
+        """The folder's method with its parameters (`overrides` replace some, e.g. the batch-norm mode of
+        an evaluation), built over `backbone` and its learned arrays restored."""
         from edgemeta.methods import get_method
 
-        params = {k: v for k, v in (self.method or {}).items() if k != "name"}
+        params = {k: v for k, v in (self.method or {}).items() if k != "name"} | (overrides or {})
         method = get_method(self.algorithm, params)
         if backbone is not None:
             arrays = read_npz(Path(model_dir) / HEAD_FILE) if model_dir and (Path(model_dir) / HEAD_FILE).is_file() else {}

@@ -78,11 +78,15 @@ def train(config_path: str, out: str, data: str, episodes: int | None, max_minut
               help="Evaluate an exported .tflite variant (e.g. int8_static) through the runtime instead of Keras.")
 @click.option("--confusions", type=int, default=0, show_default=True,
               help="Also list the N class pairs (true -> predicted) most often confused in each setting.")
+@click.option("--transductive/--non-transductive", default=None,
+              help="MAML-style models: normalise queries with their own batch's statistics (the papers' code) or "
+                   "with the support set's (edgemeta's default); default: as the model was trained.")
 @click.option("--head-only", is_flag=True,
               help="MAML-style models: freeze the body and adapt only the head, as the board does "
                    "(default: the whole network adapts on each support set, host only).")
 def eval_cmd(model_dir: str, data: str, folder: str, split: str, settings: tuple[str, ...], episodes: int, query: int,
-             seed: int, as_json: bool, report: str | None, variant: str | None, confusions: int, head_only: bool) -> None:
+             seed: int, as_json: bool, report: str | None, variant: str | None, confusions: int, head_only: bool,
+             transductive: bool | None) -> None:
     """Mean accuracy with 95% confidence intervals over seeded test episodes.
 
     \b
@@ -102,7 +106,8 @@ def eval_cmd(model_dir: str, data: str, folder: str, split: str, settings: tuple
 
     results, context, text, md = evaluate_model_dir(model_dir, data=data, folder=folder, split=split,
                                                     settings=parsed, episodes=episodes, query=query, seed=seed,
-                                                    variant=variant, confusions=confusions, head_only=head_only)
+                                                    variant=variant, confusions=confusions, head_only=head_only,
+                                                    transductive=transductive)
     if report:
         from edgemeta.evaluate import results_json
         from edgemeta.modeldir import write_atomic, write_json

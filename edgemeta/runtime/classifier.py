@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from edgemeta.boards import Board, load_board_file
 from edgemeta.errors import EdgemetaError
-from edgemeta.preprocess import load_images
+from edgemeta.preprocess import ImageLimits, load_images
 from edgemeta.runtime.head import DISTANCES, LinearHead, PrototypeHead
 from edgemeta.runtime.interpreter import Embedder
 from edgemeta.runtime.linear_head import LinearHeadSpec
@@ -27,6 +28,8 @@ from edgemeta.runtime.manifest import read_manifest
 from edgemeta.runtime.store import EnrollmentStore, check_adapt
 
 UNKNOWN = "unknown"
+# A deployed release keeps the board profile it was built for beside its model folder.
+RELEASE_BOARD_FILE = "board.toml"
 # Proto-MAML's rate for prototype models. A step moves the logits by about lr * |x|^2 times the
 # support residual (at most 1); |x|^2 is 85-113 on the shipped models, so 0.01 moves them by at most
 # about one unit per step, a small step next to their logit gaps. On samples/omniglot (int8, 10 steps)
@@ -34,11 +37,22 @@ UNKNOWN = "unknown"
 DEFAULT_PROTO_LR = 0.01
 
 
+def release_board(model: str | Path) -> Board | None:
+    """The board profile of the release a model folder belongs to (its board.toml beside the model), or None."""
+    path = Path(model).parent / RELEASE_BOARD_FILE
+    return load_board_file(path) if path.is_file() else None
+
+
 class FewShotRuntime:
-    """One loaded backbone. `enroll`/`forget`/`rename` change a store atomically; `classify` reads it."""
+    """One loaded backbone. `enroll`/`forget`/`rename` change a store atomically; `classify` reads it.
+
+    Images are decoded within `limits`: given, else the release's board profile's (board.toml beside
+    the model folder), else `ImageLimits.default()`."""
 
     def __init__(self, model: str | Path, variant: str | None = None, threads: int = 1, edgetpu: str | None = None,
-                 verify: bool = True, xnnpack: bool = True):
+                 verify: bool = True, xnnpack: bool = True, limits: ImageLimits | None = None):
+        self.board = release_board(model)
+        self.limits = limits or (self.board.image_limits if self.board else ImageLimits.default())
         self.manifest = read_manifest(model)
         self.variant = self.manifest.variant(variant)
         self.embedder = Embedder(self.manifest.model_path(self.variant.name, verify), threads=threads, edgetpu=edgetpu,
@@ -54,7 +68,7 @@ class FewShotRuntime:
                          "embedding_dim": self.manifest.embedding_dim, "model_path": str(Path(model))}
 
     def images(self, files: list[str | Path]) -> tuple[np.ndarray, list[str]]:
-        return load_images(files, self.manifest.preprocess)
+        return load_images(files, self.manifest.preprocess, limits=self.limits)
 
     def open_store(self, folder: str | Path) -> EnrollmentStore:
         store = EnrollmentStore.open(folder)

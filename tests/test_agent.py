@@ -1,12 +1,19 @@
 """The board agent and `edgemeta remote` over a Unix socket, loopback TCP, a serial cable (ptys) and SSH."""
 
+import base64
+import io
 import json
+import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from ptys import NullModem
 
@@ -21,9 +28,9 @@ def cli(*args, timeout=120):
     return subprocess.run([sys.executable, "-m", "edgemeta", *args], capture_output=True, text=True, timeout=timeout)
 
 
-def start_agent(exported, store, *listen):
+def start_agent(exported, store, *listen, env=None):
     proc = subprocess.Popen([sys.executable, "-m", "edgemeta", "serve", "--model", str(exported), "--store", str(store), *listen],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     line = proc.stderr.readline()  # "serving ... on ..." once it listens
     assert line.startswith("serving"), line + proc.stderr.read()
     return proc
@@ -121,8 +128,6 @@ SHIPPED = Path(__file__).resolve().parents[1] / "models" / "omniglot-conv4"
 
 
 def test_adapt_op_and_classify_with_the_stores_head(tmp_path):
-    import base64
-
     from edgemeta.runtime.agent import Agent
     from edgemeta.runtime.classifier import FewShotRuntime
     from edgemeta.runtime.store import STORE_FILE, EnrollmentStore
@@ -177,5 +182,472 @@ def test_remote_adapt(tmp_path):
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and "got -4" in r.stderr
         r = cli("remote", "--via", via, "classes")
         assert "head adapted with 12 step(s)" in r.stdout, r.stdout
+    finally:
+        stop(proc)
+
+
+# --- issue 12: authentication, one agent per socket, serial ports that come and go, bounds ------
+
+TOKEN = "k7Qv9-s3cr3t-Zq1xW8pL2mN4"  # never on a command line, never in a log
+PNG = sorted(SAMPLE.glob("*/*.png"))[0]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def token_file(tmp_path, mode=0o600, text=TOKEN):
+    p = tmp_path / "token"
+    p.write_text(text + "\n")
+    p.chmod(mode)
+    return p
+
+
+def serve_cli(tmp_path, *listen, timeout=60, env=None):
+    """`edgemeta serve` expected to refuse its options (an agent that starts instead runs into the timeout)."""
+    return subprocess.run([sys.executable, "-m", "edgemeta", "serve", "--model", str(SHIPPED), "--store",
+                           str(tmp_path / "store"), *listen], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def request_line(op, args=None, files=(), rid=1):
+    atts = [base64.b64encode(Path(f).read_bytes()).decode() for f in files]
+    return (json.dumps({"id": rid, "op": op, "args": args or {}, "attachments": atts}) + "\n").encode()
+
+
+def answers(sock, timeout=30):
+    """Every answer line until the agent closes the connection."""
+    sock.settimeout(timeout)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return [json.loads(x) for x in data.splitlines()]
+
+
+def one_line_error(r):
+    return r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+
+
+def test_tcp_beyond_loopback_needs_allow_remote_and_a_private_token(tmp_path):
+    port = free_port()
+    r = serve_cli(tmp_path, "--tcp", f"0.0.0.0:{port}")
+    assert one_line_error(r) and "--allow-remote" in r.stderr and "token" in r.stderr, r.stderr
+    env = {k: v for k, v in os.environ.items() if k != "EDGEMETA_TOKEN"}
+    r = serve_cli(tmp_path, "--tcp", f"0.0.0.0:{port}", "--allow-remote", env=env)
+    assert one_line_error(r) and "needs a token" in r.stderr, r.stderr
+    r = serve_cli(tmp_path, "--tcp", f"0.0.0.0:{port}", "--allow-remote", "--token-file", str(token_file(tmp_path, 0o640)))
+    assert one_line_error(r) and "chmod 600" in r.stderr and TOKEN not in r.stderr, r.stderr
+    r = serve_cli(tmp_path, "--tcp", f"0.0.0.0:{port}", "--allow-remote", "--token-file", str(token_file(tmp_path, text="short")))
+    assert one_line_error(r) and "at least 16" in r.stderr, r.stderr
+    r = serve_cli(tmp_path, "--tcp", f"0.0.0.0:{port}", "--allow-remote", "--token-file", str(tmp_path / "nothing"))
+    assert one_line_error(r) and "does not exist" in r.stderr, r.stderr
+
+
+def test_remote_tcp_with_a_token(tmp_path):
+    port, tf = free_port(), token_file(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "EDGEMETA_TOKEN"}
+    proc = start_agent(SHIPPED, tmp_path / "store", "--tcp", f"0.0.0.0:{port}", "--allow-remote", "--token-file", str(tf), env=env)
+    try:
+        assert TOKEN not in Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode(errors="replace")
+        # no token, a wrong one, an over-long first line: one refusal each, then the connection is closed
+        wrong = request_line("auth", {"token": TOKEN[:-1] + "X"})
+        for first in (request_line("status"), wrong, request_line("auth", {"token": 5}), b"x" * 100_000 + b"\n",
+                      request_line("enroll", {"label": "a"}, [PNG])):
+            with socket.create_connection(("127.0.0.1", port)) as c:
+                c.sendall(first + request_line("status", rid=2))
+                got = answers(c)
+            assert len(got) == 1 and not got[0]["ok"] and got[0]["error"].startswith("not authorised"), got
+        # the right token first, then requests as usual
+        with socket.create_connection(("127.0.0.1", port)) as c:
+            c.sendall(request_line("auth", {"token": TOKEN}, rid=7) + request_line("status", rid=8))
+            c.shutdown(socket.SHUT_WR)
+            got = answers(c)
+        assert [a["id"] for a in got] == [7, 8] and all(a["ok"] for a in got), got
+        via = ["remote", "--via", f"tcp:127.0.0.1:{port}"]
+        r = cli(*via, "--token-file", str(tf), "enroll", "--label", "alpha", *drawings("Keble_character01", [1, 2]))
+        assert r.returncode == 0 and "now has 2 sample(s)" in r.stdout, r.stderr
+        r = subprocess.run([sys.executable, "-m", "edgemeta", *via, "classes", "--json"], capture_output=True, text=True,
+                           timeout=120, env={**env, "EDGEMETA_TOKEN": TOKEN})
+        assert r.returncode == 0 and json.loads(r.stdout)["classes"] == {"alpha": 2}, r.stderr
+        r = subprocess.run([sys.executable, "-m", "edgemeta", *via, "status"], capture_output=True, text=True, timeout=120,
+                           env={**env, "EDGEMETA_TOKEN": "W" * 20})
+        assert one_line_error(r) and "not authorised" in r.stderr, r.stderr
+        r = subprocess.run([sys.executable, "-m", "edgemeta", *via, "forget", "--label", "alpha"], capture_output=True,
+                           text=True, timeout=120, env=env)
+        assert one_line_error(r) and "not authorised" in r.stderr and "token" in r.stderr, r.stderr
+        tf.chmod(0o644)
+        r = cli(*via, "--token-file", str(tf), "status")
+        assert one_line_error(r) and "chmod 600" in r.stderr, r.stderr
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    log = proc.stderr.read()
+    assert proc.returncode == 0 and TOKEN not in log and "Traceback" not in log, log
+    assert "refused 127.0.0.1:" in log and "unencrypted" in log
+
+
+def test_loopback_tcp_needs_no_token(tmp_path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "EDGEMETA_TOKEN"}
+    proc = start_agent(SHIPPED, tmp_path / "store", "--tcp", f"127.0.0.1:{port}", env=env)
+    try:
+        r = cli("remote", "--via", f"tcp:127.0.0.1:{port}", "status", "--json")
+        assert r.returncode == 0 and json.loads(r.stdout)["classes"] == 0, r.stderr
+        # a client that sends a token anyway is served too
+        r = subprocess.run([sys.executable, "-m", "edgemeta", "remote", "--via", f"tcp:127.0.0.1:{port}", "status"],
+                           capture_output=True, text=True, timeout=120, env={**env, "EDGEMETA_TOKEN": TOKEN})
+        assert r.returncode == 0, r.stderr
+    finally:
+        stop(proc)
+
+
+def test_a_second_agent_on_a_live_socket_is_refused_and_a_stale_socket_is_taken_over(tmp_path):
+    sock = tmp_path / "agent.sock"
+    first = start_agent(SHIPPED, tmp_path / "store", "--socket", str(sock))
+    try:
+        r = serve_cli(tmp_path, "--socket", str(sock))
+        assert one_line_error(r) and "already" in r.stderr and str(sock) in r.stderr, r.stderr
+        assert cli("remote", "--via", f"unix:{sock}", "status").returncode == 0  # the first agent still answers
+    finally:
+        first.kill()  # SIGKILL: its socket file stays behind, stale
+        first.wait(timeout=10)
+    assert sock.is_socket()
+    second = start_agent(SHIPPED, tmp_path / "store", "--socket", str(sock))
+    try:
+        assert cli("remote", "--via", f"unix:{sock}", "status").returncode == 0
+    finally:
+        stop(second)
+    assert not sock.exists()
+
+
+def wait_for(check, seconds):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.3)
+    return False
+
+
+def test_the_serial_port_goes_away_and_comes_back(tmp_path):
+    link = tmp_path / "ttyX"  # the device path the agent is told, like /dev/serial/by-id/...
+    cable = NullModem()
+    link.symlink_to(cable.names[0])
+    proc = start_agent(SHIPPED, tmp_path / "store", "--serial", str(link))
+    try:
+        assert cli("remote", "--via", f"serial:{cable.names[1]}", "--timeout", "10", "status").returncode == 0
+        cable.close()  # unplugged
+        link.unlink()
+        time.sleep(1.5)
+        assert proc.poll() is None
+        cable = NullModem()  # plugged in again, at the same path
+        link.symlink_to(cable.names[0])
+        assert wait_for(lambda: cli("remote", "--via", f"serial:{cable.names[1]}", "--timeout", "3", "status").returncode == 0, 30)
+        r = cli("remote", "--via", f"serial:{cable.names[1]}", "enroll", "--label", "a", *drawings("Keble_character01", [1]))
+        assert r.returncode == 0, r.stderr
+    finally:
+        stop(proc)
+        cable.close()
+    log = proc.stderr.read()
+    assert "went away" in log and "is back" in log and "Traceback" not in log, log
+
+
+def test_a_serial_port_gone_for_good_ends_the_agent_non_zero(tmp_path):
+    link = tmp_path / "ttyX"
+    cable = NullModem()
+    link.symlink_to(cable.names[0])
+    proc = start_agent(SHIPPED, tmp_path / "store", "--serial", str(link), "--serial-reopen-for", "2")
+    try:
+        cable.close()
+        link.unlink()
+        proc.wait(timeout=30)  # systemd's Restart=on-failure then starts it again
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = proc.stderr.read()
+    assert proc.returncode == 2 and "has been gone for 2 s" in log and "Traceback" not in log, log
+
+
+def test_hang_ups_are_quiet_and_an_over_long_line_gets_one_answer(tmp_path):
+    sock = tmp_path / "agent.sock"
+    proc = start_agent(SHIPPED, tmp_path / "store", "--socket", str(sock))
+    try:
+        assert cli("remote", "--via", f"unix:{sock}", "enroll", "--label", "a", str(PNG)).returncode == 0
+        for _ in range(5):  # ask, and hang up before the answer
+            with socket.socket(socket.AF_UNIX) as c:
+                c.connect(str(sock))
+                c.sendall(request_line("classify", {}, [PNG] * 20))
+        with socket.socket(socket.AF_UNIX) as c:  # one line over the 64 MiB limit, then a request
+            c.connect(str(sock))
+            c.sendall(b'{"id": 1, "op": "status", "pad": "' + b"x" * (64 * 2**20) + b'"}\n' + request_line("status", rid=2))
+            c.shutdown(socket.SHUT_WR)
+            got = answers(c, timeout=60)
+        assert len(got) == 2 and not got[0]["ok"] and "longer than the agent's limit" in got[0]["error"], got[:3]
+        assert got[1]["id"] == 2 and got[1]["ok"]
+        assert cli("remote", "--via", f"unix:{sock}", "status").returncode == 0
+    finally:
+        stop(proc)
+    log = proc.stderr.read()
+    assert "Traceback" not in log and "BrokenPipe" not in log and log.count("\n") <= 2, log
+
+
+def test_idle_connections_are_closed_and_their_number_is_capped(tmp_path):
+    sock = tmp_path / "agent.sock"
+    proc = start_agent(SHIPPED, tmp_path / "store", "--socket", str(sock), "--max-connections", "2", "--idle-timeout", "3")
+    held = []
+    try:
+        for _ in range(2):
+            c = socket.socket(socket.AF_UNIX)
+            c.connect(str(sock))
+            c.sendall(request_line("status"))
+            assert c.makefile("rb").readline()
+            held.append(c)
+        with socket.socket(socket.AF_UNIX) as c:  # a third at once: one clear answer, then closed
+            c.connect(str(sock))
+            got = answers(c)
+        assert len(got) == 1 and "busy" in got[0]["error"] and "2 connections" in got[0]["error"], got
+        held.pop().close()
+        assert wait_for(lambda: cli("remote", "--via", f"unix:{sock}", "status").returncode == 0, 10)
+        t0 = time.monotonic()
+        held[0].settimeout(20)
+        assert held[0].recv(100) == b""  # idle: the agent closed it
+        assert time.monotonic() - t0 < 10
+    finally:
+        for c in held:
+            c.close()
+        stop(proc)
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory):
+    from edgemeta.runtime.agent import Agent
+
+    a = Agent(SHIPPED, tmp_path_factory.mktemp("agent") / "store")
+    line = request_line("enroll", {"label": "alpha"}, drawings("Keble_character01", [1, 2]))
+    assert json.loads(a.answer_line(line))["ok"]
+    return a
+
+
+INTERNALS = re.compile(r"object at 0x|Traceback|\b[A-Z]\w*(Error|Exception)\b|internal error \w+Error")
+
+
+def check_answer(raw: bytes) -> dict:
+    assert raw.endswith(b"\n") and raw.count(b"\n") == 1
+    a = json.loads(raw)
+    assert isinstance(a, dict) and isinstance(a["ok"], bool)
+    if not a["ok"]:
+        assert isinstance(a["error"], str) and a["error"] and "\n" not in a["error"], a
+        assert not INTERNALS.search(a["error"]), a["error"]
+    return a
+
+
+IMG = base64.b64encode(PNG.read_bytes()).decode()
+
+
+@pytest.mark.parametrize("line", [
+    b'{"id": 2, "op": "classify", "args": {"top_k": 1e999}, "attachments": ["' + IMG.encode() + b'"]}',
+    json.dumps({"id": 3, "op": "classify", "args": {"top_k": 10**30}, "attachments": [IMG]}).encode(),
+    json.dumps({"id": 4, "op": "classify", "args": {"top_k": "2"}, "attachments": [IMG]}).encode(),
+    json.dumps({"id": 5, "op": "enroll", "args": {"label": ["x"]}, "attachments": [IMG]}).encode(),
+    json.dumps({"id": 6, "op": "rename", "args": {"old": "alpha", "new": None}}).encode(),
+    json.dumps({"id": 7, "op": ["classify"], "args": {}, "attachments": 5}).encode(),
+    json.dumps({"id": 8, "op": "classify", "args": [], "attachments": [IMG]}).encode(),
+    json.dumps({"id": 9, "op": "classify", "attachments": "not a list"}).encode(),
+    json.dumps({"id": 10, "op": "classify", "attachments": [{"a": 1}]}).encode(),
+    json.dumps({"id": 11, "op": "classify", "attachments": ["%%%"]}).encode(),
+    json.dumps({"id": 12, "op": "classify", "attachments": [base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 40).decode()]}).encode(),
+    json.dumps({"id": 13, "op": "classify", "attachments": [base64.b64encode(PNG.read_bytes()[:100]).decode()]}).encode(),
+    json.dumps({"id": 14, "op": "adapt", "args": {"steps": 1e308}}).encode(),
+    json.dumps({"id": 15, "op": "forget", "args": {"label": {"a": 1}}}).encode(),
+    json.dumps({"id": 16}).encode(),
+    b"[" * 100_000, b"\xff\xfe\x00", b'{"id": 1, "op": "status", "n": ' + b"9" * 5000 + b"}", b"[1, 2]", b"null",
+])
+def test_error_answers_are_one_sentence_without_python_internals(agent, line):
+    a = check_answer(agent.answer_line(line))
+    assert not a["ok"], a
+
+
+def test_serial_errors_are_sentences_too(agent):
+    from edgemeta.errors import EdgemetaError
+
+    with pytest.raises(EdgemetaError) as e:
+        agent.call("classify", {"top_k": float("inf")}, [PNG.read_bytes()])
+    assert not INTERNALS.search(str(e.value))
+    with pytest.raises(EdgemetaError) as e:
+        agent.call("enroll", {"label": 7}, [b"\x00" * 10])
+    assert "label must be a string" in str(e.value)
+
+
+def test_fuzzed_requests_get_one_clean_answer_each(agent):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
+    values = st.recursive(scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+                          max_leaves=12)
+    blobs = st.binary(max_size=300) | st.sampled_from([PNG.read_bytes(), PNG.read_bytes()[:100], b"GIF89a" + b"\0" * 30])
+    attachments = st.lists(blobs.map(lambda b: base64.b64encode(b).decode()) | values, max_size=3) | values
+    ops = st.sampled_from(["enroll", "classify", "classes", "status", "adapt", "rename", "auth", "nope"]) | values
+    requests = st.fixed_dictionaries({"id": values, "op": ops, "args": st.dictionaries(
+        st.sampled_from(["label", "top_k", "adapt", "lr", "steps", "old", "new", "token"]), values, max_size=4) | values,
+        "attachments": attachments})
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(requests | st.binary(max_size=200))
+    def prop(req):
+        line = req if isinstance(req, bytes) else json.dumps(req).encode()
+        check_answer(agent.answer_line(line))
+
+    prop()
+
+
+@pytest.mark.parametrize("limit", [40, 1000, 5000])
+def test_serve_lines_answers_each_request_line_once(agent, limit):
+    from edgemeta.runtime.agent import serve_lines
+
+    agent_limit, agent.max_request_bytes = agent.max_request_bytes, limit
+    try:
+        status = b'{"id": 9, "op": "status"}\n'
+        lines = [status, b"x" * (limit + 1) + b"\n", b"\n", b"y" * (3 * limit) + b"\n", status, b"z" * limit + b"\n",
+                 b"   \n", status.rstrip()]
+        out = io.BytesIO()
+        serve_lines(agent, io.BytesIO(b"".join(lines)), out)
+        got = [check_answer(x + b"\n") for x in out.getvalue().splitlines()]
+        assert len(got) == 6  # blank lines are no requests
+        assert [a["ok"] for a in got] == [True, False, False, True, False, True]
+        assert all("longer than the agent's limit" in a["error"] for a in got[1:3])
+        assert "not valid JSON" in got[4]["error"]  # exactly at the limit: read, and answered as the bad JSON it is
+    finally:
+        agent.max_request_bytes = agent_limit
+
+
+def release(tmp_path, board, **keys):
+    """A deployed release's layout: model/ with board.toml beside it."""
+    root = tmp_path / "release"
+    shutil.copytree(SHIPPED, root / "model")
+    text = (Path(__file__).resolve().parents[1] / "boards" / f"{board}.toml").read_text()
+    for k, v in keys.items():
+        text = re.sub(rf"(?m)^{k}\s*=.*$", f"{k} = {v}", text)
+    (root / "board.toml").write_text(text)
+    return root / "model"
+
+
+def test_image_limits_come_from_the_release_board(tmp_path):
+    from edgemeta.errors import EdgemetaError
+    from edgemeta.preprocess import ImageLimits
+    from edgemeta.runtime.agent import Agent
+    from edgemeta.runtime.classifier import FewShotRuntime
+    from edgemeta.runtime.store import STORE_FILE
+
+    model = release(tmp_path, "rpi-zero2w", max_image_pixels=10_000)  # a 105x105 drawing is 11025 pixels
+    rt = FewShotRuntime(model)
+    with pytest.raises(EdgemetaError, match="more than the limit of"):
+        rt.images([PNG])
+    a = Agent(model, tmp_path / "store")
+    got = check_answer(a.answer_line(request_line("enroll", {"label": "a"}, [PNG])))
+    assert not got["ok"] and "more than the limit of" in got["error"] and "max_image_pixels" in got["error"], got
+    assert not (tmp_path / "store" / STORE_FILE).exists()
+    r = cli("enroll", "--store", str(tmp_path / "cli"), "--model", str(model), "--label", "a", str(PNG))
+    assert one_line_error(r) and "more than the limit of" in r.stderr, r.stderr
+    assert rt.limits.max_pixels == 10_000 and rt.limits.max_bytes == 24 * 2**20
+    assert a.decode_slots == 1  # 512 MB
+    assert Agent(release(tmp_path / "big", "rpi5"), tmp_path / "s5").decode_slots == 2
+    assert FewShotRuntime(SHIPPED).limits == ImageLimits.default()  # no board.toml beside models/omniglot-conv4
+
+
+def test_an_attachment_is_held_to_the_byte_limit_before_it_is_base64_decoded(tmp_path):
+    from edgemeta.runtime.agent import Agent
+
+    a = Agent(release(tmp_path, "rpi4", max_image_bytes=1000), tmp_path / "store")
+    over = json.dumps({"id": 1, "op": "classify", "attachments": ["!" * 1400]}).encode()  # not even base64
+    got = check_answer(a.answer_line(over))
+    assert "over 1000 bytes" in got["error"] and "max_image_bytes" in got["error"], got
+    under = json.dumps({"id": 1, "op": "classify", "attachments": ["!" * 1332]}).encode()  # 1332 chars: up to 999 bytes
+    assert "not valid base64" in check_answer(a.answer_line(under))["error"]
+
+
+def big_png(side=4000):
+    a = np.full((side, side), 255, np.uint8)
+    a[::50, :] = 0
+    buf = io.BytesIO()
+    from PIL import Image
+
+    Image.fromarray(a).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_a_large_request_does_not_stall_small_ones(tmp_path):
+    sock = tmp_path / "agent.sock"
+    big = tmp_path / "big.png"
+    big.write_bytes(big_png())  # 16 megapixels in 25 KB: a slow decode in a small request
+    proc = start_agent(SHIPPED, tmp_path / "store", "--socket", str(sock))
+    try:
+        assert cli("remote", "--via", f"unix:{sock}", "enroll", "--label", "a", str(PNG)).returncode == 0
+        done = {}
+
+        def large():
+            with socket.socket(socket.AF_UNIX) as c:
+                c.connect(str(sock))
+                c.sendall(request_line("enroll", {"label": "big"}, [big] * 30))
+                c.settimeout(300)
+                done["answer"] = json.loads(c.makefile("rb").readline())
+            done["t"] = time.monotonic()
+
+        small_line = request_line("classify", {}, [PNG])
+        with socket.socket(socket.AF_UNIX) as c:
+            c.connect(str(sock))
+            f = c.makefile("rwb")
+            t = threading.Thread(target=large)
+            t0 = time.monotonic()
+            t.start()
+            stamps = [t0]
+            while t.is_alive():
+                f.write(small_line)
+                f.flush()
+                assert json.loads(f.readline())["ok"]
+                stamps.append(time.monotonic())
+            t.join()
+        assert done["answer"]["ok"], done
+        during = [s for s in stamps if s < done["t"]]
+        gaps = np.diff(during + [done["t"]])  # before: no small answer from the moment the large one took the lock
+        took = done["t"] - t0
+        assert took > 1.0, took  # the large request is slow enough to tell
+        assert len(during) > 5 and gaps.max() < took / 3, (took, len(during), gaps.max())
+    finally:
+        stop(proc)
+
+
+def peak_rss_mb(pid):
+    status = Path(f"/proc/{pid}/status").read_text()
+    return {k: int(re.search(rf"{k}:\s+(\d+)", status)[1]) / 1024 for k in ("VmRSS", "VmHWM")}
+
+
+def test_concurrent_large_requests_are_read_one_at_a_time(tmp_path):
+    sock = tmp_path / "agent.sock"
+    proc = start_agent(SHIPPED, tmp_path / "store", "--socket", str(sock))
+    try:
+        assert cli("remote", "--via", f"unix:{sock}", "status").returncode == 0
+        base = peak_rss_mb(proc.pid)["VmHWM"]
+        line = request_line("classify", {}, []).replace(b'"attachments": []',
+                                                        b'"attachments": ["' + base64.b64encode(os.urandom(30 * 2**20)) + b'"]')
+        got = []
+
+        def send():
+            with socket.socket(socket.AF_UNIX) as c:
+                c.connect(str(sock))
+                c.sendall(line)
+                c.settimeout(300)
+                got.append(json.loads(c.makefile("rb").readline()))
+
+        threads = [threading.Thread(target=send) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(got) == 4 and all("cannot read image attachment 1" in a["error"] for a in got), got
+        grown = peak_rss_mb(proc.pid)["VmHWM"] - base
+        assert grown < 150, grown  # one 40 MB line at a time (four at once, before: ~450 MB)
+        assert peak_rss_mb(proc.pid)["VmRSS"] - base < 30  # and given back afterwards
     finally:
         stop(proc)

@@ -208,22 +208,41 @@ def health(model: str, store: str | None, as_json: bool) -> None:
 @click.option("--model", required=True, type=click.Path(file_okay=False), help="Exported model folder.")
 @click.option("--store", required=True, type=click.Path(), help="Enrollment store folder.")
 @click.option("--socket", "unix_path", default=None, help="Listen on this Unix socket.")
-@click.option("--tcp", default=None, metavar="HOST:PORT", help="Listen on TCP (use 127.0.0.1 unless the network is trusted).")
+@click.option("--tcp", default=None, metavar="HOST:PORT",
+              help="Listen on TCP: loopback (127.0.0.1), or any other address with --allow-remote and a token.")
+@click.option("--allow-remote", is_flag=True,
+              help="Let --tcp listen beyond loopback; every connection must then send the token first.")
+@click.option("--token-file", default=None, type=click.Path(dir_okay=False),
+              help="File holding the token TCP clients must send (mode 600; default: $EDGEMETA_TOKEN).")
 @click.option("--serial", "serial_device", default=None, help="Also answer framed requests on this serial port.")
 @click.option("--baud", type=int, default=115200, show_default=True, help="Serial speed.")
+@click.option("--serial-reopen-for", type=click.FloatRange(min=0), default=300.0, show_default=True, metavar="SECONDS",
+              help="When the serial port goes away, keep reopening it this long, then exit non-zero (for systemd).")
 @click.option("--stdio", is_flag=True, help="Answer JSON lines on stdin/stdout (what `remote --via ssh:` uses).")
+@click.option("--idle-timeout", type=click.FloatRange(min=0), default=60.0, show_default=True, metavar="SECONDS",
+              help="Close a connection that sends nothing for this long (0: never).")
+@click.option("--max-connections", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Connections served at once (socket and TCP together); one more gets a 'busy' answer.")
+@click.option("--max-request-bytes", type=click.IntRange(min=1), default=64 * 2**20, show_default=True,
+              help="Longest request line (images travel base64-encoded inside it).")
+@click.option("--decode-slots", type=click.IntRange(min=1), default=None,
+              help="Large images decoded at once (default: 1, or 2 on boards with 2 GB or more).")
 @click.option("--threads", type=int, default=1, show_default=True, help="Interpreter threads.")
 @click.option("--edgetpu", default=None, metavar="DEVICE", help="Run on the Edge TPU delegate.")
-def serve(model: str, store: str, unix_path: str | None, tcp: str | None, serial_device: str | None, baud: int, stdio: bool,
-          threads: int, edgetpu: str | None) -> None:
+def serve(model: str, store: str, unix_path: str | None, tcp: str | None, allow_remote: bool, token_file: str | None,
+          serial_device: str | None, baud: int, serial_reopen_for: float, stdio: bool, idle_timeout: float,
+          max_connections: int, max_request_bytes: int, decode_slots: int | None, threads: int, edgetpu: str | None) -> None:
     """The board agent: keeps the model and store loaded and answers enroll, classify, classes,
     forget, rename, adapt and status requests (JSON lines on a socket or stdio; framed on a serial port).
 
     \b
     Example:
       edgemeta serve --model /opt/edgemeta/current/model --store /opt/edgemeta/store --socket /run/edgemeta.sock --serial /dev/serial0
+      edgemeta serve --model ... --store ... --tcp 0.0.0.0:7000 --allow-remote --token-file /etc/edgemeta/token
     """
     from edgemeta.runtime.agent import run_agent
 
     run_agent(model, store, threads=threads, edgetpu=edgetpu, unix_path=unix_path, tcp=tcp, serial_device=serial_device,
-              baud=baud, stdio=stdio, log=lambda m: click.echo(m, err=True))
+              baud=baud, stdio=stdio, allow_remote=allow_remote, token_file=token_file, idle_timeout=idle_timeout,
+              max_connections=max_connections, decode_slots=decode_slots, max_request_bytes=max_request_bytes,
+              serial_reopen_for=serial_reopen_for, log=lambda m: click.echo(m, err=True))

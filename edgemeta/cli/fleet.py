@@ -136,8 +136,10 @@ def rollback(hosts: tuple[str, ...], ssh_config: str | None) -> None:
 @click.option("--via", required=True, help="unix:PATH, tcp:HOST:PORT, ssh:USER@HOST (the deployed release) or serial:DEVICE[@BAUD].")
 @click.option("--ssh-config", default=None, type=click.Path(dir_okay=False), help="ssh -F FILE.")
 @click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds to wait for an answer.")
+@click.option("--token-file", default=None, type=click.Path(dir_okay=False),
+              help="With tcp: the agent's token, from this file (mode 600; default: $EDGEMETA_TOKEN).")
 @click.pass_context
-def remote(ctx: click.Context, via: str, ssh_config: str | None, timeout: float) -> None:
+def remote(ctx: click.Context, via: str, ssh_config: str | None, timeout: float, token_file: str | None) -> None:
     """Run enroll, classify, classes, forget, rename, adapt or status on a board.
 
     \b
@@ -145,7 +147,7 @@ def remote(ctx: click.Context, via: str, ssh_config: str | None, timeout: float)
       edgemeta remote --via ssh:pi@kitchen enroll --label mug mug1.jpg mug2.jpg
       edgemeta remote --via serial:/dev/ttyUSB0 classify --top-k 3 cup.jpg
     """
-    ctx.obj.update(via=via, ssh_config=ssh_config, timeout=timeout)
+    ctx.obj.update(via=via, ssh_config=ssh_config, timeout=timeout, token_file=token_file)
 
 
 def _remote_call(op: str, args: dict, files: tuple[str, ...] = ()) -> dict:
@@ -158,7 +160,7 @@ def _remote_call(op: str, args: dict, files: tuple[str, ...] = ()) -> dict:
             attachments.append(Path(f).read_bytes())
         except OSError as e:
             raise EdgemetaError(f"cannot read {f}: {e.strerror}") from None
-    client = connect(obj["via"], obj["ssh_config"], obj["timeout"])
+    client = connect(obj["via"], obj["ssh_config"], obj["timeout"], obj.get("token_file"))
     try:
         return client.request(op, args, attachments)
     finally:

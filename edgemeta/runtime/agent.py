@@ -70,7 +70,7 @@ DEFAULT_SERIAL_REOPEN_FOR = 300.0
 TOKEN_ENV = "EDGEMETA_TOKEN"
 MIN_TOKEN_LENGTH = 16
 MAX_TOKEN_LENGTH = 1024  # the auth line is at most AUTH_LINE bytes
-TOKEN_HINT = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))' > FILE && chmod 600 FILE"
+TOKEN_HINT = "(umask 077; python3 -c 'import secrets; print(secrets.token_urlsafe(32))' > FILE)"
 OPS = ("enroll", "classify", "classes", "forget", "rename", "adapt", "status", "auth")
 
 

@@ -15,8 +15,10 @@ SAMPLE = REPO / "samples" / "omniglot"
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
-    """Every test session decodes into its own cache folder (and never touches ~/.cache)."""
+    """Every test session decodes into its own cache folder (and never touches ~/.cache), and signs
+    bundles with its own key (never the user's in ~/.config/edgemeta)."""
     os.environ["EDGEMETA_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ["EDGEMETA_CONFIG"] = str(tmp_path_factory.mktemp("config"))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 

@@ -163,7 +163,7 @@ def test_corrupt_model_file(model_dir, tmp_path):
 # The commands as they were before cli.py became a package (edgemeta/cli/): names must not change.
 COMMANDS = {
     (): {"adapt", "boards", "bundle", "classes", "classify", "console", "demo", "deploy", "doctor", "edgetpu", "enroll", "eval",
-         "export", "forget", "health", "inspect", "provision", "reenroll", "remote", "rename", "rollback", "serve", "train"},
+         "export", "forget", "health", "inspect", "keygen", "provision", "reenroll", "remote", "rename", "rollback", "serve", "train"},
     ("boards",): {"show"},
     ("remote",): {"adapt", "classes", "classify", "enroll", "forget", "rename", "status"},
 }

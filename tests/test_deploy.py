@@ -1,6 +1,9 @@
-"""Deployment against real OpenSSH servers on 127.0.0.1 (the generic-x86_64 board profile)."""
+"""Deployment against real OpenSSH servers on 127.0.0.1 (the generic-x86_64 board profile), and
+the board's own checks: signature (ed25519, verified with the standard library), the exact file
+list."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -8,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from edgemeta.deploy import board_ops
 from edgemeta.deploy.bundle import build_bundle
 from edgemeta.runtime.manifest import sha256_file
 
@@ -29,23 +33,42 @@ def status(lab, board):
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def rebundle(bundle: Path, dest: Path, change=None) -> Path:
-    """A copy of a bundle, optionally changed, with BUNDLE.json re-signed (as a new build would be)."""
+def rebundle(bundle: Path, dest: Path, change=None, key=None, **fields) -> Path:
+    """A copy of a bundle, optionally changed, with BUNDLE.json rewritten (new checksums, `fields`) and
+    re-signed as a new build would be: with the session's key, or `key`."""
     shutil.copytree(bundle, dest)
     if change:
         change(dest)
     info = json.loads((dest / "BUNDLE.json").read_text())
     info["created"] = dest.name  # a new build: new release id
     info["files"] = {k: sha256_file(dest / k) for k in info["files"]}
+    info.update(fields)
     (dest / "BUNDLE.json").write_text(json.dumps(info))
+    if (bundle / "BUNDLE.sig").exists():  # (a bundle built before signing has none)
+        from edgemeta.deploy.signing import sign_bundle, signing_key
+
+        sign_bundle(dest, key or signing_key())
     return dest
+
+
+def session_key_fingerprint() -> str:
+    from edgemeta.deploy.signing import public_bytes, signing_key
+
+    return board_ops.fingerprint(public_bytes(signing_key()))
+
+
+def one_failed_row(p: subprocess.CompletedProcess) -> str:
+    """The FAILED row of a one-host deploy's table (a header and one line per host)."""
+    lines = p.stdout.strip().splitlines()
+    assert p.returncode == 1 and len(lines) == 2 and "FAILED" in lines[1], p.stdout + p.stderr
+    return lines[1]
 
 
 def test_deploy_enroll_classify_and_upgrade(lab, bundle, tmp_path):
     board = lab.add_board()
     p = deploy(lab, "--bundle", str(bundle), "--host", board.alias)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "ok" in p.stdout and "checksums verified on the board" in p.stderr
+    assert "ok" in p.stdout and "checksums of" in p.stderr and "files verified on the board" in p.stderr
     first = status(lab, board)["current"]
     assert first and (board.root / "current" / "venv" / "bin" / "edgemeta").exists()
     unit = (board.root / "edgemeta-agent.service").read_text()
@@ -101,6 +124,206 @@ def test_tampered_bundle_is_refused(lab, bundle, tmp_path):
     assert p.returncode == 1 and "checksum mismatch: model/int8_static.tflite" in p.stdout
     st = status(lab, board)
     assert st["current"] == good and len(st["releases"]) == 1
+    # a listed file missing
+    gone = rebundle(bundle, tmp_path / "gone")
+    (gone / "requirements.txt").unlink()
+    assert "checksum mismatch: requirements.txt" in one_failed_row(deploy(lab, "--bundle", str(gone), "--host", board.alias))
+
+
+def smuggle(marker: Path):
+    """A change that adds a program to the bundle's venv/ (not in BUNDLE.json), which the health check
+    would run: it leaves `marker` behind if it ever runs, and answers like a healthy release."""
+    def change(d: Path) -> None:
+        exe = d / "venv" / "bin" / "edgemeta"
+        exe.parent.mkdir(parents=True)
+        exe.write_text(f"#!/bin/sh\ntouch {marker}\necho '{{}}'\n")
+        exe.chmod(0o755)
+    return change
+
+
+def test_a_smuggled_file_is_refused_before_anything_of_it_runs(lab, bundle, tmp_path):
+    board = lab.add_board()
+    marker = tmp_path / "the-smuggled-program-ran"
+    p = deploy(lab, "--bundle", str(rebundle(bundle, tmp_path / "smuggled", smuggle(marker))), "--host", board.alias)
+    assert not marker.exists(), p.stdout + p.stderr
+    assert "checksum mismatch: unexpected venv/" in one_failed_row(p)
+    st = status(lab, board)
+    assert st["current"] == "" and st["releases"] == [] and st["trusted_keys"] == []  # trusted only once all checked out
+    assert not list((board.root / "releases").iterdir())  # no partial folder left either
+    # anywhere else too, and after a good deploy
+    assert deploy(lab, "--bundle", str(bundle), "--host", board.alias).returncode == 0
+    good = status(lab, board)["current"]
+
+    def extra(d: Path) -> None:
+        (d / "model" / "sitecustomize.py").write_text(f"open({str(marker)!r}, 'w')\n")
+
+    p = deploy(lab, "--bundle", str(rebundle(bundle, tmp_path / "extra", extra)), "--host", board.alias)
+    assert "checksum mismatch: unexpected model/sitecustomize.py" in one_failed_row(p)
+    p = deploy(lab, "--bundle", str(rebundle(bundle, tmp_path / "smuggled2", smuggle(marker))), "--host", board.alias)
+    assert "checksum mismatch: unexpected venv/" in one_failed_row(p)
+    assert not marker.exists()
+    st = status(lab, board)
+    assert st["current"] == good and st["releases"] == [good]
+
+
+def test_only_bundles_signed_by_the_trusted_key_are_taken(lab, bundle, tmp_path):
+    from edgemeta.deploy.signing import create_key, load_key, sign_bundle
+
+    board = lab.add_board()
+    mine = session_key_fingerprint()
+    p = deploy(lab, "--bundle", str(bundle), "--host", board.alias)
+    assert p.returncode == 0 and f"signature (key {mine}, trusted from now on: first deploy)" in p.stderr, p.stdout + p.stderr
+    assert sorted(x.name for x in (board.root / "trusted_keys").iterdir()) == [f"{mine}.pub"]
+    good = status(lab, board)["current"]
+    # a new build signed by another key
+    theirs = create_key(tmp_path / "other.pem")
+    other = load_key(tmp_path / "other.pem")
+    row = one_failed_row(deploy(lab, "--bundle", str(rebundle(bundle, tmp_path / "other", key=other)), "--host", board.alias))
+    assert f"signed by key {theirs}, which this board does not trust (it trusts {mine})" in row
+    # the active release itself, re-signed by another key (same BUNDLE.json, same release id)
+    same = tmp_path / "same"
+    shutil.copytree(bundle, same)
+    sign_bundle(same, other)
+    assert f"signed by key {theirs}, which" in one_failed_row(deploy(lab, "--bundle", str(same), "--host", board.alias))
+    # unsigned
+    unsigned = rebundle(bundle, tmp_path / "unsigned")
+    (unsigned / "BUNDLE.sig").unlink()
+    assert "the bundle is not signed (no BUNDLE.sig)" in one_failed_row(deploy(lab, "--bundle", str(unsigned), "--host", board.alias))
+
+    # a changed file with its changed checksum: BUNDLE.json no longer matches its signature
+    def tamper(d: Path) -> None:
+        with open(d / "model" / "int8_static.tflite", "r+b") as f:
+            f.seek(2000)
+            f.write(b"\x00\x01\x02\x03")
+        info = json.loads((d / "BUNDLE.json").read_text())
+        info["files"]["model/int8_static.tflite"] = sha256_file(d / "model" / "int8_static.tflite")
+        (d / "BUNDLE.json").write_text(json.dumps(info))
+
+    changed = tmp_path / "changed"
+    shutil.copytree(rebundle(bundle, tmp_path / "signed"), changed)
+    tamper(changed)
+    row = one_failed_row(deploy(lab, "--bundle", str(changed), "--host", board.alias))
+    assert f"bad signature: BUNDLE.json was changed after it was signed with key {mine}" in row
+    st = status(lab, board)
+    assert st["current"] == good and st["releases"] == [good] and st["trusted_keys"] == [mine]
+    # the trusted key still works: a new build signed by it goes in
+    p = deploy(lab, "--bundle", str(rebundle(bundle, tmp_path / "next")), "--host", board.alias)
+    assert p.returncode == 0 and f"signature (key {mine}, trusted)" in p.stderr, p.stdout + p.stderr
+
+
+# RFC 8032, section 7.1: (secret key, public key, message, signature), hex
+RFC8032_TEST_1024_MESSAGE = (
+    "08b8b2b733424243760fe426a4b54908632110a66c2f6591eabd3345e3e4eb98fa6e264bf09efe12ee50f8f54e9f77b1e355f6c50544e23fb1433ddf73be84d8"
+    "79de7c0046dc4996d9e773f4bc9efe5738829adb26c81b37c93a1b270b20329d658675fc6ea534e0810a4432826bf58c941efb65d57a338bbd2e26640f89ffbc"
+    "1a858efcb8550ee3a5e1998bd177e93a7363c344fe6b199ee5d02e82d522c4feba15452f80288a821a579116ec6dad2b3b310da903401aa62100ab5d1a36553e"
+    "06203b33890cc9b832f79ef80560ccb9a39ce767967ed628c6ad573cb116dbefefd75499da96bd68a8a97b928a8bbc103b6621fcde2beca1231d206be6cd9ec7"
+    "aff6f6c94fcd7204ed3455c68c83f4a41da4af2b74ef5c53f1d8ac70bdcb7ed185ce81bd84359d44254d95629e9855a94a7c1958d1f8ada5d0532ed8a5aa3fb2"
+    "d17ba70eb6248e594e1a2297acbbb39d502f1a8c6eb6f1ce22b3de1a1f40cc24554119a831a9aad6079cad88425de6bde1a9187ebb6092cf67bf2b13fd65f270"
+    "88d78b7e883c8759d2c4f5c65adb7553878ad575f9fad878e80a0c9ba63bcbcc2732e69485bbc9c90bfbd62481d9089beccf80cfe2df16a2cf65bd92dd597b07"
+    "07e0917af48bbb75fed413d238f5555a7a569d80c3414a8d0859dc65a46128bab27af87a71314f318c782b23ebfe808b82b0ce26401d2e22f04d83d1255dc51a"
+    "ddd3b75a2b1ae0784504df543af8969be3ea7082ff7fc9888c144da2af58429ec96031dbcad3dad9af0dcbaaaf268cb8fcffead94f3c7ca495e056a9b47acdb7"
+    "51fb73e666c6c655ade8297297d07ad1ba5e43f1bca32301651339e22904cc8c42f58c30c04aafdb038dda0847dd988dcda6f3bfd15c4b4c4525004aa06eeff8"
+    "ca61783aacec57fb3d1f92b0fe2fd1a85f6724517b65e614ad6808d6f6ee34dff7310fdc82aebfd904b01e1dc54b2927094b2db68d6f903b68401adebf5a7e08"
+    "d78ff4ef5d63653a65040cf9bfd4aca7984a74d37145986780fc0b16ac451649de6188a7dbdf191f64b5fc5e2ab47b57f7f7276cd419c17a3ca8e1b939ae49e4"
+    "88acba6b965610b5480109c8b17b80e1b7b750dfc7598d5d5011fd2dcc5600a32ef5b52a1ecc820e308aa342721aac0943bf6686b64b2579376504ccc493d97e"
+    "6aed3fb0f9cd71a43dd497f01f17c0e2cb3797aa2a2f256656168e6c496afc5fb93246f6b1116398a346f1a641f3b041e989f7914f90cc2c7fff357876e506b5"
+    "0d334ba77c225bc307ba537152f3f1610e4eafe595f6d9d90d11faa933a15ef1369546868a7f3a45a96768d40fd9d03412c091c6315cf4fde7cb68606937380d"
+    "b2eaaa707b4c4185c32eddcdd306705e4dc1ffc872eeee475a64dfac86aba41c0618983f8741c5ef68d3a101e8a3b8cac60c905c15fc910840b94c00a0b9d0")
+RFC8032_VECTORS = [
+    ("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60", "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a",
+     "",
+     "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e065224901555fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b"),
+    ("4ccd089b28ff96da9db6c346ec114e0f5b8a319f35aba624da8cf6ed4fb8a6fb", "3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c",
+     "72",
+     "92a009a9f0d4cab8720e820b5f642540a2b27b5416503f8fb3762223ebdb69da085ac1e43e15996e458f3613d0f11d8c387b2eaeb4302aeeb00d291612bb0c00"),
+    ("c5aa8df43f9f837bedb7442f31dcb7b166d38535076f094b85ce3a2e0b4458f7", "fc51cd8e6218a1a38da47ed00230f0580816ed13ba3303ac5deb911548908025",
+     "af82",
+     "6291d657deec24024827e69c3abe01a30ce548a284743a445e3680d7db5ac3ac18ff9b538d16f290ae67f760984dc6594a7c15e9716ed28dc027beceea1ec40a"),
+    ("f5e5767cf153319517630f226876b86c8160cc583bc013744c6bf255f5cc0ee5", "278117fc144c72340f67d0f2316e8386ceffbf2b2428c9c51fef7c597f1d426e",
+     RFC8032_TEST_1024_MESSAGE,
+     "0aab4c900501b3e24d7cdf4663326a3a87df5e4843b2cbdb67cbf6e460fec350aa5371b1508f9f4528ecea23c436d94b5e8fcd4f681e30a6ac00a9704a188a03"),
+    ("833fe62409237b9d62ec77587520911e9a759cec1d19755b7da901b96dca3d42", "ec172b93ad5e563bf4932c70e1245034c35467ef2efd4d64ebf819683467e2bf",
+     "ddaf35a193617abacc417349ae20413112e6fa4e89a97ea20a9eeee64b55d39a2192992a274fc1a836ba3c23a3feebbd454d4423643ce80e2a9ac94fa54ca49f",
+     "dc2a4459e7369633a52b1bf277839a00201009a3efbf3ecb69bea2186c26b58909351fc9ac90b3ecfdfbc7c66431e0303dca179c138ac17ad9bef1177331a704"),
+]
+
+
+@pytest.mark.parametrize("vector", RFC8032_VECTORS, ids=["TEST 1", "TEST 2", "TEST 3", "TEST 1024", "TEST SHA(abc)"])
+def test_ed25519_verify_rfc8032_vectors(vector):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from edgemeta.deploy.signing import public_bytes
+
+    secret, public, message, signature = (bytes.fromhex(x) for x in vector)
+    assert len(bytes.fromhex(RFC8032_TEST_1024_MESSAGE)) == 1023
+    key = Ed25519PrivateKey.from_private_bytes(secret)  # the vector as the host's library sees it
+    assert public_bytes(key) == public and key.sign(message) == signature
+    verify = board_ops.ed25519_verify
+    assert verify(public, message, signature)
+    assert not verify(public, message + b"\x00", signature)  # another message
+    assert not verify(public, message[:-1], signature) if message else not verify(public, b"\x00", signature)
+    other = bytes.fromhex(RFC8032_VECTORS[(RFC8032_VECTORS.index(vector) + 1) % 5][1])
+    assert not verify(other, message, signature)  # another key
+    for i in (0, 31, 32, 63):  # a bit flipped in R or in S
+        assert not verify(public, message, signature[:i] + bytes([signature[i] ^ 1]) + signature[i + 1:])
+    s = int.from_bytes(signature[32:], "little")  # S + L: the same point, a non-canonical S
+    assert not verify(public, message, signature[:32] + (s + board_ops._L).to_bytes(32, "little"))
+    assert not verify(public[:31], message, signature) and not verify(public, message, signature[:63])
+
+
+def test_ed25519_verify_against_the_cryptography_package():
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from edgemeta.deploy.signing import public_bytes
+
+    verify = board_ops.ed25519_verify
+    keys = [Ed25519PrivateKey.generate() for _ in range(8)]
+    for i in range(40):
+        key, message = keys[i % 8], os.urandom(i * 37)
+        pub, sig = public_bytes(key), key.sign(message)
+        assert verify(pub, message, sig)
+        assert not verify(public_bytes(keys[(i + 1) % 8]), message, sig)
+        assert not verify(pub, message + b"!", sig)
+        assert not verify(pub, message, keys[(i + 1) % 8].sign(message))
+    # encodings that are no point: y >= p, and x = 0 with the sign bit set
+    p = 2**255 - 19
+    pub, sig = public_bytes(keys[0]), keys[0].sign(b"m")
+    assert not verify((p + 1).to_bytes(32, "little"), b"m", sig)
+    assert not verify(pub, b"m", (p + 1).to_bytes(32, "little") + sig[32:])
+    assert not verify((1 | 1 << 255).to_bytes(32, "little"), b"m", sig)
+    assert board_ops._B[0] == 15112221349535400772501151409588531511454012693041857206046113283949847762202  # RFC 8032, 5.1
+
+
+def test_keygen_makes_one_private_key(tmp_path, exported):
+    env = {**os.environ, "EDGEMETA_CONFIG": str(tmp_path / "cfg")}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "edgemeta", *args], capture_output=True, text=True, env=env, timeout=600)
+
+    p = cli("keygen")
+    key = tmp_path / "cfg" / "signing_key.pem"
+    assert p.returncode == 0 and str(key) in p.stdout, p.stderr
+    assert key.stat().st_mode & 0o777 == 0o600 and key.parent.stat().st_mode & 0o777 == 0o700
+    pem = key.read_text()
+    assert "PRIVATE KEY" in pem and "PRIVATE" not in p.stdout + p.stderr and pem.splitlines()[1] not in p.stdout
+    p = cli("keygen")
+    assert p.returncode == 2 and "already exists" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert key.read_text() == pem
+    # a key others can read, or a --sign-key that is not there, is refused before anything is built
+    key.chmod(0o644)
+    bundle = ["bundle", "--board", "generic-x86_64", "--model", str(exported), "--out", str(tmp_path / "b")]
+    p = cli(*bundle, "--sign-key", str(key))
+    assert p.returncode == 2 and "readable by others (mode 0644): chmod 600" in p.stderr and not (tmp_path / "b").exists(), p.stderr
+    p = cli(*bundle, "--sign-key", str(tmp_path / "nope"))
+    assert p.returncode == 2 and "no signing key at" in p.stderr and not (tmp_path / "b").exists(), p.stderr
+    # the first bundle makes the user's key when there is none, and says so
+    env["EDGEMETA_CONFIG"] = str(tmp_path / "fresh")
+    p = cli(*bundle)
+    assert p.returncode == 0 and "created your signing key" in p.stderr, p.stderr
+    assert (tmp_path / "fresh" / "signing_key.pem").stat().st_mode & 0o777 == 0o600
+    sig = json.loads((tmp_path / "b" / "BUNDLE.sig").read_text())
+    manifest = (tmp_path / "b" / "BUNDLE.json").read_bytes()
+    assert board_ops.ed25519_verify(bytes.fromhex(sig["public_key"]), board_ops.SIGNED_PREFIX + manifest, bytes.fromhex(sig["signature"]))
 
 
 def test_fleet_with_bad_hosts_and_a_cut_transfer(lab, bundle, exported, tmp_path):
@@ -188,7 +411,7 @@ def test_bundle_replaces_its_own_earlier_bundle(exported, small_bundle, tmp_path
     new = tree(out)
     assert new.keys() == tree(small_bundle).keys()
     assert new["requirements.txt"] == (small_bundle / "requirements.txt").read_bytes()
-    assert json.loads(new["BUNDLE.json"])["files"] == {k: sha256_file(out / k) for k in new if k != "BUNDLE.json"}
+    assert json.loads(new["BUNDLE.json"])["files"] == {k: sha256_file(out / k) for k in new if k not in ("BUNDLE.json", "BUNDLE.sig")}
     assert [x.name for x in tmp_path.iterdir()] == ["b"]
 
 

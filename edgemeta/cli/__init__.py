@@ -5,7 +5,7 @@ module per audience, imported at the bottom so that they register:
     host.py      train, eval, export, inspect, edgetpu (the host with TensorFlow; inspect and edgetpu need none)
     board.py     enroll, classify, classes, forget, rename, adapt, reenroll, demo, health, serve (the board:
                  runtime only, never TensorFlow)
-    fleet.py     boards, bundle, deploy, rollback, remote, doctor (reaching boards from the host)
+    fleet.py     boards, keygen, bundle, deploy, rollback, remote, doctor (reaching boards from the host)
     firmware.py  provision, console (below the application: boot partition, UART console)
 Every module imports its library lazily, inside the commands, so `edgemeta --help` and the board's
 commands start without TensorFlow.

@@ -57,14 +57,40 @@ def boards_show(name: str, as_json: bool) -> None:
         click.echo(f"  NOT SUPPORTED: {r.get('unsupported_reason', '')}")
 
 
+SIGN_KEY_HELP = "Private key to sign the bundle with (default: yours, made on first use; see `edgemeta keygen`)."
+
+
+def _note(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+@main.command()
+@click.option("--key", "key_path", default=None, type=click.Path(dir_okay=False),
+              help="Where to write it (default: signing_key.pem in $EDGEMETA_CONFIG, else ~/.config/edgemeta).")
+def keygen(key_path: str | None) -> None:
+    """Make your bundle signing key (ed25519), once. Boards trust the key of their first deploy and then
+    refuse bundles signed by any other; the private key stays in a file only you can read, never printed.
+
+    \b
+    Example:
+      edgemeta keygen
+    """
+    from edgemeta.deploy.signing import create_key, default_key_path
+
+    path = key_path or default_key_path()
+    fp = create_key(path)
+    click.echo(f"signing key {fp} written to {path} (readable by you alone); boards trust it at their first deploy: back it up")
+
+
 @main.command()
 @click.option("--board", required=True, help="Board profile (see `edgemeta boards`).")
 @click.option("--model", required=True, type=click.Path(file_okay=False), help="Exported model folder.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Bundle folder to write: new, empty, or an earlier bundle (replaced once the new one is built).")
 @click.option("--wheelhouse", is_flag=True, help="Include every wheel for the board's platform (offline install).")
-def bundle(board: str, model: str, out: str, wheelhouse: bool) -> None:
-    """Build a checksummed release of a model for one board; refuses a model the board cannot run.
+@click.option("--sign-key", default=None, type=click.Path(dir_okay=False), help=SIGN_KEY_HELP)
+def bundle(board: str, model: str, out: str, wheelhouse: bool, sign_key: str | None) -> None:
+    """Build a checksummed, signed release of a model for one board; refuses a model the board cannot run.
 
     \b
     Example:
@@ -72,7 +98,7 @@ def bundle(board: str, model: str, out: str, wheelhouse: bool) -> None:
     """
     from edgemeta.deploy.bundle import build_bundle
 
-    path = build_bundle(board, model, out, wheelhouse=wheelhouse)
+    path = build_bundle(board, model, out, wheelhouse=wheelhouse, sign_key=sign_key, log=_note)
     n = sum(1 for p in path.rglob("*") if p.is_file())
     click.echo(f"bundle for {board} written to {path} ({n} files)")
 
@@ -87,9 +113,10 @@ def bundle(board: str, model: str, out: str, wheelhouse: bool) -> None:
 @click.option("--parallel", type=int, default=4, show_default=True, help="Hosts deployed at once.")
 @click.option("--wheelhouse", is_flag=True, help="Ship every wheel with the bundle: boards install offline.")
 @click.option("--dry-run", is_flag=True, help="Check the hosts and say what would happen; change nothing.")
+@click.option("--sign-key", default=None, type=click.Path(dir_okay=False), help=SIGN_KEY_HELP + " With --board/--model.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable per-host results.")
 def deploy(board: str | None, model: str | None, bundle_dir: str | None, hosts: tuple[str, ...], hosts_file: str | None,
-           ssh_config: str | None, parallel: int, wheelhouse: bool, dry_run: bool, as_json: bool) -> None:
+           ssh_config: str | None, parallel: int, wheelhouse: bool, dry_run: bool, sign_key: str | None, as_json: bool) -> None:
     """Deploy a model to boards over SSH: verify, install, health-check, activate atomically, roll back on failure.
 
     \b
@@ -101,7 +128,8 @@ def deploy(board: str | None, model: str | None, bundle_dir: str | None, hosts: 
 
     targets = list(hosts) + (read_hosts_file(hosts_file) if hosts_file else [])
     results = deploy_release(targets, bundle_dir, board, model, wheelhouse, ssh_config, dry_run, parallel,
-                             log=(lambda h, m: None) if as_json else (lambda h, m: click.echo(f"{h}: {m}", err=True)))
+                             log=(lambda h, m: None) if as_json else (lambda h, m: click.echo(f"{h}: {m}", err=True)),
+                             sign_key=sign_key)
     if as_json:
         click.echo(json.dumps([r.__dict__ for r in results], indent=2))
     else:

@@ -1,16 +1,23 @@
 """Board-side release management, run over SSH with the board's own python3 (standard library only,
-so it works before edgemeta is installed there). Deploy copies this file to ROOT/bin/ first.
+so it works before edgemeta is installed there). Deploy copies this file to the board first.
 
     python3 board_ops.py COMMAND [ARGS]     ROOT: $EDGEMETA_ROOT, else ~/.edgemeta
 
-    ROOT/releases/<id>/        one bundle each, with its own venv/
+    ROOT/releases/<id>/        one bundle each, with its own venv/ (made here by `install`)
     ROOT/releases/.<id>.partial  an upload in progress (removed by the next receive)
     ROOT/current -> releases/<id>   switched atomically (symlink renamed over the old one)
     ROOT/history.json          activated releases, newest last (rollback goes one back)
     ROOT/store/                the enrollment store, shared by all releases
+    ROOT/trusted_keys/<fingerprint>.pub   ed25519 public keys (hex) that may sign bundles: the key
+                               of the first deploy (trust on first use); add others by hand
 
-Exit status: 0 ok, 3 refused (checksum, health, nothing to roll back), 2 usage. The last line of
-output is JSON for the host to read.
+`receive` checks a bundle before it becomes a release folder, so nothing of it runs unchecked: its
+BUNDLE.sig must be an ed25519 signature, by a trusted key, over SIGNED_PREFIX + BUNDLE.json, and
+the folder must hold exactly the files BUNDLE.json lists (no more, none missing), each with its
+sha256.
+
+Exit status: 0 ok, 3 refused (signature, checksum, health, nothing to roll back), 2 usage. The last
+line of output is JSON for the host to read.
 """
 
 import hashlib
@@ -23,6 +30,15 @@ import sys
 import tarfile
 from pathlib import Path
 
+BUNDLE_FILE = "BUNDLE.json"
+SIGNATURE_FILE = "BUNDLE.sig"
+SIGNED_PREFIX = b"edgemeta bundle v1\n"  # the signature covers this prefix and BUNDLE.json's bytes
+KEYS_DIR = "trusted_keys"
+
+
+class Refused(Exception):
+    """A bundle this board will not take; the message says why, in one line."""
+
 
 def root() -> Path:
     # a copy of edgemeta.runtime.paths.board_root (this file runs with the standard library alone)
@@ -33,6 +49,203 @@ def done(obj: dict, code: int = 0) -> None:
     print(json.dumps(obj))
     sys.exit(code)
 
+
+# --- ed25519 verification (RFC 8032, sections 5.1.1-5.1.7), standard library only ---------------
+# Points in extended coordinates (X, Y, Z, T): x = X/Z, y = Y/Z, x*y = T/Z, on -x^2 + y^2 = 1 + d x^2 y^2.
+
+_P = 2**255 - 19
+_L = 2**252 + 27742317777372353535851937790883648493  # the order of the base point
+_D = -121665 * pow(121666, _P - 2, _P) % _P
+_SQRT_M1 = pow(2, (_P - 1) // 4, _P)
+_IDENTITY = (0, 1, 1, 0)
+
+
+def _add(p: tuple, q: tuple) -> tuple:
+    x1, y1, z1, t1 = p
+    x2, y2, z2, t2 = q
+    a = (y1 - x1) * (y2 - x2) % _P
+    b = (y1 + x1) * (y2 + x2) % _P
+    c = 2 * _D * t1 * t2 % _P
+    d = 2 * z1 * z2 % _P
+    e, f, g, h = b - a, d - c, d + c, b + a
+    return e * f % _P, g * h % _P, f * g % _P, e * h % _P
+
+
+def _double(p: tuple) -> tuple:
+    x1, y1, z1, _ = p
+    a, b = x1 * x1 % _P, y1 * y1 % _P
+    c = 2 * z1 * z1 % _P
+    h = a + b
+    e = h - (x1 + y1) * (x1 + y1)
+    g = a - b
+    f = c + g
+    return e * f % _P, g * h % _P, f * g % _P, e * h % _P
+
+
+def _neg(p: tuple) -> tuple:
+    return (-p[0]) % _P, p[1], p[2], (-p[3]) % _P
+
+
+def _decode_point(s: bytes) -> tuple | None:
+    """Section 5.1.3: the point a 32-byte string encodes, or None where it encodes none."""
+    n = int.from_bytes(s, "little")
+    x_0, y = n >> 255, n & ((1 << 255) - 1)
+    if y >= _P:
+        return None
+    u, v = (y * y - 1) % _P, (_D * y * y + 1) % _P
+    x = u * pow(v, 3, _P) * pow(u * pow(v, 7, _P), (_P - 5) // 8, _P) % _P  # a candidate root of u/v
+    if v * x * x % _P == (-u) % _P:
+        x = x * _SQRT_M1 % _P
+    if v * x * x % _P != u:
+        return None
+    if x == 0 and x_0:
+        return None
+    if x & 1 != x_0:
+        x = _P - x
+    return x, y, 1, x * y % _P
+
+
+_B = _decode_point((4 * pow(5, _P - 2, _P) % _P).to_bytes(32, "little"))  # y = 4/5, x even
+
+
+def ed25519_verify(public_key: bytes, message: bytes, signature: bytes) -> bool:
+    """Section 5.1.7: True when `signature` is `public_key`'s signature of `message` (PureEdDSA,
+    Ed25519). Checks the cofactored equation [8][S]B = [8]R + [8][k]A'; S must be below L."""
+    if len(public_key) != 32 or len(signature) != 64:
+        return False
+    a, r = _decode_point(public_key), _decode_point(signature[:32])
+    s = int.from_bytes(signature[32:], "little")
+    if a is None or r is None or s >= _L:
+        return False
+    k = int.from_bytes(hashlib.sha512(signature[:32] + public_key + message).digest(), "little") % _L
+    table = {(1, 0): _B, (0, 1): _neg(a), (1, 1): _add(_B, _neg(a))}
+    q = _IDENTITY  # [S]B - [k]A', both scalars walked bit by bit at once (Straus)
+    for i in range(max(s.bit_length(), k.bit_length()) - 1, -1, -1):
+        q = _double(q)
+        bits = ((s >> i) & 1, (k >> i) & 1)
+        if bits != (0, 0):
+            q = _add(q, table[bits])
+    q = _add(q, _neg(r))  # - R
+    for _ in range(3):
+        q = _double(q)
+    x, y, z, _ = q
+    return x % _P == 0 and (y - z) % _P == 0
+
+
+# --- bundle checks --------------------------------------------------------------------------------
+
+def fingerprint(public_key: bytes) -> str:
+    """How a key is named to people and in trusted_keys/ (the host's edgemeta prints the same)."""
+    return hashlib.sha256(public_key).hexdigest()[:16]
+
+
+def trusted_keys() -> dict[bytes, str]:
+    """{public key: fingerprint} of the keys this board takes bundles from."""
+    keys = {}
+    for path in sorted((root() / KEYS_DIR).glob("*.pub")):
+        try:
+            key = bytes.fromhex(path.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            key = b""
+        if len(key) != 32:
+            raise Refused(f"{path} is not an ed25519 public key (64 hex digits); fix or remove it")
+        keys[key] = fingerprint(key)
+    return keys
+
+
+def trust_first_key(key: bytes) -> None:
+    """Trust on first use: the first key becomes the trusted one, in one rename (a concurrent first
+    deploy with another key loses)."""
+    final, tmp = root() / KEYS_DIR, root() / f".{KEYS_DIR}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(mode=0o755)
+    write_atomic(tmp / f"{fingerprint(key)}.pub", key.hex() + "\n")
+    try:
+        os.rename(tmp, final)  # fails if trusted_keys/ exists and is not empty
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if key not in trusted_keys():
+            raise Refused(f"another deploy trusted a different signing key just now ({final}); deploy again") from None
+
+
+def check_signature(folder: Path, manifest: bytes) -> tuple[bytes, bool]:
+    """(signing key, whether it is trusted already) once BUNDLE.sig checks out against `manifest`."""
+    try:
+        sig = json.loads((folder / SIGNATURE_FILE).read_text())
+    except FileNotFoundError:
+        raise Refused(f"the bundle is not signed (no {SIGNATURE_FILE}); build it with `edgemeta bundle`, which signs it") from None
+    except (OSError, ValueError) as e:
+        raise Refused(f"{SIGNATURE_FILE} unreadable: {e}") from None
+    try:
+        if sig.get("algorithm") != "ed25519":
+            raise ValueError(f"algorithm {sig.get('algorithm')!r}, not ed25519")
+        key, signature = bytes.fromhex(sig["public_key"]), bytes.fromhex(sig["signature"])
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise Refused(f"{SIGNATURE_FILE} is not an edgemeta bundle signature: {e}") from None
+    trusted = trusted_keys()
+    if trusted and key not in trusted:
+        raise Refused(f"the bundle is signed by key {fingerprint(key)}, which this board does not trust (it trusts "
+                      f"{', '.join(sorted(trusted.values()))}): sign it with that key, or add the new key to {root() / KEYS_DIR}/")
+    if not ed25519_verify(key, SIGNED_PREFIX + manifest, signature):
+        raise Refused(f"bad signature: {BUNDLE_FILE} was changed after it was signed with key {fingerprint(key)}")
+    return key, bool(trusted)
+
+
+def sha256_path(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_files(folder: Path, files: dict) -> None:
+    """The folder holds exactly BUNDLE.json, BUNDLE.sig and the listed files, each with its sha256."""
+    dirs = {""}
+    for name, digest in files.items():
+        parts = name.split("/")
+        if not isinstance(digest, str) or name.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            raise Refused(f"{BUNDLE_FILE} lists an unsafe or malformed entry {name[:80]!r}")
+        dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
+    expected = set(files) | {BUNDLE_FILE, SIGNATURE_FILE}
+    unexpected = []
+    for top, subdirs, names in os.walk(folder):
+        here = Path(top).relative_to(folder).as_posix()
+        here = "" if here == "." else here
+        for n in subdirs + names:
+            rel = f"{here}/{n}" if here else n
+            path = Path(top) / n
+            if path.is_symlink() or not (path.is_dir() or path.is_file()):
+                unexpected.append(rel)
+            elif path.is_dir() and rel not in dirs:
+                unexpected.append(rel + "/")
+                subdirs.remove(n)  # named once, not each file under it
+            elif path.is_file() and rel not in expected:
+                unexpected.append(rel)
+    bad = sorted(n for n, digest in files.items() if not (folder / n).is_file() or (folder / n).is_symlink()
+                 or sha256_path(folder / n) != digest)
+    if bad or unexpected:
+        shown = bad + [f"unexpected {e}" for e in sorted(unexpected)]
+        raise Refused("checksum mismatch: " + ", ".join(shown[:5]) + (f" and {len(shown) - 5} more" if len(shown) > 5 else ""))
+
+
+def check_bundle(folder: Path) -> tuple[dict, bytes, bool]:
+    """(BUNDLE.json, signing key, key already trusted) of a received bundle that may become a release."""
+    try:
+        manifest = (folder / BUNDLE_FILE).read_bytes()
+        info = json.loads(manifest)
+    except (OSError, ValueError) as e:
+        raise Refused(f"{BUNDLE_FILE} unreadable: {e}") from None
+    key, known = check_signature(folder, manifest)  # first: what follows trusts BUNDLE.json
+    if not isinstance(info, dict) or not isinstance(info.get("files"), dict):
+        raise Refused(f"{BUNDLE_FILE} is not an edgemeta bundle manifest")
+    check_files(folder, info["files"])
+    if platform.machine() != info.get("arch"):
+        raise Refused(f"bundle is for {info.get('arch')}, this board is {platform.machine()}")
+    return info, key, known
+
+
+# --- commands -------------------------------------------------------------------------------------
 
 def history() -> list:
     p = root() / "history.json"
@@ -62,6 +275,7 @@ def cmd_preflight() -> None:
 
 
 def cmd_receive(rid: str) -> None:
+    """Unpack a bundle (a tar stream on stdin) and check it (check_bundle) before it becomes ROOT/releases/<rid>."""
     rel = root() / "releases"
     rel.mkdir(parents=True, exist_ok=True)
     for stale in rel.glob(".*.partial"):  # a transfer cut short by an earlier deploy
@@ -72,41 +286,33 @@ def cmd_receive(rid: str) -> None:
         for member in tar:
             name = Path(member.name)
             if name.is_absolute() or ".." in name.parts or not (member.isfile() or member.isdir()):
+                shutil.rmtree(part, ignore_errors=True)
                 done({"error": f"unsafe entry {member.name!r} in the bundle"}, 3)
-            tar.extract(member, part)
+            tar.extract(member, part, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    try:
+        info, key, known = check_bundle(part)
+        if not known:
+            trust_first_key(key)
+    except Refused as e:
+        shutil.rmtree(part, ignore_errors=True)
+        done({"error": str(e)}, 3)
+    signed = {"files": len(info["files"]), "key": fingerprint(key), "trust": "known" if known else "first use"}
     final = rel / rid
     if final.exists() and rid != current():
         shutil.rmtree(final)
     if final.exists():
         shutil.rmtree(part)
-        done({"received": rid, "note": "already present and active"})
+        done({"received": rid, "note": "already present and active", **signed})
     os.rename(part, final)
-    done({"received": rid})
-
-
-def cmd_verify(rid: str) -> None:
-    rel = root() / "releases" / rid
-    try:
-        info = json.loads((rel / "BUNDLE.json").read_text())
-    except (OSError, ValueError) as e:
-        done({"error": f"BUNDLE.json unreadable: {e}"}, 3)
-    present = {p.relative_to(rel).as_posix() for p in rel.rglob("*") if p.is_file() and "venv" not in p.relative_to(rel).parts}
-    present.discard("BUNDLE.json")
-    bad = sorted(name for name, digest in info["files"].items()
-                 if not (rel / name).is_file() or hashlib.sha256((rel / name).read_bytes()).hexdigest() != digest)
-    extra = sorted(present - set(info["files"]))
-    if bad or extra:
-        if rid != current():
-            shutil.rmtree(rel, ignore_errors=True)
-        done({"error": "checksum mismatch: " + ", ".join(bad + [f"unexpected {e}" for e in extra])}, 3)
-    if platform.machine() != info["arch"]:
-        done({"error": f"bundle is for {info['arch']}, this board is {platform.machine()}"}, 3)
-    done({"verified": rid, "files": len(info["files"])})
+    done({"received": rid, **signed})
 
 
 def cmd_install(rid: str) -> None:
     rel = root() / "releases" / rid
-    info = json.loads((rel / "BUNDLE.json").read_text())
+    info = json.loads((rel / BUNDLE_FILE).read_text())
+    wheel = f"wheels/{info['wheel']}"
+    if wheel not in info["files"]:
+        done({"error": f"{BUNDLE_FILE} names the wheel {wheel!r}, which it does not list"}, 3)
     venv = rel / "venv"
     if not (venv / "bin" / "edgemeta").exists():
         shutil.rmtree(venv, ignore_errors=True)
@@ -117,7 +323,7 @@ def cmd_install(rid: str) -> None:
         pip = [str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check"]
         if (rel / "wheelhouse").is_dir():
             pip += ["--no-index", "--find-links", str(rel / "wheelhouse")]
-        run(pip + ["-r", str(rel / "requirements.txt"), str(rel / "wheels" / info["wheel"])])
+        run(pip + ["-r", str(rel / "requirements.txt"), str(rel / wheel)])
     done({"installed": rid})
 
 
@@ -185,12 +391,13 @@ def cmd_prune(keep: str) -> None:
 
 
 def cmd_status() -> None:
-    done({"current": current(), "history": history(),
+    keys = sorted(p.stem for p in (root() / KEYS_DIR).glob("*.pub"))
+    done({"current": current(), "history": history(), "trusted_keys": keys,
           "releases": sorted(p.name for p in (root() / "releases").glob("[!.]*")) if (root() / "releases").exists() else []})
 
 
-COMMANDS = {"preflight": cmd_preflight, "receive": cmd_receive, "verify": cmd_verify, "install": cmd_install,
-            "health": cmd_health, "activate": cmd_activate, "rollback": cmd_rollback, "prune": cmd_prune, "status": cmd_status}
+COMMANDS = {"preflight": cmd_preflight, "receive": cmd_receive, "install": cmd_install, "health": cmd_health,
+            "activate": cmd_activate, "rollback": cmd_rollback, "prune": cmd_prune, "status": cmd_status}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:

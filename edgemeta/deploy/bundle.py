@@ -1,6 +1,7 @@
-"""A bundle: one self-contained, checksummed release of a model for one board profile.
+"""A bundle: one self-contained, checksummed and signed release of a model for one board profile.
 
     BUNDLE.json            board, model, variant, edgemeta version, sha256 of every other file
+    BUNDLE.sig             ed25519 signature of BUNDLE.json by the user's key (deploy/signing.py)
     model/manifest.json    the manifest, reduced to the variant this board takes
     model/<variant>.tflite
     wheels/edgemeta-*.whl  edgemeta itself
@@ -8,7 +9,8 @@
     wheelhouse/            optional: every wheel for the board's platform, for offline installs
     board.toml             the profile the bundle was made for
     edgemeta-agent.service systemd unit for `edgemeta serve` (a template: the board fills in its root)
-The bundle is refused before anything leaves the host when the board cannot run the model.
+The bundle is refused before anything leaves the host when the board cannot run the model. A board
+takes only the files BUNDLE.json lists, signed by the key it trusts (deploy/board_ops.py).
 """
 
 from __future__ import annotations
@@ -23,11 +25,11 @@ import sys
 from pathlib import Path
 
 from edgemeta.boards import Board, boards_dir, load_board
+from edgemeta.deploy.board_ops import BUNDLE_FILE, SIGNATURE_FILE
 from edgemeta.errors import EdgemetaError
 from edgemeta.runtime.manifest import Manifest, Variant, read_manifest, sha256_file
 from edgemeta.runtime.tflite_info import read_structure
 
-BUNDLE_FILE = "BUNDLE.json"
 BASE_REQUIREMENTS = ["pillow>=9.1", "click>=8.1", "tflite>=2.10", "pyserial>=3.5"]  # Pillow 9.4: Debian bookworm
 
 
@@ -109,14 +111,14 @@ WantedBy=multi-user.target
 
 
 def _listed_files(folder: Path) -> set[str] | None:
-    """The files of a bundle edgemeta wrote (from its BUNDLE.json, itself included), or None if it is none."""
+    """The files of a bundle edgemeta wrote (from its BUNDLE.json, itself and BUNDLE.sig included), or None if it is none."""
     try:
         info = json.loads((folder / BUNDLE_FILE).read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(info, dict) or info.get("format") != 1 or not isinstance(info.get("files"), dict):
         return None
-    return {*info["files"], BUNDLE_FILE}
+    return {*info["files"], BUNDLE_FILE, SIGNATURE_FILE}
 
 
 def _check_replaceable(out: Path) -> None:
@@ -140,13 +142,18 @@ def _check_replaceable(out: Path) -> None:
                             f"{', ...' if len(extra) > 3 else ''}); nothing was changed: move them away or choose another --out")
 
 
-def build_bundle(board_name: str, model_dir: str | Path, out: str | Path, wheelhouse: bool = False) -> Path:
-    """Write the bundle folder `out` for one board; returns it.
+def build_bundle(board_name: str, model_dir: str | Path, out: str | Path, wheelhouse: bool = False,
+                 sign_key: str | Path | None = None, log=lambda msg: None) -> Path:
+    """Write the bundle folder `out` for one board, signed with `sign_key` (default: the user's key,
+    made on first use and said so through `log`); returns it.
 
     `out` must be new, empty, or a bundle edgemeta wrote (which is replaced). The bundle is built in a
     sibling folder and renamed into place only when complete: a failed build leaves `out` as it was."""
+    from edgemeta.deploy.signing import sign_bundle, signing_key
+
     board = load_board(board_name)
     _check_replaceable(Path(out))  # before any work, so a refusal costs nothing
+    key = signing_key(sign_key, log)
     manifest, variant = check_model_for_board(model_dir, board)
     final = Path(os.path.abspath(out))  # a real name to put siblings beside, even for "." or "a/.."
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -155,6 +162,7 @@ def build_bundle(board_name: str, model_dir: str | Path, out: str | Path, wheelh
     tmp.mkdir()
     try:
         _write_bundle(tmp, board, manifest, variant, wheelhouse)
+        sign_bundle(tmp, key)
         _check_replaceable(final)  # again: someone may have put files there during the build
         if final.exists():
             old = final.with_name(f".{final.name}.old-{token}")

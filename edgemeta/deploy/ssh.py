@@ -5,7 +5,8 @@ host whose key is unknown or changed is refused by ssh itself). Every board-side
 board_ops.py with the board's python3; see that file for the layout on the board.
 
 Order for one host: preflight (architecture, Python) -> upload board_ops.py -> stream the bundle
-(tar over ssh) into a partial folder, renamed when complete -> verify checksums on the board ->
+(tar over ssh) into a partial folder, where the board checks the signature (trusting the key of
+its first deploy) and that the files are exactly the signed list, before renaming it into place ->
 create the release's venv and install the runtime (never TensorFlow) -> switch `current`
 atomically -> health check through `current` (load the model, embed a sample), rolling back to
 the previous release automatically when it fails -> prune old releases.
@@ -22,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgemeta.deploy.bundle import BUNDLE_FILE
+from edgemeta.deploy.board_ops import BUNDLE_FILE
 from edgemeta.errors import EdgemetaError
 from edgemeta.runtime.paths import ROOT_SH
 
@@ -114,8 +115,8 @@ def deploy_host(host: str, bundle: Path, ssh_config: str | None = None, dry_run:
         result.steps.append(msg)
         log(host, msg)
 
-    remote = Remote(host, ssh_config)
     try:
+        remote = Remote(host, ssh_config)
         remote.install_ops()
         pre = remote.ops("preflight", timeout=60)
         if pre["arch"] != info["arch"]:
@@ -128,14 +129,15 @@ def deploy_host(host: str, bundle: Path, ssh_config: str | None = None, dry_run:
             step(f"dry run: would upload {release} ({len(info['files'])} files), verify, install, health-check and activate it")
             result.ok = True
             return result
-        remote.upload(bundle, release)
-        step("uploaded")
-        remote.ops("verify", release)
-        step("checksums verified on the board")
+        got = remote.upload(bundle, release)
+        trust = "trusted from now on: first deploy" if got["trust"] == "first use" else "trusted"
+        step(f"uploaded; signature (key {got['key']}, {trust}) and checksums of {got['files']} files verified on the board")
         remote.ops("install", release)
         step("runtime installed in the release's venv")
         act = remote.ops("activate", release)
         step(f"activated (previous: {act['previous'] or 'none'})")
+        if act.get("warning"):
+            step(f"warning: {act['warning']}")
         try:
             remote.ops("health", "current")
         except EdgemetaError as e:
@@ -162,9 +164,10 @@ def deploy_fleet(hosts: list[str], bundle: Path, ssh_config: str | None = None, 
 
 def deploy_release(hosts: list[str], bundle: str | Path | None = None, board: str | None = None, model: str | Path | None = None,
                    wheelhouse: bool = False, ssh_config: str | None = None, dry_run: bool = False, parallel: int = 4,
-                   log=lambda host, msg: None) -> list[HostResult]:
-    """`edgemeta deploy`: deploy a bundle already built, or one built here (in a temporary folder)
-    from `model` for the `board` profile, to every host (as deploy_fleet)."""
+                   log=lambda host, msg: None, sign_key: str | Path | None = None) -> list[HostResult]:
+    """`edgemeta deploy`: deploy a bundle already built, or one built here (in a temporary folder,
+    signed with `sign_key`, default the user's) from `model` for the `board` profile, to every host
+    (as deploy_fleet)."""
     import tempfile
 
     from edgemeta.deploy.bundle import build_bundle
@@ -175,7 +178,8 @@ def deploy_release(hosts: list[str], bundle: str | Path | None = None, board: st
         if bundle:
             path = Path(bundle)
         elif board and model:
-            path = build_bundle(board, model, Path(tmp) / "bundle", wheelhouse=wheelhouse)
+            path = build_bundle(board, model, Path(tmp) / "bundle", wheelhouse=wheelhouse, sign_key=sign_key,
+                                log=lambda msg: log("bundle", msg))
         else:
             raise EdgemetaError("pass --bundle DIR, or --board NAME with --model DIR")
         return deploy_fleet(hosts, path, ssh_config, dry_run, parallel, log=log)

@@ -1,0 +1,70 @@
+"""What a board spends checking a bundle at deploy (board_ops.py, standard library only): one ed25519
+signature verification (pure Python, RFC 8032) and, for a bundle folder, the whole check (signature,
+exact file list, sha256 of every file).
+
+    python benchmarks/bundle_verify.py [--bundle DIR] [--repeat 30]
+
+Run it with the board's python3 on the board for its figures (only the standard library and
+edgemeta/deploy/board_ops.py are needed: copy both files); signing the sample needs `cryptography`.
+Times are medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "edgemeta" / "deploy"))
+import board_ops  # noqa: E402
+
+# RFC 8032, section 7.1, TEST 2: a real key and signature, so no third-party package is needed here
+PUBLIC = bytes.fromhex("3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c")
+MESSAGE = bytes.fromhex("72")
+SIGNATURE = bytes.fromhex("92a009a9f0d4cab8720e820b5f642540a2b27b5416503f8fb3762223ebdb69da"
+                          "085ac1e43e15996e458f3613d0f11d8c387b2eaeb4302aeeb00d291612bb0c00")
+
+
+def median_ms(fn, repeat: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bundle", help="A bundle folder (edgemeta bundle --out DIR) to check as a board would.")
+    ap.add_argument("--repeat", type=int, default=30)
+    args = ap.parse_args()
+    assert board_ops.ed25519_verify(PUBLIC, MESSAGE, SIGNATURE)
+    verify = board_ops.ed25519_verify
+    print(f"ed25519 verify, RFC 8032 TEST 2:         {median_ms(lambda: verify(PUBLIC, MESSAGE, SIGNATURE), args.repeat):7.2f} ms")
+    manifest = os.urandom(8192)  # about a BUNDLE.json's size
+    print(f"ed25519 verify, 8 KiB message (invalid): {median_ms(lambda: verify(PUBLIC, manifest, SIGNATURE), args.repeat):7.2f} ms")
+    if args.bundle:
+        folder = Path(args.bundle)
+        os.environ["EDGEMETA_ROOT"] = str(Path(os.environ.get("TMPDIR", "/tmp")) / f"bundle-verify-{os.getpid()}")  # no trusted key
+        info = json.loads((folder / board_ops.BUNDLE_FILE).read_text())
+        size = sum((folder / n).stat().st_size for n in info["files"]) / 2**20
+
+        def check() -> str:
+            try:
+                board_ops.check_bundle(folder)
+                return "taken"
+            except board_ops.Refused as e:  # another board's architecture is refused last, after all the work
+                return f"refused: {e}"
+
+        ms = median_ms(check, max(3, args.repeat // 10))
+        print(f"whole check of {folder} ({len(info['files'])} files, {size:.1f} MiB): {ms:.1f} ms ({check()})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,6 @@
 """Deployment against real OpenSSH servers on 127.0.0.1 (the generic-x86_64 board profile), and
 the board's own checks: signature (ed25519, verified with the standard library), the exact file
-list."""
+list, release ids, host names."""
 
 import json
 import os
@@ -209,6 +209,60 @@ def test_only_bundles_signed_by_the_trusted_key_are_taken(lab, bundle, tmp_path)
     # the trusted key still works: a new build signed by it goes in
     p = deploy(lab, "--bundle", str(rebundle(bundle, tmp_path / "next")), "--host", board.alias)
     assert p.returncode == 0 and f"signature (key {mine}, trusted)" in p.stderr, p.stdout + p.stderr
+
+
+def test_a_bad_release_id_is_refused_in_one_line(lab, bundle, tmp_path):
+    board = lab.add_board()
+    for model in ("../../escape", "a/b", ".hidden", "-rf", "x" * 200):
+        bad = rebundle(bundle, tmp_path / f"bad{len(list(tmp_path.iterdir()))}", model=model)
+        p = deploy(lab, "--bundle", str(bad), "--host", board.alias)
+        assert p.returncode == 2 and p.stdout == "", p.stdout + p.stderr
+        assert p.stderr.startswith("error: release id ") and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert "is not a valid release id" in p.stderr
+    assert not board.root.exists()  # refused before any board was reached
+    # the board checks too, before any path is made from it
+    ops = Path(board_ops.__file__).read_bytes()
+    subprocess.run(["ssh", "-F", str(lab.ssh_config), "--", board.alias, "cat > .edgemeta-ops.py"], input=ops, check=True)
+    for args in ("receive a/b", "receive ../x", "receive .x", "install ../../etc", "activate a/b", "health ../x", "prune two",
+                 "receive", "activate a b"):
+        p = lab.ssh(board, f"python3 $HOME/.edgemeta-ops.py {args} </dev/null")
+        assert p.returncode == 2 and p.stderr == "" and len(p.stdout.strip().splitlines()) == 1, (args, p.stdout, p.stderr)
+        assert json.loads(p.stdout)["error"].startswith(("invalid release id", "usage: ", "prune: keep")), p.stdout
+    assert not (board.root / "releases").exists() or not list((board.root / "releases").iterdir())
+
+
+def test_a_host_that_looks_like_an_option_is_refused(lab, bundle, tmp_path):
+    marker = tmp_path / "proxy-command-ran"
+    evil = f"-oProxyCommand=touch {marker}"
+    hosts = tmp_path / "fleet.txt"
+    hosts.write_text("board1\n-oProxyCommand=sh\n")
+    ssh = ["--ssh-config", str(lab.ssh_config)]
+    for args in (["deploy", "--bundle", str(bundle), f"--host={evil}"], ["deploy", "--bundle", str(bundle), "--hosts", str(hosts)],
+                 ["deploy", "--bundle", str(bundle), "--host=pi@-oProxyCommand=x"], ["rollback", f"--host={evil}"],
+                 ["doctor", f"--host={evil}"], ["deploy", "--bundle", str(bundle), "--host", "board1;touch x"]):
+        p = subprocess.run([sys.executable, "-m", "edgemeta", *args, *ssh], capture_output=True, text=True, timeout=300)
+        assert p.returncode == 2 and p.stdout == "", (args, p.stdout, p.stderr)
+        assert p.stderr.startswith("error: host ") and "is not an ssh destination" in p.stderr, p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert not marker.exists()
+
+
+def test_host_names_and_the_ssh_command_line(monkeypatch):
+    from edgemeta.deploy import ssh
+    from edgemeta.errors import EdgemetaError
+
+    for ok in ("board1", "pi@kitchen", "pi@kitchen.local", "pi@192.168.1.20", "pi@[fe80::1%eth0]", "pi@fe80::1", "a_b-c"):
+        assert ssh.check_host(ok) == ok
+    for bad in ("-oProxyCommand=x", "-", "--", "pi@-oProxyCommand=x", "", "a b", "a;b", "a$(x)", "pi@host\n", "a\tb", "@host",
+                "x" * 300, "ssh://pi@host"):
+        with pytest.raises(EdgemetaError, match="is not an ssh destination"):
+            ssh.check_host(bad)
+    seen = []
+    monkeypatch.setattr(ssh.subprocess, "run", lambda argv, **kw: seen.append(argv) or subprocess.CompletedProcess(argv, 0, b"{}", b""))
+    ssh.Remote("pi@kitchen", "cfg").ops("status")
+    argv = seen[0]
+    assert argv[0] == "ssh" and argv[argv.index("pi@kitchen") - 1] == "--" and argv.index("--") > argv.index("-F")
+    # scp is not used; if it ever is: OpenSSH's scp takes `--` as well (checked on 9.2), and check_host applies
 
 
 # RFC 8032, section 7.1: (secret key, public key, message, signature), hex

@@ -146,8 +146,10 @@ def deploy(board: str | None, model: str | None, bundle_dir: str | None, hosts: 
 @click.option("--ssh-config", default=None, type=click.Path(dir_okay=False), help="ssh -F FILE.")
 def rollback(hosts: tuple[str, ...], ssh_config: str | None) -> None:
     """Switch boards back to their previous release."""
-    from edgemeta.deploy.ssh import rollback_host
+    from edgemeta.deploy.ssh import check_host, rollback_host
 
+    for h in hosts:  # every name first: a bad one stops all before any board is reached
+        check_host(h)
     failed = False
     for h in hosts:
         try:

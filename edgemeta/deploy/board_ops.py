@@ -14,16 +14,18 @@ so it works before edgemeta is installed there). Deploy copies this file to the 
 `receive` checks a bundle before it becomes a release folder, so nothing of it runs unchecked: its
 BUNDLE.sig must be an ed25519 signature, by a trusted key, over SIGNED_PREFIX + BUNDLE.json, and
 the folder must hold exactly the files BUNDLE.json lists (no more, none missing), each with its
-sha256.
+sha256. Release ids match RELEASE_ID.
 
 Exit status: 0 ok, 3 refused (signature, checksum, health, nothing to roll back), 2 usage. The last
 line of output is JSON for the host to read.
 """
 
 import hashlib
+import inspect
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -33,6 +35,7 @@ from pathlib import Path
 BUNDLE_FILE = "BUNDLE.json"
 SIGNATURE_FILE = "BUNDLE.sig"
 SIGNED_PREFIX = b"edgemeta bundle v1\n"  # the signature covers this prefix and BUNDLE.json's bytes
+RELEASE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a file name: no '/', no leading '.' or '-'
 KEYS_DIR = "trusted_keys"
 
 
@@ -48,6 +51,16 @@ def root() -> Path:
 def done(obj: dict, code: int = 0) -> None:
     print(json.dumps(obj))
     sys.exit(code)
+
+
+def release_arg(rid: str, allow_current: bool = False) -> str:
+    """A release id given on the command line, checked before it is used in a path."""
+    if allow_current and rid == "current":
+        return current()
+    if not RELEASE_ID.fullmatch(rid):
+        done({"error": f"invalid release id {rid[:80]!r}: letters, digits, '.', '_' and '-' only (at most 128), "
+                       "starting with a letter or digit"}, 2)
+    return rid
 
 
 # --- ed25519 verification (RFC 8032, sections 5.1.1-5.1.7), standard library only ---------------
@@ -276,6 +289,7 @@ def cmd_preflight() -> None:
 
 def cmd_receive(rid: str) -> None:
     """Unpack a bundle (a tar stream on stdin) and check it (check_bundle) before it becomes ROOT/releases/<rid>."""
+    rid = release_arg(rid)
     rel = root() / "releases"
     rel.mkdir(parents=True, exist_ok=True)
     for stale in rel.glob(".*.partial"):  # a transfer cut short by an earlier deploy
@@ -308,7 +322,7 @@ def cmd_receive(rid: str) -> None:
 
 
 def cmd_install(rid: str) -> None:
-    rel = root() / "releases" / rid
+    rel = root() / "releases" / release_arg(rid)
     info = json.loads((rel / BUNDLE_FILE).read_text())
     wheel = f"wheels/{info['wheel']}"
     if wheel not in info["files"]:
@@ -335,7 +349,7 @@ def run(args: list) -> None:
 
 
 def cmd_health(rid: str) -> None:
-    rel = root() / "releases" / (rid if rid != "current" else current())
+    rel = root() / "releases" / release_arg(rid, allow_current=True)
     exe = rel / "venv" / "bin" / "edgemeta"
     p = subprocess.run([str(exe), "health", "--model", str(rel / "model"), "--store", str(root() / "store"), "--json"],
                        capture_output=True, text=True)
@@ -354,6 +368,7 @@ def switch(rid: str) -> None:
 
 
 def cmd_activate(rid: str) -> None:
+    rid = release_arg(rid)
     if not (root() / "releases" / rid / "venv" / "bin" / "edgemeta").exists():
         done({"error": f"release {rid} is not installed"}, 3)
     previous = current()
@@ -380,6 +395,8 @@ def cmd_rollback() -> None:
 
 
 def cmd_prune(keep: str) -> None:
+    if not keep.isdigit() or int(keep) < 1:
+        done({"error": f"prune: keep must be a whole number of releases, 1 or more, not {keep[:20]!r}"}, 2)
     h, now = history(), current()
     keep_set = set(h[-int(keep):]) | {now}
     removed = []
@@ -400,6 +417,12 @@ COMMANDS = {"preflight": cmd_preflight, "receive": cmd_receive, "install": cmd_i
             "activate": cmd_activate, "rollback": cmd_rollback, "prune": cmd_prune, "status": cmd_status}
 
 if __name__ == "__main__":
+    usage = f"usage: board_ops.py {'|'.join(COMMANDS)} [ARGS]"
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
-        done({"error": f"usage: board_ops.py {'|'.join(COMMANDS)} [ARGS]"}, 2)
-    COMMANDS[sys.argv[1]](*sys.argv[2:])
+        done({"error": usage}, 2)
+    command = COMMANDS[sys.argv[1]]
+    try:
+        inspect.signature(command).bind(*sys.argv[2:])
+    except TypeError:
+        done({"error": f"usage: board_ops.py {sys.argv[1]} {' '.join(inspect.signature(command).parameters).upper()}".rstrip()}, 2)
+    command(*sys.argv[2:])

@@ -2,7 +2,8 @@
 
 ~/.ssh/config, keys and known_hosts are honoured as ssh does (BatchMode: no password prompts; a
 host whose key is unknown or changed is refused by ssh itself). Every board-side step runs
-board_ops.py with the board's python3; see that file for the layout on the board.
+board_ops.py with the board's python3; see that file for the layout on the board. Host names are
+checked (check_host) and always follow `--` on ssh's command line, so none is taken for an option.
 
 Order for one host: preflight (architecture, Python) -> upload board_ops.py -> stream the bundle
 (tar over ssh) into a partial folder, where the board checks the signature (trusting the key of
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shlex
 import subprocess
 import tarfile
@@ -23,13 +25,24 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgemeta.deploy.board_ops import BUNDLE_FILE
+from edgemeta.deploy.board_ops import BUNDLE_FILE, RELEASE_ID
 from edgemeta.errors import EdgemetaError
 from edgemeta.runtime.paths import ROOT_SH
 
 OPS = Path(__file__).with_name("board_ops.py")
 OPS_REMOTE = "$HOME/.edgemeta-ops.py"  # outside ROOT so several roots on one account share it
 NO_HOSTS = "no hosts given: pass --host user@board (repeatable) or --hosts FILE"
+# [user@]host, an ~/.ssh/config alias or [user@][IPv6]: never anything ssh could read as an option or a shell could split
+HOST = re.compile(r"(?:[A-Za-z0-9_][A-Za-z0-9._+-]*@)?(?:[A-Za-z0-9_:][A-Za-z0-9._:%-]*|\[[0-9A-Fa-f:.]+(?:%[A-Za-z0-9]+)?\])")
+
+
+def check_host(host: str) -> str:
+    """`host` if it is a plain ssh destination, else a one-line error (a host such as -oProxyCommand=...
+    would be an ssh option)."""
+    if not isinstance(host, str) or len(host) > 255 or not HOST.fullmatch(host):
+        raise EdgemetaError(f"host {str(host)[:80]!r} is not an ssh destination edgemeta takes: write user@host, host, "
+                            "an ~/.ssh/config alias or user@[IPv6] (letters, digits, '.', '_', '-'; never starting with '-')")
+    return host
 
 
 @dataclass
@@ -45,7 +58,7 @@ class Remote:
     """One board reached with `ssh [-F config] HOST`."""
 
     def __init__(self, host: str, ssh_config: str | None = None, connect_timeout: int = 10):
-        self.host = host
+        self.host = check_host(host)
         self.base = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={connect_timeout}"]
         if ssh_config:
             self.base += ["-F", ssh_config]
@@ -53,7 +66,8 @@ class Remote:
     def run(self, command: str, stdin=None, input: bytes | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
         """Run a shell command line on the board (the caller quotes every argument)."""
         try:
-            return subprocess.run([*self.base, self.host, command], stdin=stdin, input=input, capture_output=True, timeout=timeout)
+            return subprocess.run([*self.base, "--", self.host, command], stdin=stdin, input=input, capture_output=True,
+                                  timeout=timeout)
         except subprocess.TimeoutExpired:
             raise EdgemetaError(f"{self.host}: no answer within {timeout:.0f} s") from None
 
@@ -83,7 +97,7 @@ class Remote:
 
     def upload(self, bundle: Path, release: str) -> dict:
         """Stream the bundle as a tar archive into the board's releases folder."""
-        proc = subprocess.Popen([*self.base, self.host, f"python3 {OPS_REMOTE} receive {shlex.quote(release)}"],
+        proc = subprocess.Popen([*self.base, "--", self.host, f"python3 {OPS_REMOTE} receive {shlex.quote(release)}"],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             with tarfile.open(fileobj=proc.stdin, mode="w|") as tar:
@@ -98,16 +112,36 @@ class Remote:
         return self._answer(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), "upload")
 
 
+def bundle_info(bundle: Path) -> dict:
+    """A bundle's BUNDLE.json, or a one-line error when `bundle` is not a bundle folder."""
+    try:
+        info = json.loads((Path(bundle) / BUNDLE_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise EdgemetaError(f"{bundle} is not a bundle (its {BUNDLE_FILE}: {getattr(e, 'strerror', None) or e}); "
+                            "build one with `edgemeta bundle`") from None
+    if not isinstance(info, dict) or not isinstance(info.get("files"), dict) or not all(
+            isinstance(info.get(k), str) for k in ("model", "variant", "arch", "board")):
+        raise EdgemetaError(f"{bundle}/{BUNDLE_FILE} is not an edgemeta bundle manifest; rebuild it with `edgemeta bundle`")
+    return info
+
+
 def release_id(bundle: Path) -> str:
-    info = json.loads((bundle / BUNDLE_FILE).read_text())
+    """The name of the bundle's release folder on a board: model-variant-<BUNDLE.json digest>, checked
+    against board_ops.RELEASE_ID (which the board checks too)."""
+    info = bundle_info(bundle)
     digest = hashlib.sha256((bundle / BUNDLE_FILE).read_bytes()).hexdigest()[:10]
-    return f"{info['model']}-{info['variant']}-{digest}"
+    rid = f"{info['model']}-{info['variant']}-{digest}"
+    if not RELEASE_ID.fullmatch(rid):
+        raise EdgemetaError(f"release id {rid[:80]!r} (from the model name {info['model'][:60]!r} and variant {info['variant'][:20]!r} "
+                            "in BUNDLE.json) is not a valid release id: letters, digits, '.', '_' and '-' only, at most 128, "
+                            "starting with a letter or digit; rename the model")
+    return rid
 
 
 def deploy_host(host: str, bundle: Path, ssh_config: str | None = None, dry_run: bool = False, keep: int = 3,
                 log=lambda host, msg: None) -> HostResult:
     """Deploy one bundle to one host; never raises, the result says what happened."""
-    info = json.loads((bundle / BUNDLE_FILE).read_text())
+    info = bundle_info(bundle)
     release = release_id(bundle)
     result = HostResult(host, False, release)
 
@@ -155,9 +189,13 @@ def deploy_host(host: str, bundle: Path, ssh_config: str | None = None, dry_run:
 
 def deploy_fleet(hosts: list[str], bundle: Path, ssh_config: str | None = None, dry_run: bool = False, parallel: int = 4,
                  log=lambda host, msg: None) -> list[HostResult]:
-    """Deploy to many hosts with bounded concurrency; one bad host does not stop the others."""
+    """Deploy to many hosts with bounded concurrency; one bad host does not stop the others. A bad
+    host name or a bundle without a valid release id stops everything before any host is reached."""
     if not hosts:
         raise EdgemetaError(NO_HOSTS)
+    for h in hosts:
+        check_host(h)
+    release_id(bundle)
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         return list(pool.map(lambda h: deploy_host(h, bundle, ssh_config, dry_run, log=log), hosts))
 
@@ -174,6 +212,8 @@ def deploy_release(hosts: list[str], bundle: str | Path | None = None, board: st
 
     if not hosts:
         raise EdgemetaError(NO_HOSTS)
+    for h in hosts:
+        check_host(h)
     with tempfile.TemporaryDirectory() as tmp:
         if bundle:
             path = Path(bundle)

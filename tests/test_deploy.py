@@ -4,6 +4,7 @@ list, release ids, host names."""
 
 import json
 import os
+import pwd
 import shutil
 import subprocess
 import sys
@@ -72,7 +73,15 @@ def test_deploy_enroll_classify_and_upgrade(lab, bundle, tmp_path):
     first = status(lab, board)["current"]
     assert first and (board.root / "current" / "venv" / "bin" / "edgemeta").exists()
     unit = (board.root / "edgemeta-agent.service").read_text()
-    assert f"ExecStart={board.root}/current/venv/bin/edgemeta serve" in unit and "@ROOT@" not in unit
+    assert f"ExecStart={board.root}/current/venv/bin/edgemeta serve" in unit and "@" not in unit
+    # the agent runs as the user who deploys (who owns ROOT and the store), never as root unasked
+    me = pwd.getpwuid(os.getuid())
+    assert f"\nUser={me.pw_name}\n" in unit and "\nGroup=" in unit and "NoNewPrivileges=yes" in unit
+    assert (os.getuid() == 0) == ("warning: the agent's systemd unit runs as root" in p.stderr), p.stderr
+    if shutil.which("systemd-analyze"):  # the unit as systemd reads it: every key known
+        v = subprocess.run(["systemd-analyze", "verify", str(board.root / "edgemeta-agent.service")], capture_output=True, text=True,
+                           timeout=120)
+        assert "Unknown" not in v.stderr and "ignoring" not in v.stderr, v.stderr
     venv_py = board.root / "current" / "venv" / "bin" / "python"
     assert lab.ssh(board, f"{venv_py} -c 'import tensorflow'").returncode != 0  # never TensorFlow on a board
     # enroll and classify on the board from here: the images travel over ssh to the deployed release

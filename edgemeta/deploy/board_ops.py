@@ -367,19 +367,43 @@ def switch(rid: str) -> None:
     os.replace(tmp, r / "current")  # rename(2) over the old link: atomic
 
 
+def agent_user() -> tuple[str, str]:
+    """(user, group) the agent's systemd unit runs as: the one deploying (who owns ROOT and its store)."""
+    import grp
+    import pwd
+
+    return pwd.getpwuid(os.getuid()).pw_name, grp.getgrgid(os.getgid()).gr_name
+
+
+def unwritable(folder: Path) -> list[str]:
+    """What in `folder` (itself included) the deploying user could not write."""
+    paths = [folder, *folder.rglob("*")] if folder.exists() else []
+    return [str(p) for p in paths if not p.is_symlink() and not os.access(p, os.W_OK)]
+
+
 def cmd_activate(rid: str) -> None:
     rid = release_arg(rid)
     if not (root() / "releases" / rid / "venv" / "bin" / "edgemeta").exists():
         done({"error": f"release {rid} is not installed"}, 3)
+    user, group = agent_user()
+    store = root() / "store"
+    blocked = unwritable(store)
+    if blocked:  # the agent runs as this user and writes the store: say so now, not when it first enrolls
+        done({"error": f"{blocked[0]} is not writable by {user}, who the agent runs as: sudo chown -R {user}: {store}"}, 3)
     previous = current()
     switch(rid)
     h = [x for x in history() if x != rid] + [rid]
     write_atomic(root() / "history.json", json.dumps(h))
-    (root() / "store").mkdir(exist_ok=True)
+    store.mkdir(exist_ok=True)
+    answer = {"active": rid, "previous": previous}
     unit = root() / "releases" / rid / "edgemeta-agent.service"
     if unit.exists():  # ready for `sudo cp ROOT/edgemeta-agent.service /etc/systemd/system/`
-        write_atomic(root() / "edgemeta-agent.service", unit.read_text().replace("@ROOT@", str(root().resolve())))
-    done({"active": rid, "previous": previous})
+        text = unit.read_text().replace("@ROOT@", str(root().resolve())).replace("@USER@", user).replace("@GROUP@", group)
+        write_atomic(root() / "edgemeta-agent.service", text)
+        if os.getuid() == 0:
+            answer["warning"] = ("the agent's systemd unit runs as root because this deploy logs in as root; "
+                                 "deploy as an unprivileged user (such as pi@board) instead")
+    done(answer)
 
 
 def cmd_rollback() -> None:

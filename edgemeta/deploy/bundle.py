@@ -8,7 +8,8 @@
     requirements.txt       the board's runtime, pinned
     wheelhouse/            optional: every wheel for the board's platform, for offline installs
     board.toml             the profile the bundle was made for
-    edgemeta-agent.service systemd unit for `edgemeta serve` (a template: the board fills in its root)
+    edgemeta-agent.service systemd unit for `edgemeta serve` (a template: the board fills in its root
+                           and the unprivileged user that deploys, who the agent runs as)
 The bundle is refused before anything leaves the host when the board cannot run the model. A board
 takes only the files BUNDLE.json lists, signed by the key it trusts (deploy/board_ops.py).
 """
@@ -101,9 +102,15 @@ Description=edgemeta few-shot agent
 After=network.target
 
 [Service]
+User=@USER@
+Group=@GROUP@
 ExecStart=@ROOT@/current/venv/bin/edgemeta serve --model @ROOT@/current/model --store @ROOT@/store --socket @ROOT@/agent.sock
 Restart=on-failure
 RestartSec=2
+NoNewPrivileges=yes
+PrivateTmp=yes
+ProtectSystem=full
+UMask=0077
 
 [Install]
 WantedBy=multi-user.target

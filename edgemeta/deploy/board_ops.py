@@ -205,6 +205,7 @@ def check_signature(folder: Path, manifest: bytes) -> tuple[bytes, bool]:
 
 
 def sha256_path(path: Path) -> str:
+    # a copy of edgemeta.runtime.manifest.sha256_file (this file runs with the standard library alone)
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -196,3 +196,13 @@ def test_an_exported_optimization_model_answers_on_the_board_as_on_the_host(tmp_
     host_method = read_info(out).make_method(out, load_keras(out / "model.keras"))
     scores = host_method.classify(rt.embedder(ep.support), ep.support_labels, rt.embedder(ep.query), WAY)
     assert board == [names[i] for i in scores.argmax(1)]
+
+
+def test_the_numpy_head_follows_the_variables_as_they_train(episode):
+    """Validation during training calls classify between optimizer steps: it must see the current head."""
+    method, backbone = built("anil")
+    emb = backbone(np.concatenate([episode.support, episode.query]).astype(np.float32) / 255.0, training=False).numpy()
+    before = method.classify(emb[:WAY * SHOT], episode.support_labels, emb[WAY * SHOT:], WAY)
+    method.head_b.assign(method.head_b + np.arange(WAY, dtype=np.float32) * 100)
+    after = method.classify(emb[:WAY * SHOT], episode.support_labels, emb[WAY * SHOT:], WAY)
+    assert not np.allclose(before, after)

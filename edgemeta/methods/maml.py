@@ -292,9 +292,8 @@ class MAML:
                               b0=None if self.head_b is None else self.head_b.numpy())
 
     def classify(self, support_emb, support_labels, query_emb, way: int) -> np.ndarray:
-        if not hasattr(self, "_spec"):
-            self._spec = self.linear_head()
-        return linear_scores(self._spec, support_emb, support_labels, query_emb, way)
+        # read the head afresh each time: during training it changes between validations
+        return linear_scores(self.linear_head(), support_emb, support_labels, query_emb, way)
 
     def head_spec(self) -> dict:
         spec = self.linear_head()

@@ -181,6 +181,9 @@ def export_report(manifest: dict) -> str:
         return " | ".join(f"{r['accuracy']:.2f} +/- {r['ci95']:.2f}" if r["episodes"] else "-" for r in results)
 
     lines.append(f"| keras float32 | - | {cells(manifest['evaluation']['keras_float32'])} | - |")
+    if "keras_float32_whole_network" in manifest["evaluation"]:  # host only: every layer adapted
+        lines.append(f"| keras float32, whole network adapted (host only) | - | "
+                     f"{cells(manifest['evaluation']['keras_float32_whole_network'])} | - |")
     for name, v in manifest["variants"].items():
         if "evaluation" not in v:
             continue

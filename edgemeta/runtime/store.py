@@ -27,9 +27,7 @@ import fcntl
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,6 +35,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from edgemeta.atomic import write_atomic
 from edgemeta.errors import EdgemetaError
 from edgemeta.runtime.linear_head import LinearHeadSpec, adapt_linear, spec_arrays, spec_from_manifest
 
@@ -296,21 +295,8 @@ class EnrollmentStore:
         if self.samples is not None:
             arrays["samples"] = self.samples
         arrays.update(self._head_arrays())
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=TMP_PREFIX, suffix=TMP_SUFFIX)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.folder / STORE_FILE)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dirfd = os.open(self.folder, os.O_RDONLY)
-        try:
-            os.fsync(dirfd)  # make the rename itself durable
-        finally:
-            os.close(dirfd)
+        # temporary names TMP_PREFIX + 8 characters + TMP_SUFFIX: what TMP_NAME cleans up after a kill
+        write_atomic(self.folder / STORE_FILE, lambda f: np.savez(f, **arrays), prefix=TMP_PREFIX, suffix=TMP_SUFFIX)
 
     def _adapt_head(self) -> None:
         """Recompute the adapted head (on every save, so it always matches the samples), and its meta."""

@@ -11,8 +11,8 @@ to the head's two variables.
 
 from __future__ import annotations
 
-from edgemeta.methods.base import TaskEpisode, accuracy, cross_entropy
-from edgemeta.methods.maml import MAML, MAMLParams, _order
+from edgemeta.methods.base import TaskEpisode
+from edgemeta.methods.maml import MAML, MAMLParams
 
 
 class ANIL(MAML):
@@ -20,33 +20,18 @@ class ANIL(MAML):
     Params = MAMLParams
     adapts_body = False
 
-    def _head_loop(self, emb_s, labels, way: int, steps: int, second_order):
-        import tensorflow as tf
-
+    def _head_loop(self, emb_s, labels, way: int, steps: int, second_order) -> list:
+        """The head's fast weights [w, b] after each inner step over fixed support embeddings."""
         w, b = self._initial_head(emb_s, labels, way)
-        history = [[w, b]]
-        for k in range(steps):
-            with tf.GradientTape() as tape:
-                tape.watch([w, b])
-                loss = cross_entropy(emb_s @ w + b, labels)
-            gw, gb = _order(tape.gradient(loss, [w, b]), second_order)
-            w, b = w - self._rate(0, k, way) * gw, b - self._rate(1, k, way) * gb
-            history.append([w, b])
-        return history
+        return self._adapt_steps([w, b], lambda f: emb_s @ f[0] + f[1], labels, way, steps, second_order)
 
     def episode_loss(self, episode: TaskEpisode, training: bool):
         import tensorflow as tf
 
-        p = self.params
         n = tf.shape(episode.support)[0]
         # One forward pass over the episode, as ProtoNet's training does.
         emb = self.backbone(tf.concat([episode.support, episode.query], 0), training=training)
         emb_s, emb_q = emb[:n], emb[n:]
-        history = self._head_loop(emb_s, episode.support_labels, episode.way, p.inner_steps, self._second_order(episode.progress))
-        weights = self._step_weights(episode.progress)
-        ks = range(1, p.inner_steps + 1) if p.multi_step_loss else [p.inner_steps]
-        losses = []
-        for k in ks:
-            w, b = history[k]
-            losses.append(weights[k - 1] * cross_entropy(emb_q @ w + b, episode.query_labels))
-        return tf.add_n(losses), accuracy(emb_q @ w + b, episode.query_labels)
+        history = self._head_loop(emb_s, episode.support_labels, episode.way, self.params.inner_steps,
+                                  self._second_order(episode.progress))
+        return self._query_loss(history, lambda f, last: emb_q @ f[0] + f[1], episode.query_labels, episode.progress)

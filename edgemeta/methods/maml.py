@@ -209,24 +209,43 @@ class MAML:
             emb, _ = self.backbone.stateless_call(fast[:nb], stats, query, training=False)
         return emb @ fast[nb] + fast[nb + 1]
 
-    def _inner_loop(self, episode: TaskEpisode, steps: int, update: bool, second_order):
-        """Fast weights after each of `steps` inner steps (the list has steps + 1 entries)."""
+    def _adapt_steps(self, fast: list, support_logits, labels, way: int, steps: int, second_order) -> list:
+        """Fast weights after each of `steps` gradient steps on the support loss (steps + 1 entries);
+        `support_logits(fast)` gives the support set's logits. Variable i takes rate i (see `_rate`)."""
+        import tensorflow as tf
+
+        history = [fast]
+        for k in range(steps):
+            with tf.GradientTape() as tape:
+                tape.watch(fast)
+                loss = cross_entropy(support_logits(fast), labels)
+            grads = _order(tape.gradient(loss, fast), second_order)
+            fast = [x - self._rate(i, k, way) * g for i, (x, g) in enumerate(zip(fast, grads, strict=True))]
+            history.append(fast)
+        return history
+
+    def _inner_loop(self, episode: TaskEpisode, steps: int, update: bool, second_order) -> list:
+        """The whole network's fast weights (body + head) after each inner step."""
         import tensorflow as tf
 
         body = [tf.convert_to_tensor(v) for v in self.backbone.trainable_variables]
         emb0 = self._body(body, episode.support) if self.params.head_init == "proto" else None
         w, b = self._initial_head(emb0, episode.support_labels, episode.way)
-        fast = body + [w, b]
-        history = [fast]
-        for k in range(steps):
-            with tf.GradientTape() as tape:
-                tape.watch(fast)
-                logits = self._body(fast[:-2], episode.support, update) @ fast[-2] + fast[-1]
-                loss = cross_entropy(logits, episode.support_labels)
-            grads = _order(tape.gradient(loss, fast), second_order)
-            fast = [x - self._rate(i, k, episode.way) * g for i, (x, g) in enumerate(zip(fast, grads, strict=True))]
-            history.append(fast)
-        return history
+        return self._adapt_steps(body + [w, b], lambda f: self._body(f[:-2], episode.support, update) @ f[-2] + f[-1],
+                                 episode.support_labels, episode.way, steps, second_order)
+
+    def _query_loss(self, history: list, query_logits, labels, progress):
+        """(loss, accuracy) of the queries after the inner loop; with the multi-step loss, the weighted
+        loss after every step. `query_logits(fast, last)` gives the queries' logits."""
+        import tensorflow as tf
+
+        n = self.params.inner_steps
+        weights = self._step_weights(progress)
+        losses = []
+        for k in (range(1, n + 1) if self.params.multi_step_loss else [n]):
+            logits = query_logits(history[k], k == n)
+            losses.append(weights[k - 1] * cross_entropy(logits, labels))
+        return tf.add_n(losses), accuracy(logits, labels)
 
     def _second_order(self, progress):
         import tensorflow as tf
@@ -250,18 +269,9 @@ class MAML:
         return (1.0 - t) * uniform + t * tf.one_hot(n - 1, n)
 
     def episode_loss(self, episode: TaskEpisode, training: bool):
-        import tensorflow as tf
-
-        p = self.params
-        history = self._inner_loop(episode, p.inner_steps, training, self._second_order(episode.progress))
-        weights = self._step_weights(episode.progress)
-        losses, logits = [], None
-        for k in range(1, p.inner_steps + 1):
-            if not p.multi_step_loss and k < p.inner_steps:
-                continue
-            logits = self._query_logits(history[k], episode.support, episode.query, training and k == p.inner_steps)
-            losses.append(weights[k - 1] * cross_entropy(logits, episode.query_labels))
-        return tf.add_n(losses), accuracy(logits, episode.query_labels)
+        history = self._inner_loop(episode, self.params.inner_steps, training, self._second_order(episode.progress))
+        return self._query_loss(history, lambda f, last: self._query_logits(f, episode.support, episode.query, training and last),
+                                episode.query_labels, episode.progress)
 
     # ---- evaluation ------------------------------------------------------------------------
     def adapt_classify(self, support, support_labels, query, way: int) -> np.ndarray:

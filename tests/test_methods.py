@@ -206,3 +206,11 @@ def test_the_numpy_head_follows_the_variables_as_they_train(episode):
     method.head_b.assign(method.head_b + np.arange(WAY, dtype=np.float32) * 100)
     after = method.classify(emb[:WAY * SHOT], episode.support_labels, emb[WAY * SHOT:], WAY)
     assert not np.allclose(before, after)
+
+
+def test_multi_step_loss_weights_anneal_to_the_last_step_and_stay_uniform_without_annealing():
+    method, _ = built("maml", inner_steps=4, multi_step_loss=True, msl_episodes=100)
+    np.testing.assert_allclose(method._step_weights(0).numpy(), [0.25] * 4)
+    np.testing.assert_allclose(method._step_weights(100).numpy(), [0, 0, 0, 1])
+    flat, _ = built("maml", inner_steps=4, multi_step_loss=True)
+    np.testing.assert_allclose(flat._step_weights(10**6).numpy(), [0.25] * 4)

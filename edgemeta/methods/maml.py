@@ -46,7 +46,7 @@ class MAMLParams:
     head_init: str = "learned"     # learned (Finn), zero (Kao et al. 2022) or proto (proto-MAML)
     transductive: bool = False     # queries normalised with their own batch's statistics (the papers' code), not the support set's
     multi_step_loss: bool = False
-    msl_episodes: int = 0          # anneal the multi-step loss weights to the last step over this many episodes
+    msl_episodes: int = 0          # anneal the multi-step loss weights to the last step over this many episodes (0: never)
     learn_inner_rates: bool = False
     first_order_episodes: int = 0
 
@@ -264,7 +264,9 @@ class MAML:
         n = self.params.inner_steps
         if not self.params.multi_step_loss or n == 1:
             return tf.one_hot(n - 1, n)
-        t = 1.0 if not self.params.msl_episodes else tf.minimum(tf.cast(progress, tf.float32) / self.params.msl_episodes, 1.0)
+        if not self.params.msl_episodes:  # no annealing: uniform over the steps throughout
+            return tf.fill([n], 1.0 / n)
+        t = tf.minimum(tf.cast(progress, tf.float32) / self.params.msl_episodes, 1.0)
         uniform = tf.fill([n], 1.0 / n)
         return (1.0 - t) * uniform + t * tf.one_hot(n - 1, n)
 

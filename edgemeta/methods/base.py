@@ -67,16 +67,16 @@ def make_params(cls, name: str, values: dict):
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise EdgemetaError(f"unknown key {unknown[0]!r} in [method] for {name}; known keys: {', '.join(fields) or '(none)'}")
+    typed = {}
     for key, value in values.items():
-        default = fields[key].default
-        kind = type(default)
-        ok = (isinstance(value, bool) if kind is bool
-              else isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or isinstance(value, int))
-              if kind in (int, float) else isinstance(value, kind))
-        if not ok:
+        kind = type(fields[key].default)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)  # TOML writes 1 for 1.0
+        if type(value) is not kind:  # exact: a bool is not an int here
             raise EdgemetaError(f"[method] {key} must be {kind.__name__} for {name}, got {value!r}")
+        typed[key] = value
     try:
-        return cls(**{k: (float(v) if type(fields[k].default) is float else v) for k, v in values.items()})
+        return cls(**typed)
     except ValueError as e:
         raise EdgemetaError(f"[method] for {name}: {e}") from None
 

@@ -1,6 +1,7 @@
 """A model folder: what `edgemeta train` writes and `edgemeta eval` / `export` read.
 
     model.keras     the trained backbone (best validation checkpoint)
+    method.npz      the method's own learned variables, if it has any (MAML's head, learned rates)
     model.json      what the backbone needs around it: preprocessing, algorithm, distance,
                     embedding size, dataset, training summary
     config.toml     the resolved training configuration
@@ -20,7 +21,8 @@ from edgemeta.errors import EdgemetaError
 from edgemeta.preprocess import Preprocess
 
 MODEL_FILE = "model.keras"
-HEAD_FILE = "head.npz"  # the method's own learned arrays (MAML's head initialisation, learned rates), if any
+METHOD_FILE = "method.npz"  # the method's own learned variables (MAML's head initialisation, learned rates), if any;
+# not the exported head.npz, which export writes beside the .tflite files, often into this same folder
 INFO_FILE = "model.json"
 INFO_FORMAT = 1
 
@@ -55,7 +57,7 @@ class ModelInfo:
         params = {k: v for k, v in (self.method or {}).items() if k != "name"} | (overrides or {})
         method = get_method(self.algorithm, params)
         if backbone is not None:
-            arrays = read_npz(Path(model_dir) / HEAD_FILE) if model_dir and (Path(model_dir) / HEAD_FILE).is_file() else {}
+            arrays = read_npz(Path(model_dir) / METHOD_FILE) if model_dir and (Path(model_dir) / METHOD_FILE).is_file() else {}
             trained_way = arrays["w0"].shape[1] if "w0" in arrays else way
             method.build(backbone, trained_way)
             if arrays:

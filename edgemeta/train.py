@@ -29,7 +29,7 @@ from edgemeta.data import EpisodeSampler, load_dataset, merge_splits
 from edgemeta.errors import EdgemetaError
 from edgemeta.evaluate import episode_accuracies, episode_inputs, mean_ci95
 from edgemeta.methods import TaskEpisode, get_method
-from edgemeta.modeldir import HEAD_FILE, INFO_FILE, MODEL_FILE, ModelInfo, load_keras, read_info, write_atomic, write_json, write_npz
+from edgemeta.modeldir import INFO_FILE, METHOD_FILE, MODEL_FILE, ModelInfo, load_keras, read_info, write_atomic, write_json, write_npz
 
 STATE_FILE = "checkpoints/state.json"
 HISTORY_FIELDS = ("episode", "loss", "train_acc", "val_acc", "val_ci95", "learning_rate", "elapsed_s")
@@ -352,7 +352,7 @@ def _save_model(model, method, out: Path) -> None:
     model.save(tmp)
     arrays = method.head_arrays()
     if arrays:  # the method's own variables (head initialisation, learned rates) beside the backbone
-        write_npz(out / HEAD_FILE, arrays)
+        write_npz(out / METHOD_FILE, arrays)
     tmp.replace(out / MODEL_FILE)
 
 

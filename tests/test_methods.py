@@ -159,8 +159,8 @@ def test_linear_head_with_zero_steps_and_proto_init_is_the_prototype_classifier(
     np.testing.assert_array_equal(proto.argmax(1), linear.argmax(1))
 
 
-@pytest.mark.parametrize("name", ["anil", "maml"])
-def test_an_exported_optimization_model_answers_on_the_board_as_on_the_host(tmp_path, sample_dir, name):
+@pytest.mark.parametrize("name, params", [("anil", {}), ("maml", {"learn_inner_rates": True})])
+def test_an_exported_optimization_model_answers_on_the_board_as_on_the_host(tmp_path, sample_dir, name, params):
     """Train a few episodes, export (format 2, linear head in head.npz), enroll on the board runtime
     and classify: the board's answers are the host's numpy head over the same int8 embeddings."""
     from test_train import tiny_config
@@ -173,7 +173,7 @@ def test_an_exported_optimization_model_answers_on_the_board_as_on_the_host(tmp_
     from edgemeta.train import train
 
     cfg = tiny_config(sample_dir, episodes=8, meta_batch=4)
-    cfg = type(cfg)(**{**cfg.__dict__, "method": type(cfg.method)(name, {"test_steps": 3})})
+    cfg = type(cfg)(**{**cfg.__dict__, "method": type(cfg.method)(name, {"test_steps": 3, **params})})
     out = tmp_path / "m"
     train(cfg, out, progress=False)
     export_model(out, folder=str(sample_dir), episodes=10, log=lambda m: None)

@@ -67,10 +67,11 @@ def embed_split(embed: EmbedFn, split: FewShotSplit, batch: int = 1024) -> np.nd
     return np.concatenate([embed(split.images[i:i + batch]) for i in range(0, len(split.images), batch)])
 
 
-def episode_inputs(method, embed: EmbedFn, split: FewShotSplit) -> tuple[ClassifyFn, np.ndarray]:
+def episode_inputs(method, embed: EmbedFn, split: FewShotSplit, head_only: bool = False) -> tuple[ClassifyFn, np.ndarray]:
     """What a method classifies episodes from: the split's images for a method that adapts the whole
-    network on each support set (host only), else the split's embeddings through its numpy head."""
-    if method.adapts_body:
+    network on each support set (host only), else (or with `head_only`: the board's path, body
+    frozen) the split's embeddings through its numpy head."""
+    if method.adapts_body and not head_only:
         return method.adapt_classify, split.images
     return method.classify, embed_split(embed, split)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from edgemeta.data import DatasetSpec, load_dataset
 from edgemeta.errors import EdgemetaError
-from edgemeta.evaluate import STANDARD_SETTINGS, SettingResult, embed_split, episode_inputs, evaluate, results_markdown, results_table
+from edgemeta.evaluate import STANDARD_SETTINGS, SettingResult, episode_inputs, evaluate, results_markdown, results_table
 from edgemeta.modeldir import load_backbone
 
 
@@ -65,14 +65,12 @@ def evaluate_model_dir(model_dir: str, data: str = "", folder: str = "", split: 
         backend = f"{variant}.tflite through {embedder.runtime} {runtime_version(embedder.runtime)}"
     else:
         embedder, backend = keras_embedder(model), "keras (float32)"
-    if method.adapts_body and (variant or head_only):
-        classify, inputs = method.classify, embed_split(embedder, data_split)  # the board: body frozen, head adapted
-        backend += f", body frozen, head adapted ({method.params.test_steps} steps, the board's path)"
-    else:
-        classify, inputs = episode_inputs(method, embedder, data_split)
-        if method.adapts_body:
-            backend += f", whole network adapted ({method.params.test_steps} steps, " + \
-                ("transductive" if method.params.transductive else "non-transductive") + " batch norm)"
+    head_only = head_only or bool(variant)  # an exported variant is the board's body: frozen
+    classify, inputs = episode_inputs(method, embedder, data_split, head_only)
+    if method.adapts_body:
+        backend += (f", body frozen, head adapted ({method.params.test_steps} steps, the board's path)" if head_only else
+                    f", whole network adapted ({method.params.test_steps} steps, "
+                    f"{'transductive' if method.params.transductive else 'non-transductive'} batch norm)")
     results = evaluate(embedder, classify, data_split, settings, episodes, query, seed, embeddings=inputs, confusions=confusions)
     context = {"model": Path(model_dir).name, "algorithm": info.algorithm, "backbone": info.backbone,
                "backend": backend, "data": source, "classes": data_split.num_classes,

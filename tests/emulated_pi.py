@@ -72,6 +72,10 @@ class EmulatedPi:
         register_binfmt(arch)
         self.arch, self.machine = arch, QEMU[arch][1]
         self.root = build_rootfs(arch)
+        # The OS image is cached between runs, the board's edgemeta state is not: every session
+        # starts as a never-deployed board (releases, store, trusted signing keys from an earlier
+        # run's throwaway key would otherwise make the first deploy a key change, and refused).
+        shutil.rmtree(self.root / "root" / ".edgemeta", ignore_errors=True)
         self.mounts = []
         for sub in ("proc", "dev"):
             target = self.root / sub

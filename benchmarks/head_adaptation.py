@@ -33,11 +33,11 @@ def main() -> None:
     ap.add_argument("--variant", default="int8_static")
     a = ap.parse_args()
 
-    from edgemeta.data import load_dataset
-    from edgemeta.evaluate import embed_split, evaluate
-    from edgemeta.host import keras_embedder, training_dataset
-    from edgemeta.methods import get_method
-    from edgemeta.modeldir import load_backbone
+    from edgemeta.host.data import load_dataset
+    from edgemeta.host.evaluate import embed_split, evaluate
+    from edgemeta.host.methods import get_method
+    from edgemeta.host.model_eval import keras_embedder, training_dataset
+    from edgemeta.host.modeldir import load_backbone
     from edgemeta.runtime.interpreter import Embedder
     from edgemeta.runtime.linear_head import LinearHeadSpec, linear_scores
     from edgemeta.runtime.manifest import read_manifest

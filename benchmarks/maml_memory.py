@@ -25,8 +25,8 @@ def child(name: str, params: dict, way: int, shot: int, query: int, steps: int, 
     import numpy as np
     import tensorflow as tf
 
-    from edgemeta.backbones import build_backbone
-    from edgemeta.methods import TaskEpisode, get_method
+    from edgemeta.host.backbones import build_backbone
+    from edgemeta.host.methods import TaskEpisode, get_method
 
     if name != "protonet":
         params = {**params, "inner_steps": steps}

@@ -29,9 +29,9 @@ def main() -> None:
     import numpy as np
     import tensorflow as tf
 
-    from edgemeta.config import config_from_dict
-    from edgemeta.data import EpisodeSampler, load_dataset
-    from edgemeta.train import EpisodicTrainer
+    from edgemeta.host.config import config_from_dict
+    from edgemeta.host.data import EpisodeSampler, load_dataset
+    from edgemeta.host.train import EpisodicTrainer
 
     cfg = config_from_dict({
         "data": {"kind": "omniglot", "root": args.data, "split": "vinyals"},

@@ -5,7 +5,7 @@ The public API is small; host-side names import TensorFlow only when first used,
 
 >>> import edgemeta
 >>> cfg = edgemeta.load_config("models/omniglot-vinyals-conv4/config.toml")
->>> result = edgemeta.train(cfg, "runs/vinyals")                      # doctest: +SKIP
+>>> result = edgemeta.host.train(cfg, "runs/vinyals")                      # doctest: +SKIP
 >>> results, *_ = edgemeta.evaluate_model_dir("runs/vinyals", data="../shared/data/omniglot")  # doctest: +SKIP
 """
 
@@ -16,13 +16,13 @@ from edgemeta.errors import EdgemetaError
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load_config": "edgemeta.config",
-    "DatasetSpec": "edgemeta.data",
-    "load_dataset": "edgemeta.data",
-    "EpisodeSampler": "edgemeta.data",
-    "build_backbone": "edgemeta.backbones",
-    "train": "edgemeta.train",
-    "evaluate_model_dir": "edgemeta.host",
+    "load_config": "edgemeta.host.config",
+    "DatasetSpec": "edgemeta.host.data",
+    "load_dataset": "edgemeta.host.data",
+    "EpisodeSampler": "edgemeta.host.data",
+    "build_backbone": "edgemeta.host.backbones",
+    "train": "edgemeta.host.train",
+    "evaluate_model_dir": "edgemeta.host.model_eval",
 }
 
 __all__ = ["EdgemetaError", "__version__", *_LAZY]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from edgemeta.errors import EdgemetaError
-from edgemeta.evaluate import mean_ci95
+from edgemeta.host.evaluate import mean_ci95
 from edgemeta.preprocess import IMAGE_SUFFIXES
 
 

@@ -54,8 +54,8 @@ def sample_dir() -> Path:
 def exported(tmp_path_factory, sample_dir):
     from test_train import tiny_config
 
-    from edgemeta.export import export_model
-    from edgemeta.train import train
+    from edgemeta.host.export import export_model
+    from edgemeta.host.train import train
 
     out = tmp_path_factory.mktemp("exported")
     train(tiny_config(sample_dir, episodes=60), out, progress=False)

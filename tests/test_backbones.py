@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from edgemeta.backbones import build_backbone
 from edgemeta.errors import EdgemetaError
+from edgemeta.host.backbones import build_backbone
 
 # Ops that full-integer quantisation and the Edge TPU compiler handle (BN folds into the conv).
 EDGE_FRIENDLY = {"InputLayer", "Conv2D", "BatchNormalization", "ReLU", "MaxPooling2D", "Add", "Flatten", "GlobalAveragePooling2D"}

@@ -2,8 +2,8 @@ import sys
 
 import pytest
 
-from edgemeta.config import config_from_dict, dump_toml, load_config
 from edgemeta.errors import EdgemetaError
+from edgemeta.host.config import config_from_dict, dump_toml, load_config
 
 
 def test_round_trip(tmp_path):
@@ -18,7 +18,7 @@ def test_config_checks_need_no_tensorflow():
     # every config error is reported before the 30-45 s TensorFlow import
     import subprocess
 
-    code = ("import sys; from edgemeta.config import config_from_dict; "
+    code = ("import sys; from edgemeta.host.config import config_from_dict; "
             "config_from_dict({'method': {'name': 'maml', 'inner_steps': 2}, 'model': {'backbone': 'resnet12'}}); "
             "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)

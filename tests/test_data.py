@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgemeta.data import DatasetSpec, EpisodeSampler, load_dataset
-from edgemeta.data.dataset import LAKE_VAL_ALPHABETS, load_omniglot
 from edgemeta.errors import EdgemetaError
+from edgemeta.host.data import DatasetSpec, EpisodeSampler, load_dataset
+from edgemeta.host.data.dataset import LAKE_VAL_ALPHABETS, load_omniglot
 from edgemeta.preprocess import Preprocess
 
 PRE = Preprocess(28, 1, invert=True)
@@ -62,7 +62,7 @@ def test_cache_is_reused_and_invalidated(mini_omniglot, tmp_path, monkeypatch):
     assert len(files) == 1
     load_omniglot(str(mini_omniglot), Preprocess(32, 1, invert=True))  # other settings, other entry
     assert len(list((tmp_path / "c").glob("omniglot-*.npz"))) == 2
-    import edgemeta.data.dataset as ds
+    import edgemeta.host.data.dataset as ds
 
     monkeypatch.setattr(ds, "_decode_omniglot", lambda *a: (_ for _ in ()).throw(AssertionError("decoded again")))
     images, _, _ = load_omniglot(str(mini_omniglot), PRE)  # served from the cache

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from edgemeta.edgetpu import parse_compiler_report, static_check
 from edgemeta.errors import EdgemetaError
+from edgemeta.host.edgetpu import parse_compiler_report, static_check
 
 REPORT = """Edge TPU Compiler version 16.0.0
 Model compiled successfully in 100 ms.

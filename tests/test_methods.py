@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from edgemeta.methods import METHODS, TaskEpisode, get_method
+from edgemeta.host.methods import METHODS, TaskEpisode, get_method
 from edgemeta.runtime.linear_head import LinearHeadSpec, linear_scores, spec_arrays, spec_from_manifest
 
 WAY, SHOT, QUERY = 5, 1, 3
@@ -11,7 +11,7 @@ WAY, SHOT, QUERY = 5, 1, 3
 
 @pytest.fixture(scope="module")
 def episode(sample_dir):
-    from edgemeta.data import DatasetSpec, EpisodeSampler, load_dataset
+    from edgemeta.host.data import DatasetSpec, EpisodeSampler, load_dataset
     from edgemeta.preprocess import Preprocess
 
     split = load_dataset(DatasetSpec(kind="folder", root=str(sample_dir), fractions=(0.0, 0.0, 1.0)),
@@ -29,7 +29,7 @@ def tf_episode(ep, progress=0):
 def built(name, **params):
     import keras
 
-    from edgemeta.backbones import build_backbone
+    from edgemeta.host.backbones import build_backbone
 
     keras.utils.set_random_seed(0)
     backbone = build_backbone("conv4", (28, 28, 1))
@@ -165,12 +165,12 @@ def test_an_exported_optimization_model_answers_on_the_board_as_on_the_host(tmp_
     and classify: the board's answers are the host's numpy head over the same int8 embeddings."""
     from test_train import tiny_config
 
-    from edgemeta.data import DatasetSpec, EpisodeSampler, load_dataset
-    from edgemeta.export import export_model
-    from edgemeta.modeldir import load_keras, read_info
+    from edgemeta.host.data import DatasetSpec, EpisodeSampler, load_dataset
+    from edgemeta.host.export import export_model
+    from edgemeta.host.modeldir import load_keras, read_info
+    from edgemeta.host.train import train
     from edgemeta.runtime.classifier import FewShotRuntime
     from edgemeta.runtime.manifest import read_manifest
-    from edgemeta.train import train
 
     cfg = tiny_config(sample_dir, episodes=8, meta_batch=4)
     cfg = type(cfg)(**{**cfg.__dict__, "method": type(cfg.method)(name, {"test_steps": 3, **params})})

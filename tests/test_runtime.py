@@ -59,8 +59,8 @@ def test_manifest_and_variants(exported):
 
 
 def test_conversion_prints_nothing(capfd):
-    from edgemeta.backbones import conv4
-    from edgemeta.export import convert
+    from edgemeta.host.backbones import conv4
+    from edgemeta.host.export import convert
 
     assert len(convert(conv4((28, 28, 1), width=8), "float32")) > 0
     out = capfd.readouterr().out  # (stderr holds TensorFlow's import chatter, silenced by the CLI)

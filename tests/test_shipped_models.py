@@ -32,9 +32,9 @@ def test_model_folder_is_complete(name):
 @pytest.mark.parametrize("name", SHIPPED)
 def test_recorded_int8_figures_are_reproduced(name, omniglot_dir):
     """Re-measure 5-way 1-shot and 20-way 1-shot through the int8 model: the manifest must say the same."""
-    from edgemeta.data import DatasetSpec, load_dataset
-    from edgemeta.evaluate import evaluate
-    from edgemeta.methods.protonet import ProtoNet
+    from edgemeta.host.data import DatasetSpec, load_dataset
+    from edgemeta.host.evaluate import evaluate
+    from edgemeta.host.methods.protonet import ProtoNet
     from edgemeta.runtime.interpreter import Embedder
 
     m = read_manifest(MODELS / name)

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from edgemeta.config import config_from_dict
 from edgemeta.errors import EdgemetaError
-from edgemeta.train import EpisodicTrainer, random_affine, train
+from edgemeta.host.config import config_from_dict
+from edgemeta.host.train import EpisodicTrainer, random_affine, train
 
 
 def tiny_config(sample_dir, **train_overrides):
@@ -95,7 +95,7 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 sys.path.insert(0, {str(os.path.dirname(__file__))!r})
 from test_train import tiny_config
-from edgemeta.train import train
+from edgemeta.host.train import train
 cfg = tiny_config({str(sample_dir)!r}, episodes=40, devices=["/cpu:0", "/cpu:1"], augment_shift=0.1, augment_rotate=10.0)
 r = train(cfg, {str(tmp_path)!r}, progress=False)
 print(json.dumps({{"episodes": r.episodes, "acc": r.best_val_acc}}))
@@ -112,7 +112,7 @@ def test_init_from_copies_the_weights_of_a_trained_model(trained, sample_dir, tm
     import keras
     import numpy as np
 
-    from edgemeta.train import _load_initial_weights
+    from edgemeta.host.train import _load_initial_weights
 
     out, _ = trained
     source = keras.models.load_model(out / "model.keras", compile=False).get_weights()
@@ -151,7 +151,7 @@ def test_random_affine_is_seeded_and_moves_the_strokes():
 def test_trainval_trains_on_the_val_classes_and_keeps_the_last_weights(tmp_path, sample_dir):
     import numpy as np
 
-    from edgemeta.data import load_dataset, merge_splits
+    from edgemeta.host.data import load_dataset, merge_splits
 
     cfg = tiny_config(sample_dir, episodes=40, classes="trainval")
     splits = load_dataset(cfg.data, cfg.model.preprocess, ("train", "val"))

@@ -46,11 +46,11 @@ def train(config_path: str, out: str, data: str, episodes: int | None, max_minut
       edgemeta train --config models/omniglot-vinyals-conv4/config.toml \\
           --data ../shared/data/omniglot --out runs/vinyals --max-minutes 60
     """
-    from edgemeta.config import load_config
+    from edgemeta.host.config import load_config
 
     cfg = load_config(config_path)
     _require_tensorflow()
-    from edgemeta.train import train as run_training
+    from edgemeta.host.train import train as run_training
 
     if data:
         cfg = replace(cfg, data=replace(cfg.data, root=data))
@@ -96,26 +96,26 @@ def eval_cmd(model_dir: str, data: str, folder: str, split: str, settings: tuple
       edgemeta eval --model models/omniglot-conv4 --data ../shared/data/omniglot --variant int8_static
       edgemeta eval --model models/omniglot-conv4 --data ../shared/data/omniglot --split val --confusions 10
     """
-    from edgemeta.evaluate import STANDARD_SETTINGS, parse_setting
+    from edgemeta.host.evaluate import STANDARD_SETTINGS, parse_setting
 
     if episodes < 1 or query < 1 or confusions < 0:
         raise EdgemetaError("--episodes and --query must be at least 1, --confusions at least 0")
     parsed = tuple(parse_setting(s) for s in settings) or STANDARD_SETTINGS
     _require_tensorflow()
-    from edgemeta.host import evaluate_model_dir
+    from edgemeta.host.model_eval import evaluate_model_dir
 
     results, context, text, md = evaluate_model_dir(model_dir, data=data, folder=folder, split=split,
                                                     settings=parsed, episodes=episodes, query=query, seed=seed,
                                                     variant=variant, confusions=confusions, head_only=head_only,
                                                     transductive=transductive)
     if report:
-        from edgemeta.evaluate import results_json
-        from edgemeta.modeldir import write_atomic, write_json
+        from edgemeta.host.evaluate import results_json
+        from edgemeta.host.modeldir import write_atomic, write_json
 
         write_atomic(Path(report), md)
         write_json(Path(report).with_suffix(".json"), {"context": context, "results": results_json(results)})
     if as_json:
-        from edgemeta.evaluate import results_json
+        from edgemeta.host.evaluate import results_json
 
         click.echo(json.dumps({"context": context, "results": results_json(results)}, indent=2))
     else:
@@ -141,10 +141,10 @@ def export(model_dir: str, out: str | None, data: str, folder: str, episodes: in
       edgemeta export models/omniglot-conv4 --data ../shared/data/omniglot
     """
     _require_tensorflow()
-    from edgemeta.export import export_model
+    from edgemeta.host.export import export_model
 
     manifest = export_model(model_dir, out, data=data, folder=folder, episodes=episodes, log=lambda m: click.echo(m, err=True))
-    from edgemeta.export import export_report
+    from edgemeta.host.export import export_report
 
     click.echo(export_report(manifest))
 
@@ -200,7 +200,7 @@ def edgetpu(model_dir: str, allow_cpu_ops: bool, as_json: bool) -> None:
     Example:
       edgemeta edgetpu models/omniglot-conv4
     """
-    from edgemeta.edgetpu import INSTALL_HINT, map_model
+    from edgemeta.host.edgetpu import INSTALL_HINT, map_model
 
     out = map_model(model_dir, allow_cpu_ops)
     if as_json:

@@ -54,7 +54,7 @@ def check_model_for_board(model_dir: str | Path, board: Board) -> tuple[Manifest
         raise EdgemetaError(f"{board.runtime['package']} {board.runtime['version']} on {board.name} cannot load {path.name}: "
                             + "; ".join(problems))
     if name == "edgetpu" or board.raw.get("delegate", {}).get("name") == "edgetpu":
-        from edgemeta.edgetpu import static_check
+        from edgemeta.host.edgetpu import static_check
 
         report = static_check(manifest.model_path("int8_static"))
         if not report.fully_mapped:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgemeta.methods.base import TaskEpisode, accuracy, cross_entropy
+from edgemeta.host.methods.base import TaskEpisode, accuracy, cross_entropy
 from edgemeta.runtime.linear_head import INITS, LinearHeadSpec, linear_scores
 
 

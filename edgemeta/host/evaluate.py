@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from edgemeta.data import EpisodeSampler, FewShotSplit
 from edgemeta.errors import EdgemetaError
+from edgemeta.host.data import EpisodeSampler, FewShotSplit
 
 STANDARD_SETTINGS = ((5, 1), (5, 5), (20, 1), (20, 5))
 EmbedFn = Callable[[np.ndarray], np.ndarray]

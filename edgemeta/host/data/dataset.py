@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgemeta.data.cache import cached_arrays, fingerprint
 from edgemeta.errors import EdgemetaError
+from edgemeta.host.data.cache import cached_arrays, fingerprint
 from edgemeta.preprocess import DECODE_VERSION, IMAGE_SUFFIXES, Preprocess
 
 OMNIGLOT_PARTS = ("images_background", "images_evaluation")
@@ -173,7 +173,7 @@ def load_omniglot(root: str, pre: Preprocess) -> tuple[np.ndarray, list[str], np
 
 
 def _vinyals_lines(split: str) -> list[str]:
-    text = resources.files("edgemeta.data").joinpath(f"splits/vinyals/{split}.txt").read_text()
+    text = resources.files("edgemeta.host.data").joinpath(f"splits/vinyals/{split}.txt").read_text()
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 

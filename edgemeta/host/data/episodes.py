@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgemeta.data.dataset import FewShotSplit
 from edgemeta.errors import EdgemetaError
+from edgemeta.host.data.dataset import FewShotSplit
 
 
 @dataclass

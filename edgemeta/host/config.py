@@ -11,7 +11,7 @@ Example (``models/omniglot-vinyals-conv4/config.toml``)::
     backbone = "conv4"
 
     [method]
-    name = "protonet"    # or maml, anil, metasgd; the method's own keys follow (see edgemeta/methods/)
+    name = "protonet"    # or maml, anil, metasgd; the method's own keys follow (see edgemeta/host/methods/)
 
     [train]
     way = 60
@@ -27,8 +27,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgemeta.data import DatasetSpec
 from edgemeta.errors import EdgemetaError
+from edgemeta.host.data import DatasetSpec
 from edgemeta.preprocess import Preprocess
 
 if sys.version_info >= (3, 11):
@@ -47,7 +47,7 @@ class ModelConfig:
     invert: bool = True  # Omniglot: dark strokes on white -> bright strokes on black
 
     def __post_init__(self) -> None:
-        from edgemeta.backbones import BACKBONES
+        from edgemeta.host.backbones import BACKBONES
 
         if self.backbone not in BACKBONES:
             raise EdgemetaError(f"unknown backbone {self.backbone!r} in [model]; choose one of: {', '.join(BACKBONES)}")
@@ -121,13 +121,13 @@ class MethodConfig:
     params: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from edgemeta.methods import method_params
+        from edgemeta.host.methods import method_params
 
         method_params(self.name, self.params)  # raises on an unknown method, key, type or range
 
     @property
     def resolved(self):
-        from edgemeta.methods import method_params
+        from edgemeta.host.methods import method_params
 
         return method_params(self.name, self.params)
 

@@ -11,8 +11,8 @@ to the head's two variables.
 
 from __future__ import annotations
 
-from edgemeta.methods.base import TaskEpisode
-from edgemeta.methods.maml import MAML, MAMLParams
+from edgemeta.host.methods.base import TaskEpisode
+from edgemeta.host.methods.maml import MAML, MAMLParams
 
 
 class ANIL(MAML):

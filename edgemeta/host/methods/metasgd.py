@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edgemeta.methods.maml import MAML, MAMLParams
+from edgemeta.host.methods.maml import MAML, MAMLParams
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ images, an integer class label per image and the class names. `EpisodeSampler` d
 N-way K-shot Q-query episodes from one split.
 """
 
-from edgemeta.data.dataset import DatasetSpec, FewShotSplit, load_dataset, merge_splits
-from edgemeta.data.episodes import Episode, EpisodeSampler
+from edgemeta.host.data.dataset import DatasetSpec, FewShotSplit, load_dataset, merge_splits
+from edgemeta.host.data.episodes import Episode, EpisodeSampler
 
 __all__ = ["DatasetSpec", "Episode", "EpisodeSampler", "FewShotSplit", "load_dataset", "merge_splits"]

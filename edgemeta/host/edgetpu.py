@@ -123,7 +123,7 @@ def map_model(model_dir: str | Path, allow_cpu_ops: bool = False) -> dict:
         raise EdgemetaError(f"{source.name} would not map fully to the Edge TPU: {'; '.join(report.problems)}")
     if shutil.which(COMPILER):
         compiled, report = compile_model(source, manifest.folder, allow_cpu_ops=allow_cpu_ops)
-        from edgemeta.export import add_variant
+        from edgemeta.host.export import add_variant
 
         add_variant(manifest.folder, "edgetpu", compiled, quantization="int8", static_batch=1,
                     based_on="int8_static", extra={"edgetpu_ops": report.tpu_ops, "cpu_ops": report.cpu_ops})

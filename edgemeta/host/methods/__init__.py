@@ -10,11 +10,11 @@ loss (training) and how a support set becomes a classifier (evaluation, the boar
 from __future__ import annotations
 
 from edgemeta.errors import EdgemetaError
-from edgemeta.methods.anil import ANIL
-from edgemeta.methods.base import Method, TaskEpisode, make_params
-from edgemeta.methods.maml import MAML
-from edgemeta.methods.metasgd import MetaSGD
-from edgemeta.methods.protonet import ProtoNet
+from edgemeta.host.methods.anil import ANIL
+from edgemeta.host.methods.base import Method, TaskEpisode, make_params
+from edgemeta.host.methods.maml import MAML
+from edgemeta.host.methods.metasgd import MetaSGD
+from edgemeta.host.methods.protonet import ProtoNet
 
 METHODS: dict[str, type] = {m.name: m for m in (ProtoNet, MAML, ANIL, MetaSGD)}
 

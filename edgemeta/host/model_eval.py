@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from edgemeta.data import DatasetSpec, load_dataset
 from edgemeta.errors import EdgemetaError
-from edgemeta.evaluate import STANDARD_SETTINGS, SettingResult, episode_inputs, evaluate, results_markdown, results_table
-from edgemeta.modeldir import load_backbone
+from edgemeta.host.data import DatasetSpec, load_dataset
+from edgemeta.host.evaluate import STANDARD_SETTINGS, SettingResult, episode_inputs, evaluate, results_markdown, results_table
+from edgemeta.host.modeldir import load_backbone
 
 
 def keras_embedder(model):

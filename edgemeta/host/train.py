@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from edgemeta.config import Config, dump_toml
-from edgemeta.data import EpisodeSampler, load_dataset, merge_splits
 from edgemeta.errors import EdgemetaError
-from edgemeta.evaluate import episode_accuracies, episode_inputs, mean_ci95
-from edgemeta.methods import TaskEpisode, get_method
-from edgemeta.modeldir import INFO_FILE, METHOD_FILE, MODEL_FILE, ModelInfo, load_keras, read_info, write_atomic, write_json, write_npz
+from edgemeta.host.config import Config, dump_toml
+from edgemeta.host.data import EpisodeSampler, load_dataset, merge_splits
+from edgemeta.host.evaluate import episode_accuracies, episode_inputs, mean_ci95
+from edgemeta.host.methods import TaskEpisode, get_method
+from edgemeta.host.modeldir import INFO_FILE, METHOD_FILE, MODEL_FILE, ModelInfo, load_keras, read_info, write_atomic, write_json, write_npz
 
 STATE_FILE = "checkpoints/state.json"
 HISTORY_FIELDS = ("episode", "loss", "train_acc", "val_acc", "val_ci95", "learning_rate", "elapsed_s")
@@ -92,7 +92,7 @@ class EpisodicTrainer:
         import keras
         import tensorflow as tf
 
-        from edgemeta.backbones import build_backbone
+        from edgemeta.host.backbones import build_backbone
 
         tc = cfg.train
         self.sampler, self.method = sampler, get_method(cfg.method.name, cfg.method.params)
@@ -183,7 +183,7 @@ def train(cfg: Config, out: str | Path, progress: bool = True, fresh: bool = Fal
     """Meta-train as configured into the folder `out` (resuming from its checkpoint unless `fresh`)."""
     import tensorflow as tf
 
-    from edgemeta.host import keras_embedder
+    from edgemeta.host.model_eval import keras_embedder
 
     out = Path(out)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -337,7 +337,7 @@ def _init_training(source: str) -> dict:
 
 def _write_config(cfg: Config, path: Path) -> None:
     """Record the resolved configuration, keeping an existing file (and its comments) that says the same."""
-    from edgemeta.config import load_config
+    from edgemeta.host.config import load_config
 
     try:
         if path.exists() and load_config(path) == cfg:

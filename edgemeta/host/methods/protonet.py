@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgemeta.methods.base import TaskEpisode, accuracy, cross_entropy
+from edgemeta.host.methods.base import TaskEpisode, accuracy, cross_entropy
 from edgemeta.runtime.head import prototypes, squared_euclidean
 
 

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from edgemeta.data import load_dataset
 from edgemeta.errors import EdgemetaError
-from edgemeta.evaluate import STANDARD_SETTINGS, calibrate_open_set, embed_split, episode_inputs, evaluate, results_json
-from edgemeta.host import training_dataset
-from edgemeta.modeldir import load_backbone, write_atomic, write_json, write_npz
+from edgemeta.host.data import load_dataset
+from edgemeta.host.evaluate import STANDARD_SETTINGS, calibrate_open_set, embed_split, episode_inputs, evaluate, results_json
+from edgemeta.host.model_eval import training_dataset
+from edgemeta.host.modeldir import load_backbone, write_atomic, write_json, write_npz
 from edgemeta.quiet import native_stderr_silenced
 from edgemeta.runtime.interpreter import Embedder, interpreter_module, runtime_version
 from edgemeta.runtime.linear_head import spec_arrays
@@ -65,7 +65,7 @@ def convert(model, quantization: str, representative: np.ndarray | None = None) 
 
 
 def _static_copy(model, info):
-    from edgemeta.backbones import build_backbone
+    from edgemeta.host.backbones import build_backbone
 
     static = build_backbone(info.backbone, info.preprocess.input_shape, batch_size=1)
     static.set_weights(model.get_weights())
@@ -115,7 +115,7 @@ def export_model(model_dir: str | Path, out: str | Path | None = None, data: str
         }
         log(f"  {name}: {len(data_bytes) / 1024:.0f} KiB, " + ", ".join(f"{r.name} {r.accuracy:.2f}%" for r in results if r.episodes))
 
-    from edgemeta.host import keras_embedder
+    from edgemeta.host.model_eval import keras_embedder
 
     float_results = evaluate(keras_embedder(model), method.classify, splits["test"], STANDARD_SETTINGS, episodes, seed=seed)
     evaluation = {"keras_float32": results_json(float_results)}

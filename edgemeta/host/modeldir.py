@@ -52,7 +52,7 @@ class ModelInfo:
     def make_method(self, model_dir: str | Path | None = None, backbone=None, way: int = 5, overrides: dict | None = None):
         """The folder's method with its parameters (`overrides` replace some, e.g. the batch-norm mode of
         an evaluation), built over `backbone` and its learned arrays restored."""
-        from edgemeta.methods import get_method
+        from edgemeta.host.methods import get_method
 
         params = {k: v for k, v in (self.method or {}).items() if k != "name"} | (overrides or {})
         method = get_method(self.algorithm, params)

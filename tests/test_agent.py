@@ -118,6 +118,28 @@ def test_unreachable_agents_say_so(tmp_path):
     assert r.returncode == 2 and "cannot open serial port" in r.stderr
 
 
+def test_remote_over_ssh_refuses_a_host_that_looks_like_an_option(tmp_path, monkeypatch):
+    marker = tmp_path / "proxy-command-ran"
+    for host in (f"-oProxyCommand=touch {marker}", "pi@-oProxyCommand=x", "board;touch x", ""):
+        r = cli("remote", "--via", f"ssh:{host}", "status", timeout=60)
+        assert r.returncode == 2 and r.stdout == "", (host, r.stdout, r.stderr)
+        assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+        assert "is not an ssh destination" in r.stderr or "write it as" in r.stderr, r.stderr
+    assert not marker.exists()
+    # a good host goes to ssh after `--`, so ssh reads it as the destination whatever it is
+    from edgemeta.runtime import agent
+
+    seen = []
+
+    class Proc:
+        stdin = stdout = io.BytesIO()
+
+    monkeypatch.setattr(subprocess, "Popen", lambda argv, **kw: seen.append(argv) or Proc())
+    agent.connect("ssh:pi@kitchen", "cfg")
+    argv = seen[0]
+    assert argv[0] == "ssh" and argv[argv.index("pi@kitchen") - 1] == "--" and argv.index("--") > argv.index("-F")
+
+
 @pytest.mark.parametrize("listen", [["--tcp", "0.0.0.0:notaport"], []])
 def test_serve_bad_options(exported, tmp_path, listen):
     r = cli("serve", "--model", str(exported), "--store", str(tmp_path / "s"), *listen)

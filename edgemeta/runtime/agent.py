@@ -732,8 +732,13 @@ def connect(via: str, ssh_config: str | None = None, timeout: float = 30.0, toke
         import shlex
         import subprocess
 
+        from edgemeta.deploy.ssh import check_host  # deploy's own check: one definition of a host edgemeta takes
+
+        check_host(target)
         remote = f'{ROOT_SH}; exec "$R/current/venv/bin/edgemeta" serve --stdio --model "$R/current/model" --store "$R/store"'
-        cmd = ["ssh", "-o", "BatchMode=yes", *(["-F", ssh_config] if ssh_config else []), target, "sh -c " + shlex.quote(remote)]
+        # `--`: the host is the destination even if it starts with '-' (check_host refuses that too)
+        cmd = ["ssh", "-o", "BatchMode=yes", *(["-F", ssh_config] if ssh_config else []), "--", target,
+               "sh -c " + shlex.quote(remote)]
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
         def close():

@@ -375,3 +375,114 @@ def test_client_gives_up_on_a_truncated_or_missing_answer(link):
     with pytest.raises(ProtocolError, match="no answer"):  # nobody answers at all
         client.request("ping", {}, timeout=0.3)
     assert time.monotonic() - t0 < 1.5
+
+
+# --- property-based (hypothesis): any bytes at all ------------------------------------------------
+
+
+def test_decode_frame_takes_any_bytes():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    near_frames = st.binary(max_size=40).map(lambda b: MAGIC + bytes([VERSION]) + b)  # past the magic and version
+
+    @settings(max_examples=300, deadline=None, database=None)
+    @given(st.binary(max_size=80) | near_frames)
+    def prop(data: bytes) -> None:
+        try:
+            frame = decode_frame(data)
+        except FrameError as exc:
+            assert str(exc) and "\n" not in str(exc)
+        else:
+            assert encode_frame(frame) == data  # only an exact frame decodes
+
+    prop()
+
+
+SENTINEL = 0xFFFFFFFF  # the request id of the last, valid request; the fuzzed frames use others
+
+
+class DrainPort(MemoryPort):
+    """A MemoryPort that keeps what the board writes."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data, timeout=0.001)
+        self.written = bytearray()
+
+    def write(self, data: bytes) -> int:
+        self.written += data
+        return len(data)
+
+
+def split_frames(wire: bytes) -> list[Frame]:
+    """The frames `wire` is made of, back to back; fails on any byte that is not part of an intact frame."""
+    frames, at = [], 0
+    while at < len(wire):
+        (length,) = struct.unpack_from(">I", wire, at + 12)
+        frames.append(decode_frame(wire[at : at + HEADER_SIZE + length + 4]))
+        at += HEADER_SIZE + length + 4
+    return frames
+
+
+def test_the_board_answers_any_byte_stream_with_intact_one_line_frames():
+    """Garbage, fake headers, corrupt and truncated frames, requests with JSON of any shape, stray
+    and wrong chunks, then one valid request: serve() neither raises nor hangs, writes only intact
+    RESPONSE/ERROR frames with one-line messages, and still answers the valid request at the end."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    rids = st.sampled_from([1, 2, 3]) | st.integers(0, SENTINEL - 1)
+    scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=10)
+    values = st.recursive(scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
+                          max_leaves=8)
+    sizes = st.lists(st.integers(0, 40), max_size=3) | values
+    request = st.builds(lambda rid, op, args, att: encode_frame(Frame(FrameType.REQUEST, rid, json.dumps(
+        {"op": op, "args": args, "attachments": att}).encode())),
+        rids, st.sampled_from(["echo", "fail", "not_a_dict"]) | values, st.dictionaries(st.text(max_size=5), values, max_size=3)
+        | values, sizes)
+    chunk = st.builds(lambda rid, index, offset, total, data: encode_frame(Frame(FrameType.CHUNK, rid, struct.pack(
+        ">HII", index, offset, total) + data)), rids, st.integers(0, 3), st.integers(0, 50), st.integers(0, 50),
+        st.binary(max_size=50))
+    raw = st.builds(lambda rid, ftype, payload: encode_frame(Frame(FrameType.REQUEST, rid, payload))[:5] + bytes([ftype])
+                    + encode_frame(Frame(FrameType.REQUEST, rid, payload))[6:], rids, st.integers(0, 255), st.binary(max_size=60))
+    fake_header = st.builds(lambda rid, n, version, tail: raw_header(rid, n, version=version) + tail, rids,
+                            st.integers(0, MAX_PAYLOAD + 10), st.sampled_from([VERSION, 0, 2, 255]), st.binary(max_size=30))
+    frame = request | chunk | raw | fake_header
+    damaged = st.builds(lambda f, i, bit, cut: (f[:i] + bytes([f[i % len(f)] ^ (1 << bit)]) + f[i + 1:])[:cut] if cut else f,
+                        frame, st.integers(0, 60), st.integers(0, 7), st.integers(0, 80))
+    segment = st.binary(max_size=40) | frame | damaged
+
+    @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(st.lists(segment, max_size=6))
+    def prop(segments: list[bytes]) -> None:
+        calls: list = []
+        handle = handler_for(calls)
+        stop = threading.Event()
+
+        def handler(op: str, args: dict, attachments: list[bytes]) -> dict:
+            if op == "sentinel":
+                stop.set()  # serve() returns once it has written this answer
+            return handle(op, args, attachments)
+
+        port, raised = DrainPort(b"".join(segments) + request_frame(SENTINEL, op="sentinel")), []
+
+        def run() -> None:
+            try:
+                serve(port, handler, stop, stall_timeout=0.01, poll_interval=0.01)
+            except BaseException as exc:  # the property: nothing escapes serve()
+                raised.append(exc)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        thread.join(10)
+        assert not raised, raised
+        assert not thread.is_alive(), "serve() hung, or never answered the valid request at the end"
+        answers = split_frames(bytes(port.written))
+        for f in answers:
+            assert f.type in (FrameType.RESPONSE, FrameType.ERROR)
+            body = json.loads(f.payload)
+            if f.type is FrameType.ERROR:
+                assert isinstance(body["message"], str) and body["message"] and "\n" not in body["message"], body
+        assert answers[-1].request_id == SENTINEL and answers[-1].type is FrameType.RESPONSE, answers[-1]
+
+    prop()

@@ -394,13 +394,16 @@ def test_fleet_with_bad_hosts_and_a_cut_transfer(lab, bundle, exported, tmp_path
     refused = lab.add_board(authorized=False)
     with open(lab.ssh_config, "a") as f:
         f.write("Host gone\n  HostName 127.0.0.1\n  Port 9\n  ConnectTimeout 3\n\n")
-    # a transfer cut midway leaves a partial upload behind; the next deploy cleans it up
+    # a transfer cut midway is refused in one line and leaves nothing behind
     data = subprocess.run(["tar", "-C", str(bundle), "-cf", "-", "."], capture_output=True).stdout
     ops = (Path(__file__).parents[1] / "edgemeta/deploy/board_ops.py").read_bytes()
     subprocess.run(["ssh", "-F", str(lab.ssh_config), ok1.alias, "cat > .edgemeta-ops.py"], input=ops, check=True)
     cut = subprocess.run(["ssh", "-F", str(lab.ssh_config), ok1.alias, "python3 $HOME/.edgemeta-ops.py receive cut"],
                          input=data[: len(data) // 2], capture_output=True)
-    assert cut.returncode != 0 and list((ok1.root / "releases").glob(".cut.partial"))
+    assert cut.returncode == 3 and b"ended early" in cut.stdout and cut.stderr == b"", cut
+    assert not list((ok1.root / "releases").iterdir())
+    # a receive killed midway leaves its partial folder; the next deploy cleans it up
+    (ok1.root / "releases" / ".killed.partial" / "model").mkdir(parents=True)
     hosts = tmp_path / "fleet.txt"
     hosts.write_text(f"# the fleet\n{ok1.alias}\n{refused.alias}\ngone\n{ok2.alias}\n")
     p = deploy(lab, "--bundle", str(bundle), "--hosts", str(hosts), "--parallel", "2", "--json")
@@ -527,3 +530,42 @@ def test_a_linear_head_travels_with_its_model(tmp_path):
     m = read_manifest(out / "model")  # checks head.npz against its checksum
     assert m.head.kind == "linear" and m.head.linear.w0.shape == (64, 5)
     assert "model/head.npz" in json.loads((out / "BUNDLE.json").read_text())["files"]
+
+
+def test_an_upload_cut_short_is_refused_in_one_line_and_leaves_no_release(tmp_path):
+    """The tar stream deploy sends (as ssh.Remote.upload writes it), cut where a dropped connection
+    would cut it, fed to board_ops.py receive as ssh would feed it."""
+    import io
+    import tarfile
+
+    from edgemeta.deploy.ssh import OPS
+
+    bundle = build_bundle("generic-x86_64", Path(__file__).resolve().parents[1] / "models" / "omniglot-conv4", tmp_path / "b")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w|") as tar:
+        for path in sorted(bundle.rglob("*")):
+            tar.add(path, arcname=path.relative_to(bundle).as_posix(), recursive=False)
+    data = buf.getvalue()
+    members = list(tarfile.open(fileobj=io.BytesIO(data)))
+    last = members[-1]  # the wheel, the largest file
+    assert last.size > 2048
+
+    def receive(stream: bytes, root: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(OPS), "receive", "r1"], input=stream, capture_output=True, timeout=120,
+                              env={**os.environ, "EDGEMETA_ROOT": str(root)})
+
+    cuts = {"nothing": 0, "inside the first header": 100, "inside a file's data": members[1].offset_data + 10,
+            "at a block boundary inside data": last.offset_data + 1024, "at a member boundary": members[2].offset,
+            "half": len(data) // 2, "ten bytes before the last file's end": last.offset_data + last.size - 10}
+    for what, cut in cuts.items():
+        root = tmp_path / f"root-{cut}"
+        p = receive(data[:cut], root)
+        assert p.returncode == 3 and p.stderr == b"", (what, p.stdout, p.stderr)  # no traceback
+        out = p.stdout.decode().strip().splitlines()
+        assert len(out) == 1 and "error" in json.loads(out[0]), (what, out)
+        assert os.listdir(root / "releases") == [], what  # no release, no partial folder
+    assert "ended early" in json.loads(receive(data[: len(data) // 2], tmp_path / "r").stdout)["error"]
+    assert "board.toml missing" in json.loads(receive(data[: members[2].offset], tmp_path / "m").stdout)["error"]
+    p = receive(data, tmp_path / "whole")  # the same stream, whole, is taken
+    assert p.returncode == 0 and json.loads(p.stdout)["received"] == "r1", p.stdout + p.stderr
+    assert os.listdir(tmp_path / "whole" / "releases") == ["r1"]

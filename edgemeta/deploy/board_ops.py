@@ -236,10 +236,10 @@ def check_files(folder: Path, files: dict) -> None:
                 subdirs.remove(n)  # named once, not each file under it
             elif path.is_file() and rel not in expected:
                 unexpected.append(rel)
-    bad = sorted(n for n, digest in files.items() if not (folder / n).is_file() or (folder / n).is_symlink()
-                 or sha256_path(folder / n) != digest)
-    if bad or unexpected:
-        shown = bad + [f"unexpected {e}" for e in sorted(unexpected)]
+    missing = sorted(n for n in files if not (folder / n).is_file() or (folder / n).is_symlink())
+    changed = sorted(n for n, digest in files.items() if n not in missing and sha256_path(folder / n) != digest)
+    if changed or missing or unexpected:
+        shown = changed + [f"{n} missing" for n in missing] + [f"unexpected {e}" for e in sorted(unexpected)]
         raise Refused("checksum mismatch: " + ", ".join(shown[:5]) + (f" and {len(shown) - 5} more" if len(shown) > 5 else ""))
 
 
@@ -288,6 +288,26 @@ def cmd_preflight() -> None:
           "releases": sorted(p.name for p in (r / "releases").glob("[!.]*")) if (r / "releases").exists() else []})
 
 
+def unpack(stream, part: Path) -> None:
+    """Extract a tar stream into `part`; Refused when an entry is unsafe, the stream is cut short
+    (the connection dropped) or the board cannot write it. A stream cut at a member boundary reads
+    as a shorter archive: check_files then finds the files it lacks."""
+    try:
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
+            for member in tar:
+                name = Path(member.name)
+                if name.is_absolute() or ".." in name.parts or not (member.isfile() or member.isdir()):
+                    raise Refused(f"unsafe entry {member.name!r} in the bundle")
+                tar.extract(member, part, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    except getattr(tarfile, "FilterError", ()) as e:  # (Python 3.12+, and backports) before TarError, its base
+        raise Refused(f"unsafe entry in the bundle: {e}") from None
+    except (tarfile.TarError, EOFError) as e:
+        raise Refused(f"the upload ended early or is not a tar stream ({e}): the connection may have dropped; "
+                      "deploy again") from None
+    except OSError as e:  # a full disk, most likely
+        raise Refused(f"cannot unpack the upload into {part}: {e.strerror or e}") from None
+
+
 def cmd_receive(rid: str) -> None:
     """Unpack a bundle (a tar stream on stdin) and check it (check_bundle) before it becomes ROOT/releases/<rid>."""
     rid = release_arg(rid)
@@ -297,14 +317,8 @@ def cmd_receive(rid: str) -> None:
         shutil.rmtree(stale, ignore_errors=True)
     part = rel / f".{rid}.partial"
     part.mkdir()
-    with tarfile.open(fileobj=sys.stdin.buffer, mode="r|") as tar:
-        for member in tar:
-            name = Path(member.name)
-            if name.is_absolute() or ".." in name.parts or not (member.isfile() or member.isdir()):
-                shutil.rmtree(part, ignore_errors=True)
-                done({"error": f"unsafe entry {member.name!r} in the bundle"}, 3)
-            tar.extract(member, part, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     try:
+        unpack(sys.stdin.buffer, part)
         info, key, known = check_bundle(part)
         if not known:
             trust_first_key(key)

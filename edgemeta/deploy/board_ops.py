@@ -16,7 +16,7 @@ BUNDLE.sig must be an ed25519 signature, by a trusted key, over SIGNED_PREFIX + 
 the folder must hold exactly the files BUNDLE.json lists (no more, none missing), each with its
 sha256. Release ids match RELEASE_ID.
 
-Exit status: 0 ok, 3 refused (signature, checksum, health, nothing to roll back), 2 usage. The last
+Exit status: 0 ok, 3 refused (signature, checksum, an upload cut short, health, nothing to roll back), 2 usage. The last
 line of output is JSON for the host to read.
 """
 

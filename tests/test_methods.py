@@ -43,6 +43,8 @@ def built(name, **params):
     ("maml", {"inner_steps": 2, "multi_step_loss": True, "msl_episodes": 10, "learn_inner_rates": True,
               "first_order_episodes": 5, "head_init": "zero"}),
     ("anil", {"head_init": "zero", "learn_inner_rates": True, "inner_steps": 3}),
+    ("maml", {"inner_steps": 2, "multi_step_loss": True, "learn_inner_rates": True, "per_step_bn": True}),
+    ("metasgd", {"per_step_bn": True}),
     # proto init classifies a 1-shot support set perfectly, so its inner gradients (and any learned
     # rates' gradients) underflow to zero: a known property, tested here without learned rates
     ("maml", {"head_init": "proto", "inner_steps": 2}),
@@ -120,6 +122,38 @@ def test_second_order_gradients_differ_from_first_order(episode):
         grads[fo] = [g.numpy() for g in tape.gradient(loss, backbone.trainable_variables)]
     diff = max(float(np.abs(a - b).max()) for a, b in zip(grads[False], grads[True], strict=True))
     assert diff > 1e-6
+
+
+def test_per_step_batch_norm_uses_each_steps_own_scale_and_is_not_adapted(episode):
+    """MAML++ BNWB: step k's forward passes use step k's batch-norm scale and offset (the backbone's
+    own at step 0), the inner loop leaves them alone, and with the per-step copies equal to the
+    backbone's the result is plain MAML's whose batch norm is frozen in the inner loop."""
+    import tensorflow as tf
+
+    method, backbone = built("maml", inner_steps=2, per_step_bn=True)
+    assert len(method.bn_steps) == len(method._bn_index) == 8  # conv4: 4 x (scale, offset)
+    history = method._inner_loop(tf_episode(episode), 2, False, 0.0)
+    for k, fast in enumerate(history):
+        for j, i in enumerate(method._bn_index):
+            want = backbone.trainable_variables[i] if k == 0 else method.bn_steps[j][k - 1]
+            np.testing.assert_array_equal(fast[i].numpy(), tf.convert_to_tensor(want).numpy())
+    # a changed per-step copy changes the query loss: the copies are in the computation
+    before, _ = method.episode_loss(tf_episode(episode), training=False)
+    method.bn_steps[0].assign(method.bn_steps[0] * 2.0)
+    after, _ = method.episode_loss(tf_episode(episode), training=False)
+    assert abs(float(after) - float(before)) > 1e-6
+    # and they travel in method.npz's arrays
+    arrays = method.head_arrays()
+    again, _ = built("maml", inner_steps=2, per_step_bn=True)
+    again.load_head(arrays)
+    np.testing.assert_array_equal(again.bn_steps[0].numpy(), method.bn_steps[0].numpy())
+
+
+def test_per_step_batch_norm_is_refused_where_the_body_does_not_adapt():
+    from edgemeta.errors import EdgemetaError
+
+    with pytest.raises(EdgemetaError, match=r"\[method\] for anil: per_step_bn needs"):
+        get_method("anil", {"per_step_bn": True})
 
 
 def test_derivative_order_annealing_switches_at_the_configured_episode(episode):

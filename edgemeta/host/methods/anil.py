@@ -11,13 +11,23 @@ to the head's two variables.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from edgemeta.host.methods.base import TaskEpisode
 from edgemeta.host.methods.maml import MAML, MAMLParams
 
 
+@dataclass(frozen=True)
+class ANILParams(MAMLParams):
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.per_step_bn:  # the body does not adapt, so there are no inner steps for batch norm to follow
+            raise ValueError("per_step_bn needs a method that adapts the body (maml, metasgd), not anil")
+
+
 class ANIL(MAML):
     name = "anil"
-    Params = MAMLParams
+    Params = ANILParams
     adapts_body = False
 
     def _head_loop(self, emb_s, labels, way: int, steps: int, second_order) -> list:

@@ -10,7 +10,11 @@ Antoniou, Edwards and Storkey (2019), "How to train your MAML", ICLR (MAML++), a
 ``multi_step_loss`` (the query loss after every inner step, weights annealed towards the last
 step over ``msl_episodes``), ``learn_inner_rates`` (one learned rate per layer per step, LSLR),
 ``first_order_episodes`` (derivative-order annealing: first order for that many episodes,
-then second order); cosine annealing of the outer rate is ``[train] lr_schedule = "cosine"``.
+then second order), ``per_step_bn`` (batch-norm scale and offset meta-learned per inner step and
+not adapted in the inner loop, BNWB); cosine annealing of the outer rate is
+``[train] lr_schedule = "cosine"``. MAML++'s per-step running statistics (BNRS) have no separate
+switch here: adaptation never uses running statistics (see below), and the statistics it does use,
+the support set's under each step's weights, are per step by construction.
 
 Defaults are the paper's Omniglot 5-way ones (the authors' code, cbfinn/maml: inner rate 0.4, one
 inner step in training, meta-batch 32 tasks (``[train] meta_batch``), outer Adam 1e-3, 10 steps
@@ -49,6 +53,7 @@ class MAMLParams:
     msl_episodes: int = 0          # anneal the multi-step loss weights to the last step over this many episodes (0: never)
     learn_inner_rates: bool = False
     first_order_episodes: int = 0
+    per_step_bn: bool = False      # MAML++ BNWB: batch-norm scale/offset per inner step, meta-learned, not adapted
 
     def __post_init__(self) -> None:
         if not 0 < self.inner_lr <= 10:
@@ -110,8 +115,42 @@ class MAML:
             limit = float(np.sqrt(6.0 / (dim + way)))  # Glorot uniform, as a Keras Dense layer
             self.head_w = tf.Variable(tf.random.uniform((dim, way), -limit, limit), name="head_w")
             self.head_b = tf.Variable(tf.zeros(way), name="head_b")
-        self.rates = self._build_rates()
-        self._vars = [v for v in (self.head_w, self.head_b) if v is not None] + [r for r in self.rates if r is not None]
+        self.bn_steps = self._build_bn_steps()
+        # per-step batch norm is not adapted, so its variables have no inner rate
+        self.rates = [None if i in self._bn_index else r for i, r in enumerate(self._build_rates())]
+        self._vars = ([v for v in (self.head_w, self.head_b) if v is not None] + [r for r in self.rates if r is not None]
+                      + self.bn_steps)
+
+    def _bn_positions(self) -> list[int]:
+        """Indices, in the backbone's trainable variables, of the batch-norm scales and offsets."""
+        from keras import layers
+
+        bn = {v.path for layer in self.backbone.layers if isinstance(layer, layers.BatchNormalization)
+              for v in layer.trainable_variables}
+        return [i for i, v in enumerate(self.backbone.trainable_variables) if v.path in bn]
+
+    def _build_bn_steps(self) -> list:
+        """BNWB: for each batch-norm scale/offset, one copy per inner step after the first, (steps, C);
+        step 0 is the backbone's own variable, so the board's frozen body is the unadapted network."""
+        import tensorflow as tf
+
+        if not (self.params.per_step_bn and self.adapts_body):
+            self._bn_index = []
+            return []
+        self._bn_index = self._bn_positions()
+        body = self.backbone.trainable_variables
+        return [tf.Variable(tf.tile(body[i][None], [self.params.inner_steps, 1]), name=f"bn_step_{j}")
+                for j, i in enumerate(self._bn_index)]
+
+    def _step_bn(self, fast: list, k: int) -> list:
+        """Fast weights with the batch-norm parameters of inner step k (past the trained steps: the last)."""
+        if not self.bn_steps or k == 0:
+            return fast
+        k = min(k, self.params.inner_steps) - 1
+        out = list(fast)
+        for j, i in enumerate(self._bn_index):
+            out[i] = self.bn_steps[j][k]
+        return out
 
     def _build_rates(self) -> list:
         import tensorflow as tf
@@ -135,7 +174,10 @@ class MAML:
         if self.head_w is not None:
             out["w0"], out["b0"] = self.head_w.numpy(), self.head_b.numpy()
         for i, r in enumerate(self.rates):
-            out[f"rate_{i}"] = r.numpy()
+            if r is not None:
+                out[f"rate_{i}"] = r.numpy()
+        for j, v in enumerate(self.bn_steps):
+            out[f"bn_step_{j}"] = v.numpy()
         return out
 
     def load_head(self, arrays: dict[str, np.ndarray]) -> None:
@@ -143,7 +185,10 @@ class MAML:
             self.head_w.assign(arrays["w0"])
             self.head_b.assign(arrays["b0"])
         for i, r in enumerate(self.rates):
-            r.assign(arrays[f"rate_{i}"])
+            if r is not None:
+                r.assign(arrays[f"rate_{i}"])
+        for j, v in enumerate(self.bn_steps):
+            v.assign(arrays[f"bn_step_{j}"])
 
     # ---- the inner loop --------------------------------------------------------------------
     def _rate(self, i: int, k, way: int):
@@ -215,12 +260,15 @@ class MAML:
         import tensorflow as tf
 
         history = [fast]
+        fixed = set(self._bn_index) if self.bn_steps else set()  # per-step batch norm: set, not adapted
         for k in range(steps):
             with tf.GradientTape() as tape:
                 tape.watch(fast)
                 loss = cross_entropy(support_logits(fast), labels)
             grads = _order(tape.gradient(loss, fast), second_order)
-            fast = [x - self._rate(i, k, way) * g for i, (x, g) in enumerate(zip(fast, grads, strict=True))]
+            fast = [x if i in fixed else x - self._rate(i, k, way) * g
+                    for i, (x, g) in enumerate(zip(fast, grads, strict=True))]
+            fast = self._step_bn(fast, k + 1)
             history.append(fast)
         return history
 

@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from edgemeta.errors import EdgemetaError
+from edgemeta.runtime.schema import Doc, Obj
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
 # The Pillow formats tried, the ones IMAGE_SUFFIXES name (JPEG includes multi-picture MPO files).
@@ -47,6 +48,8 @@ IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF", "PPM")
 # max_image_bytes); $EDGEMETA_MAX_IMAGE_PIXELS and $EDGEMETA_MAX_IMAGE_BYTES override both.
 DEFAULT_MAX_IMAGE_PIXELS = 24_000_000
 DEFAULT_MAX_IMAGE_BYTES = 64 * 2**20
+CHANNELS = (1, 3)
+IMAGE_SIZES = (8, 512)  # the smallest and largest square side a model input may have
 # Bumped when the same file decodes to other pixels (caches of decoded datasets key on it).
 DECODE_VERSION = 2
 
@@ -115,10 +118,10 @@ class Preprocess:
     invert: bool = False
 
     def __post_init__(self) -> None:
-        if self.channels not in (1, 3):
+        if self.channels not in CHANNELS:
             raise EdgemetaError(f"channels must be 1 or 3, got {self.channels}")
-        if not 8 <= self.image_size <= 512:
-            raise EdgemetaError(f"image_size must be between 8 and 512, got {self.image_size}")
+        if not IMAGE_SIZES[0] <= self.image_size <= IMAGE_SIZES[1]:
+            raise EdgemetaError(f"image_size must be between {IMAGE_SIZES[0]} and {IMAGE_SIZES[1]}, got {self.image_size}")
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -133,8 +136,13 @@ class Preprocess:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> Preprocess:
-        return cls(int(d["image_size"]), int(d["channels"]), bool(d["invert"]))
+    def from_dict(cls, d: dict, doc: Doc | None = None, where: str = "preprocess") -> Preprocess:
+        """From a manifest's (or a model folder's) preprocess section, every key type-checked: `bool()`
+        of the string "false" is True, so a hand-edited "invert": "false" must be an error, not an inversion.
+        `doc` names the file in the error."""
+        section = Obj(doc or Doc("", "fix the model's preprocess section or re-export the model"), d, where)
+        return cls(section.get("image_size", int, min=IMAGE_SIZES[0], max=IMAGE_SIZES[1]),
+                   section.get("channels", int, choices=CHANNELS), section.get("invert", bool))
 
     def image(self, img: Image.Image, orientation: int = 1) -> np.ndarray:
         """A Pillow image -> uint8 array of shape (size, size, channels).

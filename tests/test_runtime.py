@@ -472,9 +472,9 @@ def test_damaged_or_mismatched_heads_are_one_line_errors(tmp_path):
     one_line_error(enroll(m), "head.npz is missing")
     bad_shape = {"rates_w": np.array([0.1], np.float32), "rates_b": np.array([0.1], np.float32),
                  "w0": np.zeros((63, 5), np.float32), "b0": np.zeros(5, np.float32)}
-    one_line_error(enroll(linear_model(tmp_path / "m2", bad_shape)), "w0 of shape (64, way)")
-    one_line_error(enroll(linear_model(tmp_path / "m3", steps="10")), "head steps must be an integer")
-    one_line_error(enroll(linear_model(tmp_path / "m4", init="random")), "head init must be one of")
+    one_line_error(enroll(linear_model(tmp_path / "m2", bad_shape)), "w0 must be a float array of shape (64, n)")
+    one_line_error(enroll(linear_model(tmp_path / "m3", steps="10")), "head.steps must be an integer")
+    one_line_error(enroll(linear_model(tmp_path / "m4", init="random")), "head.init must be one of")
     one_line_error(enroll(linear_model(tmp_path / "m5", per_parameter_rates=True)), "per-parameter")
     one_line_error(enroll(linear_model(tmp_path / "m6", file="../head.npz")), "file name beside the manifest")
     one_line_error(enroll(linear_model(tmp_path / "m7", kind="sequence")), "unknown head kind 'sequence'")

@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgemeta.runtime.head import prototypes
+from edgemeta.runtime.schema import Doc, Obj, array
 
 INITS = ("learned", "proto", "zero")
+MAX_STEPS = 1000  # adaptation steps a head may take (a board adapts on every change of its store)
 
 
 @dataclass
@@ -98,26 +100,28 @@ def spec_arrays(spec: LinearHeadSpec) -> dict[str, np.ndarray]:
     return out
 
 
-def spec_from_manifest(section: dict, arrays: dict[str, np.ndarray], dim: int) -> LinearHeadSpec:
-    """A linear head from a manifest's ``head`` section and its ``head.npz`` arrays, checked against
-    the embedding size; raises ValueError with what is wrong."""
-    init, steps = section.get("init"), section.get("steps")
-    if init not in INITS:
-        raise ValueError(f"head init must be one of {', '.join(INITS)}, got {init!r}")
-    if not isinstance(steps, int) or isinstance(steps, bool) or not 0 <= steps <= 1000:
-        raise ValueError(f"head steps must be an integer in [0, 1000], got {steps!r}")
-    rates_w, rates_b = arrays.get("rates_w"), arrays.get("rates_b")
-    if rates_w is None or rates_b is None or len(rates_w) < 1 or len(rates_w) != len(rates_b):
-        raise ValueError("head arrays need rates_w and rates_b with one entry per step")
+def spec_from_manifest(section: dict | Obj, arrays: dict[str, np.ndarray], dim: int, *, arrays_doc: Doc | None = None,
+                       prefix: str = "") -> LinearHeadSpec:
+    """A linear head from a manifest's ``head`` section and its ``head.npz`` arrays (or a store's meta
+    "head" and its ``head_*`` arrays: `prefix`), checked against the embedding size: float arrays of the
+    right shapes, finite. Raises EdgemetaError naming the file (`section`'s document, `arrays_doc`) and the key."""
+    s = section if isinstance(section, Obj) else Obj(Doc("", "re-export the model"), section, "head")
+    adoc = arrays_doc or Doc("", s.doc.fix)
+    init = s.get("init", str, choices=INITS)
+    steps = s.get("steps", int, min=0, max=MAX_STEPS)
     w0 = b0 = None
     if init == "learned":
-        w0, b0 = arrays.get("w0"), arrays.get("b0")
-        if w0 is None or b0 is None or w0.ndim != 2 or w0.shape[0] != dim or b0.shape != (w0.shape[1],):
-            raise ValueError(f"a learned head needs w0 of shape ({dim}, way) and b0 of shape (way,)")
-    for r, shape in ((rates_w, None if w0 is None else w0.shape), (rates_b, None if b0 is None else b0.shape)):
-        if r.ndim > 1 and (shape is None or r.shape[1:] != shape):
-            raise ValueError(f"per-parameter rates of shape {r.shape[1:]} do not match the head")
-    for a in (rates_w, rates_b, w0, b0):
-        if a is not None and not np.isfinite(a).all():
-            raise ValueError("head arrays hold NaN or infinite values")
+        w0 = array(adoc, prefix + "w0", arrays.get("w0"), "float", (dim, None), finite=True)
+        b0 = array(adoc, prefix + "b0", arrays.get("b0"), "float", (w0.shape[1],), finite=True)
+
+    def rates(key: str, like: np.ndarray | None) -> np.ndarray:
+        """One rate per step: a scalar each, or (Meta-SGD, learned init only) an array shaped like W / b."""
+        a = arrays.get(key)
+        per_param = like is not None and isinstance(a, np.ndarray) and a.ndim > 1
+        return array(adoc, prefix + key, a, "float", (None, *like.shape) if per_param else (None,), finite=True)
+
+    rates_w, rates_b = rates("rates_w", w0), rates("rates_b", b0)
+    if len(rates_w) < 1 or len(rates_w) != len(rates_b):
+        raise adoc.error(prefix + "rates_w", f"and {prefix}rates_b need one rate per step, the same number of steps "
+                         f"(at least 1), got {len(rates_w)} and {len(rates_b)}")
     return LinearHeadSpec(init=init, steps=steps, rates_w=list(rates_w), rates_b=list(rates_b), w0=w0, b0=b0)

@@ -22,7 +22,9 @@ import numpy as np
 
 from edgemeta.errors import EdgemetaError
 from edgemeta.preprocess import Preprocess
+from edgemeta.runtime.head import DISTANCES
 from edgemeta.runtime.linear_head import LinearHeadSpec, spec_from_manifest
+from edgemeta.runtime.schema import MAX_EMBEDDING_DIM, Doc, Obj, show
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 2  # the newest; every format in READ_FORMATS is read
@@ -48,8 +50,11 @@ class Variant:
     open_set_threshold: float | None
 
     @classmethod
-    def from_dict(cls, name: str, d: dict) -> Variant:
-        return cls(name, d["file"], d["sha256"], d["quantization"], d.get("static_batch"), d.get("open_set_threshold"))
+    def from_dict(cls, name: str, d: dict | Obj) -> Variant:
+        v = d if isinstance(d, Obj) else Obj(Doc("", "re-export the model"), d, f"variants.{name}")
+        return cls(name, v.file_name("file"), v.get("sha256", str), v.get("quantization", str),
+                   v.get("static_batch", int, default=None, nullable=True, min=1),
+                   v.get("open_set_threshold", float, default=None, nullable=True, min=0))
 
 
 @dataclass(frozen=True)
@@ -94,51 +99,51 @@ class Manifest:
 
 
 def read_manifest(folder_or_file: str | Path) -> Manifest:
-    """Read and check a manifest (the folder holding manifest.json, or the file itself), and its head."""
+    """Read and check a manifest (the folder holding manifest.json, or the file itself), and its head.
+
+    Every key the runtime uses is checked here (runtime/schema.py): a bad one is one EdgemetaError line
+    naming the file and the key."""
     p = Path(folder_or_file)
     path = p / MANIFEST_FILE if p.is_dir() else p
     if not path.is_file():
         raise EdgemetaError(f"no {MANIFEST_FILE} in {p}; export the model with `edgemeta export` first")
     try:
         raw = json.loads(path.read_text())
-        if not isinstance(raw, dict) or raw.get("format") not in READ_FORMATS:
-            fmt = raw.get("format") if isinstance(raw, dict) else None
-            raise EdgemetaError(f"{path} has manifest format {fmt!r}; this edgemeta reads formats "
-                                f"{', '.join(map(str, READ_FORMATS))}: upgrade edgemeta or re-export the model")
-        variants = {k: Variant.from_dict(k, v) for k, v in raw["variants"].items()}
-        dim = int(raw["embedding_dim"])
-        distance = raw["distance"]
-        if not isinstance(distance, str):
-            raise TypeError(f"distance must be a string, got {distance!r}")
-        head = Head("prototype", distance) if raw["format"] == 1 else _read_head(path, raw["head"], distance, dim)
-        m = Manifest(path.parent, raw, Preprocess.from_dict(raw["preprocess"]), distance, dim, variants,
-                     raw["default_variant"], head)
-    except EdgemetaError:
-        raise
-    except (ValueError, KeyError, TypeError) as e:
-        raise EdgemetaError(f"{path} is not a valid edgemeta manifest ({type(e).__name__}: {e}); re-export the model") from None
-    if m.default_variant not in variants:
-        raise EdgemetaError(f"{path}: default variant {m.default_variant!r} is not among its variants")
-    return m
+    except (OSError, UnicodeDecodeError, RecursionError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise EdgemetaError(f"{path} is not a valid edgemeta manifest ({type(e).__name__}: {str(e)[:100]}); "
+                            "re-export the model") from None
+    doc = Doc(str(path), "re-export the model")
+    fmt = raw.get("format") if isinstance(raw, dict) else None
+    if type(fmt) is not int or fmt not in READ_FORMATS:  # exactly an int: JSON's true and 1.0 are not formats
+        raise EdgemetaError(f"{path} has manifest format {show(fmt)}; this edgemeta reads formats "
+                            f"{', '.join(map(str, READ_FORMATS))}: upgrade edgemeta or re-export the model")
+    top = Obj(doc, raw)
+    top.get("name", str, default=None)
+    dim = top.get("embedding_dim", int, min=1, max=MAX_EMBEDDING_DIM)
+    distance = top.get("distance", str, choices=tuple(DISTANCES))
+    pre = Preprocess.from_dict(top.get("preprocess", dict), doc)
+    section = top.obj("variants")
+    if not section.raw:
+        raise doc.error("variants", "must name at least one variant")
+    variants = {k: Variant.from_dict(k, section.obj(k)) for k in section.raw}
+    default = top.get("default_variant", str, choices=tuple(variants))
+    head = Head("prototype", distance) if raw["format"] == 1 else _read_head(path, top.obj("head"), distance, dim)
+    return Manifest(path.parent, raw, pre, distance, dim, variants, default, head)
 
 
-def _read_head(path: Path, section, distance: str, dim: int) -> Head:
+def _read_head(path: Path, section: Obj, distance: str, dim: int) -> Head:
     """A format-2 head section; a linear head's arrays are read from its checksummed file."""
-    if not isinstance(section, dict) or section.get("kind") not in HEAD_KINDS:
-        kind = section.get("kind") if isinstance(section, dict) else section
+    kind = section.raw.get("kind")
+    if kind not in HEAD_KINDS or not isinstance(kind, str):
         raise EdgemetaError(f"{path}: unknown head kind {kind!r} (this edgemeta knows {', '.join(HEAD_KINDS)}); "
                             "upgrade edgemeta or re-export the model")
-    if section["kind"] == "prototype":
-        if section.get("distance", distance) != distance:
-            raise EdgemetaError(f"{path}: head distance {section.get('distance')!r} disagrees with the manifest's "
+    if kind == "prototype":
+        if section.get("distance", str, default=distance) != distance:
+            raise EdgemetaError(f"{path}: head distance {section.raw['distance']!r} disagrees with the manifest's "
                                 f"{distance!r}; re-export the model")
         return Head("prototype", distance)
-    name, sha = section.get("file"), section.get("sha256")
-    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
-        raise EdgemetaError(f"{path}: the linear head's file must be a file name beside the manifest, got {name!r}; re-export")
-    if not isinstance(sha, str) or not isinstance(section.get("per_parameter_rates", False), bool):
-        raise EdgemetaError(f"{path}: the linear head section needs a sha256 string (and per_parameter_rates true or "
-                            "false); re-export the model")
+    name, sha = section.file_name("file"), section.get("sha256", str)
+    per_param_said = section.get("per_parameter_rates", bool, default=False)
     file = path.parent / name
     if not file.is_file():
         raise EdgemetaError(f"{file} is missing; the manifest lists it as the model's head: re-export or copy it again")
@@ -149,12 +154,9 @@ def _read_head(path: Path, section, distance: str, dim: int) -> Head:
             arrays = {k: z[k] for k in z.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         raise EdgemetaError(f"{file} is not a readable head ({type(e).__name__}); re-export the model") from None
-    try:
-        spec = spec_from_manifest(section, arrays, dim)
-        per_param = np.asarray(spec.rates_w[0]).ndim > 0
-    except (ValueError, TypeError, IndexError) as e:
-        raise EdgemetaError(f"{file} does not fit the manifest's head ({e}); re-export the model") from None
-    if per_param != section.get("per_parameter_rates", False):
+    spec = spec_from_manifest(section, arrays, dim, arrays_doc=Doc(str(file), "re-export the model"))
+    per_param = np.asarray(spec.rates_w[0]).ndim > 0
+    if per_param != per_param_said:
         raise EdgemetaError(f"{file}: its rates are {'' if per_param else 'not '}per-parameter, the manifest says "
-                            f"per_parameter_rates {section.get('per_parameter_rates', False)}; re-export the model")
+                            f"per_parameter_rates {per_param_said}; re-export the model")
     return Head("linear", distance, spec)

@@ -38,6 +38,7 @@ import numpy as np
 from edgemeta.atomic import write_atomic
 from edgemeta.errors import EdgemetaError
 from edgemeta.runtime.linear_head import LinearHeadSpec, adapt_linear, spec_arrays, spec_from_manifest
+from edgemeta.runtime.schema import MAX_ABS_VALUE, MAX_EMBEDDING_DIM, Doc, Obj, array, show
 
 STORE_FILE = "store.npz"
 LOCK_FILE = ".lock"
@@ -49,6 +50,7 @@ STORE_FORMAT = 1  # the head keys are optional, so format-1 readers and writers 
 MAX_LABEL = 128
 MAX_ADAPT_STEPS = 1000
 HEAD_PREFIX = "head_"
+STORE_FIX = "restore it from a backup or start a new store"
 T = TypeVar("T")
 
 
@@ -80,8 +82,85 @@ def head_key(spec: LinearHeadSpec, embeddings: np.ndarray, labels: np.ndarray, w
     return h.hexdigest()
 
 
+def _check_finite(embeddings: np.ndarray) -> None:
+    """What a store takes must be what it can read back (read_store's limits)."""
+    if not np.isfinite(embeddings).all() or (embeddings.size and np.abs(embeddings).max() > MAX_ABS_VALUE):
+        raise EdgemetaError(f"the model gave NaN, infinite or huge (beyond ±{MAX_ABS_VALUE:g}) embeddings for these "
+                            "samples; nothing was written: check the model (re-export it) and the samples")
+
+
+def _adapted(spec: LinearHeadSpec, embeddings: np.ndarray, labels: np.ndarray, way: int) -> tuple[np.ndarray, np.ndarray]:
+    """adapt_linear, refused when it diverged: a rate too large gives NaN / huge weights, hence NaN answers."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        w, b = adapt_linear(spec, embeddings, labels, way)
+    if not (np.isfinite(w).all() and np.isfinite(b).all()) or max(np.abs(w).max(), np.abs(b).max()) > MAX_ABS_VALUE:
+        raise EdgemetaError(f"adapting the head ({spec.steps} step(s)) diverged to NaN or huge weights; use a smaller "
+                            "rate (`edgemeta adapt --lr`) or fewer steps")
+    return w, b
+
+
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def read_store(doc: Doc, arrays: dict[str, np.ndarray]) -> tuple[dict, np.ndarray, np.ndarray, list[str], np.ndarray | None,
+                                                           LinearHeadSpec | None, dict[str, np.ndarray]]:
+    """A store's arrays checked against the format above (the module docstring): (meta, embeddings float32,
+    labels int32, class_names, samples, head spec, head arrays). Every failure names the file and the key."""
+    text = array(doc, "meta", arrays.get("meta"), "str", ())
+    try:
+        meta = json.loads(str(text))
+    except (ValueError, RecursionError):
+        raise doc.error("meta", "is not valid JSON") from None
+    top = Obj(doc, meta, "meta")
+    fmt = meta.get("format")
+    if type(fmt) is not int or fmt != STORE_FORMAT:
+        raise EdgemetaError(f"{doc.name} has store format {show(fmt)}, this edgemeta reads {STORE_FORMAT}")
+    backbone = top.obj("backbone")
+    for key in ("model", "variant", "sha256"):
+        backbone.get(key, str)
+    backbone.get("model_path", str, default=None)
+    dim = backbone.get("embedding_dim", int, min=1, max=MAX_EMBEDDING_DIM)
+    top.get("created", str, default=None)
+    top.get("updated", str, default=None)
+    if meta.get("adapt") is not None:  # absent or null: no adaptation
+        adapt = top.obj("adapt")
+        adapt.get("steps", int, min=0, max=MAX_ADAPT_STEPS)
+        lr = adapt.get("lr", float, default=None, nullable=True)
+        if lr is not None and lr <= 0:
+            raise doc.error("meta.adapt.lr", f"must be a positive number or null, got {show(lr)}")
+    head_meta = top.obj("head", default=None)
+    if head_meta is not None:
+        head_meta.get("key", str, default=None)
+
+    emb = array(doc, "embeddings", arrays.get("embeddings"), "float", (None, dim), finite=True)
+    labels = array(doc, "labels", arrays.get("labels"), "int", (len(emb),))
+    names = [str(n) for n in array(doc, "class_names", arrays.get("class_names"), "str", (None,))]
+    for i, name in enumerate(names):
+        try:
+            ok = check_label(name) == name
+        except EdgemetaError:
+            ok = False
+        if not ok or name in names[:i]:
+            why = "repeats an earlier class" if ok else "is not a valid label"
+            raise doc.error(f"class_names[{i}]", f"{why}, got {show(name)}")
+    # range before the cast to int32, which would wrap a large index into range
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(names)):
+        raise doc.error("labels", f"must be class indices from 0 to {len(names) - 1}, got {labels.min()} to {labels.max()}")
+    counts = np.bincount(labels.astype(np.int64), minlength=len(names))
+    if len(names) and counts.min() == 0:
+        raise doc.error("labels", f"must give every class a sample, class {names[int(counts.argmin())]!r} has none")
+    samples = arrays.get("samples")
+    if samples is not None:
+        array(doc, "samples", samples, "uint8", (len(emb), None, None, None))
+    head = {k[len(HEAD_PREFIX):]: v for k, v in arrays.items() if k.startswith(HEAD_PREFIX)}
+    for key, ndim in (("w", 2), ("b", 1)):  # shapes that no longer fit are stale, recomputed (linear_head)
+        if key in head:
+            array(doc, HEAD_PREFIX + key, head[key], "float", (None,) * ndim, finite=True)
+    spec = None
+    if head_meta is not None and "rates_w" in head:  # no arrays: an older writer dropped them
+        spec = spec_from_manifest(head_meta, head, dim, arrays_doc=doc, prefix=HEAD_PREFIX)
+    return meta, emb.astype(np.float32), labels.astype(np.int32), names, samples, spec, head
 
 
 class EnrollmentStore:
@@ -129,6 +208,8 @@ class EnrollmentStore:
 
     @classmethod
     def open(cls, folder: str | Path) -> EnrollmentStore:
+        """Read a store, every array and meta key checked (`read_store`): a damaged one is one EdgemetaError
+        line naming the file and the key, before anything could be changed and written back."""
         folder = Path(folder)
         path = folder / STORE_FILE
         if not path.is_file():
@@ -136,31 +217,12 @@ class EnrollmentStore:
             raise EdgemetaError(f"{folder} {what}; enroll a class first (`edgemeta enroll --store {folder} ...`)")
         try:
             with np.load(path, allow_pickle=False) as z:
-                meta = json.loads(str(z["meta"]))
-                emb, labels = z["embeddings"].astype(np.float32), z["labels"].astype(np.int32)
-                names = [str(n) for n in z["class_names"]]
-                samples = z["samples"] if "samples" in z.files else None
-                head = {k[len(HEAD_PREFIX):]: z[k] for k in z.files if k.startswith(HEAD_PREFIX)}
+                arrays = {k: z[k] for k in z.files}
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
-            raise EdgemetaError(f"{path} is damaged ({type(e).__name__}); restore it from a backup or start a new store") from None
-        if not isinstance(meta, dict) or meta.get("format") != STORE_FORMAT:
-            fmt = meta.get("format") if isinstance(meta, dict) else None
-            raise EdgemetaError(f"{path} has store format {fmt!r}, this edgemeta reads {STORE_FORMAT}")
-        if len(emb) != len(labels) or (len(labels) and labels.max() >= len(names)):
-            raise EdgemetaError(f"{path} is inconsistent (embeddings and labels disagree); restore it from a backup")
+            raise EdgemetaError(f"{path} is damaged ({type(e).__name__}); {STORE_FIX}") from None
+        meta, emb, labels, names, samples, spec, head = read_store(Doc(str(path), STORE_FIX), arrays)
         store = cls(folder, meta, emb, labels, names, samples)
-        adapt = meta.get("adapt")
-        try:
-            if adapt is not None:
-                if not isinstance(adapt, dict):
-                    raise ValueError(f"adapt is {adapt!r}, not an object")
-                check_adapt(adapt.get("steps"), adapt.get("lr"))
-            if isinstance(meta.get("head"), dict) and "rates_w" in head:  # no arrays: an older writer dropped them
-                store.head_spec = spec_from_manifest(meta["head"], head, emb.shape[1])
-                store.head_w, store.head_b = head.get("w"), head.get("b")
-        except (EdgemetaError, ValueError, TypeError) as e:
-            raise EdgemetaError(f"{path} has a bad head or adaptation setting ({e}); run `edgemeta adapt` "
-                                "to set it again") from None
+        store.head_spec, store.head_w, store.head_b = spec, head.get("w"), head.get("b")
         return store
 
     @staticmethod
@@ -199,6 +261,9 @@ class EnrollmentStore:
 
     def check_backbone(self, backbone: dict) -> None:
         mine = self.backbone
+        if mine.get("sha256") == backbone.get("sha256") and mine.get("embedding_dim") != backbone.get("embedding_dim"):
+            raise EdgemetaError(f"store {self.folder} says its embeddings have {mine.get('embedding_dim')} dimensions, its "
+                                f"model {backbone.get('model')} gives {backbone.get('embedding_dim')}; {STORE_FIX}")
         if mine.get("sha256") != backbone.get("sha256"):
             raise EdgemetaError(
                 f"store {self.folder} was enrolled with {mine.get('model')}/{mine.get('variant')} "
@@ -223,7 +288,7 @@ class EnrollmentStore:
         if (self.head_w is not None and self.head_b is not None and self.head_w.shape == (self.embeddings.shape[1], way)
                 and self.head_b.shape == (way,) and key == head_key(spec, self.embeddings, self.labels, way)):
             return self.head_w, self.head_b
-        return adapt_linear(spec, self.embeddings, self.labels, way)
+        return _adapted(spec, self.embeddings, self.labels, way)
 
     def class_index(self, label: str) -> int:
         try:
@@ -238,6 +303,9 @@ class EnrollmentStore:
         label = check_label(label)
         if embeddings.ndim != 2 or embeddings.shape[1] != self.embeddings.shape[1]:
             raise EdgemetaError(f"embeddings of shape {embeddings.shape} do not fit this store (dim {self.embeddings.shape[1]})")
+        if not len(embeddings):  # a class without samples has no prototype
+            raise EdgemetaError(f"no samples to enroll as {label!r}; give at least one")
+        _check_finite(embeddings)
         if label not in self.class_names:
             self.class_names.append(label)
         idx = self.class_names.index(label)
@@ -282,6 +350,7 @@ class EnrollmentStore:
 
     def replace_embeddings(self, embeddings: np.ndarray, backbone: dict) -> None:
         """After re-embedding the kept samples with another backbone."""
+        _check_finite(embeddings)
         self.embeddings = embeddings.astype(np.float32)
         self.meta["backbone"] = backbone
 
@@ -295,6 +364,8 @@ class EnrollmentStore:
         if self.samples is not None:
             arrays["samples"] = self.samples
         arrays.update(self._head_arrays())
+        # what is written must open again: the same checks as open(), so a bug cannot leave an unreadable store
+        read_store(Doc(f"{self.folder / STORE_FILE} (not written)", "this is a bug in edgemeta; please report it"), arrays)
         # temporary names TMP_PREFIX + 8 characters + TMP_SUFFIX: what TMP_NAME cleans up after a kill
         write_atomic(self.folder / STORE_FILE, lambda f: np.savez(f, **arrays), prefix=TMP_PREFIX, suffix=TMP_SUFFIX)
 
@@ -307,7 +378,7 @@ class EnrollmentStore:
         spec, way = self.head_spec, len(self.class_names)
         self.meta["head"] = {"init": spec.init, "steps": spec.steps}
         if way:
-            self.head_w, self.head_b = adapt_linear(spec, self.embeddings, self.labels, way)
+            self.head_w, self.head_b = _adapted(spec, self.embeddings, self.labels, way)
             self.meta["head"]["key"] = head_key(spec, self.embeddings, self.labels, way)
 
     def _head_arrays(self) -> dict[str, np.ndarray]:

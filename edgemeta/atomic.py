@@ -9,11 +9,21 @@ the new, never a mix.
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
+
+from edgemeta.errors import EdgemetaError
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class NoSpaceError(EdgemetaError, OSError):
+    """A full disk (or quota): the user's to fix, so a one-line EdgemetaError; still an OSError (with
+    its errno) for callers that treat a failed write as harmless (the dataset cache)."""
 
 
 def fsync_dir(folder: Path) -> None:
@@ -35,8 +45,23 @@ def write_atomic(path: str | Path, data: bytes | str | Callable[[BinaryIO], None
     """Replace `path` with `data` (bytes, text, or a function that writes to the open file).
 
     `mode` sets permission bits where the file system has them (FAT has none); `prefix`/`suffix`
-    name the temporary file (a reader that cleans up leftovers of killed writers matches them)."""
+    name the temporary file (a reader that cleans up leftovers of killed writers matches them).
+    A full disk is an EdgemetaError, and `path` and its folder are left as they were."""
     path = Path(path)
+    try:
+        _write(path, data, mode, prefix, suffix)
+    except OSError as e:
+        if e.errno not in NO_SPACE:
+            raise
+        err = NoSpaceError(f"no space left on the device to write {path} ({e.strerror}); free some space "
+                           "and try again: nothing was changed")
+        err.errno = e.errno  # (not strerror: OSError would then print "[Errno 28] ..." instead of the message)
+        raise err from None
+    fsync_dir(path.parent)
+
+
+def _write(path: Path, data: bytes | str | Callable[[BinaryIO], None], mode: int | None, prefix: str | None,
+           suffix: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix if prefix is not None else f".{path.name}.", suffix=suffix)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -55,4 +80,3 @@ def write_atomic(path: str | Path, data: bytes | str | Callable[[BinaryIO], None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)

@@ -25,6 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from edgemeta.atomic import NO_SPACE, NoSpaceError
 from edgemeta.boards import Board, boards_dir, load_board
 from edgemeta.deploy.board_ops import BUNDLE_FILE, SIGNATURE_FILE
 from edgemeta.errors import EdgemetaError
@@ -182,8 +183,11 @@ def build_bundle(board_name: str, model_dir: str | Path, out: str | Path, wheelh
             shutil.rmtree(old)
         else:
             tmp.rename(final)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)  # the failed build's half-written folder, never `out`
+        if isinstance(e, OSError) and e.errno in NO_SPACE and not isinstance(e, EdgemetaError):
+            raise NoSpaceError(f"no space left on the device to build the bundle in {final.parent} ({e.strerror}); "
+                               f"free some space or choose another --out: {out} was not changed") from None
         raise
     return Path(out)
 

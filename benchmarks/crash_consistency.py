@@ -46,6 +46,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from edgemeta.deploy.board_ops import INSTALLED  # noqa: E402
 from edgemeta.errors import EdgemetaError  # noqa: E402
 from edgemeta.runtime.store import LOCK_FILE, STORE_FILE, TMP_NAME, EnrollmentStore  # noqa: E402
 
@@ -114,7 +115,9 @@ for name in ("symlink", "replace", "fsync"):
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
-SWITCH_EVENTS = 6  # activate: symlink + rename of current, fsync + rename of history.json and of the unit (rollback: 4)
+# activate: fsync + rename + folder fsync of the unit and of history.json, then symlink + rename + folder fsync of current;
+# rollback: history.json and current
+SWITCH_EVENTS = {"activate": 9, "rollback": 6}
 
 State = tuple | None  # (sorted (label, samples) pairs, backbone sha256), None: no store
 
@@ -449,6 +452,7 @@ def make_release(root: Path, rid: str) -> None:
     exe.parent.mkdir(parents=True)
     exe.write_text(f"#!/bin/sh\nexec {sys.executable} -m edgemeta \"$@\"\n")
     exe.chmod(0o755)
+    (rel / INSTALLED).write_text("")  # what board_ops writes once a venv is complete
 
 
 def release_problems(root: Path) -> list[str]:
@@ -502,13 +506,14 @@ def activation_kills(work: Path, kills: int, rng: random.Random, results: Result
     while n < kills:
         cur = os.readlink(root / "current").split("/")[-1]
         hist = json.loads((root / "history.json").read_text()) if (root / "history.json").exists() else []
+        hist = hist[: hist.index(cur) + 1] if cur in hist else hist  # as board_ops reads it (history_upto)
         older = [x for x in hist if x != cur]
         op = "rollback" if older and n % 2 else "activate"
         new = older[-1] if op == "rollback" else ("rel-b" if cur == "rel-a" else "rel-a")
         args = ["rollback"] if op == "rollback" else ["activate", new]
         row = results.row(f"board {op}")
         targeted = rng.random() < 0.5
-        kill = (rng.randint(1, SWITCH_EVENTS if op == "activate" else 4), rng.choice(["before", "after"])) if targeted else None
+        kill = (rng.randint(1, SWITCH_EVENTS[op]), rng.choice(["before", "after"])) if targeted else None
         t = time.monotonic()
         rc, out, err = board_ops(root, *args, kill=kill, delay=None if targeted else rng.uniform(0, duration))
         what = f"{op} {new} killed ({f'{kill[1]} call {kill[0]}' if kill else 'random'})"

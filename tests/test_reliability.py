@@ -143,9 +143,6 @@ def test_a_full_disk_during_a_boards_receive_is_one_line_and_leaves_the_board_as
     assert snapshot(small_disk) == before and sorted(x.name for x in (root / "releases").iterdir()) == ["rel-a"]
 
 
-@pytest.mark.xfail(strict=True, reason="board_ops.py cmd_activate switches `current` first, then write_atomic(history.json) "
-                   "raises OSError on a full disk: a traceback (exit 1, the host shows 'OSError: [Errno 28] ...'), `current` "
-                   "left on the new release without its health check, history.json not listing it, .history.json.tmp left")
 def test_a_full_disk_during_activation_is_one_line_and_leaves_the_board_as_it_was(small_disk):
     root = small_disk / "edgemeta"
     for rid in ("rel-a", "rel-b"):

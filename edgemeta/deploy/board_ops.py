@@ -3,23 +3,33 @@ so it works before edgemeta is installed there). Deploy copies this file to the 
 
     python3 board_ops.py COMMAND [ARGS]     ROOT: $EDGEMETA_ROOT, else ~/.edgemeta
 
-    ROOT/releases/<id>/        one bundle each, with its own venv/ (made here by `install`)
+    ROOT/releases/<id>/        one bundle each, with its own venv/ (made here; venv/.installed once complete)
     ROOT/releases/.<id>.partial  an upload in progress (removed by the next receive)
     ROOT/current -> releases/<id>   switched atomically (symlink renamed over the old one)
-    ROOT/history.json          activated releases, newest last (rollback goes one back)
+    ROOT/history.json          activated releases, oldest first, up to current (rollback goes one back)
     ROOT/store/                the enrollment store, shared by all releases
     ROOT/trusted_keys/<fingerprint>.pub   ed25519 public keys (hex) that may sign bundles: the key
                                of the first deploy (trust on first use); add others by hand
+    ROOT/.lock                 held by the one command changing the board (deploy, activate, rollback, ...)
+
+`deploy ID KEEP` is a whole deploy in one process, which goes on when the host's ssh dies: receive
+the bundle from stdin, install its venv, health-check the new release, write history.json and the
+agent's unit, switch `current`, check again through `current` (switching back if that fails), prune.
+`current` never names a release whose health check has not passed; a release whose install or
+check failed is removed at once. `activate ID [KEEP]` does the same for a release on the board.
 
 `receive` checks a bundle before it becomes a release folder, so nothing of it runs unchecked: its
 BUNDLE.sig must be an ed25519 signature, by a trusted key, over SIGNED_PREFIX + BUNDLE.json, and
 the folder must hold exactly the files BUNDLE.json lists (no more, none missing), each with its
-sha256. Release ids match RELEASE_ID.
+sha256. Release ids match RELEASE_ID; a bundle that names its release in BUNDLE.json must be that one.
 
-Exit status: 0 ok, 3 refused (signature, checksum, an upload cut short, health, nothing to roll back), 2 usage. The last
-line of output is JSON for the host to read.
+Exit status: 0 ok, 3 refused (signature, checksum, an upload cut short, install, health, a full disk,
+another deploy running, nothing to roll back), 2 usage. The last line of output is JSON for the host
+to read; lines before it ({"event": ...}) say how far a deploy got.
 """
 
+import errno
+import fcntl
 import hashlib
 import inspect
 import json
@@ -27,9 +37,11 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 BUNDLE_FILE = "BUNDLE.json"
@@ -49,7 +61,10 @@ def root() -> Path:
 
 
 def done(obj: dict, code: int = 0) -> None:
-    print(json.dumps(obj))
+    try:
+        print(json.dumps(obj), flush=True)
+    except OSError:  # the host went away; what was done is done
+        sys.stdout = open(os.devnull, "w")
     sys.exit(code)
 
 
@@ -261,18 +276,82 @@ def check_bundle(folder: Path) -> tuple[dict, bytes, bool]:
 
 # --- commands -------------------------------------------------------------------------------------
 
+LOCK_FILE = ".lock"  # ROOT/.lock: held (flock) by whatever changes releases, current or history.json
+INSTALLED = "venv/.installed"  # in a release: written once its venv is complete (pip succeeded)
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+TEMP_NAMES = re.compile(r"\.(current|history\.json|edgemeta-agent\.service|trusted_keys)\..+\.tmp")  # what this file writes in ROOT
+_lock_fd = -1
+
+
+def lock_board() -> None:
+    """Take ROOT/.lock for the rest of this process (the kernel drops it when the process ends, killed
+    or not), so two deploys or rollbacks never interleave; then remove what killed ones left behind."""
+    global _lock_fd
+    r = root()
+    r.mkdir(parents=True, exist_ok=True)
+    _lock_fd = os.open(r / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(_lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise Refused("another deploy or rollback is changing this board right now; wait until it is done and "
+                      "try again") from None
+    for p in r.iterdir():  # nobody else writes here while the lock is held: these are a killed writer's
+        if TEMP_NAMES.fullmatch(p.name):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+def outlive_the_host() -> None:
+    """A transaction finishes on its own once it has started: the host's ssh may die (killed, the
+    connection dropped) and take stdout with it; the board must not stop half way."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # inherited by pip and the health check
+
+
+def say(event: str, **fields) -> None:
+    """A progress line for the host (it shows them as they come); nobody may be listening any more."""
+    try:
+        print(json.dumps({"event": event, **fields}), flush=True)
+    except OSError:
+        sys.stdout = open(os.devnull, "w")
+
+
 def history() -> list:
     p = root() / "history.json"
     return json.loads(p.read_text()) if p.exists() else []
 
 
+def history_upto(now: str) -> list:
+    """The activated releases, oldest first, ending with `now`. Entries after it were written by an
+    activation killed before its switch, which never made them active."""
+    h = history()
+    return h[: h.index(now) + 1] if now in h else h
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Replace `path` with `text`: a temporary file of its own (never one a killed writer left), fsync,
+    rename, fsync the folder (so the rename survives a power cut). On any error the temporary file is
+    removed and `path` is as it was; a full disk is a Refused."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in NO_SPACE:
+            raise Refused(f"no space left on the board to write {path} ({e.strerror}); free some space and deploy "
+                          "again: nothing was changed") from None
+        raise
+    fsync_dir(path.parent)
 
 
 def current() -> str:
@@ -280,12 +359,40 @@ def current() -> str:
     return os.readlink(link).split("/")[-1] if link.is_symlink() else ""
 
 
-def cmd_preflight() -> None:
+def installed(rid: str) -> bool:
+    """The release's venv is complete. (A release activated before the INSTALLED mark existed was
+    complete when it was activated: it is in history.json or current.)"""
+    rel = root() / "releases" / rid
+    if (rel / INSTALLED).is_file():
+        return True
+    return (rel / "venv" / "bin" / "edgemeta").exists() and rid in history() + [current()]
+
+
+def release_state(rid: str) -> str:
+    return "active" if rid == current() else "installed" if installed(rid) else "absent"
+
+
+def remove_half_built(spare: str = "") -> list[str]:
+    """Remove uploads cut short and releases whose install never finished (the board lost power, or
+    an older edgemeta left them); never `current` or `spare`. Under the lock."""
+    rel = root() / "releases"
+    removed = []
+    for p in sorted(rel.glob(".*.partial")) + sorted(rel.glob("[!.]*")):
+        if p.name.endswith(".partial") or (p.name not in (current(), spare) and not installed(p.name)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+    return removed
+
+
+def cmd_preflight(rid: str = "") -> None:
     r = root()
     st = shutil.disk_usage(r if r.exists() else Path.home())
-    done({"arch": platform.machine(), "python": platform.python_version(), "glibc": " ".join(platform.libc_ver()),
-          "root": str(r), "free_mb": st.free // 2**20, "current": current(),
-          "releases": sorted(p.name for p in (r / "releases").glob("[!.]*")) if (r / "releases").exists() else []})
+    answer = {"arch": platform.machine(), "python": platform.python_version(), "glibc": " ".join(platform.libc_ver()),
+              "root": str(r), "free_mb": st.free // 2**20, "current": current(),
+              "releases": sorted(p.name for p in (r / "releases").glob("[!.]*")) if (r / "releases").exists() else []}
+    if rid:
+        answer["release"] = release_state(release_arg(rid))  # active, installed (on the board, ready) or absent
+    done(answer)
 
 
 def unpack(stream, part: Path) -> None:
@@ -308,9 +415,9 @@ def unpack(stream, part: Path) -> None:
         raise Refused(f"cannot unpack the upload into {part}: {e.strerror or e}") from None
 
 
-def cmd_receive(rid: str) -> None:
-    """Unpack a bundle (a tar stream on stdin) and check it (check_bundle) before it becomes ROOT/releases/<rid>."""
-    rid = release_arg(rid)
+def receive(rid: str) -> dict:
+    """Unpack a bundle (a tar stream on stdin) and check it (check_bundle) before it becomes
+    ROOT/releases/<rid>. The same release already installed there is kept (ids name the content)."""
     rel = root() / "releases"
     rel.mkdir(parents=True, exist_ok=True)
     for stale in rel.glob(".*.partial"):  # a transfer cut short by an earlier deploy
@@ -320,30 +427,52 @@ def cmd_receive(rid: str) -> None:
     try:
         unpack(sys.stdin.buffer, part)
         info, key, known = check_bundle(part)
+        if info.get("release", rid) != rid:
+            raise Refused(f"the bundle is release {str(info['release'])[:80]!r}, not {rid}")
         if not known:
             trust_first_key(key)
-    except Refused as e:
+    except Refused:
         shutil.rmtree(part, ignore_errors=True)
-        done({"error": str(e)}, 3)
-    signed = {"files": len(info["files"]), "key": fingerprint(key), "trust": "known" if known else "first use"}
+        raise
+    answer = {"received": rid, "files": len(info["files"]), "key": fingerprint(key), "trust": "known" if known else "first use"}
     final = rel / rid
-    if final.exists() and rid != current():
-        shutil.rmtree(final)
-    if final.exists():
+    if release_state(rid) != "absent":
         shutil.rmtree(part)
-        done({"received": rid, "note": "already present and active", **signed})
+        return {**answer, "note": f"already on the board ({release_state(rid)})"}
+    if final.exists():  # a half-built earlier copy
+        shutil.rmtree(final)
     os.rename(part, final)
-    done({"received": rid, **signed})
+    return answer
 
 
-def cmd_install(rid: str) -> None:
-    rel = root() / "releases" / release_arg(rid)
-    info = json.loads((rel / BUNDLE_FILE).read_text())
-    wheel = f"wheels/{info['wheel']}"
-    if wheel not in info["files"]:
-        done({"error": f"{BUNDLE_FILE} names the wheel {wheel!r}, which it does not list"}, 3)
-    venv = rel / "venv"
-    if not (venv / "bin" / "edgemeta").exists():
+def cmd_receive(rid: str) -> None:
+    rid = release_arg(rid)
+    lock_board()
+    done(receive(rid))
+
+
+def pip_hint(message: str, rel: Path) -> str:
+    if "No matching distribution" in message and not (rel / "wheelhouse").is_dir():
+        return (f"{message} (if this board has no internet access, deploy with --wheelhouse: the bundle then "
+                "carries every wheel)")
+    return message
+
+
+def install(rid: str) -> bool:
+    """Make the release's venv unless it is complete; True when it was made now. A failed install
+    removes the release at once (never `current`): a half-built release is nothing to keep."""
+    rel = root() / "releases" / rid
+    if installed(rid):
+        return False
+    try:
+        info = json.loads((rel / BUNDLE_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise Refused(f"release {rid} is not on this board (or its {BUNDLE_FILE} is unreadable: {e})") from None
+    try:
+        wheel = f"wheels/{info['wheel']}"
+        if wheel not in info["files"]:
+            raise Refused(f"{BUNDLE_FILE} names the wheel {wheel!r}, which it does not list")
+        venv = rel / "venv"
         shutil.rmtree(venv, ignore_errors=True)
         args = [sys.executable, "-m", "venv", str(venv)]
         if info.get("system_site_packages"):
@@ -352,34 +481,59 @@ def cmd_install(rid: str) -> None:
         pip = [str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check"]
         if (rel / "wheelhouse").is_dir():
             pip += ["--no-index", "--find-links", str(rel / "wheelhouse")]
-        run(pip + ["-r", str(rel / "requirements.txt"), str(rel / wheel)])
-    done({"installed": rid})
+        try:
+            run(pip + ["-r", str(rel / "requirements.txt"), str(rel / wheel)])
+        except Refused as e:
+            raise Refused(pip_hint(str(e), rel)) from None
+        write_atomic(rel / INSTALLED, "")
+    except BaseException:
+        if rid != current():
+            shutil.rmtree(rel, ignore_errors=True)
+        raise
+    return True
+
+
+def cmd_install(rid: str) -> None:
+    rid = release_arg(rid)
+    lock_board()
+    outlive_the_host()
+    done({"installed": rid, "made": install(rid)})
 
 
 def run(args: list) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")} if os.environ.get("EDGEMETA_CLEAN_PIP") else None
     p = subprocess.run(args, capture_output=True, text=True, env=env)
     if p.returncode != 0:
-        done({"error": f"{Path(args[0]).name} failed: " + ((p.stderr or p.stdout).strip().splitlines() or ["?"])[-1][:300]}, 3)
+        raise Refused(f"{Path(args[0]).name} failed: " + ((p.stderr or p.stdout).strip().splitlines() or ["?"])[-1][:300])
+
+
+def health(rid: str, through: str = "") -> dict:
+    """Load the release's model and embed a sample with its own venv (`through`: by that path, such
+    as ROOT/current, instead of releases/<rid>); Refused when it fails."""
+    rel = Path(through) if through else root() / "releases" / rid
+    exe = rel / "venv" / "bin" / "edgemeta"
+    try:
+        p = subprocess.run([str(exe), "health", "--model", str(rel / "model"), "--store", str(root() / "store"), "--json"],
+                           capture_output=True, text=True)
+    except OSError as e:
+        raise Refused(f"health check failed: cannot run {exe}: {e.strerror}") from None
+    if p.returncode != 0:
+        raise Refused("health check failed: " + ((p.stderr or p.stdout).strip().splitlines() or ["?"])[-1][:300])
+    return {"healthy": rid, **json.loads(p.stdout)}
 
 
 def cmd_health(rid: str) -> None:
-    rel = root() / "releases" / release_arg(rid, allow_current=True)
-    exe = rel / "venv" / "bin" / "edgemeta"
-    p = subprocess.run([str(exe), "health", "--model", str(rel / "model"), "--store", str(root() / "store"), "--json"],
-                       capture_output=True, text=True)
-    if p.returncode != 0:
-        done({"error": "health check failed: " + ((p.stderr or p.stdout).strip().splitlines() or ["?"])[-1][:300]}, 3)
-    done({"healthy": rel.name, **json.loads(p.stdout)})
+    done(health(release_arg(rid, allow_current=True)))
 
 
 def switch(rid: str) -> None:
     r = root()
-    tmp = r / ".current.tmp"
+    tmp = r / f".current.{os.getpid()}.tmp"
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
     os.symlink(f"releases/{rid}", tmp)
     os.replace(tmp, r / "current")  # rename(2) over the old link: atomic
+    fsync_dir(r)
 
 
 def agent_user() -> tuple[str, str]:
@@ -396,64 +550,122 @@ def unwritable(folder: Path) -> list[str]:
     return [str(p) for p in paths if not p.is_symlink() and not os.access(p, os.W_OK)]
 
 
-def cmd_activate(rid: str) -> None:
-    rid = release_arg(rid)
-    if not (root() / "releases" / rid / "venv" / "bin" / "edgemeta").exists():
-        done({"error": f"release {rid} is not installed"}, 3)
+def keep_arg(keep: str) -> int:
+    if not keep.isdigit() or int(keep) < 1:
+        done({"error": f"prune: keep must be a whole number of releases, 1 or more, not {keep[:20]!r}"}, 2)
+    return int(keep)
+
+
+def activate(rid: str, fresh: bool) -> dict:
+    """The transaction (under the lock): install (when not yet), health-check the release itself, write
+    its history entry and unit, switch `current` atomically, check again through `current`. `current`
+    never names an unchecked release: a failure before the switch leaves the board as it was (a
+    release this deploy brought, `fresh`, or installed is removed), one after it switches back."""
     user, group = agent_user()
     store = root() / "store"
     blocked = unwritable(store)
     if blocked:  # the agent runs as this user and writes the store: say so now, not when it first enrolls
-        done({"error": f"{blocked[0]} is not writable by {user}, who the agent runs as: sudo chown -R {user}: {store}"}, 3)
+        raise Refused(f"{blocked[0]} is not writable by {user}, who the agent runs as: sudo chown -R {user}: {store}")
     previous = current()
-    switch(rid)
-    h = [x for x in history() if x != rid] + [rid]
-    write_atomic(root() / "history.json", json.dumps(h))
+    made = False
+    try:
+        made = install(rid)
+        if made:
+            say("installed", release=rid)
+        checked = health(rid)
+    except Refused as e:
+        if (fresh or made) and rid != previous:
+            shutil.rmtree(root() / "releases" / rid, ignore_errors=True)
+        kept = f"{previous} stays active" if previous else "no release is active"
+        raise Refused(f"{e}; {kept}" + (f", {rid} was removed" if (fresh or made) and rid != previous else "")) from None
+    say("healthy", **checked)
+    answer = {"active": rid, "previous": previous, "installed": made}
+    if rid == previous:
+        return {**answer, "note": "already active"}
     store.mkdir(exist_ok=True)
-    answer = {"active": rid, "previous": previous}
     unit = root() / "releases" / rid / "edgemeta-agent.service"
     if unit.exists():  # ready for `sudo cp ROOT/edgemeta-agent.service /etc/systemd/system/`
         text = unit.read_text().replace("@ROOT@", str(root().resolve())).replace("@USER@", user).replace("@GROUP@", group)
-        write_atomic(root() / "edgemeta-agent.service", text)
+        write_atomic(root() / "edgemeta-agent.service", text)  # the same for every release: it runs ROOT/current
         if os.getuid() == 0:
             answer["warning"] = ("the agent's systemd unit runs as root because this deploy logs in as root; "
                                  "deploy as an unprivileged user (such as pi@board) instead")
-    done(answer)
+    before = history_upto(previous)
+    write_atomic(root() / "history.json", json.dumps([x for x in before if x != rid] + [rid]))  # (history_upto: safe to kill here)
+    switch(rid)
+    try:
+        health(rid, through=str(root() / "current"))  # the path the agent takes
+    except Refused as e:
+        if previous:
+            switch(previous)
+            write_atomic(root() / "history.json", json.dumps(before))
+        raise Refused(f"{e} (through current, after the switch); " + (f"switched back to {previous}" if previous else
+                                                                       "no earlier release to switch back to")) from None
+    return answer
+
+
+def cmd_activate(rid: str, keep: str = "") -> None:
+    """Activate a release that is on the board (received, perhaps installed); with KEEP, prune after."""
+    rid, n = release_arg(rid), keep_arg(keep) if keep else 0
+    lock_board()
+    outlive_the_host()
+    remove_half_built(spare=rid)
+    answer = activate(rid, fresh=False)
+    done({**answer, "pruned": prune(n)} if n else answer)
+
+
+def cmd_deploy(rid: str, keep: str) -> None:
+    """The whole deploy of one board, in this one process so that a dying host cannot leave it half done:
+    receive the bundle (a tar stream on stdin), then activate it (see `activate`), then prune to KEEP."""
+    rid, n = release_arg(rid), keep_arg(keep)
+    lock_board()
+    outlive_the_host()
+    remove_half_built()
+    got = receive(rid)
+    say("received", **got)
+    done({**activate(rid, fresh="note" not in got), "pruned": prune(n)})
 
 
 def cmd_rollback() -> None:
-    h = history()
+    lock_board()
+    outlive_the_host()
     now = current()
-    older = [x for x in h if x != now and (root() / "releases" / x / "venv").exists()]
+    h = history_upto(now)
+    older = [x for x in h if x != now and installed(x)]
     if not older:
-        done({"error": "no earlier release to roll back to"}, 3)
+        raise Refused("no earlier release to roll back to")
     target = older[-1]
+    write_atomic(root() / "history.json", json.dumps([x for x in h if x != now]))  # first: see history_upto
     switch(target)
-    write_atomic(root() / "history.json", json.dumps([x for x in h if x != now]))
     done({"active": target, "rolled_back_from": now})
 
 
-def cmd_prune(keep: str) -> None:
-    if not keep.isdigit() or int(keep) < 1:
-        done({"error": f"prune: keep must be a whole number of releases, 1 or more, not {keep[:20]!r}"}, 2)
-    h, now = history(), current()
-    keep_set = set(h[-int(keep):]) | {now}
+def prune(keep: int) -> list[str]:
+    """Remove releases beyond the last `keep` of the history (never current). Under the lock."""
+    now = current()
+    keep_set = set(history_upto(now)[-keep:]) | {now}
     removed = []
-    for p in (root() / "releases").glob("[!.]*"):
+    for p in sorted((root() / "releases").glob("[!.]*")):
         if p.name not in keep_set:
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p.name)
-    done({"removed": removed})
+    return removed
+
+
+def cmd_prune(keep: str) -> None:
+    n = keep_arg(keep)
+    lock_board()
+    done({"removed": prune(n)})
 
 
 def cmd_status() -> None:
     keys = sorted(p.stem for p in (root() / KEYS_DIR).glob("*.pub"))
-    done({"current": current(), "history": history(), "trusted_keys": keys,
+    done({"current": current(), "history": history_upto(current()), "trusted_keys": keys,
           "releases": sorted(p.name for p in (root() / "releases").glob("[!.]*")) if (root() / "releases").exists() else []})
 
 
 COMMANDS = {"preflight": cmd_preflight, "receive": cmd_receive, "install": cmd_install, "health": cmd_health,
-            "activate": cmd_activate, "rollback": cmd_rollback, "prune": cmd_prune, "status": cmd_status}
+            "activate": cmd_activate, "deploy": cmd_deploy, "rollback": cmd_rollback, "prune": cmd_prune, "status": cmd_status}
 
 if __name__ == "__main__":
     usage = f"usage: board_ops.py {'|'.join(COMMANDS)} [ARGS]"
@@ -464,4 +676,9 @@ if __name__ == "__main__":
         inspect.signature(command).bind(*sys.argv[2:])
     except TypeError:
         done({"error": f"usage: board_ops.py {sys.argv[1]} {' '.join(inspect.signature(command).parameters).upper()}".rstrip()}, 2)
-    command(*sys.argv[2:])
+    try:
+        command(*sys.argv[2:])
+    except Refused as e:
+        done({"error": str(e)}, 3)
+    except OSError as e:  # not foreseen above: still one line for the host, not a traceback
+        done({"error": f"{sys.argv[1]} failed: {e.strerror or e}" + (f": {e.filename}" if e.filename else "")}, 3)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from edgemeta.deploy import board_ops
-from edgemeta.deploy.bundle import build_bundle
+from edgemeta.deploy.bundle import build_bundle, release_name
 from edgemeta.runtime.manifest import sha256_file
 
 SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "omniglot"
@@ -35,15 +35,18 @@ def status(lab, board):
 
 
 def rebundle(bundle: Path, dest: Path, change=None, key=None, **fields) -> Path:
-    """A copy of a bundle, optionally changed, with BUNDLE.json rewritten (new checksums, `fields`) and
-    re-signed as a new build would be: with the session's key, or `key`."""
+    """A copy of a bundle, changed (a new release: its board.toml gains a comment, then `change`), with
+    BUNDLE.json rewritten (new checksums, `fields`, the release id of the new content) and re-signed as a
+    new build would be: with the session's key, or `key`."""
     shutil.copytree(bundle, dest)
+    with open(dest / "board.toml", "a") as f:
+        f.write(f"# rebundled as {dest.name}\n")  # the content, so the release id, differs
     if change:
         change(dest)
     info = json.loads((dest / "BUNDLE.json").read_text())
-    info["created"] = dest.name  # a new build: new release id
     info["files"] = {k: sha256_file(dest / k) for k in info["files"]}
     info.update(fields)
+    info["release"] = release_name(dest, info)
     (dest / "BUNDLE.json").write_text(json.dumps(info))
     if (bundle / "BUNDLE.sig").exists():  # (a bundle built before signing has none)
         from edgemeta.deploy.signing import sign_bundle, signing_key
@@ -105,7 +108,7 @@ def test_deploy_enroll_classify_and_upgrade(lab, bundle, tmp_path):
     assert p.returncode == 0 and status(lab, board)["current"] == first, p.stderr
 
 
-def test_failed_health_check_rolls_back(lab, bundle, tmp_path):
+def test_a_release_that_fails_its_health_check_never_becomes_current(lab, bundle, tmp_path):
     board = lab.add_board()
     assert deploy(lab, "--bundle", str(bundle), "--host", board.alias).returncode == 0
     good = status(lab, board)["current"]
@@ -115,10 +118,14 @@ def test_failed_health_check_rolls_back(lab, bundle, tmp_path):
         m["embedding_dim"] = 7
         (d / "model/manifest.json").write_text(json.dumps(m))
 
-    p = deploy(lab, "--bundle", str(rebundle(bundle, tmp_path / "bad", break_manifest)), "--host", board.alias)
-    assert p.returncode == 1 and "health check failed" in p.stdout and f"rolled back to {good}" in p.stdout
+    bad = rebundle(bundle, tmp_path / "bad", break_manifest)
+    p = deploy(lab, "--bundle", str(bad), "--host", board.alias)
+    # checked before the switch: current never named the bad release, which is removed at once
+    row = one_failed_row(p)
+    assert "health check failed" in row and f"{good} stays active" in row and "was removed" in row, row
+    assert "activated" not in p.stderr
     st = status(lab, board)
-    assert st["current"] == good and st["history"] == [good]
+    assert st["current"] == good and st["history"] == [good] and st["releases"] == [good]
 
 
 def test_tampered_bundle_is_refused(lab, bundle, tmp_path):
@@ -189,11 +196,13 @@ def test_only_bundles_signed_by_the_trusted_key_are_taken(lab, bundle, tmp_path)
     other = load_key(tmp_path / "other.pem")
     row = one_failed_row(deploy(lab, "--bundle", str(rebundle(bundle, tmp_path / "other", key=other)), "--host", board.alias))
     assert f"signed by key {theirs}, which this board does not trust (it trusts {mine})" in row
-    # the active release itself, re-signed by another key (same BUNDLE.json, same release id)
+    # the active release itself, re-signed by another key (same BUNDLE.json, same release id): already active,
+    # so nothing of it is taken (nothing is uploaded) and the board's keys stay as they were
     same = tmp_path / "same"
     shutil.copytree(bundle, same)
     sign_bundle(same, other)
-    assert f"signed by key {theirs}, which" in one_failed_row(deploy(lab, "--bundle", str(same), "--host", board.alias))
+    p = deploy(lab, "--bundle", str(same), "--host", board.alias)
+    assert p.returncode == 0 and "is already active: nothing to do" in p.stderr and "uploaded" not in p.stderr, p.stderr
     # unsigned
     unsigned = rebundle(bundle, tmp_path / "unsigned")
     (unsigned / "BUNDLE.sig").unlink()
@@ -237,6 +246,7 @@ def test_a_bad_release_id_is_refused_in_one_line(lab, bundle, tmp_path):
         p = lab.ssh(board, f"python3 $HOME/.edgemeta-ops.py {args} </dev/null")
         assert p.returncode == 2 and p.stderr == "" and len(p.stdout.strip().splitlines()) == 1, (args, p.stdout, p.stderr)
         assert json.loads(p.stdout)["error"].startswith(("invalid release id", "usage: ", "prune: keep")), p.stdout
+    assert not (board.root / ".lock").exists()  # refused before anything was touched
     assert not (board.root / "releases").exists() or not list((board.root / "releases").iterdir())
 
 
@@ -267,7 +277,17 @@ def test_host_names_and_the_ssh_command_line(monkeypatch):
         with pytest.raises(EdgemetaError, match="is not an ssh destination"):
             ssh.check_host(bad)
     seen = []
-    monkeypatch.setattr(ssh.subprocess, "run", lambda argv, **kw: seen.append(argv) or subprocess.CompletedProcess(argv, 0, b"{}", b""))
+
+    class FakeSsh:
+        returncode = 0
+
+        def __init__(self, argv, **kw):
+            seen.append(argv)
+
+        def communicate(self, input=None, timeout=None):
+            return b"{}", b""
+
+    monkeypatch.setattr(ssh.subprocess, "Popen", FakeSsh)
     ssh.Remote("pi@kitchen", "cfg").ops("status")
     argv = seen[0]
     assert argv[0] == "ssh" and argv[argv.index("pi@kitchen") - 1] == "--" and argv.index("--") > argv.index("-F")
@@ -426,6 +446,58 @@ def test_dry_run_changes_nothing(lab, bundle):
     assert not (board.root / "releases").exists()
 
 
+def test_release_ids_name_the_content(exported, bundle, tmp_path):
+    """Two builds of the same model for the same board are one release (the id hashes what a board
+    runs, not the build time or the wheel's zip timestamps); another model or profile is another."""
+    from edgemeta.deploy.ssh import release_id
+
+    again = build_bundle("generic-x86_64", exported, tmp_path / "again")  # no wheelhouse: how, not what, is installed
+    assert release_id(again) == release_id(bundle) == json.loads((again / "BUNDLE.json").read_text())["release"]
+    assert release_id(rebundle(bundle, tmp_path / "other")) != release_id(bundle)
+
+
+def test_redeploy_is_a_no_op_and_a_release_on_the_board_is_activated_without_upload(lab, bundle, tmp_path):
+    board = lab.add_board()
+    rid = json.loads((bundle / "BUNDLE.json").read_text())["release"]
+    p = deploy(lab, "--bundle", str(bundle), "--host", board.alias, "--dry-run")
+    assert p.returncode == 0 and f"dry run: would upload {rid} " in p.stderr and rid in p.stdout, p.stderr  # the real run's id
+    assert deploy(lab, "--bundle", str(bundle), "--host", board.alias).returncode == 0
+    assert status(lab, board)["current"] == rid
+    venv = board.root / "releases" / rid / "venv" / "bin" / "python"
+    made = venv.lstat().st_ino
+    for args in ((), ("--dry-run",)):  # the same release again: nothing to do, and said so
+        p = deploy(lab, "--bundle", str(bundle), "--host", board.alias, *args)
+        assert p.returncode == 0 and f"{rid} is already active: nothing to do" in p.stderr and "(already active)" in p.stdout, p.stderr
+        assert "uploaded" not in p.stderr
+    # another release, then the first again: it is on the board, so activated without upload or install
+    other = rebundle(bundle, tmp_path / "b2")
+    assert deploy(lab, "--bundle", str(other), "--host", board.alias).returncode == 0
+    p = deploy(lab, "--bundle", str(bundle), "--host", board.alias, "--dry-run")
+    assert p.returncode == 0 and f"dry run: would activate {rid}, which is on the board already" in p.stderr, p.stderr
+    p = deploy(lab, "--bundle", str(bundle), "--host", board.alias)
+    assert p.returncode == 0 and "on the board already: activating it without upload or install" in p.stderr, p.stderr
+    assert "uploaded" not in p.stderr and "runtime installed" not in p.stderr and "health check of" in p.stderr
+    st = status(lab, board)
+    assert st["current"] == rid and st["history"][-2:] == [json.loads((other / "BUNDLE.json").read_text())["release"], rid]
+    assert venv.lstat().st_ino == made  # the venv of the first install, not a new one
+
+
+def test_a_failed_install_removes_its_release_at_once(lab, bundle, tmp_path):
+    board = lab.add_board()
+    assert deploy(lab, "--bundle", str(bundle), "--host", board.alias).returncode == 0
+    good = status(lab, board)["current"]
+
+    def unknown_requirement(d: Path) -> None:  # pip cannot find it in the wheelhouse: as on a board without internet
+        with open(d / "requirements.txt", "a") as f:
+            f.write("edgemeta-no-such-package==0.0.1\n")
+
+    row = one_failed_row(deploy(lab, "--bundle", str(rebundle(bundle, tmp_path / "bad", unknown_requirement)), "--host", board.alias))
+    assert "pip failed" in row and "No matching distribution" in row and f"{good} stays active" in row, row
+    st = status(lab, board)
+    assert st["current"] == good and st["releases"] == [good] and st["history"] == [good]
+    assert sorted(p.name for p in (board.root / "releases").iterdir()) == [good]  # no partial, no half-built venv
+
+
 def test_bundle_refuses_what_the_board_cannot_run(exported, tmp_path):
     p = subprocess.run([sys.executable, "-m", "edgemeta", "bundle", "--board", "rpi-coral-usb", "--model", str(exported),
                         "--out", str(tmp_path / "b")], capture_output=True, text=True)
@@ -550,8 +622,8 @@ def test_an_upload_cut_short_is_refused_in_one_line_and_leaves_no_release(tmp_pa
     last = members[-1]  # the wheel, the largest file
     assert last.size > 2048
 
-    def receive(stream: bytes, root: Path) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(OPS), "receive", "r1"], input=stream, capture_output=True, timeout=120,
+    def receive(stream: bytes, root: Path, rid: str = "r1") -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(OPS), "receive", rid], input=stream, capture_output=True, timeout=120,
                               env={**os.environ, "EDGEMETA_ROOT": str(root)})
 
     cuts = {"nothing": 0, "inside the first header": 100, "inside a file's data": members[1].offset_data + 10,
@@ -566,6 +638,9 @@ def test_an_upload_cut_short_is_refused_in_one_line_and_leaves_no_release(tmp_pa
         assert os.listdir(root / "releases") == [], what  # no release, no partial folder
     assert "ended early" in json.loads(receive(data[: len(data) // 2], tmp_path / "r").stdout)["error"]
     assert "board.toml missing" in json.loads(receive(data[: members[2].offset], tmp_path / "m").stdout)["error"]
-    p = receive(data, tmp_path / "whole")  # the same stream, whole, is taken
-    assert p.returncode == 0 and json.loads(p.stdout)["received"] == "r1", p.stdout + p.stderr
-    assert os.listdir(tmp_path / "whole" / "releases") == ["r1"]
+    p = receive(data, tmp_path / "whole")  # the same stream, whole, is refused under another name than its own
+    assert p.returncode == 3 and "the bundle is release" in json.loads(p.stdout)["error"], p.stdout + p.stderr
+    rid = json.loads((bundle / "BUNDLE.json").read_text())["release"]
+    p = receive(data, tmp_path / "whole", rid)  # and taken under its own
+    assert p.returncode == 0 and json.loads(p.stdout)["received"] == rid, p.stdout + p.stderr
+    assert os.listdir(tmp_path / "whole" / "releases") == [rid]

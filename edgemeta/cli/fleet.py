@@ -117,26 +117,36 @@ def bundle(board: str, model: str, out: str, wheelhouse: bool, sign_key: str | N
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable per-host results.")
 def deploy(board: str | None, model: str | None, bundle_dir: str | None, hosts: tuple[str, ...], hosts_file: str | None,
            ssh_config: str | None, parallel: int, wheelhouse: bool, dry_run: bool, sign_key: str | None, as_json: bool) -> None:
-    """Deploy a model to boards over SSH: verify, install, health-check, activate atomically, roll back on failure.
+    """Deploy a model to boards over SSH: verify, install, health-check, then activate atomically; each board
+    finishes on its own once it has the bundle. A release already active is left alone, one on the board is
+    activated without upload; the release id names the content, so --dry-run names what a deploy would run.
 
     \b
     Example:
       edgemeta deploy --board rpi5 --model models/omniglot-conv4 --host pi@kitchen --host pi@garage
       edgemeta deploy --bundle dist/rpi5 --hosts fleet.txt --parallel 8
     """
-    from edgemeta.deploy.ssh import deploy_release, read_hosts_file
+    from edgemeta.deploy.ssh import Stopped, deploy_release, read_hosts_file, stop_on_signals
 
     targets = list(hosts) + (read_hosts_file(hosts_file) if hosts_file else [])
-    results = deploy_release(targets, bundle_dir, board, model, wheelhouse, ssh_config, dry_run, parallel,
-                             log=(lambda h, m: None) if as_json else (lambda h, m: click.echo(f"{h}: {m}", err=True)),
-                             sign_key=sign_key)
+    stop_on_signals()
+    try:
+        results = deploy_release(targets, bundle_dir, board, model, wheelhouse, ssh_config, dry_run, parallel,
+                                 log=(lambda h, m: None) if as_json else (lambda h, m: click.echo(f"{h}: {m}", err=True)),
+                                 sign_key=sign_key)
+    except Stopped as e:
+        click.echo(f"error: deploy stopped by {e}: a board that had received the whole bundle finishes the deploy on its "
+                   "own (health check first), every other keeps its active release; `edgemeta deploy --dry-run` shows "
+                   "what each runs", err=True)
+        sys.exit(128 + e.signum)
     if as_json:
         click.echo(json.dumps([r.__dict__ for r in results], indent=2))
     else:
         width = max(len(r.host) for r in results)
         click.echo(f"{'host':{width}}  result  release / error")
         for r in results:
-            click.echo(f"{r.host:{width}}  {'ok' if r.ok else 'FAILED':6}  {r.release if r.ok else r.error}")
+            shown = (r.release + (f" ({r.note})" if r.note else "")) if r.ok else r.error
+            click.echo(f"{r.host:{width}}  {'ok' if r.ok else 'FAILED':6}  {shown}")
     if not all(r.ok for r in results):
         sys.exit(1)
 

@@ -1,6 +1,7 @@
 """A bundle: one self-contained, checksummed and signed release of a model for one board profile.
 
-    BUNDLE.json            board, model, variant, edgemeta version, sha256 of every other file
+    BUNDLE.json            board, model, variant, edgemeta version, sha256 of every other file, and the
+                           release id: model-variant-<digest of the content> (release_name)
     BUNDLE.sig             ed25519 signature of BUNDLE.json by the user's key (deploy/signing.py)
     model/manifest.json    the manifest, reduced to the variant this board takes
     model/<variant>.tflite
@@ -17,12 +18,14 @@ takes only the files BUNDLE.json lists, signed by the key it trusts (deploy/boar
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import secrets
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 from edgemeta.atomic import NO_SPACE, NoSpaceError
@@ -192,6 +195,32 @@ def build_bundle(board_name: str, model_dir: str | Path, out: str | Path, wheelh
     return Path(out)
 
 
+def wheel_digest(wheel: Path) -> str:
+    """sha256 over the names and contents of a wheel's files: pip stamps every build's zip with the
+    time, so two builds of the same source differ as files but not here."""
+    h = hashlib.sha256()
+    with zipfile.ZipFile(wheel) as z:
+        for name in sorted(z.namelist()):
+            h.update(name.encode() + b"\0" + hashlib.sha256(z.read(name)).digest())
+    return h.hexdigest()
+
+
+def release_name(folder: Path, info: dict) -> str:
+    """The release id of a bundle: model-variant-<digest> of what a board runs, so the same model with
+    the same runtime (requirements, profile, edgemeta's own code) is the same release however often it
+    is built. The digest covers BUNDLE.json's fields but its build time, and its files with their
+    sha256, edgemeta's wheel by its contents and the wheelhouse left out (how the runtime is
+    installed, not what). Not checked here: deploy checks it against board_ops.RELEASE_ID."""
+    files = {}
+    for name, digest in info["files"].items():
+        if name.startswith("wheelhouse/"):
+            continue
+        files[name] = wheel_digest(folder / name) if name == f"wheels/{info.get('wheel')}" else digest
+    content = {k: v for k, v in info.items() if k not in ("created", "files", "release")}
+    canonical = json.dumps({**content, "files": files}, sort_keys=True).encode()
+    return f"{info['model']}-{info['variant']}-{hashlib.sha256(canonical).hexdigest()[:12]}"
+
+
 def _write_bundle(out: Path, board: Board, manifest: Manifest, variant: Variant, wheelhouse: bool) -> None:
     """Fill the empty folder `out` with the bundle."""
     (out / "model").mkdir()
@@ -215,4 +244,5 @@ def _write_bundle(out: Path, board: Board, manifest: Manifest, variant: Variant,
             "system_site_packages": bool(board.runtime.get("system_packages")),
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "files": {p.relative_to(out).as_posix(): sha256_file(p) for p in files}}
+    info["release"] = release_name(out, info)
     (out / BUNDLE_FILE).write_text(json.dumps(info, indent=2) + "\n")

@@ -5,12 +5,18 @@ host whose key is unknown or changed is refused by ssh itself). Every board-side
 board_ops.py with the board's python3; see that file for the layout on the board. Host names are
 checked (check_host) and always follow `--` on ssh's command line, so none is taken for an option.
 
-Order for one host: preflight (architecture, Python) -> upload board_ops.py -> stream the bundle
-(tar over ssh) into a partial folder, where the board checks the signature (trusting the key of
-its first deploy) and that the files are exactly the signed list, before renaming it into place ->
-create the release's venv and install the runtime (never TensorFlow) -> switch `current`
-atomically -> health check through `current` (load the model, embed a sample), rolling back to
-the previous release automatically when it fails -> prune old releases.
+Order for one host: upload board_ops.py (checked by its sha256 before it replaces the old copy) ->
+preflight (architecture, Python, and whether the release is active, on the board, or absent) ->
+then one ssh call that the board runs to the end on its own, whatever happens to this process:
+`board_ops.py deploy`, which takes the bundle as a tar stream, checks its signature (trusting the
+key of its first deploy) and that the files are exactly the signed list, installs the runtime in
+the release's venv (never TensorFlow), health-checks the new release (load the model, embed a
+sample), and only then switches `current` atomically and prunes old releases. A release already
+active is left alone; one on the board already is activated without upload or install.
+
+A release id names the content (bundle.release_name), so `--dry-run` names the release the real
+run deploys. SIGTERM or Ctrl-C (stop_on_signals) stops every ssh this process started: an upload
+cut short is refused by the board, a board that has the whole bundle finishes the deploy itself.
 """
 
 from __future__ import annotations
@@ -19,8 +25,12 @@ import hashlib
 import json
 import re
 import shlex
+import signal
 import subprocess
 import tarfile
+import tempfile
+import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +62,63 @@ class HostResult:
     release: str = ""
     steps: list[str] = field(default_factory=list)
     error: str = ""
+    note: str = ""  # "already active", "activated from the board's copy"
+
+
+# Every ssh this process starts, so that SIGTERM can stop them all (stop_on_signals); none starts after.
+_children: set[subprocess.Popen] = set()
+_children_lock = threading.Lock()
+_stopping: list[int] = []  # the signal, once one came
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGINT during a deploy (raised in the main thread; a BaseException so that no
+    `except Exception` takes it for a deploy error)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def stop_on_signals() -> None:
+    """From now on SIGTERM and SIGINT stop every ssh this process runs (the worker threads then end
+    at once) and raise Stopped in the main thread; a second signal is ignored."""
+    def handler(signum: int, frame) -> None:
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, signal.SIG_IGN)
+        with _children_lock:
+            _stopping.append(signum)
+            for proc in _children:
+                proc.terminate()
+        raise Stopped(signum)
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, handler)
+
+
+def _spawn(argv: list[str], **kwargs) -> subprocess.Popen:
+    with _children_lock:
+        if _stopping:
+            raise EdgemetaError(f"stopped by {signal.Signals(_stopping[0]).name}")
+        proc = subprocess.Popen(argv, **kwargs)
+        _children.add(proc)
+    return proc
+
+
+def _forget(proc: subprocess.Popen) -> None:
+    with _children_lock:
+        _children.discard(proc)
+
+
+# Writes board_ops.py on the board only once all of it arrived (its sha256), in one rename.
+PUT_OPS = ("import hashlib, os, sys\n"
+           "path, data = sys.argv[1], sys.stdin.buffer.read()\n"
+           "if hashlib.sha256(data).hexdigest() != sys.argv[2]:\n"
+           "    sys.exit(f'board_ops.py arrived damaged or cut short ({len(data)} bytes): deploy again')\n"
+           "tmp = f'{path}.{os.getpid()}.tmp'\n"
+           "with open(tmp, 'wb') as f:\n"
+           "    f.write(data)\n"
+           "os.replace(tmp, path)\n")
 
 
 class Remote:
@@ -59,21 +126,30 @@ class Remote:
 
     def __init__(self, host: str, ssh_config: str | None = None, connect_timeout: int = 10):
         self.host = check_host(host)
-        self.base = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={connect_timeout}"]
+        # ServerAlive: a board that vanishes mid-deploy ends ssh within a minute instead of a TCP timeout
+        self.base = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={connect_timeout}", "-o", "ServerAliveInterval=15",
+                     "-o", "ServerAliveCountMax=4"]
         if ssh_config:
             self.base += ["-F", ssh_config]
 
-    def run(self, command: str, stdin=None, input: bytes | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    def run(self, command: str, input: bytes | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
         """Run a shell command line on the board (the caller quotes every argument)."""
+        argv = [*self.base, "--", self.host, command]
+        proc = _spawn(argv, stdin=subprocess.DEVNULL if input is None else subprocess.PIPE, stdout=subprocess.PIPE,
+                      stderr=subprocess.PIPE)
         try:
-            return subprocess.run([*self.base, "--", self.host, command], stdin=stdin, input=input, capture_output=True,
-                                  timeout=timeout)
+            out, err = proc.communicate(input, timeout=timeout)
         except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
             raise EdgemetaError(f"{self.host}: no answer within {timeout:.0f} s") from None
+        finally:
+            _forget(proc)
+        return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
-    def ops(self, *args: str, stdin=None, timeout: float = 900) -> dict:
+    def ops(self, *args: str, timeout: float = 900) -> dict:
         """Run a board_ops.py command; its last output line is JSON. Errors become EdgemetaError."""
-        p = self.run(f"python3 {OPS_REMOTE} " + shlex.join(args), stdin=stdin, timeout=timeout)
+        p = self.run(f"python3 {OPS_REMOTE} " + shlex.join(args), timeout=timeout)
         return self._answer(p, args[0])
 
     def _answer(self, p: subprocess.CompletedProcess, what: str) -> dict:
@@ -91,25 +167,49 @@ class Remote:
         return answer
 
     def install_ops(self) -> None:
-        p = self.run(f"cat > {OPS_REMOTE}.tmp && mv {OPS_REMOTE}.tmp {OPS_REMOTE}", input=OPS.read_bytes())
+        data = OPS.read_bytes()
+        p = self.run(f"python3 -c {shlex.quote(PUT_OPS)} \"{OPS_REMOTE}\" {hashlib.sha256(data).hexdigest()}", input=data)
         if p.returncode:
             self._answer(p, "upload board_ops.py")
 
-    def upload(self, bundle: Path, release: str) -> dict:
-        """Stream the bundle as a tar archive into the board's releases folder."""
-        proc = subprocess.Popen([*self.base, "--", self.host, f"python3 {OPS_REMOTE} receive {shlex.quote(release)}"],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            with tarfile.open(fileobj=proc.stdin, mode="w|") as tar:
-                for path in sorted(bundle.rglob("*")):
-                    tar.add(path, arcname=path.relative_to(bundle).as_posix(), recursive=False)
-        except BrokenPipeError:
-            pass  # the board side stopped reading; its answer below says why
-        finally:
-            proc.stdin.close()
-            proc.stdin = None  # already closed: communicate() must not flush it
-        stdout, stderr = proc.communicate(timeout=900)
-        return self._answer(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), "upload")
+    def transact(self, args: list[str], bundle: Path | None = None, on_event: Callable[[dict], None] = lambda e: None,
+                 timeout: float = 3600) -> dict:
+        """Run a board_ops.py command that reports progress ({"event": ...} lines, passed to `on_event`
+        as they come), streaming `bundle` to it as a tar archive when given."""
+        argv = [*self.base, "--", self.host, f"python3 {OPS_REMOTE} " + shlex.join(args)]
+        with tempfile.TemporaryFile() as err:  # (a file: the board's stderr can never block its stdout)
+            proc = _spawn(argv, stdin=subprocess.PIPE if bundle else subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
+            watchdog = threading.Timer(timeout, proc.kill)
+            watchdog.start()
+            try:
+                if bundle:
+                    try:
+                        with tarfile.open(fileobj=proc.stdin, mode="w|") as tar:
+                            for path in sorted(bundle.rglob("*")):
+                                tar.add(path, arcname=path.relative_to(bundle).as_posix(), recursive=False)
+                    except BrokenPipeError:
+                        pass  # the board side stopped reading; its answer below says why
+                    finally:
+                        try:
+                            proc.stdin.close()
+                        except BrokenPipeError:
+                            pass
+                lines = []
+                for raw in proc.stdout:
+                    lines.append(raw)
+                    try:
+                        event = json.loads(raw)
+                    except ValueError:
+                        continue
+                    if isinstance(event, dict) and "event" in event:
+                        on_event(event)
+                proc.wait()
+            finally:
+                watchdog.cancel()
+                _forget(proc)
+            err.seek(0)
+            answer = [ln for ln in lines if b'"event"' not in ln]
+            return self._answer(subprocess.CompletedProcess(argv, proc.returncode, b"".join(answer), err.read()), args[0])
 
 
 def bundle_info(bundle: Path) -> dict:
@@ -126,11 +226,14 @@ def bundle_info(bundle: Path) -> dict:
 
 
 def release_id(bundle: Path) -> str:
-    """The name of the bundle's release folder on a board: model-variant-<BUNDLE.json digest>, checked
-    against board_ops.RELEASE_ID (which the board checks too)."""
+    """The name of the bundle's release folder on a board: the id BUNDLE.json gives
+    (bundle.release_name: model-variant-<digest of the content>; a bundle made before ids named the
+    content: model-variant-<BUNDLE.json digest>), checked against board_ops.RELEASE_ID (which the
+    board checks too)."""
     info = bundle_info(bundle)
-    digest = hashlib.sha256((bundle / BUNDLE_FILE).read_bytes()).hexdigest()[:10]
-    rid = f"{info['model']}-{info['variant']}-{digest}"
+    rid = info.get("release")
+    if not isinstance(rid, str):
+        rid = f"{info['model']}-{info['variant']}-{hashlib.sha256((bundle / BUNDLE_FILE).read_bytes()).hexdigest()[:10]}"
     if not RELEASE_ID.fullmatch(rid):
         raise EdgemetaError(f"release id {rid[:80]!r} (from the model name {info['model'][:60]!r} and variant {info['variant'][:20]!r} "
                             "in BUNDLE.json) is not a valid release id: letters, digits, '.', '_' and '-' only, at most 128, "
@@ -149,38 +252,47 @@ def deploy_host(host: str, bundle: Path, ssh_config: str | None = None, dry_run:
         result.steps.append(msg)
         log(host, msg)
 
+    def event(e: dict) -> None:  # the board's progress
+        if e["event"] == "received":
+            trust = "trusted from now on: first deploy" if e["trust"] == "first use" else "trusted"
+            step(f"uploaded; signature (key {e['key']}, {trust}) and checksums of {e['files']} files verified on the board"
+                 + (f"; {e['note']}: kept" if e.get("note") else ""))
+        elif e["event"] == "installed":
+            step("runtime installed in the release's venv")
+        elif e["event"] == "healthy":
+            step(f"health check of {release} passed before the switch ({e.get('model')}/{e.get('variant')} on "
+                 f"{e.get('runtime')}, {e.get('ms')} ms)")
+
     try:
         remote = Remote(host, ssh_config)
         remote.install_ops()
-        pre = remote.ops("preflight", timeout=60)
+        pre = remote.ops("preflight", release, timeout=60)
         if pre["arch"] != info["arch"]:
             raise EdgemetaError(f"{host} is {pre['arch']}, the bundle is for {info['board']} ({info['arch']}); "
                                 "build the bundle for this board's profile")
         if tuple(int(x) for x in pre["python"].split(".")[:2]) < (3, 10):
             raise EdgemetaError(f"{host} has Python {pre['python']}; edgemeta needs 3.10 or newer on the board")
         step(f"preflight: {pre['arch']}, Python {pre['python']}, {pre['free_mb']} MB free, active: {pre['current'] or 'none'}")
+        state = pre.get("release", "absent")
+        if state == "active":
+            step(f"{release} is already active: nothing to do")
+            result.ok, result.note = True, "already active"
+            return result
         if dry_run:
-            step(f"dry run: would upload {release} ({len(info['files'])} files), verify, install, health-check and activate it")
+            step(f"dry run: would activate {release}, which is on the board already (health check, switch; no upload, "
+                 "no install)" if state == "installed" else
+                 f"dry run: would upload {release} ({len(info['files'])} files), verify, install, health-check and activate it")
             result.ok = True
             return result
-        got = remote.upload(bundle, release)
-        trust = "trusted from now on: first deploy" if got["trust"] == "first use" else "trusted"
-        step(f"uploaded; signature (key {got['key']}, {trust}) and checksums of {got['files']} files verified on the board")
-        remote.ops("install", release)
-        step("runtime installed in the release's venv")
-        act = remote.ops("activate", release)
-        step(f"activated (previous: {act['previous'] or 'none'})")
+        if state == "installed":
+            step(f"{release} is on the board already: activating it without upload or install")
+            act = remote.transact(["activate", release, str(keep)], on_event=event)
+            result.note = "activated the board's copy"
+        else:
+            act = remote.transact(["deploy", release, str(keep)], bundle, on_event=event)
+        step(f"activated (previous: {act['previous'] or 'none'}); health check through current passed")
         if act.get("warning"):
             step(f"warning: {act['warning']}")
-        try:
-            remote.ops("health", "current")
-        except EdgemetaError as e:
-            if not act["previous"]:
-                raise
-            back = remote.ops("rollback")
-            raise EdgemetaError(f"{e}; rolled back to {back['active']}") from None
-        step("health check through current passed")
-        remote.ops("prune", str(keep))
         result.ok = True
     except EdgemetaError as e:
         result.error = str(e)

@@ -1,6 +1,7 @@
 """Issue 12's evidence, small: SIGKILLs of real store writers (CLI and agent) and of a board's
-activation (benchmarks/crash_consistency.py, the big run, has the checks), and a full disk during
-enroll, bundle and a board's receive (a small tmpfs mounted here: root only)."""
+activation (benchmarks/crash_consistency.py, the big run, has the checks), SIGKILL and SIGTERM of
+the host's `edgemeta deploy` against a loopback sshd board (benchmarks/deploy_kills.py), and a full
+disk during enroll, bundle, a board's receive and activation (a small tmpfs mounted here: root only)."""
 
 import hashlib
 import io
@@ -16,6 +17,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import crash_consistency as cc  # noqa: E402
+import deploy_kills as dk  # noqa: E402
 
 MODEL = REPO / "models" / "omniglot-conv4"
 PNGS = [str(p) for p in sorted((REPO / "samples" / "omniglot" / "Keble_character01").glob("*.png"))]
@@ -39,6 +41,29 @@ def test_kills_of_a_boards_activation_always_leave_a_complete_working_release(tm
     assert results.total("violations") == 0, [v for r in results.values() for v in r.violations]
     assert results.total("kills") == 20 and results.total("targeted") >= 5
     assert results.total("in_write") >= 1, "no kill landed between a temporary file and its rename"
+
+
+def test_kills_of_the_hosts_deploy_leave_the_board_on_a_healthy_release(lab, tmp_path):
+    """The host dies once the board has the whole bundle (SIGKILL: its ssh runs on; SIGTERM: it stops
+    its ssh): the board finishes, health check first. Then activations of a release on the board,
+    killed before, at a random moment, and after its health check. After each (so after each next
+    deploy too): old or new release active, complete, healthy; nothing half-built left; a SIGTERM
+    once the host had printed a step: exit 143 and one line (the benchmark's checks)."""
+    import random
+
+    results = dk.Results()
+    bench = dk.Bench(tmp_path, lab, random.Random(5), results)
+    bench.kill("new", "SIGKILL", at="uploaded")  # the board's first release, then its second
+    bench.kill("new", "SIGTERM", at="uploaded")
+    bench.kill("on board", "SIGKILL", at="activating it")
+    bench.kill("on board", "SIGTERM")
+    bench.kill("on board", "SIGKILL", at="health check of")
+    print(dk.table(results))
+    assert results.total("violations") == 0, [v for r in results.values() for v in r.violations]
+    for name in ("new SIGKILL", "new SIGTERM"):  # the board activated on its own what it had received whole
+        r = results.row(name)
+        assert r.kills == r.after_upload == r.new == 1, dk.table(results)
+    assert results.total("kills") + results.total("finished") == 5 and results.total("kills") >= 4
 
 
 # --- a full disk ---------------------------------------------------------------------------------

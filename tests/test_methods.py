@@ -210,9 +210,11 @@ def test_an_exported_optimization_model_answers_on_the_board_as_on_the_host(tmp_
     cfg = type(cfg)(**{**cfg.__dict__, "method": type(cfg.method)(name, {"test_steps": 3, **params})})
     out = tmp_path / "m"
     train(cfg, out, progress=False)
-    export_model(out, folder=str(sample_dir), episodes=10, log=lambda m: None)
+    export_model(out, folder=str(sample_dir), episodes=10, log=lambda m: None, board_head="own")
     manifest = read_manifest(out)
     assert manifest.raw["format"] == 2 and manifest.head.kind == "linear" and manifest.head.linear.steps == 3
+    selection = manifest.raw["head"]["selection"]  # both heads scored on validation, the forced one kept
+    assert selection["chosen"] == "own" and set(selection["val_accuracy"]) == {"own", "prototype"}
     if name == "maml":
         assert "keras_float32_whole_network" in manifest.raw["evaluation"]
 
@@ -248,3 +250,27 @@ def test_multi_step_loss_weights_anneal_to_the_last_step_and_stay_uniform_withou
     np.testing.assert_allclose(method._step_weights(100).numpy(), [0, 0, 0, 1])
     flat, _ = built("maml", inner_steps=4, multi_step_loss=True)
     np.testing.assert_allclose(flat._step_weights(10**6).numpy(), [0.25] * 4)
+
+
+def test_the_board_head_is_chosen_on_validation_by_accuracy(sample_dir):
+    """choose_board_head keeps the method's own head only when it scores at least the prototype's:
+    a head that always answers class 0 (chance) loses to nearest prototype on real embeddings."""
+    from edgemeta.host.data import DatasetSpec, load_dataset
+    from edgemeta.host.evaluate import choose_board_head, embed_split
+    from edgemeta.host.model_eval import keras_embedder
+    from edgemeta.preprocess import Preprocess
+
+    split = load_dataset(DatasetSpec(kind="folder", root=str(sample_dir), fractions=(0.0, 0.0, 1.0)),
+                         Preprocess(28, 1, True), ("test",))["test"]
+    _, backbone = built("protonet")
+    emb = embed_split(keras_embedder(backbone), split)
+
+    class Chance:
+        def classify(self, support_emb, support_labels, query_emb, way):
+            return np.zeros((len(query_emb), way))
+
+    chosen, scores = choose_board_head(Chance(), emb, split, episodes=20)
+    assert chosen == "prototype" and scores["prototype"] > scores["own"]
+    assert scores["own"] == pytest.approx(np.mean([100 / w for w, _ in ((5, 1), (5, 5), (20, 1), (20, 5)) if w <= split.num_classes]))
+    chosen, _ = choose_board_head(get_method("protonet"), emb, split, episodes=20)
+    assert chosen == "own"  # a tie keeps the method's own head

@@ -129,7 +129,10 @@ def eval_cmd(model_dir: str, data: str, folder: str, split: str, settings: tuple
 @click.option("--data", default="", help="Omniglot location (else $EDGEMETA_OMNIGLOT), for calibration and evaluation.")
 @click.option("--folder", default="", help="The folder dataset a folder-trained model was trained on.")
 @click.option("--episodes", type=int, default=1000, show_default=True, help="Evaluation episodes per setting and variant.")
-def export(model_dir: str, out: str | None, data: str, folder: str, episodes: int) -> None:
+@click.option("--board-head", type=click.Choice(["auto", "own", "prototype"]), default="auto", show_default=True,
+              help="Optimization-family models: the board's head, the method's own or the nearest prototype "
+                   "(auto: the better on validation episodes).")
+def export(model_dir: str, out: str | None, data: str, folder: str, episodes: int, board_head: str) -> None:
     """Write float32, dynamic-range, int8 and static-batch int8 .tflite variants and manifest.json.
 
     int8 is calibrated on real training images; every variant is evaluated with the standard
@@ -143,7 +146,8 @@ def export(model_dir: str, out: str | None, data: str, folder: str, episodes: in
     _require_tensorflow()
     from edgemeta.host.export import export_model
 
-    manifest = export_model(model_dir, out, data=data, folder=folder, episodes=episodes, log=lambda m: click.echo(m, err=True))
+    manifest = export_model(model_dir, out, data=data, folder=folder, episodes=episodes, board_head=board_head,
+                            log=lambda m: click.echo(m, err=True))
     from edgemeta.host.export import export_report
 
     click.echo(export_report(manifest))

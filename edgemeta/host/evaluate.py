@@ -76,6 +76,21 @@ def episode_inputs(method, embed: EmbedFn, split: FewShotSplit, head_only: bool 
     return method.classify, embed_split(embed, split)
 
 
+def choose_board_head(method, val_embeddings: np.ndarray, val_split: FewShotSplit, episodes: int = 200,
+                      seed: int = 0) -> tuple[str, dict[str, float]]:
+    """The board head for a method with a linear head: its own (meta-learned initialisation, test-time
+    steps over the frozen body's embeddings) or the nearest prototype, whichever has the higher mean
+    accuracy over the standard settings on validation episodes. A body meta-trained to be adapted
+    (MAML, Meta-SGD) can leave its own head, frozen-body, near chance: Meta-SGD's one learned step."""
+    from edgemeta.host.methods import get_method
+
+    scores = {}
+    for name, classify in (("own", method.classify), ("prototype", get_method("protonet").classify)):
+        results = evaluate(None, classify, val_split, STANDARD_SETTINGS, episodes, seed=seed, embeddings=val_embeddings)
+        scores[name] = float(np.mean([r.accuracy for r in results if r.episodes]))
+    return max(scores, key=lambda k: (scores[k], k == "own")), scores
+
+
 def episode_accuracies(classify: ClassifyFn, embeddings: np.ndarray, sampler: EpisodeSampler, episodes: int,
                        confusions: Counter | None = None) -> np.ndarray:
     """Per-episode accuracy (fraction) of `episodes` seeded episodes over precomputed embeddings.

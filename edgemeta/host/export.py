@@ -22,8 +22,17 @@ import numpy as np
 
 from edgemeta.errors import EdgemetaError
 from edgemeta.host.data import load_dataset
-from edgemeta.host.evaluate import STANDARD_SETTINGS, calibrate_open_set, embed_split, episode_inputs, evaluate, results_json
-from edgemeta.host.model_eval import training_dataset
+from edgemeta.host.evaluate import (
+    STANDARD_SETTINGS,
+    calibrate_open_set,
+    choose_board_head,
+    embed_split,
+    episode_inputs,
+    evaluate,
+    results_json,
+)
+from edgemeta.host.methods import get_method
+from edgemeta.host.model_eval import keras_embedder, training_dataset
 from edgemeta.host.modeldir import load_backbone, write_atomic, write_json, write_npz
 from edgemeta.quiet import native_stderr_silenced
 from edgemeta.runtime.interpreter import Embedder, interpreter_module, runtime_version
@@ -31,6 +40,7 @@ from edgemeta.runtime.linear_head import spec_arrays
 from edgemeta.runtime.manifest import MANIFEST_FILE, sha256_file
 from edgemeta.runtime.tflite_info import read_structure
 
+BOARD_HEADS = ("auto", "own", "prototype")
 VARIANTS = ("float32", "dynamic_range", "int8", "int8_static")
 DEFAULT_VARIANT = "int8_static"
 HEAD_NPZ = "head.npz"  # a linear head's arrays (initialisation, learned rates), checksummed in the manifest
@@ -73,8 +83,14 @@ def _static_copy(model, info):
 
 
 def export_model(model_dir: str | Path, out: str | Path | None = None, data: str = "", folder: str = "",
-                 episodes: int = 1000, calibration_images: int = 300, seed: int = 0, log=print) -> dict:
-    """Write the .tflite variants and manifest.json for a model folder; returns the manifest."""
+                 episodes: int = 1000, calibration_images: int = 300, seed: int = 0, log=print,
+                 board_head: str = "auto") -> dict:
+    """Write the .tflite variants and manifest.json for a model folder; returns the manifest.
+
+    `board_head` for a method with a linear head: "own" (its meta-learned head), "prototype", or
+    "auto": whichever scores higher on validation episodes (recorded in the manifest's head section)."""
+    if board_head not in BOARD_HEADS:
+        raise EdgemetaError(f"board head must be one of {', '.join(BOARD_HEADS)}, got {board_head!r}")
     model_dir = Path(model_dir)
     out = Path(out) if out else model_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -87,6 +103,20 @@ def export_model(model_dir: str | Path, out: str | Path | None = None, data: str
     train_images = splits["train"].images
     representative = train_images[rng.choice(len(train_images), size=min(calibration_images, len(train_images)), replace=False)]
 
+    float_embed = keras_embedder(model)
+    head = method.head_spec()
+    classify = method.classify
+    if head["kind"] == "linear":  # the board head: the method's own or the nearest prototype, chosen on val
+        chosen, scores = choose_board_head(method, embed_split(float_embed, splits["val"]), splits["val"], seed=seed)
+        choice = {"val_accuracy": scores, "best_on_val": chosen,
+                  "protocol": "mean accuracy over the standard settings, 200 seeded validation episodes each, Keras float32 body"}
+        chosen = chosen if board_head == "auto" else board_head
+        choice["chosen"] = chosen
+        log(f"board head: {chosen} (validation: own head {scores['own']:.2f}%, prototype {scores['prototype']:.2f}%)")
+        if chosen == "prototype":
+            head = {"kind": "prototype", "distance": distance, "method": head["method"]}
+            classify = get_method("protonet").classify
+        head["selection"] = choice
     runtime, _ = interpreter_module()
     variants, evaluations = {}, {}
     static = _static_copy(model, info)
@@ -103,7 +133,7 @@ def export_model(model_dir: str | Path, out: str | Path | None = None, data: str
         open_set = calibrate_open_set(val_emb, splits["val"], distance, seed=seed)
         if info.training.get("classes") == "trainval":  # no held-out classes are left to calibrate on
             open_set["calibration"] += "; the model also trained on these classes, so new classes may sit farther out"
-        results = evaluate(embedder, method.classify, splits["test"], STANDARD_SETTINGS, episodes, seed=seed, embeddings=test_emb)
+        results = evaluate(embedder, classify, splits["test"], STANDARD_SETTINGS, episodes, seed=seed, embeddings=test_emb)
         evaluations[name] = results
         variants[name] = {
             "file": path.name, "sha256": sha256_file(path), "size": len(data_bytes), "quantization": quant,
@@ -115,15 +145,12 @@ def export_model(model_dir: str | Path, out: str | Path | None = None, data: str
         }
         log(f"  {name}: {len(data_bytes) / 1024:.0f} KiB, " + ", ".join(f"{r.name} {r.accuracy:.2f}%" for r in results if r.episodes))
 
-    from edgemeta.host.model_eval import keras_embedder
-
-    float_results = evaluate(keras_embedder(model), method.classify, splits["test"], STANDARD_SETTINGS, episodes, seed=seed)
+    float_results = evaluate(float_embed, classify, splits["test"], STANDARD_SETTINGS, episodes, seed=seed)
     evaluation = {"keras_float32": results_json(float_results)}
     if method.adapts_body:  # the host-only figure: every layer adapted on each support set
         classify, images = episode_inputs(method, None, splits["test"])
         evaluation["keras_float32_whole_network"] = results_json(
             evaluate(None, classify, splits["test"], STANDARD_SETTINGS, episodes, seed=seed, embeddings=images))
-    head = method.head_spec()
     if head["kind"] == "linear":
         write_npz(out / HEAD_NPZ, spec_arrays(method.linear_head()))
         head.update(file=HEAD_NPZ, sha256=sha256_file(out / HEAD_NPZ))

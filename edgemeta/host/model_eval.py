@@ -61,13 +61,20 @@ def evaluate_model_dir(model_dir: str, data: str = "", folder: str = "", split: 
         from edgemeta.runtime.interpreter import Embedder, runtime_version
         from edgemeta.runtime.manifest import read_manifest
 
-        embedder = Embedder(read_manifest(model_dir).model_path(variant), threads=os.cpu_count() or 1)
+        manifest = read_manifest(model_dir)
+        embedder = Embedder(manifest.model_path(variant), threads=os.cpu_count() or 1)
         backend = f"{variant}.tflite through {embedder.runtime} {runtime_version(embedder.runtime)}"
+        board_head = manifest.head.kind
     else:
-        embedder, backend = keras_embedder(model), "keras (float32)"
+        embedder, backend, board_head = keras_embedder(model), "keras (float32)", None
     head_only = head_only or bool(variant)  # an exported variant is the board's body: frozen
     classify, inputs = episode_inputs(method, embedder, data_split, head_only)
-    if method.adapts_body:
+    if board_head == "prototype" and method.head_spec()["kind"] == "linear":  # export chose it on validation
+        from edgemeta.host.methods import get_method
+
+        classify = get_method("protonet").classify
+        backend += ", the manifest's head: nearest prototype (chosen on validation at export)"
+    elif method.adapts_body:
         backend += (f", body frozen, head adapted ({method.params.test_steps} steps, the board's path)" if head_only else
                     f", whole network adapted ({method.params.test_steps} steps, "
                     f"{'transductive' if method.params.transductive else 'non-transductive'} batch norm)")

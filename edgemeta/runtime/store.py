@@ -158,7 +158,7 @@ def read_store(doc: Doc, arrays: dict[str, np.ndarray]) -> tuple[dict, np.ndarra
     # range before the cast to int32, which would wrap a large index into range
     if len(labels) and (labels.min() < 0 or labels.max() >= len(names)):
         raise doc.error("labels", f"must be class indices from 0 to {len(names) - 1}, got {labels.min()} to {labels.max()}")
-    counts = np.bincount(labels.astype(np.int64), minlength=len(names))
+    counts = np.bincount(labels.astype(np.intp), minlength=len(names))  # intp: int32 on a 32-bit board, where int64 is refused
     if len(names) and counts.min() == 0:
         raise doc.error("labels", f"must give every class a sample, class {names[int(counts.argmin())]!r} has none")
     samples = arrays.get("samples")

@@ -422,7 +422,7 @@ def _loads_or_refuses_in_one_line(load):
         return None
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(doc=st.one_of(mutated(FORMAT1), mutated(dict(FORMAT1, format=2, head={
     "kind": "linear", "init": "learned", "steps": 3, "file": "head.npz", "per_parameter_rates": False}))))
 def test_random_manifest_damage_loads_or_is_one_line(tmp_path_factory, doc):
@@ -477,7 +477,7 @@ def _damage(a: np.ndarray, how: str, rng: np.random.Generator) -> np.ndarray | N
     return a
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_random_store_damage_loads_or_is_one_line(good_store, tmp_path_factory, data):
     arrays = dict(good_store)

@@ -133,8 +133,12 @@ class Row:
 
 
 class Results(dict):
-    def row(self, name: str) -> Row:
-        return self.setdefault(name, Row())
+    """Rows of counts by operation; `row_type` is the dataclass one row is (deploy_kills has its own)."""
+
+    row_type = Row
+
+    def row(self, name: str):
+        return self.setdefault(name, self.row_type())
 
     def total(self, attr: str) -> int:
         return sum(len(r.violations) if attr == "violations" else getattr(r, attr) for r in self.values())
@@ -245,15 +249,18 @@ class StoreBench:
             folder.mkdir()  # an empty folder, or (the other half) one that does not exist yet
         return folder
 
-    def kill_cli(self, op: str, targeted: bool) -> None:
-        name = f"cli {op}" if op != "first" else "cli enroll (first write)"
-        row = self.results.row(name)
-        folder = self.folder_for(op, self.store)
+    def _kill_in(self, kind: str, store: Path, kill, op: str, targeted: bool) -> None:
+        """One kill by `kill(name, row, op, folder, targeted)` in `store`, or in a new folder for a first write."""
+        name = f"{kind} {op}" if op != "first" else f"{kind} enroll (first write)"
+        folder = self.folder_for(op, store)
         try:
-            self._kill_cli(name, row, op, folder, targeted)
+            kill(name, self.results.row(name), op, folder, targeted)
         finally:
             if op == "first":
                 shutil.rmtree(folder, ignore_errors=True)
+
+    def kill_cli(self, op: str, targeted: bool) -> None:
+        self._kill_in("cli", self.store, self._kill_cli, op, targeted)
 
     def _kill_cli(self, name: str, row: Row, op: str, folder: Path, targeted: bool) -> None:
         before = observe(folder)
@@ -345,14 +352,7 @@ class StoreBench:
             return json.loads(c.makefile("rb").readline())
 
     def kill_agent(self, op: str, targeted: bool) -> None:
-        name = f"agent {op}" if op != "first" else "agent enroll (first write)"
-        row = self.results.row(name)
-        folder = self.folder_for(op, self.agent_store)
-        try:
-            self._kill_agent(name, row, op, folder, targeted)
-        finally:
-            if op == "first":
-                shutil.rmtree(folder, ignore_errors=True)
+        self._kill_in("agent", self.agent_store, self._kill_agent, op, targeted)
 
     def _kill_agent(self, name: str, row: Row, op: str, folder: Path, targeted: bool) -> None:
         before = observe(folder)
@@ -583,13 +583,23 @@ def run(cli_kills_per_op: int, agent_kills_per_op: int, activation: int, seed: i
     return results
 
 
-def table(results: Results) -> str:
-    lines = [f"{'operation':<28}{'kills':>7}{'random':>8}{'timed':>7}{'in a write':>12}{'finished':>10}{'violations':>12}"]
+def format_table(results: Results, first: str, columns: dict[str, str], width: int = 28) -> str:
+    """One line per row and a total line; `columns` maps a row attribute to its header."""
+    widths = {attr: max(7, len(head) + 2) for attr, head in columns.items()}
+
+    def line(name: str, value) -> str:
+        return f"{name:<{width}}" + "".join(f"{value(attr):>{widths[attr]}}" for attr in columns)
+
+    rows = [f"{first:<{width}}" + "".join(f"{head:>{widths[a]}}" for a, head in columns.items())]
     for name, r in results.items():
-        lines.append(f"{name:<28}{r.kills:>7}{r.random:>8}{r.targeted:>7}{r.in_write:>12}{r.acked:>10}{len(r.violations):>12}")
-    lines.append(f"{'total':<28}{results.total('kills'):>7}{results.total('random'):>8}{results.total('targeted'):>7}"
-                 f"{results.total('in_write'):>12}{results.total('acked'):>10}{results.total('violations'):>12}")
-    return "\n".join(lines)
+        rows.append(line(name, lambda a, r=r: len(r.violations) if a == "violations" else getattr(r, a)))
+    rows.append(line("total", results.total))
+    return "\n".join(rows)
+
+
+def table(results: Results) -> str:
+    return format_table(results, "operation", {"kills": "kills", "random": "random", "targeted": "timed",
+                                               "in_write": "in a write", "acked": "finished", "violations": "violations"})
 
 
 def main() -> None:

@@ -71,12 +71,8 @@ class Row:
     violations: list[str] = field(default_factory=list)
 
 
-class Results(dict):
-    def row(self, name: str) -> Row:
-        return self.setdefault(name, Row())
-
-    def total(self, attr: str) -> int:
-        return sum(len(r.violations) if attr == "violations" else getattr(r, attr) for r in self.values())
+class Results(cc.Results):
+    row_type = Row
 
 
 def variant(base: Path, dest: Path) -> Path:
@@ -316,13 +312,9 @@ def timings(repeat: int, work: Path, log=print) -> dict[str, list[float]]:
 
 
 def table(results: Results) -> str:
-    lines = [f"{'deploy, signal':<20}{'kills':>7}{'timed':>7}{'after upload':>14}{'left old':>10}{'left new':>10}{'finished':>10}"
-             f"{'violations':>12}"]
-    for name, r in results.items():
-        lines.append(f"{name:<20}{r.kills:>7}{r.timed:>7}{r.after_upload:>14}{r.old:>10}{r.new:>10}{r.finished:>10}{len(r.violations):>12}")
-    lines.append(f"{'total':<20}{results.total('kills'):>7}{results.total('timed'):>7}{results.total('after_upload'):>14}{results.total('old'):>10}"
-                 f"{results.total('new'):>10}{results.total('finished'):>10}{results.total('violations'):>12}")
-    return "\n".join(lines)
+    return cc.format_table(results, "deploy, signal", {"kills": "kills", "timed": "timed", "after_upload": "after upload",
+                                                       "old": "left old", "new": "left new", "finished": "finished",
+                                                       "violations": "violations"}, width=20)
 
 
 def main() -> None:

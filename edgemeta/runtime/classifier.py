@@ -21,7 +21,7 @@ import numpy as np
 from edgemeta.boards import Board, load_board_file
 from edgemeta.errors import EdgemetaError
 from edgemeta.preprocess import ImageLimits, load_images
-from edgemeta.runtime.head import DISTANCES, LinearHead, PrototypeHead
+from edgemeta.runtime.head import LinearHead, PrototypeHead
 from edgemeta.runtime.interpreter import Embedder
 from edgemeta.runtime.linear_head import LinearHeadSpec
 from edgemeta.runtime.manifest import read_manifest
@@ -61,8 +61,6 @@ class FewShotRuntime:
         if self.embedder.input_shape != pre.input_shape or self.embedder.dim != self.manifest.embedding_dim:
             raise EdgemetaError(f"{self.variant.file} does not match its manifest: model input {self.embedder.input_shape} "
                                 f"-> {self.embedder.dim}, manifest {pre.input_shape} -> {self.manifest.embedding_dim}; re-export")
-        if self.manifest.distance not in DISTANCES:
-            raise EdgemetaError(f"manifest distance {self.manifest.distance!r} is unknown; known: {', '.join(DISTANCES)}")
         self.threshold = self.variant.open_set_threshold
         self.backbone = {"model": self.manifest.name, "variant": self.variant.name, "sha256": self.variant.sha256,
                          "embedding_dim": self.manifest.embedding_dim, "model_path": str(Path(model))}

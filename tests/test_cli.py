@@ -68,6 +68,10 @@ def test_eval_says_when_there_are_too_few_images(model_dir, sample_dir):
     assert r["query"] == 15 and "15 queries per class instead of 19" in r["note"]
     proc = run("eval", "--model", str(model_dir), "--folder", str(sample_dir), "--episodes", "5", "--setting", "60w1s", "--json")
     assert "skipped: the split has only 51 classes" in json.loads(proc.stdout)["results"][0]["note"]
+    assert_one_line_error(run("eval", "--model", str(model_dir), "--folder", str(sample_dir), "--within-alphabet"),
+                          "--within-alphabet needs Omniglot's alphabets")
+    assert_one_line_error(run("eval", "--model", str(model_dir), "--within-alphabet", "--episodes", "5"),
+                          "classes carry no alphabet")
 
 
 def test_errors_are_one_line(tmp_path, model_dir):

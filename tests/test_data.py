@@ -164,3 +164,46 @@ def test_episode_errors_say_what_to_change(sample_dir):
         EpisodeSampler(split, way=60, shot=1, query=1)
     with pytest.raises(EdgemetaError, match="has 20 images but 5-shot 16-query"):
         EpisodeSampler(split, way=5, shot=5, query=16)
+
+
+def test_within_alphabet_episodes_draw_every_class_from_one_alphabet(mini_omniglot, sample_dir):
+    test = load_dataset(DatasetSpec(root=str(mini_omniglot), split="lake"), PRE, ("test",))["test"]
+    groups = test.class_groups()
+    assert sorted(len(g) for g in groups) == [25, 26]  # Tengwar, Keble
+    alphabet = [n.split("/")[0] for n in test.class_names]
+    s = EpisodeSampler(test, way=20, shot=1, query=5, seed=3, within_groups=True)
+    seen = set()
+    for i in range(30):
+        classes, _, _ = s.indices(i)
+        assert len({alphabet[c] for c in classes}) == 1 and len(set(classes)) == 20
+        seen.add(alphabet[classes[0]])
+    assert seen == {"Keble", "Tengwar"}  # both drawn, not always the first
+    # the whole-split sampler mixes alphabets in almost every 20-way episode
+    mixed = EpisodeSampler(test, way=20, shot=1, query=5, seed=3)
+    assert sum(len({alphabet[c] for c in mixed.indices(i)[0]}) > 1 for i in range(30)) >= 28
+    np.testing.assert_array_equal(s.indices(4)[1], EpisodeSampler(test, 20, 1, 5, seed=3, within_groups=True).indices(4)[1])
+    # only Keble has 26 characters: 26-way episodes all come from it; 27-way from none
+    assert {alphabet[EpisodeSampler(test, 26, 1, 1, within_groups=True).indices(i)[0][0]] for i in range(5)} == {"Keble"}
+    with pytest.raises(EdgemetaError, match="need an alphabet with 27 classes; the test split's largest has 26"):
+        EpisodeSampler(test, way=27, shot=1, query=1, within_groups=True)
+    folder = load_dataset(DatasetSpec(kind="folder", root=str(sample_dir), fractions=(0, 0, 1)), PRE, ("test",))["test"]
+    with pytest.raises(EdgemetaError, match="carry no alphabet"):
+        EpisodeSampler(folder, way=5, shot=1, query=1, within_groups=True)
+
+
+def test_within_alphabet_evaluation_is_harder_and_skips_settings_no_alphabet_fits(mini_omniglot):
+    from edgemeta.host.evaluate import evaluate
+    from edgemeta.host.methods import get_method
+
+    test = load_dataset(DatasetSpec(root=str(mini_omniglot), split="lake"), PRE, ("test",))["test"]
+    # a fixed embedding that tells alphabets apart well and characters within one poorly:
+    # the alphabet's one-hot plus a small per-character code plus noise
+    rng = np.random.default_rng(0)
+    alphabet = np.array([0 if n.startswith("Keble") else 1 for n in test.class_names])
+    char_code = rng.normal(size=(test.num_classes, 8))
+    emb = np.concatenate([10 * np.eye(2)[alphabet[test.labels]], char_code[test.labels] + rng.normal(scale=1.2, size=(len(test.labels), 8))], axis=1)
+    classify = get_method("protonet").classify
+    mixed, = evaluate(None, classify, test, ((5, 1),), episodes=100, embeddings=emb)
+    within, skipped = evaluate(None, classify, test, ((5, 1), (30, 1)), episodes=100, embeddings=emb, within_groups=True)
+    assert within.accuracy < mixed.accuracy - 5
+    assert skipped.episodes == 0 and "largest alphabet has only 26 classes" in skipped.note

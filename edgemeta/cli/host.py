@@ -84,9 +84,11 @@ def train(config_path: str, out: str, data: str, episodes: int | None, max_minut
 @click.option("--head-only", is_flag=True,
               help="MAML-style models: freeze the body and adapt only the head, as the board does "
                    "(default: the whole network adapts on each support set, host only).")
+@click.option("--within-alphabet", is_flag=True,
+              help="Omniglot: draw all classes of an episode from one alphabet (look-alike classes, the harder case).")
 def eval_cmd(model_dir: str, data: str, folder: str, split: str, settings: tuple[str, ...], episodes: int, query: int,
              seed: int, as_json: bool, report: str | None, variant: str | None, confusions: int, head_only: bool,
-             transductive: bool | None) -> None:
+             transductive: bool | None, within_alphabet: bool) -> None:
     """Mean accuracy with 95% confidence intervals over seeded test episodes.
 
     \b
@@ -95,11 +97,14 @@ def eval_cmd(model_dir: str, data: str, folder: str, split: str, settings: tuple
       edgemeta eval --model models/omniglot-conv4 --folder samples/omniglot --setting 5w1s --json
       edgemeta eval --model models/omniglot-conv4 --data ../shared/data/omniglot --variant int8_static
       edgemeta eval --model models/omniglot-conv4 --data ../shared/data/omniglot --split val --confusions 10
+      edgemeta eval --model models/omniglot-conv4 --data ../shared/data/omniglot --within-alphabet
     """
     from edgemeta.host.evaluate import STANDARD_SETTINGS, parse_setting
 
     if episodes < 1 or query < 1 or confusions < 0:
         raise EdgemetaError("--episodes and --query must be at least 1, --confusions at least 0")
+    if within_alphabet and folder:
+        raise EdgemetaError("--within-alphabet needs Omniglot's alphabets; a --folder dataset's classes carry none")
     parsed = tuple(parse_setting(s) for s in settings) or STANDARD_SETTINGS
     _require_tensorflow()
     from edgemeta.host.model_eval import evaluate_model_dir
@@ -107,7 +112,7 @@ def eval_cmd(model_dir: str, data: str, folder: str, split: str, settings: tuple
     results, context, text, md = evaluate_model_dir(model_dir, data=data, folder=folder, split=split,
                                                     settings=parsed, episodes=episodes, query=query, seed=seed,
                                                     variant=variant, confusions=confusions, head_only=head_only,
-                                                    transductive=transductive)
+                                                    transductive=transductive, within_alphabet=within_alphabet)
     if report:
         from edgemeta.host.evaluate import results_json
         from edgemeta.host.modeldir import write_atomic, write_json

@@ -21,6 +21,7 @@ import numpy as np
 
 from edgemeta.errors import EdgemetaError
 from edgemeta.host.data import EpisodeSampler, FewShotSplit
+from edgemeta.host.data.episodes import alphabets
 
 STANDARD_SETTINGS = ((5, 1), (5, 5), (20, 1), (20, 5))
 EmbedFn = Callable[[np.ndarray], np.ndarray]
@@ -113,18 +114,22 @@ def episode_accuracies(classify: ClassifyFn, embeddings: np.ndarray, sampler: Ep
 
 def evaluate(embed: EmbedFn, classify: ClassifyFn, split: FewShotSplit,
              settings=STANDARD_SETTINGS, episodes: int = 1000, query: int = 15, seed: int = 0,
-             embeddings: np.ndarray | None = None, confusions: int = 0) -> list[SettingResult]:
+             embeddings: np.ndarray | None = None, confusions: int = 0, within_groups: bool = False) -> list[SettingResult]:
     """Run the protocol on one split. A setting whose way exceeds the split's classes is skipped
     with a note; when classes have fewer than shot + query images, fewer queries are used and
     the note says so. `confusions` > 0 also lists that many most frequent (true -> predicted)
-    class pairs among the wrong queries: which classes the embedding cannot tell apart."""
+    class pairs among the wrong queries: which classes the embedding cannot tell apart. With
+    `within_groups`, every episode's classes come from one alphabet (see EpisodeSampler)."""
     if embeddings is None:
         embeddings = embed_split(embed, split)
+    groups = alphabets(split) if within_groups else None
+    largest = split.num_classes if groups is None else max(len(g) for g in groups)
     results = []
     for way, shot in settings:
-        if way > split.num_classes:
+        if way > largest:
+            where = "the split has" if groups is None else "the largest alphabet has"
             results.append(SettingResult(way, shot, 0, 0, float("nan"), float("nan"),
-                                         f"skipped: the split has only {split.num_classes} classes"))
+                                         f"skipped: {where} only {largest} classes"))
             continue
         q, note = query, ""
         if split.min_class_size() < shot + query:
@@ -134,7 +139,7 @@ def evaluate(embed: EmbedFn, classify: ClassifyFn, split: FewShotSplit,
                                              f"skipped: a class has only {split.min_class_size()} images"))
                 continue
             note = f"{q} queries per class instead of {query}: the smallest class has {split.min_class_size()} images"
-        sampler = EpisodeSampler(split, way, shot, q, seed=seed)
+        sampler = EpisodeSampler(split, way, shot, q, seed=seed, within_groups=within_groups)
         counts = Counter() if confusions > 0 else None
         mean, ci = mean_ci95(episode_accuracies(classify, embeddings, sampler, episodes, counts))
         result = SettingResult(way, shot, q, episodes, 100 * mean, 100 * ci, note)

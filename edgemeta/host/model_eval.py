@@ -36,7 +36,8 @@ def training_dataset(info, data: str = "") -> DatasetSpec:
 def evaluate_model_dir(model_dir: str, data: str = "", folder: str = "", split: str = "test",
                        settings=STANDARD_SETTINGS, episodes: int = 1000, query: int = 15, seed: int = 0,
                        variant: str | None = None, confusions: int = 0,
-                       head_only: bool = False, transductive: bool | None = None) -> tuple[list[SettingResult], dict, str, str]:
+                       head_only: bool = False, transductive: bool | None = None,
+                       within_alphabet: bool = False) -> tuple[list[SettingResult], dict, str, str]:
     """Evaluate a trained model folder on its dataset's test split (or every class of `folder`).
 
     With `variant` (e.g. "int8_static"), the backbone is that exported .tflite run through the
@@ -78,10 +79,13 @@ def evaluate_model_dir(model_dir: str, data: str = "", folder: str = "", split: 
         backend += (f", body frozen, head adapted ({method.params.test_steps} steps, the board's path)" if head_only else
                     f", whole network adapted ({method.params.test_steps} steps, "
                     f"{'transductive' if method.params.transductive else 'non-transductive'} batch norm)")
-    results = evaluate(embedder, classify, data_split, settings, episodes, query, seed, embeddings=inputs, confusions=confusions)
+    results = evaluate(embedder, classify, data_split, settings, episodes, query, seed, embeddings=inputs,
+                       confusions=confusions, within_groups=within_alphabet)
     context = {"model": Path(model_dir).name, "algorithm": info.algorithm, "backbone": info.backbone,
                "backend": backend, "data": source, "classes": data_split.num_classes,
-               "images": len(data_split.images), "episodes per setting": episodes, "seed": seed}
+               "images": len(data_split.images), "episodes per setting": episodes, "seed": seed,
+               "episodes": ("within one alphabet (drawn uniformly among those with enough characters)" if within_alphabet
+                            else "classes drawn from the whole split")}
     md = results_markdown(results, f"Evaluation of {Path(model_dir).name}", context)
     return results, context, results_table(results), md
 

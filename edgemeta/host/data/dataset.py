@@ -48,6 +48,17 @@ class FewShotSplit:
     def min_class_size(self) -> int:
         return min(len(ix) for ix in self.class_indices())
 
+    def class_groups(self) -> list[np.ndarray] | None:
+        """Classes grouped by the part of their name before the first '/' (an Omniglot character's
+        alphabet: 'Alphabet/characterNN/rot000'), as arrays of class indices; None when the class names
+        carry no group (a folder dataset)."""
+        if not all("/" in n for n in self.class_names):
+            return None
+        groups: dict[str, list[int]] = {}
+        for c, n in enumerate(self.class_names):
+            groups.setdefault(n.split("/", 1)[0], []).append(c)
+        return [np.array(v) for v in groups.values()]
+
 
 def merge_splits(name: str, *parts: FewShotSplit) -> FewShotSplit:
     """One split holding the classes of all `parts` (e.g. train + val), relabelled consecutively."""

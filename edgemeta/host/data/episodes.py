@@ -22,6 +22,16 @@ class Episode:
     classes: np.ndarray
 
 
+def alphabets(split: FewShotSplit) -> list[np.ndarray]:
+    """The split's classes grouped by alphabet, for within-alphabet episodes; a clear error when its
+    class names carry none."""
+    groups = split.class_groups()
+    if groups is None:
+        raise EdgemetaError(f"within-alphabet episodes need classes named Alphabet/character (Omniglot); "
+                            f"the {split.name} split's classes carry no alphabet")
+    return groups
+
+
 class EpisodeSampler:
     """Draws episodes from one split.
 
@@ -32,7 +42,8 @@ class EpisodeSampler:
     >>> ep = sampler.episode(0)   # ep.support: (5, 28, 28, 1) uint8, ep.query: (75, 28, 28, 1)
     """
 
-    def __init__(self, split: FewShotSplit, way: int, shot: int, query: int, seed: int = 0):
+    def __init__(self, split: FewShotSplit, way: int, shot: int, query: int, seed: int = 0,
+                 within_groups: bool = False):
         if way < 2 or shot < 1 or query < 1:
             raise EdgemetaError(f"an episode needs way >= 2, shot >= 1 and query >= 1 (got {way}-way {shot}-shot {query}-query)")
         if way > split.num_classes:
@@ -46,13 +57,24 @@ class EpisodeSampler:
                                 f"{query}-query episodes need {shot + query} per class ({len(small)} classes "
                                 "are too small); add images or lower shot/query")
         self.split, self.way, self.shot, self.query, self.seed = split, way, shot, query, seed
+        # within_groups: all classes of an episode from one group (Omniglot: one alphabet), the group
+        # drawn uniformly among those with at least `way` classes. Characters of one alphabet look
+        # alike, as a user's own classes often do: the harder and more realistic task.
+        self._groups = None
+        if within_groups:
+            groups = alphabets(split)
+            self._groups = [g for g in groups if len(g) >= way]
+            if not self._groups:
+                raise EdgemetaError(f"within-alphabet {way}-way episodes need an alphabet with {way} classes; the "
+                                    f"{split.name} split's largest has {max(len(g) for g in groups)}; lower the way")
 
     def indices(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Episode ``i`` as indices into the split: (classes, support images, query images).
 
         Evaluation on precomputed embeddings uses this directly."""
         rng = np.random.default_rng((self.seed, i))
-        classes = rng.choice(self.split.num_classes, size=self.way, replace=False)
+        pool = self.split.num_classes if self._groups is None else self._groups[rng.integers(len(self._groups))]
+        classes = rng.choice(pool, size=self.way, replace=False)
         picks = np.stack([rng.choice(self._index[c], size=self.shot + self.query, replace=False) for c in classes])
         return classes, picks[:, :self.shot].ravel(), picks[:, self.shot:].ravel()
 

@@ -96,7 +96,8 @@ def main() -> None:
                 c = rng.choice(list(data))
                 op = "classify" if rng.random() < 0.8 else "enroll"
                 blobs = rng.sample(data[c], rng.randint(1, 5) if op == "classify" else rng.randint(1, 2))
-                reqargs = {"top_k": 3} if op == "classify" else {"label": c}
+                # the same drawings again: duplicates allowed, so each enroll writes the store as a new one would
+                reqargs = {"top_k": 3} if op == "classify" else {"label": c, "allow_duplicates": True}
                 t = time.perf_counter()
                 try:
                     conn = conn or connect(via)

@@ -199,8 +199,9 @@ class StoreBench:
         rt = self.rts[MODELS[0]]
         pool = rt.images([str(p) for p in SAMPLES[:200]])[0]
         for _ in range(3):
-            rt.enroll_images(self.store, self.label(), pool[self.rng.sample(range(len(pool)), 1)], keep_samples=True)
-        rt.enroll_images(self.store, self.label(), pool.repeat(max(1, seed_samples // len(pool)), axis=0))
+            rt.enroll_images(self.store, self.label(), pool[self.rng.sample(range(len(pool)), 1)], keep_samples=True,
+                             allow_duplicates=True)
+        rt.enroll_images(self.store, self.label(), pool.repeat(max(1, seed_samples // len(pool)), axis=0), allow_duplicates=True)
         shutil.copytree(self.store, self.agent_store)
         self.folders = 0
 
@@ -220,7 +221,9 @@ class StoreBench:
             label = self.rng.choice([*counts, self.label()]) if counts and self.rng.random() < 0.5 else self.label()
             files = self.pngs(self.rng.randint(1, 3))
             after = changed(state, "enroll", label, n=len(files), sha=model_sha(model))
-            return ["enroll", "--store", str(folder), "--model", str(model), "--label", label, *map(str, files)], after, files
+            # the same drawings again and again: duplicates allowed, so every enroll changes the store
+            return (["enroll", "--store", str(folder), "--model", str(model), "--label", label, "--allow-duplicates",
+                     *map(str, files)], after, files)
         if op == "forget":
             label = self.rng.choice(sorted(counts))
             return ["forget", "--store", str(folder), "--label", label], changed(state, "forget", label), []
@@ -313,7 +316,7 @@ class StoreBench:
         """An enroll after the kill (in this process: the same code as the CLI's) works and leaves no temporary file."""
         label, model = self.label(), model_of(state)
         try:
-            self.rts[model].enroll_images(folder, label, self.images[:1], keep_samples=True)
+            self.rts[model].enroll_images(folder, label, self.images[:1], keep_samples=True, allow_duplicates=True)
         except EdgemetaError as e:
             row.violations.append(f"{what}: the next enroll failed: {e}")
             return
@@ -360,7 +363,7 @@ class StoreBench:
             return
         args, after, files = self.plan("enroll" if op == "first" else op, folder, before)
         if op in ("first", "enroll"):
-            request = self.request("enroll", {"label": args[args.index("--label") + 1]}, files)
+            request = self.request("enroll", {"label": args[args.index("--label") + 1], "allow_duplicates": True}, files)
         elif op == "forget":
             request = self.request("forget", {"label": args[-1]})
         else:
@@ -413,7 +416,7 @@ class StoreBench:
             classes = self.ask(sock, "classes", {})
             if not classes.get("ok") or tuple(sorted(classes["result"]["classes"].items())) != (now[0] if now else ()):
                 row.violations.append(f"{what}: a new agent sees {classes}, the store holds {now}")
-            enrolled = self.ask(sock, "enroll", {"label": label}, SAMPLES[:1])
+            enrolled = self.ask(sock, "enroll", {"label": label, "allow_duplicates": True}, SAMPLES[:1])
             if not enrolled.get("ok"):
                 row.violations.append(f"{what}: the next enroll failed: {enrolled.get('error')}")
         except (OSError, ValueError) as e:

@@ -77,7 +77,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         files = [str(p) for p in sorted(chars[0].glob("*.png"))[:5]]
         counter = iter(range(10**6))
-        enroll = median_ms(lambda: rt.enroll(Path(tmp) / "s", f"class{next(counter)}", files), 30)
+        enroll = median_ms(lambda: rt.enroll(Path(tmp) / "s", f"class{next(counter)}", files, allow_duplicates=True), 30)
         print(f"\nenroll a 5-shot class (decode 5 PNGs, preprocess, embed, atomic store write): {enroll:.2f} ms")
 
         print("\nhead cost for one query (prototypes kept; distances, top-5, open-set) and full classify")
@@ -88,7 +88,7 @@ def main() -> None:
         for n in (10, 100, 1000):
             emb = real[rng.integers(0, len(real), 5 * n)] + rng.normal(0, 0.05, (5 * n, real.shape[1])).astype(np.float32)
             labels = np.repeat(np.arange(n), 5)
-            head = PrototypeHead.from_embeddings(emb, labels, [f"c{i}" for i in range(n)], threshold=rt.threshold)
+            head = PrototypeHead.from_embeddings(emb, labels, [f"c{i}" for i in range(n)], threshold=rt.threshold_of_model)
             head_ms = median_ms(lambda h=head: h.classify(query_emb, top_k=5), args.repeat)
             build_ms = median_ms(lambda e=emb, lb=labels, h=head: PrototypeHead.from_embeddings(e, lb, h.names), 50)
             store = Path(tmp) / f"store{n}"

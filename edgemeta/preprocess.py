@@ -379,17 +379,36 @@ def to_float(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32) * np.float32(1.0 / 255.0)
 
 
+def folder_files(paths: list[str | Path]) -> list[Path]:
+    """The paths, each folder among them replaced by its images and .npy files (sorted, hidden files
+    skipped). A folder holding sub-folders or other files is refused: it is not one class's samples."""
+    out = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            out.append(p)
+            continue
+        entries = sorted(e for e in p.iterdir() if not e.name.startswith("."))
+        if any(e.is_dir() for e in entries):
+            raise EdgemetaError(f"{p} holds folders, not images; to enroll one class per sub-folder use --from-folders {p}")
+        for e in entries:
+            if e.suffix.lower() not in IMAGE_SUFFIXES | {".npy"}:
+                raise EdgemetaError(f"{e} is not an image ({', '.join(sorted(IMAGE_SUFFIXES))} or .npy); move it out of {p}")
+        if not entries:
+            raise EdgemetaError(f"folder {p} holds no images")
+        out += entries
+    return out
+
+
 def load_images(paths: list[str | Path], pre: Preprocess, *, limits: ImageLimits | None = None) -> tuple[np.ndarray, list[str]]:
-    """Image files (PNG, JPEG, ... through Pillow) or .npy arrays -> (n, H, W, C) uint8 model
-    inputs and a name for each (the file, or ``file.npy[i]`` for a stack).
+    """Image files (PNG, JPEG, ... through Pillow), .npy arrays, or folders of them (`folder_files`) ->
+    (n, H, W, C) uint8 model inputs and a name for each (the file, or ``file.npy[i]`` for a stack).
 
     A .npy file holds one uint8 image (H, W) / (H, W, C) or a stack (n, H, W[, C]); it is
     preprocessed like a decoded image file. Every file is held to ``limits`` (see `decode_image`).
     """
     limits = limits or ImageLimits.default()
     out, names = [], []
-    for p in paths:
-        p = Path(p)
+    for p in folder_files(paths):
         if p.suffix.lower() == ".npy":
             images = _npy_images(p, pre, limits)
             out.extend(images)

@@ -201,7 +201,8 @@ def test_within_alphabet_evaluation_is_harder_and_skips_settings_no_alphabet_fit
     rng = np.random.default_rng(0)
     alphabet = np.array([0 if n.startswith("Keble") else 1 for n in test.class_names])
     char_code = rng.normal(size=(test.num_classes, 8))
-    emb = np.concatenate([10 * np.eye(2)[alphabet[test.labels]], char_code[test.labels] + rng.normal(scale=1.2, size=(len(test.labels), 8))], axis=1)
+    noise = rng.normal(scale=1.2, size=(len(test.labels), 8))
+    emb = np.concatenate([10 * np.eye(2)[alphabet[test.labels]], char_code[test.labels] + noise], axis=1)
     classify = get_method("protonet").classify
     mixed, = evaluate(None, classify, test, ((5, 1),), episodes=100, embeddings=emb)
     within, skipped = evaluate(None, classify, test, ((5, 1), (30, 1)), episodes=100, embeddings=emb, within_groups=True)

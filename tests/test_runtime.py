@@ -72,8 +72,8 @@ def test_enroll_classify_forget_rename(exported, tmp_path):
     store = tmp_path / "store"
     chars = ["Keble_character01", "Keble_character05", "Tengwar_character03", "Tengwar_character10"]
     for c in chars:
-        assert rt.enroll(store, c, drawings(c, range(1, 4))) == 3
-    assert rt.enroll(store, chars[0], drawings(chars[0], [4])) == 4  # samples add to a class
+        assert rt.enroll(store, c, drawings(c, range(1, 4))).samples == 3
+    assert rt.enroll(store, chars[0], drawings(chars[0], [4])).samples == 4  # samples add to a class
     queries = [f for c in chars for f in drawings(c, range(11, 21))]
     results = rt.classify(store, queries, top_k=3)
     truth = [c for c in chars for _ in range(10)]
@@ -94,7 +94,7 @@ def test_enroll_classify_forget_rename(exported, tmp_path):
 
 def test_open_set_answers_unknown(exported, tmp_path):
     rt = FewShotRuntime(exported)
-    rt.threshold = 1e-9  # nothing is near enough
+    rt.threshold_of_model = 1e-9  # nothing is near enough
     rt.enroll(tmp_path / "s", "a", drawings("Keble_character01", [1]))
     r = rt.classify(tmp_path / "s", drawings("Keble_character02", [1]))[0]
     assert r["label"] == "unknown" and not r["known"] and r["top"][0]["label"] == "a"

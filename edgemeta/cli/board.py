@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import click
 
@@ -39,31 +40,167 @@ def _runtime_options(f):
 
 @main.command()
 @_runtime_options
-@click.option("--label", required=True, help="The class these samples show.")
+@click.option("--label", default=None, help="The class these samples show.")
+@click.option("--from-folders", "root", default=None, type=click.Path(file_okay=False),
+              help="Enroll every sub-folder of this folder as a class named after it (instead of --label).")
+@click.option("--negative", is_flag=True,
+              help='Samples of "none of these" (instead of --label): never a class, they teach `calibrate` strangers.')
 @click.option("--keep-samples", is_flag=True, help="Also keep the samples (new stores only), for re-enrollment after a model upgrade.")
+@click.option("--allow-duplicates", is_flag=True, help="Enroll a sample even when the same image is already enrolled.")
 @click.option("--adapt", "adapt_steps", default=None, metavar="STEPS",
               help="Also set the store's head adaptation (as `edgemeta adapt --steps`).")
 @click.option("--lr", default=None, metavar="RATE", help="With --adapt: its learning rate (as `edgemeta adapt --lr`).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.argument("files", nargs=-1, required=True, type=click.Path())
-def enroll(store: str, model: str | None, variant: str | None, threads: int, edgetpu: str | None, xnnpack: bool, label: str,
-           keep_samples: bool, adapt_steps: str | None, lr: str | None, as_json: bool, files: tuple[str, ...]) -> None:
-    """Teach the board a class from a few samples (images or .npy arrays).
+@click.argument("files", nargs=-1, type=click.Path())
+def enroll(store: str, model: str | None, variant: str | None, threads: int, edgetpu: str | None, xnnpack: bool,
+           label: str | None, root: str | None, negative: bool, keep_samples: bool, allow_duplicates: bool,
+           adapt_steps: str | None, lr: str | None, as_json: bool, files: tuple[str, ...]) -> None:
+    """Teach the board a class from a few samples (images, .npy arrays or folders of them).
+
+    The same image twice (already enrolled, or given twice) is skipped and reported.
 
     \b
     Example:
       edgemeta enroll --store ~/store --model models/omniglot-conv4 --label alpha a1.png a2.png
-      edgemeta enroll --store ~/store --label beta --adapt 10 b1.png b2.png b3.png
+      edgemeta enroll --store ~/store --label beta photos/beta/
+      edgemeta enroll --store ~/store --from-folders photos/
+      edgemeta enroll --store ~/store --negative background/
     """
+    from edgemeta.preprocess import IMAGE_SUFFIXES
+
+    if sum((label is not None, root is not None, negative)) != 1:
+        raise EdgemetaError("say what the samples are: --label NAME, --from-folders ROOT or --negative (one of them)")
+    if root is not None and files:
+        raise EdgemetaError("--from-folders takes its classes from ROOT's sub-folders; give no FILES with it")
+    if root is None and not files:
+        raise EdgemetaError("give the samples: image files, .npy arrays or a folder of them")
     if lr is not None and adapt_steps is None:
         raise EdgemetaError("--lr goes with --adapt STEPS")
+    if negative and adapt_steps is not None:
+        raise EdgemetaError("--adapt goes with classes, not with --negative samples")
     adapt = adapt_setting(adapt_steps, lr) if adapt_steps is not None else None
+    if root is not None:
+        base = Path(root)
+        if not base.is_dir():
+            raise EdgemetaError(f"folder {root} does not exist")
+        subs = sorted(d for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
+        strays = [f for f in base.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+        if not subs:
+            raise EdgemetaError(f"{root} has no sub-folders; --from-folders wants one folder of images per class")
+        if strays:
+            raise EdgemetaError(f"{strays[0]} is an image directly in {root}; put it in its class's sub-folder")
     rt = _runtime(model, store, variant, threads, edgetpu, xnnpack)
-    count = rt.enroll(store, label, list(files), keep_samples=keep_samples, adapt=adapt)
-    if as_json:
-        click.echo(json.dumps({"label": label.strip(), "samples": count}))
+    if negative:
+        images, _ = rt.images(list(files))
+        n = rt.enroll_negatives(store, images)
+        click.echo(json.dumps({"negatives": n}) if as_json else
+                   f"added {len(images)} negative sample(s); the store has {n}; `edgemeta calibrate` uses them")
+        return
+    if root is not None:
+        classes = [(d.name, *rt.images([d])) for d in subs]  # every image read before the store is touched
     else:
-        click.echo(f"enrolled {len(files)} file(s) as {label.strip()!r}; it now has {count} sample(s)")
+        classes = [(label, *rt.images(list(files)))]
+    done = rt.enroll_classes(store, classes, keep_samples=keep_samples, adapt=adapt, allow_duplicates=allow_duplicates)
+    if as_json:
+        out = [{"label": c[0].strip(), "samples": d.samples, "added": d.added, "duplicates": d.duplicates}
+               for c, d in zip(classes, done, strict=True)]
+        click.echo(json.dumps(out if root is not None else out[0]))
+        return
+    for (name, _, _), d in zip(classes, done, strict=True):
+        skipped = f"; skipped {len(d.duplicates)} duplicate(s): {', '.join(d.duplicates[:3])}" if d.duplicates else ""
+        more = " ..." if len(d.duplicates) > 3 else ""
+        click.echo(f"enrolled {d.added} sample(s) as {name.strip()!r}; it now has {d.samples} sample(s){skipped}{more}")
+    _warn_domain(rt, store)
+
+
+def _warn_domain(rt, store: str) -> None:
+    """One warning line when the store's samples look unlike the model's training data."""
+    from edgemeta.runtime.store import EnrollmentStore
+
+    if EnrollmentStore.exists(store):
+        warning = rt.describe_open_set(rt.open_store(store)).get("warning")
+        if warning:
+            click.echo(f"warning: {warning}", err=True)
+
+
+def _rate(text: str, option: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 1:
+        raise EdgemetaError(f"{option} is a share between 0 and 1 (0.95 for 95%), got {text!r}")
+    return value
+
+
+@main.command()
+@_runtime_options
+@click.option("--accept", default=None, metavar="RATE",
+              help="Choose the threshold so that this share of new samples of enrolled classes is accepted (default 0.95).")
+@click.option("--false-accept", default=None, metavar="RATE",
+              help="Instead: the largest threshold at which at most this share of strangers is accepted.")
+@click.option("--threshold", default=None, metavar="DIST|off|model",
+              help="Instead: set the distance yourself, turn 'unknown' off, or go back to the model's threshold.")
+@click.option("--show", is_flag=True, help="Only show the store's current setting.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def calibrate(store: str, model: str | None, variant: str | None, threads: int, edgetpu: str | None, xnnpack: bool,
+              accept: str | None, false_accept: str | None, threshold: str | None, show: bool, as_json: bool) -> None:
+    """Set when the store answers 'unknown': from its own enrolled samples, or by hand.
+
+    Leaves each enrolled sample out in turn: its distance to its own class (a new sample of a known
+    class) and to the other classes (a stranger), plus any `enroll --negative` samples. The
+    threshold follows the store: it is recomputed whenever classes change.
+
+    \b
+    Example:
+      edgemeta calibrate --store ~/store                      # 95% of known samples accepted
+      edgemeta calibrate --store ~/store --false-accept 0.05  # at most 5% of strangers accepted
+      edgemeta calibrate --store ~/store --threshold 12.5
+    """
+    if sum(x is not None for x in (accept, false_accept, threshold)) + show > 1:
+        raise EdgemetaError("give one of --accept, --false-accept, --threshold or --show")
+    rt = _runtime(model, store, variant, threads, edgetpu, xnnpack)
+    if show:
+        info = rt.describe_open_set(rt.open_store(store))
+    elif threshold is not None:
+        if threshold in ("off", "model"):
+            info = rt.set_open_set(store, threshold)
+        else:
+            try:
+                t = float(threshold)
+            except ValueError:
+                t = float("nan")
+            if not 0 <= t < float("inf"):
+                raise EdgemetaError(f"--threshold is a distance (a number >= 0), 'off' or 'model', got {threshold!r}")
+            info = rt.set_open_set(store, "manual", threshold=t)
+    elif false_accept is not None:
+        info = rt.set_open_set(store, "calibrated", false_accept=_rate(false_accept, "--false-accept"))
+    else:
+        info = rt.set_open_set(store, "calibrated", accept=_rate(accept or "0.95", "--accept"))
+    if as_json:
+        click.echo(json.dumps(info))
+        return
+    click.echo(describe_open_set(info))
+    if info.get("warning"):
+        click.echo(f"warning: {info['warning']}", err=True)
+
+
+def describe_open_set(info: dict) -> str:
+    t = info["threshold"]
+    test = "never answers 'unknown'" if t is None else f"answers 'unknown' when the nearest class is farther than {t:.4g}"
+    how = {"off": "turned off", "manual": "set by hand", "model": "the model's threshold, from its validation classes",
+           "calibrated": f"calibrated on this store: {info.get('rule', '')}"}[info["mode"]]
+    lines = [f"{test} ({how})"]
+    if info.get("note"):
+        lines.append(f"  {info['note']}")
+    if info["mode"] == "calibrated" and "known_samples" in info:
+        def pct(v: float | None) -> str:
+            return "-" if v is None else f"{100 * v:.1f}%"
+
+        lines.append(f"  expected: {pct(info.get('known_accept'))} of new samples of enrolled classes accepted "
+                     f"({info['known_samples']} left out), {pct(info.get('false_accept'))} of strangers accepted "
+                     f"({info['strangers']}: enrolled classes left out and {info['negatives']} negative sample(s))")
+    return "\n".join(lines)
 
 
 @main.command()

@@ -220,5 +220,6 @@ def calibrate_open_set(embeddings: np.ndarray, split: FewShotSplit, distance: st
     threshold = float(np.quantile(known, accept_rate))
     return {"threshold": threshold, "known_accept_rate": float(np.mean(known <= threshold)),
             "unknown_accept_rate": float(np.mean(unknown <= threshold)),
+            "known_median": float(np.median(known)), "unknown_median": float(np.median(unknown)),
             "calibration": f"{episodes} validation episodes, {way} enrolled classes x {shot} shot, "
                            f"{query} queries from each enrolled and each of {way} unknown classes"}

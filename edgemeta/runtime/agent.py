@@ -200,9 +200,12 @@ class Agent:
             if adapt is not None:
                 check_adapt(*adapt)  # before the images are decoded
             images = self._images(attachments)
+            allow = args.get("allow_duplicates", False)
+            if not isinstance(allow, bool):
+                raise EdgemetaError(f"bad request: allow_duplicates must be true or false, got {_show(allow)}")
             with self.lock:
-                count = self.rt.enroll_images(self.store_dir, label, images, adapt=adapt)
-            return {"label": label.strip(), "samples": count}
+                done = self.rt.enroll_images(self.store_dir, label, images, adapt=adapt, allow_duplicates=allow)
+            return {"label": label.strip(), "samples": done.samples, "added": done.added, "duplicates": done.duplicates}
         if op == "classify":
             top_k = args.get("top_k", 1)
             if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:

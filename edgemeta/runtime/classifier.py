@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -25,7 +26,8 @@ from edgemeta.runtime.head import LinearHead, PrototypeHead
 from edgemeta.runtime.interpreter import Embedder
 from edgemeta.runtime.linear_head import LinearHeadSpec
 from edgemeta.runtime.manifest import read_manifest
-from edgemeta.runtime.store import EnrollmentStore, check_adapt
+from edgemeta.runtime.open_set import calibrate, domain_warning, leave_one_out
+from edgemeta.runtime.store import EnrollmentStore, check_adapt, check_label, sample_ids
 
 UNKNOWN = "unknown"
 # A deployed release keeps the board profile it was built for beside its model folder.
@@ -35,6 +37,15 @@ RELEASE_BOARD_FILE = "board.toml"
 # about one unit per step, a small step next to their logit gaps. On samples/omniglot (int8, 10 steps)
 # 0.01 costs nothing, 0.1 about 0.1 point at 5 and 10 shots, 1.0 from 0.3 to 1.5 points.
 DEFAULT_PROTO_LR = 0.01
+
+
+class Enrolled(NamedTuple):
+    """What an enrollment did: the class's sample count now, how many samples were added, and the
+    duplicates skipped (a name each, saying why)."""
+
+    samples: int
+    added: int
+    duplicates: list[str]
 
 
 def release_board(model: str | Path) -> Board | None:
@@ -61,7 +72,7 @@ class FewShotRuntime:
         if self.embedder.input_shape != pre.input_shape or self.embedder.dim != self.manifest.embedding_dim:
             raise EdgemetaError(f"{self.variant.file} does not match its manifest: model input {self.embedder.input_shape} "
                                 f"-> {self.embedder.dim}, manifest {pre.input_shape} -> {self.manifest.embedding_dim}; re-export")
-        self.threshold = self.variant.open_set_threshold
+        self.threshold_of_model = self.variant.open_set_threshold
         self.backbone = {"model": self.manifest.name, "variant": self.variant.name, "sha256": self.variant.sha256,
                          "embedding_dim": self.manifest.embedding_dim, "model_path": str(Path(model))}
 
@@ -90,31 +101,107 @@ class FewShotRuntime:
         store.save()
 
     def enroll(self, folder: str | Path, label: str, files: list[str | Path], keep_samples: bool = False,
-               adapt: tuple[int, float | None] | None = None) -> int:
-        """Embed the samples and add them to the class (created if new); returns its sample count.
+               adapt: tuple[int, float | None] | None = None, allow_duplicates: bool = False) -> Enrolled:
+        """Embed the samples and add them to the class (created if new): see `enroll_images`.
         `adapt` (steps, lr) also sets the store's adaptation, as `adapt` does."""
         if adapt is not None:
             check_adapt(*adapt)
-        images, _ = self.images(files)  # all inputs are read before the store is touched
-        return self.enroll_images(folder, label, images, keep_samples, adapt)
+        images, names = self.images(files)  # all inputs are read before the store is touched
+        return self.enroll_images(folder, label, images, keep_samples, adapt, names=names, allow_duplicates=allow_duplicates)
 
     def enroll_images(self, folder: str | Path, label: str, images: np.ndarray, keep_samples: bool = False,
-                      adapt: tuple[int, float | None] | None = None) -> int:
-        """`enroll` for images already preprocessed to the model's input."""
+                      adapt: tuple[int, float | None] | None = None, names: list[str] | None = None,
+                      allow_duplicates: bool = False) -> Enrolled:
+        """`enroll` for images already preprocessed to the model's input: `enroll_classes` of one class."""
+        return self.enroll_classes(folder, [(label, images, names)], keep_samples, adapt, allow_duplicates)[0]
+
+    def enroll_classes(self, folder: str | Path, classes: list[tuple[str, np.ndarray, list[str] | None]],
+                       keep_samples: bool = False, adapt: tuple[int, float | None] | None = None,
+                       allow_duplicates: bool = False) -> list[Enrolled]:
+        """Enroll (label, preprocessed images, their names or None) for each class, in one change of the
+        store: all or nothing. A sample already in the store (the same pixels) or given twice is skipped
+        and reported, unless `allow_duplicates`: so a retried request (its answer lost on a serial line)
+        does not count its samples twice. Nothing is written when nothing changes."""
         if adapt is not None:
             adapt = self._resolve_adapt(*adapt)
-        embeddings = self.embedder(images)
+        for label, _, _ in classes:
+            check_label(label)
+        embedded = [(self.embedder(images), sample_ids(images)) for _, images, _ in classes]
         EnrollmentStore.check_folder(Path(folder))
         with EnrollmentStore.locked(folder):
             if EnrollmentStore.exists(folder):
                 store = self.open_store(folder)
             else:
                 store = EnrollmentStore.create(folder, self.backbone, keep_samples, self.manifest.preprocess.input_shape)
-            count = store.add(label, embeddings, images if store.samples is not None else None)
+            done = []
+            for (label, images, names), (embeddings, ids) in zip(classes, embedded, strict=True):
+                dups = [] if allow_duplicates else store.duplicates(ids)
+                skipped = [(names[i] if names else f"sample {i + 1}")
+                           + (f" (already enrolled as {known!r})" if known is not None else " (given twice)") for i, known in dups]
+                fresh = np.setdiff1d(np.arange(len(images)), [i for i, _ in dups]).astype(np.intp)
+                if len(fresh):
+                    store.add(label, embeddings[fresh], images[fresh] if store.samples is not None else None, ids[fresh])
+                done.append(Enrolled(store.counts().get(check_label(label), 0), len(fresh), skipped))
             if adapt is not None:
                 store.set_adapt(*adapt)
+            if adapt is not None or any(d.added for d in done):
+                self.save(store)
+        return done
+
+    def enroll_negatives(self, folder: str | Path, images: np.ndarray) -> int:
+        """Add "none of these" samples to a store (open-set calibration only); returns how many it has."""
+        embeddings = self.embedder(images)
+        with EnrollmentStore.locked(folder):
+            store = self.open_store(folder)
+            count = store.add_negatives(embeddings, images if store.negative_samples is not None else None)
             self.save(store)
         return count
+
+    def threshold(self, store: EnrollmentStore) -> float | None:
+        """The unknown test's distance for a store: its own (calibrated or set), else the model's; None: off."""
+        o = store.open_set
+        if not o:
+            return self.threshold_of_model
+        if o["mode"] == "off":
+            return None
+        if o["mode"] == "manual":
+            return float(o["threshold"])
+        t = (o.get("report") or {}).get("threshold")
+        return self.threshold_of_model if t is None else float(t)
+
+    def set_open_set(self, folder: str | Path, mode: str, accept: float | None = None, false_accept: float | None = None,
+                     threshold: float | None = None) -> dict:
+        """Set a store's unknown test: "calibrated" (from its samples, at `accept` or `false_accept`),
+        "manual" (`threshold`), "off", or "model" (the model's threshold); returns describe_open_set."""
+        setting = {"calibrated": {"mode": "calibrated", "distance": self.manifest.distance, "accept": accept,
+                                  "false_accept": false_accept},
+                   "manual": {"mode": "manual", "threshold": threshold}, "off": {"mode": "off"}, "model": None}[mode]
+        if mode == "calibrated" and (accept is None) == (false_accept is None):
+            raise EdgemetaError("calibrate for one of --accept or --false-accept, not both")
+        EnrollmentStore.open(folder)
+        with EnrollmentStore.locked(folder):
+            store = self.open_store(folder)
+            if mode == "calibrated":  # refuse now what would only leave a note in the store
+                calibrate(store.embeddings, store.labels, len(store.class_names), self.manifest.distance,
+                          store.negatives, accept=accept, false_accept=false_accept)
+            store.set_open_set(setting)
+            self.save(store)
+        return self.describe_open_set(store)
+
+    def describe_open_set(self, store: EnrollmentStore) -> dict:
+        """What decides "unknown" for a store (JSON-ready): mode, threshold, the calibration's expected
+        rates and a warning when the enrolled samples look unlike the model's training data."""
+        o = store.open_set or {"mode": "model"}
+        out = {"mode": o["mode"], "threshold": self.threshold(store), "negatives": len(store.negatives)}
+        if o["mode"] == "calibrated":
+            out.update({k: v for k, v in (o.get("report") or {}).items() if k != "threshold"})
+        elif o["mode"] == "model":
+            out["calibration"] = "the model's, from its validation classes at export"
+        if len(store.class_names) >= 2:
+            _, strangers = leave_one_out(store.embeddings, store.labels, len(store.class_names), self.manifest.distance)
+            reference = self.variant.open_set_stranger_median or self.threshold_of_model
+            out["warning"] = domain_warning(float(np.median(strangers)), reference)
+        return out
 
     def _resolve_adapt(self, steps: int, lr: float | None) -> tuple[int, float | None]:
         """A checked setting, with a prototype model's default rate written out (a linear model's None
@@ -151,15 +238,17 @@ class FewShotRuntime:
             if store.samples.shape[1:] != self.manifest.preprocess.input_shape:
                 raise EdgemetaError(f"the kept samples are {store.samples.shape[1:]}, this model takes "
                                     f"{self.manifest.preprocess.input_shape}; enroll the classes again instead")
-            store.replace_embeddings(self.embedder(store.samples), self.backbone)
+            negatives = None if store.negative_samples is None or not len(store.negative_samples) else \
+                self.embedder(store.negative_samples)
+            store.replace_embeddings(self.embedder(store.samples), self.backbone, negatives)
             self.save(store)
         return len(store.labels)
 
     def head(self, store: EnrollmentStore) -> PrototypeHead | LinearHead:
-        """The head a store is classified with, with this variant's open-set threshold: the prototype
+        """The head a store is classified with, with the store's open-set threshold: the prototype
         head, or the linear head (persisted by the last change; recomputed if missing or stale)."""
         protos = PrototypeHead.from_embeddings(store.embeddings, store.labels, store.class_names,
-                                               distance=self.manifest.distance, threshold=self.threshold)
+                                               distance=self.manifest.distance, threshold=self.threshold(store))
         spec = self.head_spec(store.adapt)
         if spec is None or not store.class_names:
             return protos

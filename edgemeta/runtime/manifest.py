@@ -48,13 +48,18 @@ class Variant:
     quantization: str
     static_batch: int | None
     open_set_threshold: float | None
+    # the calibration's median distance of a stranger to its nearest prototype (older exports: None):
+    # the scale a store's own distances are compared with, to see images unlike the training data
+    open_set_stranger_median: float | None = None
 
     @classmethod
     def from_dict(cls, name: str, d: dict | Obj) -> Variant:
         v = d if isinstance(d, Obj) else Obj(Doc("", "re-export the model"), d, f"variants.{name}")
+        calibration = v.obj("open_set", default=None)
+        median = calibration.get("unknown_median", float, default=None, nullable=True, min=0) if calibration else None
         return cls(name, v.file_name("file"), v.get("sha256", str), v.get("quantization", str),
                    v.get("static_batch", int, default=None, nullable=True, min=1),
-                   v.get("open_set_threshold", float, default=None, nullable=True, min=0))
+                   v.get("open_set_threshold", float, default=None, nullable=True, min=0), median)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,13 @@ One folder holding one ``store.npz`` (arrays only, read with allow_pickle=False)
     samples      (n, H, W, C) uint8, optional: the preprocessed samples themselves, so classes
                  can be re-enrolled after a model upgrade
     meta         () str            JSON: format, backbone identity, timestamps, and optionally
-                 "adapt" {steps, lr} (the store's head-adaptation setting) and "head" {init, steps, key}
+                 "adapt" {steps, lr} (the store's head-adaptation setting), "head" {init, steps, key}
+                 and "open_set" (the store's own unknown test: OPEN_SET_MODES, runtime/open_set.py)
+    sample_ids   (n, 16) uint8, optional: the first 16 bytes of each sample's pixels' sha256 (zeros: not
+                 known, an older store), so the same image is not enrolled twice
+    negatives    (m, dim) float32, optional: "none of these" samples, never a class: they only teach
+                 the open-set calibration what a stranger looks like (negative_samples: their pixels,
+                 kept when the store keeps samples)
     head_*       optional: the linear head the store is classified with: its spec (head_rates_w,
                  head_rates_b, head_w0, head_b0 as in a model's head.npz) and its adapted weights
                  head_w (dim, c), head_b (c,), recomputed on every save; `key` hashes what they were
@@ -52,6 +58,21 @@ MAX_LABEL = 128
 MAX_ADAPT_STEPS = 1000
 HEAD_PREFIX = "head_"
 STORE_FIX = "restore it from a backup or start a new store"
+# meta["open_set"]["mode"]: "calibrated" (from the enrolled samples, recomputed on every save, with
+# "distance", "accept" or "false_accept" and the last "report"), "manual" ("threshold" set by the user) or
+# "off" (never "unknown"). No open_set key: the model's threshold.
+OPEN_SET_MODES = ("calibrated", "manual", "off")
+SAMPLE_ID_BYTES = 16
+
+
+def sample_ids(images: np.ndarray) -> np.ndarray:
+    """(n, SAMPLE_ID_BYTES) uint8: what tells two preprocessed samples apart (the same pixels, the same id)."""
+    out = np.zeros((len(images), SAMPLE_ID_BYTES), np.uint8)
+    for i, img in enumerate(images):
+        h = hashlib.sha256(repr(img.shape).encode())
+        h.update(np.ascontiguousarray(img, dtype=np.uint8).tobytes())
+        out[i] = np.frombuffer(h.digest()[:SAMPLE_ID_BYTES], np.uint8)
+    return out
 T = TypeVar("T")
 
 
@@ -115,9 +136,11 @@ def _now() -> str:
 
 
 def read_store(doc: Doc, arrays: dict[str, np.ndarray]) -> tuple[dict, np.ndarray, np.ndarray, list[str], np.ndarray | None,
-                                                           LinearHeadSpec | None, dict[str, np.ndarray]]:
+                                                           LinearHeadSpec | None, dict[str, np.ndarray],
+                                                           tuple[np.ndarray, np.ndarray | None] | None]:
     """A store's arrays checked against the format above (the module docstring): (meta, embeddings float32,
-    labels int32, class_names, samples, head spec, head arrays). Every failure names the file and the key."""
+    labels int32, class_names, samples, head spec, head arrays, (negatives, their samples) or None). Every
+    failure names the file and the key."""
     text = array(doc, "meta", arrays.get("meta"), "str", ())
     try:
         meta = json.loads(str(text))
@@ -143,6 +166,18 @@ def read_store(doc: Doc, arrays: dict[str, np.ndarray]) -> tuple[dict, np.ndarra
     head_meta = top.obj("head", default=None)
     if head_meta is not None:
         head_meta.get("key", str, default=None)
+    open_set = top.obj("open_set", default=None)
+    if open_set is not None:
+        mode = open_set.get("mode", str, choices=OPEN_SET_MODES)
+        if mode == "manual":
+            open_set.get("threshold", float, min=0, max=MAX_ABS_VALUE)
+        if mode == "calibrated":
+            open_set.get("distance", str)
+            open_set.get("accept", float, default=None, nullable=True, min=0, max=1)
+            open_set.get("false_accept", float, default=None, nullable=True, min=0, max=1)
+            report = open_set.obj("report", default=None)
+            if report is not None:
+                report.get("threshold", float, default=None, nullable=True, min=0, max=MAX_ABS_VALUE)
 
     emb = array(doc, "embeddings", arrays.get("embeddings"), "float", (None, dim), finite=True)
     labels = array(doc, "labels", arrays.get("labels"), "int", (len(emb),))
@@ -171,7 +206,17 @@ def read_store(doc: Doc, arrays: dict[str, np.ndarray]) -> tuple[dict, np.ndarra
     spec = None
     if head_meta is not None and "rates_w" in head:  # no arrays: an older writer dropped them
         spec = spec_from_manifest(head_meta, head, dim, arrays_doc=doc, prefix=HEAD_PREFIX)
-    return meta, emb.astype(np.float32), labels.astype(np.int32), names, samples, spec, head
+    if "sample_ids" in arrays:
+        array(doc, "sample_ids", arrays["sample_ids"], "uint8", (len(emb), SAMPLE_ID_BYTES))
+    negatives = None
+    if "negatives" in arrays:
+        neg = array(doc, "negatives", arrays["negatives"], "float", (None, dim), finite=True)
+        neg_samples = arrays.get("negative_samples")
+        if neg_samples is not None:
+            shape = (len(neg), *samples.shape[1:]) if samples is not None else (len(neg), None, None, None)
+            array(doc, "negative_samples", neg_samples, "uint8", shape)
+        negatives = (neg.astype(np.float32), neg_samples)
+    return meta, emb.astype(np.float32), labels.astype(np.int32), names, samples, spec, head, negatives
 
 
 class EnrollmentStore:
@@ -185,6 +230,9 @@ class EnrollmentStore:
         self.head_spec: LinearHeadSpec | None = None
         self.head_w: np.ndarray | None = None
         self.head_b: np.ndarray | None = None
+        self.sample_ids = np.zeros((len(embeddings), SAMPLE_ID_BYTES), np.uint8)
+        self.negatives = np.zeros((0, embeddings.shape[1]), np.float32)
+        self.negative_samples: np.ndarray | None = None if samples is None else np.zeros((0, *samples.shape[1:]), np.uint8)
 
     # --- opening --------------------------------------------------------------------------
 
@@ -231,9 +279,17 @@ class EnrollmentStore:
                 arrays = {k: z[k] for k in z.files}
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
             raise EdgemetaError(f"{path} is damaged ({type(e).__name__}); {STORE_FIX}") from None
-        meta, emb, labels, names, samples, spec, head = read_store(Doc(str(path), STORE_FIX), arrays)
+        meta, emb, labels, names, samples, spec, head, negatives = read_store(Doc(str(path), STORE_FIX), arrays)
         store = cls(folder, meta, emb, labels, names, samples)
         store.head_spec, store.head_w, store.head_b = spec, head.get("w"), head.get("b")
+        if "sample_ids" in arrays:
+            store.sample_ids = arrays["sample_ids"]
+        if negatives is not None:
+            store.negatives = negatives[0]
+            if store.samples is not None:
+                if negatives[1] is None:  # a store keeping samples keeps its negatives' too: re-enrollment needs them
+                    raise Doc(str(path), STORE_FIX).error("negative_samples", "is missing (this store keeps samples)")
+                store.negative_samples = negatives[1]
         return store
 
     @staticmethod
@@ -309,8 +365,22 @@ class EnrollmentStore:
 
     # --- changing (call save() afterwards) ------------------------------------------------
 
-    def add(self, label: str, embeddings: np.ndarray, samples: np.ndarray | None = None) -> int:
-        """Add support samples to a class (created when new); returns the class's sample count."""
+    def duplicates(self, ids: np.ndarray) -> list[tuple[int, str | None]]:
+        """(index into `ids`, the class it is enrolled as, or None: repeated within `ids`) of each sample
+        already in the store or given twice. Samples of an older store without ids are not compared."""
+        known = {row.tobytes(): self.class_names[label] for row, label in zip(self.sample_ids, self.labels, strict=True)
+                 if row.any()}
+        out, seen = [], set()
+        for i, row in enumerate(ids):
+            key = row.tobytes()
+            if key in known or key in seen:
+                out.append((i, known.get(key)))
+            seen.add(key)
+        return out
+
+    def add(self, label: str, embeddings: np.ndarray, samples: np.ndarray | None = None, ids: np.ndarray | None = None) -> int:
+        """Add support samples to a class (created when new); returns the class's sample count. `ids`
+        (`sample_ids` of the samples) let later enrollments find duplicates."""
         label = check_label(label)
         if embeddings.ndim != 2 or embeddings.shape[1] != self.embeddings.shape[1]:
             raise EdgemetaError(f"embeddings of shape {embeddings.shape} do not fit this store (dim {self.embeddings.shape[1]})")
@@ -322,6 +392,8 @@ class EnrollmentStore:
         idx = self.class_names.index(label)
         self.embeddings = np.concatenate([self.embeddings, embeddings.astype(np.float32)])
         self.labels = np.concatenate([self.labels, np.full(len(embeddings), idx, np.int32)])
+        new_ids = np.zeros((len(embeddings), SAMPLE_ID_BYTES), np.uint8) if ids is None else ids.astype(np.uint8)
+        self.sample_ids = np.concatenate([self.sample_ids, new_ids])
         if self.samples is not None:
             if samples is None or samples.shape[1:] != self.samples.shape[1:]:
                 raise EdgemetaError("this store keeps samples; give the preprocessed samples along with the embeddings")
@@ -333,7 +405,7 @@ class EnrollmentStore:
         idx = self.class_index(label)
         keep = self.labels != idx
         removed = int(np.sum(~keep))
-        self.embeddings, self.labels = self.embeddings[keep], self.labels[keep]
+        self.embeddings, self.labels, self.sample_ids = self.embeddings[keep], self.labels[keep], self.sample_ids[keep]
         if self.samples is not None:
             self.samples = self.samples[keep]
         self.labels = np.where(self.labels > idx, self.labels - 1, self.labels).astype(np.int32)
@@ -355,25 +427,73 @@ class EnrollmentStore:
         else:
             self.meta.pop("adapt", None)
 
+    def add_negatives(self, embeddings: np.ndarray, samples: np.ndarray | None = None) -> int:
+        """Add "none of these" samples (for the open-set calibration only); returns how many the store has."""
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.embeddings.shape[1] or not len(embeddings):
+            raise EdgemetaError(f"no negative samples of this store's dimension {self.embeddings.shape[1]} to add")
+        _check_finite(embeddings)
+        self.negatives = np.concatenate([self.negatives, embeddings.astype(np.float32)])
+        if self.negative_samples is not None:
+            if samples is None or samples.shape[1:] != self.negative_samples.shape[1:]:
+                raise EdgemetaError("this store keeps samples; give the preprocessed samples along with the embeddings")
+            self.negative_samples = np.concatenate([self.negative_samples, samples.astype(np.uint8)])
+        return len(self.negatives)
+
+    @property
+    def open_set(self) -> dict | None:
+        """The store's own unknown test (OPEN_SET_MODES), or None: the model's threshold."""
+        return self.meta.get("open_set")
+
+    def set_open_set(self, setting: dict | None) -> None:
+        """Set the unknown test (None: back to the model's); a calibrated one is computed by save()."""
+        if setting is None:
+            self.meta.pop("open_set", None)
+        else:
+            self.meta["open_set"] = dict(setting)
+
+    def _recalibrate(self) -> None:
+        """A calibrated threshold follows the store: recomputed from what it holds on every save. When the
+        store cannot tell (no class with two samples left), the report says why and the model's threshold applies."""
+        from edgemeta.runtime.open_set import calibrate
+
+        o = self.open_set
+        if not o or o.get("mode") != "calibrated":
+            return
+        try:
+            o["report"] = calibrate(self.embeddings, self.labels, len(self.class_names), o["distance"], self.negatives,
+                                    accept=o.get("accept"), false_accept=o.get("false_accept"))
+        except EdgemetaError as e:
+            o["report"] = {"threshold": None, "note": f"{e}; the model's threshold applies meanwhile"}
+
     def set_head(self, spec: LinearHeadSpec | None) -> None:
         """The linear head to classify with (None: nearest prototype); adapted by save()."""
         self.head_spec = spec
 
-    def replace_embeddings(self, embeddings: np.ndarray, backbone: dict) -> None:
-        """After re-embedding the kept samples with another backbone."""
+    def replace_embeddings(self, embeddings: np.ndarray, backbone: dict, negatives: np.ndarray | None = None) -> None:
+        """After re-embedding the kept samples (and negative samples) with another backbone."""
         _check_finite(embeddings)
         self.embeddings = embeddings.astype(np.float32)
+        if negatives is not None:
+            _check_finite(negatives)
+            self.negatives = negatives.astype(np.float32)
         self.meta["backbone"] = backbone
 
     def save(self) -> None:
         self.meta["updated"] = _now()
         self._adapt_head()
+        self._recalibrate()
         arrays = {"embeddings": self.embeddings, "labels": self.labels,
                   "class_names": np.array(self.class_names, dtype=str), "meta": np.array(json.dumps(self.meta))}
         if not self.class_names:
             arrays["class_names"] = np.zeros(0, dtype="<U1")
         if self.samples is not None:
             arrays["samples"] = self.samples
+        if self.sample_ids.any():
+            arrays["sample_ids"] = self.sample_ids
+        if len(self.negatives):
+            arrays["negatives"] = self.negatives
+            if self.negative_samples is not None:
+                arrays["negative_samples"] = self.negative_samples
         arrays.update(self._head_arrays())
         # what is written must open again: the same checks as open(), so a bug cannot leave an unreadable store
         read_store(Doc(f"{self.folder / STORE_FILE} (not written)", "this is a bug in edgemeta; please report it"), arrays)

@@ -1,0 +1,110 @@
+"""The open-set threshold of an enrolled set, from the enrolled samples themselves (numpy only).
+
+A query is answered "unknown" when its nearest prototype is farther than the threshold. The model's
+threshold (calibrated at export on its validation classes) fits data like the model's training data;
+on a user's own images the distances can sit on another scale altogether (photos of faces 0.7 apart
+under an Omniglot model whose threshold is 22.5: every stranger accepted). So a store can calibrate
+its own threshold from what it holds, by leaving samples out:
+
+- known distances: each sample's distance to its own class's prototype computed without it (classes
+  with at least 2 samples): what a new sample of an enrolled class looks like;
+- stranger distances: each sample's distance to the nearest prototype of the *other* classes (as if
+  its class had never been enrolled), and every "none of these" negative sample's distance to the
+  nearest prototype: what a stranger looks like.
+
+The threshold is the `accept` quantile of the known distances (that share of new samples of enrolled
+classes is still answered), or, with `false_accept`, the largest threshold at which at most that share
+of the strangers is accepted. Both rates are reported at the chosen threshold. Leaving a sample out
+makes a class's prototype one sample weaker than the enrolled one, so the known figure is slightly
+pessimistic; the stranger figure is an estimate from the enrolled classes and negatives, not a promise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from edgemeta.errors import EdgemetaError
+from edgemeta.runtime.head import DISTANCES, class_sums
+
+DEFAULT_ACCEPT = 0.95
+# A store whose typical stranger distance is this many times smaller or larger than the model's
+# calibration's holds images the model was not trained on (in-domain Omniglot: 0.5 to 1.6; grey face
+# photos under the Omniglot model: about 0.03).
+DOMAIN_RATIO = 5.0
+
+
+def paired_distances(a: np.ndarray, b: np.ndarray, distance: str) -> np.ndarray:
+    """Row i of `a` against row i of `b`: DISTANCES[distance] on the diagonal, without the (n, n) matrix."""
+    if distance == "squared_euclidean":
+        d = a.astype(np.float64) - b
+        return np.einsum("ij,ij->i", d, d)
+    if distance == "cosine":
+        an = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+        bn = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+        return 1.0 - np.einsum("ij,ij->i", an, bn)
+    raise ValueError(f"unknown distance {distance!r}")
+
+
+def leave_one_out(embeddings: np.ndarray, labels: np.ndarray, num_classes: int, distance: str,
+                  negatives: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(known distances, stranger distances) of an enrolled set, as the module docstring says."""
+    sums, counts = class_sums(embeddings, labels, num_classes)
+    protos = (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
+    many = counts[labels] >= 2
+    own = labels[many]
+    loo = (sums[own] - embeddings[many]) / (counts[own] - 1)[:, None]
+    known = paired_distances(embeddings[many], loo, distance)
+    strangers = []
+    if num_classes >= 2:
+        d = DISTANCES[distance](embeddings.astype(np.float32), protos).astype(np.float64)
+        d[np.arange(len(labels)), labels] = np.inf
+        strangers.append(d.min(axis=1))
+    if negatives is not None and len(negatives):
+        strangers.append(DISTANCES[distance](negatives.astype(np.float32), protos).min(axis=1).astype(np.float64))
+    return known, np.concatenate(strangers) if strangers else np.zeros(0)
+
+
+def calibrate(embeddings: np.ndarray, labels: np.ndarray, num_classes: int, distance: str,
+              negatives: np.ndarray | None = None, accept: float | None = DEFAULT_ACCEPT,
+              false_accept: float | None = None) -> dict:
+    """The store's threshold and what it is expected to do (JSON-ready); EdgemetaError when the enrolled
+    set cannot tell: no class with two samples (accept), or no strangers at all (false_accept)."""
+    known, strangers = leave_one_out(embeddings, labels, num_classes, distance, negatives)
+    n_neg = 0 if negatives is None else len(negatives)
+    if false_accept is not None:
+        if not len(strangers):
+            raise EdgemetaError("calibrating for a false-accept rate needs strangers: enroll a second class, or "
+                                "negatives (`edgemeta enroll --negative`)")
+        s = np.sort(strangers)
+        k = math.floor(false_accept * len(s))  # accept at most k strangers: stay below the (k+1)-th
+        threshold = float(np.nextafter(s[k], -np.inf)) if k < len(s) else float(s[-1])
+    else:
+        if not len(known):
+            raise EdgemetaError("calibrating needs a class with at least 2 samples (its samples are left out one at a "
+                                "time); enroll more samples of a class, or set --threshold yourself")
+        threshold = float(np.quantile(known, accept))
+    threshold = max(threshold, 0.0)
+    return {
+        "threshold": threshold,
+        "known_accept": float(np.mean(known <= threshold)) if len(known) else None,
+        "false_accept": float(np.mean(strangers <= threshold)) if len(strangers) else None,
+        "known_samples": int(len(known)), "strangers": int(len(strangers)), "negatives": int(n_neg),
+        "stranger_median": float(np.median(strangers)) if len(strangers) else None,
+        "rule": (f"at most {100 * false_accept:g}% of strangers accepted" if false_accept is not None
+                 else f"{100 * accept:g}% of left-out known samples accepted"),
+    }
+
+
+def domain_warning(stranger_median: float | None, reference: float | None) -> str | None:
+    """A warning when the store's typical stranger distance is far from the model's calibration's
+    (`reference`: its stranger median, else its threshold): images unlike the model's training data."""
+    if not stranger_median or not reference:
+        return None
+    ratio = stranger_median / reference
+    if 1 / DOMAIN_RATIO <= ratio <= DOMAIN_RATIO:
+        return None
+    return (f"these samples look unlike the model's training data: different classes sit {ratio:.2g} times as far "
+            "apart as in its calibration, so expect poor accuracy and a wrong unknown test; calibrate this store "
+            "(`edgemeta calibrate`) or train a model on data like yours")

@@ -9,7 +9,7 @@ activation of a release the board has, and a rollback (median of --repeat runs e
 
 The board is a real OpenSSH server on 127.0.0.1 (tests/sshd.py) with its own root; the bundle is
 omniglot-conv4 for generic-x86_64 with a wheelhouse (the board installs offline). Each kill deploys
-either a new release (upload, venv + install, health check, switch: "new") or a release the board
+either a new release with a runtime of its own (upload, venv + install, health check, switch: "new") or a release the board
 has installed but not active ("on board": health check and switch only), starts `edgemeta deploy`
 as a real process, and sends it the signal (to the host process alone: the ssh it started may run
 on, as when a laptop dies) at a random moment of that kind of deploy, or, for every other pair of
@@ -21,7 +21,8 @@ sessions and every process with the board's EDGEMETA_ROOT have ended), the check
   - `current` is the release active before the deploy or the one deployed, and is complete (every
     file of its BUNDLE.json with its sha256, its venv's edgemeta);
   - `board_ops.py health current` passes (load the model, embed);
-  - no upload folder, no release without a complete venv, no temporary file is left on the board;
+  - no upload folder, no release without a complete venv, no half-made venv (ROOT/venvs), no
+    temporary file is left on the board;
   - a host that exited by itself before the signal exited 0 and the deployed release is active;
   - SIGTERM that came once the handler was installed (always so for a timed one): exit 143, one
     line, no traceback.
@@ -75,17 +76,21 @@ class Results(cc.Results):
     row_type = Row
 
 
-def variant(base: Path, dest: Path) -> Path:
-    """A new release of `base`: its board.toml gains a comment, so its content and id differ; re-signed."""
-    from edgemeta.deploy.bundle import release_name
+def variant(base: Path, dest: Path, new_runtime: bool = True) -> Path:
+    """A new release of `base`: its board.toml gains a comment, so its content and id differ; with
+    `new_runtime` its requirements.txt too, so the board makes a venv for it (pip, from the wheelhouse)
+    instead of linking the one it has (a model-only upgrade); re-signed."""
+    from edgemeta.deploy.bundle import release_name, runtime_key
     from edgemeta.deploy.signing import sign_bundle, signing_key
     from edgemeta.runtime.manifest import sha256_file
 
     shutil.copytree(base, dest)
-    with open(dest / "board.toml", "a") as f:
-        f.write(f"# release {dest.name}\n")
+    for name in ("board.toml", "requirements.txt") if new_runtime else ("board.toml",):
+        with open(dest / name, "a") as f:
+            f.write(f"# release {dest.name}\n")
     info = json.loads((dest / "BUNDLE.json").read_text())
     info["files"] = {k: sha256_file(dest / k) for k in info["files"]}
+    info["runtime"] = runtime_key(dest, info)
     info["release"] = release_name(dest, info)
     (dest / "BUNDLE.json").write_text(json.dumps(info))
     sign_bundle(dest, signing_key())
@@ -142,6 +147,7 @@ def board_problems(root: Path, allowed: tuple[str, ...]) -> list[str]:
     rel = root / "releases"
     left = [p.name for p in rel.iterdir() if p.name.startswith(".") or (p.name != now and not (p / INSTALLED).is_file())]
     left += [p.name for p in root.iterdir() if p.name.endswith(".tmp")]
+    left += [f"venvs/{v.name}" for v in (root / "venvs").glob("*") if not (v / ".installed").is_file()]
     if left:
         problems.append(f"left on the board: {sorted(left)}")
     return problems

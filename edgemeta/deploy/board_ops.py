@@ -3,20 +3,27 @@ so it works before edgemeta is installed there). Deploy copies this file to the 
 
     python3 board_ops.py COMMAND [ARGS]     ROOT: $EDGEMETA_ROOT, else ~/.edgemeta
 
-    ROOT/releases/<id>/        one bundle each, with its own venv/ (made here; venv/.installed once complete)
+    ROOT/releases/<id>/        one bundle each; venv -> ../../venvs/<runtime key> once installed
     ROOT/releases/.<id>.partial  an upload in progress (removed by the next receive)
+    ROOT/venvs/<key>/          a runtime venv (made here; <key>/.installed once complete), shared by the
+                               releases whose BUNDLE.json names that runtime key: a model-only upgrade
+                               reuses it (no pip); prune removes the ones no kept release links to
     ROOT/current -> releases/<id>   switched atomically (symlink renamed over the old one)
-    ROOT/history.json          activated releases, oldest first, up to current (rollback goes one back)
+    ROOT/history.json          activated releases, oldest first; `current` is one of them (rollback steps
+                               back through it, `rollback --to ID` jumps to any release on the board;
+                               an activation drops the entries after current and appends its release)
     ROOT/store/                the enrollment store, shared by all releases
     ROOT/trusted_keys/<fingerprint>.pub   ed25519 public keys (hex) that may sign bundles: the key
                                of the first deploy (trust on first use); add others by hand
+    ROOT/edgemeta-agent.service  the agent's systemd unit (`service` installs it where systemd runs)
     ROOT/.lock                 held by the one command changing the board (deploy, activate, rollback, ...)
 
 `deploy ID KEEP` is a whole deploy in one process, which goes on when the host's ssh dies: receive
 the bundle from stdin, install its venv, health-check the new release, write history.json and the
 agent's unit, switch `current`, check again through `current` (switching back if that fails), prune.
 `current` never names a release whose health check has not passed; a release whose install or
-check failed is removed at once. `activate ID [KEEP]` does the same for a release on the board.
+check failed is removed at once. `activate ID [KEEP]` does the same for a release on the board;
+`rollback [ID]` too (health check of the target, switch, check through `current`, switch back).
 
 `receive` checks a bundle before it becomes a release folder, so nothing of it runs unchecked: its
 BUNDLE.sig must be an ed25519 signature, by a trusted key, over SIGNED_PREFIX + BUNDLE.json, and
@@ -277,7 +284,8 @@ def check_bundle(folder: Path) -> tuple[dict, bytes, bool]:
 # --- commands -------------------------------------------------------------------------------------
 
 LOCK_FILE = ".lock"  # ROOT/.lock: held (flock) by whatever changes releases, current or history.json
-INSTALLED = "venv/.installed"  # in a release: written once its venv is complete (pip succeeded)
+INSTALLED = "venv/.installed"  # in a release: its venv is complete (pip succeeded; through the venv link)
+VENVS = "venvs"  # ROOT/venvs/<runtime key>/: the venvs, shared by releases with the same runtime
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 TEMP_NAMES = re.compile(r"\.(current|history\.json|edgemeta-agent\.service|trusted_keys)\..+\.tmp")  # what this file writes in ROOT
 _lock_fd = -1
@@ -373,10 +381,13 @@ def release_state(rid: str) -> str:
 
 
 def remove_half_built(spare: str = "") -> list[str]:
-    """Remove uploads cut short and releases whose install never finished (the board lost power, or
-    an older edgemeta left them); never `current` or `spare`. Under the lock."""
+    """Remove uploads cut short, venvs and releases whose install never finished (the board lost power,
+    or an older edgemeta left them); never `current` or `spare`. Under the lock."""
     rel = root() / "releases"
     removed = []
+    for v in sorted((root() / VENVS).glob("[!.]*")):  # first: a release linking to one is then not installed
+        if not (v / ".installed").is_file():
+            shutil.rmtree(v, ignore_errors=True)
     for p in sorted(rel.glob(".*.partial")) + sorted(rel.glob("[!.]*")):
         if p.name.endswith(".partial") or (p.name not in (current(), spare) and not installed(p.name)):
             shutil.rmtree(p, ignore_errors=True)
@@ -384,14 +395,35 @@ def remove_half_built(spare: str = "") -> list[str]:
     return removed
 
 
-def cmd_preflight(rid: str = "") -> None:
+def venv_link(rid: str) -> str:
+    """The runtime key of the venv a release links to ("": a venv of its own, or none yet)."""
+    link = root() / "releases" / rid / "venv"
+    return os.readlink(link).split("/")[-1] if link.is_symlink() else ""
+
+
+def remove_unused_venvs() -> list[str]:
+    """Remove the venvs no release on the board links to. Under the lock."""
+    used = {venv_link(p.name) for p in (root() / "releases").glob("[!.]*")}
+    removed = []
+    for v in sorted((root() / VENVS).glob("[!.]*")):
+        if v.name not in used:
+            shutil.rmtree(v, ignore_errors=True)
+            removed.append(v.name)
+    return removed
+
+
+def cmd_preflight(rid: str = "", key: str = "") -> None:
+    """The board as deploy sees it first: architecture, Python, glibc, space, `current`; with RID, that
+    release's state; with KEY, whether the venv of that runtime key is complete here (then an install
+    is a link, no pip)."""
     r = root()
     st = shutil.disk_usage(r if r.exists() else Path.home())
     answer = {"arch": platform.machine(), "python": platform.python_version(), "glibc": " ".join(platform.libc_ver()),
-              "root": str(r), "free_mb": st.free // 2**20, "current": current(),
-              "releases": sorted(p.name for p in (r / "releases").glob("[!.]*")) if (r / "releases").exists() else []}
+              "root": str(r), "free_mb": st.free // 2**20, "current": current(), "releases": on_board()}
     if rid:
         answer["release"] = release_state(release_arg(rid))  # active, installed (on the board, ready) or absent
+    if key:
+        answer["venv"] = (root() / VENVS / release_arg(key) / ".installed").is_file()
     done(answer)
 
 
@@ -458,46 +490,69 @@ def pip_hint(message: str, rel: Path) -> str:
     return message
 
 
-def install(rid: str) -> bool:
-    """Make the release's venv unless it is complete; True when it was made now. A failed install
-    removes the release at once (never `current`): a half-built release is nothing to keep."""
+def runtime_key(info: dict, rid: str) -> str:
+    """Which venv a release runs in: BUNDLE.json's runtime key (a digest of its requirements, edgemeta's
+    wheel and the Python it is for: bundle.runtime_key), or, for a bundle made before there were
+    runtime keys, a venv of its own named by its release id."""
+    key = info.get("runtime")
+    return key if isinstance(key, str) and RELEASE_ID.fullmatch(key) else rid
+
+
+def install(rid: str) -> str:
+    """Link the release to the venv of its runtime, making that venv first unless it is complete
+    already (ROOT/venvs/<key>/.installed): "made" (pip ran), "reused" (a model-only upgrade: no pip),
+    or "" when the release was installed already. A failed install removes the release at once
+    (never `current`) and the venv it was making: a half-built one is nothing to keep."""
     rel = root() / "releases" / rid
     if installed(rid):
-        return False
+        return ""
     try:
         info = json.loads((rel / BUNDLE_FILE).read_text())
     except (OSError, ValueError) as e:
         raise Refused(f"release {rid} is not on this board (or its {BUNDLE_FILE} is unreadable: {e})") from None
+    venv = root() / VENVS / runtime_key(info, rid)
+    made = "reused"
     try:
         wheel = f"wheels/{info['wheel']}"
         if wheel not in info["files"]:
             raise Refused(f"{BUNDLE_FILE} names the wheel {wheel!r}, which it does not list")
-        venv = rel / "venv"
-        shutil.rmtree(venv, ignore_errors=True)
-        args = [sys.executable, "-m", "venv", str(venv)]
-        if info.get("system_site_packages"):
-            args.insert(3, "--system-site-packages")
-        run(args)
-        pip = [str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check"]
-        if (rel / "wheelhouse").is_dir():
-            pip += ["--no-index", "--find-links", str(rel / "wheelhouse")]
-        try:
-            run(pip + ["-r", str(rel / "requirements.txt"), str(rel / wheel)])
-        except Refused as e:
-            raise Refused(pip_hint(str(e), rel)) from None
-        write_atomic(rel / INSTALLED, "")
+        if not (venv / ".installed").is_file():
+            made = "made"
+            shutil.rmtree(venv, ignore_errors=True)  # a venv is made where it stays: its scripts name their path
+            venv.parent.mkdir(exist_ok=True)
+            args = [sys.executable, "-m", "venv", str(venv)]
+            if info.get("system_site_packages"):
+                args.insert(3, "--system-site-packages")
+            run(args)
+            pip = [str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check"]
+            if (rel / "wheelhouse").is_dir():
+                pip += ["--no-index", "--find-links", str(rel / "wheelhouse")]
+            try:
+                run(pip + ["-r", str(rel / "requirements.txt"), str(rel / wheel)])
+            except Refused as e:
+                raise Refused(pip_hint(str(e), rel)) from None
+            write_atomic(venv / ".installed", "")
+        link, tmp = rel / "venv", rel / ".venv.tmp"
+        if link.is_dir() and not link.is_symlink():  # a venv of its own, half made by an older edgemeta
+            shutil.rmtree(link)
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        os.symlink(f"../../{VENVS}/{venv.name}", tmp)
+        os.replace(tmp, link)
     except BaseException:
+        if not (venv / ".installed").is_file():
+            shutil.rmtree(venv, ignore_errors=True)
         if rid != current():
             shutil.rmtree(rel, ignore_errors=True)
         raise
-    return True
+    return made
 
 
 def cmd_install(rid: str) -> None:
     rid = release_arg(rid)
     lock_board()
     outlive_the_host()
-    done({"installed": rid, "made": install(rid)})
+    done({"installed": rid, "venv": install(rid) or "already"})
 
 
 def run(args: list) -> None:
@@ -567,15 +622,16 @@ def activate(rid: str, fresh: bool) -> dict:
     if blocked:  # the agent runs as this user and writes the store: say so now, not when it first enrolls
         raise Refused(f"{blocked[0]} is not writable by {user}, who the agent runs as: sudo chown -R {user}: {store}")
     previous = current()
-    made = False
+    made = ""
     try:
         made = install(rid)
         if made:
-            say("installed", release=rid)
+            say("installed", release=rid, venv=made, key=venv_link(rid))
         checked = health(rid)
     except Refused as e:
         if (fresh or made) and rid != previous:
             shutil.rmtree(root() / "releases" / rid, ignore_errors=True)
+            remove_unused_venvs()
         kept = f"{previous} stays active" if previous else "no release is active"
         raise Refused(f"{e}; {kept}" + (f", {rid} was removed" if (fresh or made) and rid != previous else "")) from None
     say("healthy", **checked)
@@ -590,18 +646,28 @@ def activate(rid: str, fresh: bool) -> dict:
         if os.getuid() == 0:
             answer["warning"] = ("the agent's systemd unit runs as root because this deploy logs in as root; "
                                  "deploy as an unprivileged user (such as pi@board) instead")
-    before = history_upto(previous)
-    write_atomic(root() / "history.json", json.dumps([x for x in before if x != rid] + [rid]))  # (history_upto: safe to kill here)
+    upto = history_upto(previous)
+    switch_checked(rid, previous, [x for x in upto if x != rid] + [rid])
+    return answer
+
+
+def switch_checked(rid: str, previous: str, after: list) -> None:
+    """Write history.json as `after`, switch `current` to `rid` (whose own health check passed) and
+    check it again through `current`, the path the agent takes; on a failure switch back to
+    `previous` with the history as it was. Killed anywhere, `current` is `previous` or `rid`, both checked."""
+    before = history()
+    if after != before:
+        write_atomic(root() / "history.json", json.dumps(after))  # (entries after current: harmless, see history.json)
     switch(rid)
     try:
-        health(rid, through=str(root() / "current"))  # the path the agent takes
+        health(rid, through=str(root() / "current"))
     except Refused as e:
         if previous:
             switch(previous)
             write_atomic(root() / "history.json", json.dumps(before))
         raise Refused(f"{e} (through current, after the switch); " + (f"switched back to {previous}" if previous else
                                                                        "no earlier release to switch back to")) from None
-    return answer
+    restart_agent()
 
 
 def cmd_activate(rid: str, keep: str = "") -> None:
@@ -626,30 +692,53 @@ def cmd_deploy(rid: str, keep: str) -> None:
     done({**activate(rid, fresh="note" not in got), "pruned": prune(n)})
 
 
-def cmd_rollback() -> None:
+def cmd_rollback(to: str = "") -> None:
+    """Switch to the release activated before `current` (one step back through history.json, which
+    stays as it is, so a second rollback goes one further), or to release `to`, older or newer (roll
+    forward), if it is on the board. The target is health-checked before the switch and through
+    `current` after it (switching back if that fails): `current` is never an unchecked release."""
+    target = release_arg(to) if to else ""
     lock_board()
     outlive_the_host()
-    now = current()
-    h = history_upto(now)
-    older = [x for x in h if x != now and installed(x)]
-    if not older:
-        raise Refused("no earlier release to roll back to")
-    target = older[-1]
-    write_atomic(root() / "history.json", json.dumps([x for x in h if x != now]))  # first: see history_upto
-    switch(target)
-    done({"active": target, "rolled_back_from": now})
+    remove_half_built(spare=target)
+    now, h = current(), history()
+    others = [x for x in on_board() if x != now and installed(x)]
+    if target:
+        if target == now:
+            done({"active": now, "rolled_back_from": now, "note": "already active"})
+        if target not in others:
+            raise Refused(f"release {target} is not on this board" + (f"; on it: {', '.join(others)}" if others else ""))
+    else:
+        older = [x for x in (h[: h.index(now)] if now in h else h) if x in others]
+        if not older:
+            raise Refused("no earlier release to roll back to" + (f"; on the board: {', '.join(others)} (rollback --to ID)"
+                                                                  if others else ""))
+        target = older[-1]
+    try:
+        checked = health(target)
+    except Refused as e:
+        raise Refused(f"{e}; {now or 'no release'} stays active") from None
+    say("healthy", **checked)
+    switch_checked(target, now, h if target in h else history_upto(now) + [target])
+    done({"active": target, "rolled_back_from": now, "healthy": checked})
+
+
+def on_board() -> list[str]:
+    rel = root() / "releases"
+    return sorted(p.name for p in rel.glob("[!.]*")) if rel.is_dir() else []
 
 
 def prune(keep: int) -> list[str]:
-    """Remove releases beyond the last `keep` of the history (never current). Under the lock."""
+    """Remove releases beyond the last `keep` of the history up to current (never current), then the
+    venvs no remaining release uses. Under the lock."""
     now = current()
     keep_set = set(history_upto(now)[-keep:]) | {now}
     removed = []
-    for p in sorted((root() / "releases").glob("[!.]*")):
-        if p.name not in keep_set:
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p.name)
-    return removed
+    for name in on_board():
+        if name not in keep_set:
+            shutil.rmtree(root() / "releases" / name, ignore_errors=True)
+            removed.append(name)
+    return removed + [f"venvs/{v}" for v in remove_unused_venvs()]
 
 
 def cmd_prune(keep: str) -> None:
@@ -658,14 +747,114 @@ def cmd_prune(keep: str) -> None:
     done({"removed": prune(n)})
 
 
+def read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def release_details(rid: str) -> dict:
+    """What a release on the board is: its model (name, algorithm, variant), runtime, venv, when it was built."""
+    rel = root() / "releases" / rid
+    info, manifest = read_json(rel / BUNDLE_FILE), read_json(rel / "model" / "manifest.json")
+    try:
+        runtime = (rel / "requirements.txt").read_text().splitlines()[0]  # the interpreter package, pinned
+    except (OSError, IndexError):
+        runtime = ""
+    wheel = str(info.get("wheel", "")).split("-")  # edgemeta-VERSION-py3-none-any.whl
+    return {"state": release_state(rid), "model": manifest.get("name", info.get("model", "")),
+            "algorithm": manifest.get("algorithm", ""), "variant": info.get("variant") or manifest.get("default_variant", ""),
+            "board": info.get("board", ""), "runtime": runtime, "edgemeta": wheel[1] if len(wheel) > 2 else "",
+            "built": info.get("created", ""), "venv": venv_link(rid)}
+
+
+def size_on_disk(folder: Path) -> int:
+    """Bytes of the files under `folder` (links not followed)."""
+    total = 0
+    for top, _, names in os.walk(folder):
+        for n in names:
+            try:
+                total += os.lstat(os.path.join(top, n)).st_size
+            except OSError:
+                pass  # removed meanwhile
+    return total
+
+
 def cmd_status() -> None:
-    keys = sorted(p.stem for p in (root() / KEYS_DIR).glob("*.pub"))
-    done({"current": current(), "history": history_upto(current()), "trusted_keys": keys,
-          "releases": sorted(p.name for p in (root() / "releases").glob("[!.]*")) if (root() / "releases").exists() else []})
+    """Read-only (no lock): what the board runs, with a health check of `current` through `current`."""
+    r, now = root(), current()
+    keys = sorted(p.stem for p in (r / KEYS_DIR).glob("*.pub"))
+    answer = {"root": str(r), "current": now, "history": history(), "releases": on_board(), "trusted_keys": keys,
+              "details": {x: release_details(x) for x in on_board()},
+              "venvs": sorted(v.name for v in (r / VENVS).glob("[!.]*")),
+              "bytes": {"store": size_on_disk(r / "store"), "releases": size_on_disk(r / "releases"), "venvs": size_on_disk(r / VENVS)},
+              "free_mb": shutil.disk_usage(r if r.exists() else Path.home()).free // 2**20}
+    if now:
+        try:
+            answer["health"] = {"ok": True, **health(now, through=str(r / "current"))}
+        except Refused as e:
+            answer["health"] = {"ok": False, "error": str(e)}
+    done(answer)
+
+
+AGENT_UNIT = "edgemeta-agent"
+UNIT_PATH = Path(f"/etc/systemd/system/{AGENT_UNIT}.service")
+
+
+def systemd_runs() -> bool:
+    return Path("/run/systemd/system").is_dir() and shutil.which("systemctl") is not None
+
+
+def as_root(args: list) -> list:
+    return args if os.getuid() == 0 else ["sudo", "-n", *args]  # -n: never wait for a password nobody types
+
+
+def our_unit_installed() -> bool:
+    """The agent's unit is installed in systemd and runs this root's `current`."""
+    try:
+        return f"{root().resolve()}/current/" in UNIT_PATH.read_text()
+    except OSError:
+        return False
+
+
+def restart_agent() -> None:
+    """After a switch: a running agent (the systemd service of this root) restarts on the new release;
+    where it cannot, say so (the switch stands either way)."""
+    if not (systemd_runs() and our_unit_installed()):
+        return
+    try:
+        run(as_root(["systemctl", "try-restart", AGENT_UNIT]))
+        say("agent", restarted=True)
+    except Refused as e:
+        say("agent", restarted=False, error=f"{e}; restart it: sudo systemctl restart {AGENT_UNIT}")
+
+
+def cmd_service() -> None:
+    """Install and start the agent's systemd unit (ROOT/edgemeta-agent.service, written at activation:
+    User= the deploying user, Restart=on-failure, this root's store), with sudo -n unless root; where
+    systemd does not run, answer how to start the agent instead."""
+    unit = root() / "edgemeta-agent.service"
+    if not current() or not unit.is_file():
+        raise Refused("no release is active on this board: deploy one first")
+    start = next((ln.split("=", 1)[1] for ln in unit.read_text().splitlines() if ln.startswith("ExecStart=")), "")
+    if not systemd_runs():
+        done({"service": "no systemd", "unit": str(unit), "command": start})
+    sudo = "" if os.getuid() == 0 else "sudo "
+    by_hand = f"{sudo}cp {unit} {UNIT_PATH} && {sudo}systemctl daemon-reload && {sudo}systemctl enable --now {AGENT_UNIT}"
+    try:
+        for args in (["cp", str(unit), str(UNIT_PATH)], ["systemctl", "daemon-reload"], ["systemctl", "enable", AGENT_UNIT],
+                     ["systemctl", "restart", AGENT_UNIT]):
+            run(as_root(args))
+    except Refused as e:
+        raise Refused(f"{e}; install it by hand on the board: {by_hand}") from None
+    done({"service": "enabled", "unit": str(UNIT_PATH), "runs": start})
 
 
 COMMANDS = {"preflight": cmd_preflight, "receive": cmd_receive, "install": cmd_install, "health": cmd_health,
-            "activate": cmd_activate, "deploy": cmd_deploy, "rollback": cmd_rollback, "prune": cmd_prune, "status": cmd_status}
+            "activate": cmd_activate, "deploy": cmd_deploy, "rollback": cmd_rollback, "prune": cmd_prune, "status": cmd_status,
+            "service": cmd_service}
 
 if __name__ == "__main__":
     usage = f"usage: board_ops.py {'|'.join(COMMANDS)} [ARGS]"

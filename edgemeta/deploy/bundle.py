@@ -1,7 +1,8 @@
 """A bundle: one self-contained, checksummed and signed release of a model for one board profile.
 
-    BUNDLE.json            board, model, variant, edgemeta version, sha256 of every other file, and the
-                           release id: model-variant-<digest of the content> (release_name)
+    BUNDLE.json            board, model, variant, edgemeta version, sha256 of every other file, the
+                           release id: model-variant-<digest of the content> (release_name), and the
+                           runtime key (runtime_key): releases with the same one share a venv on a board
     BUNDLE.sig             ed25519 signature of BUNDLE.json by the user's key (deploy/signing.py)
     model/manifest.json    the manifest, reduced to the variant this board takes
     model/<variant>.tflite
@@ -221,6 +222,15 @@ def release_name(folder: Path, info: dict) -> str:
     return f"{info['model']}-{info['variant']}-{hashlib.sha256(canonical).hexdigest()[:12]}"
 
 
+def runtime_key(folder: Path, info: dict) -> str:
+    """The digest of what a release's venv holds: its pinned requirements, edgemeta's wheel (by its
+    contents), the Python and architecture it is for, whether it sees the OS's packages. A board keeps
+    one venv per key (ROOT/venvs/<key>), so a release that changes only the model installs nothing."""
+    content = {"requirements": (folder / "requirements.txt").read_text(), "wheel": wheel_digest(folder / "wheels" / info["wheel"]),
+               **{k: info[k] for k in ("python", "arch", "system_site_packages")}}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _write_bundle(out: Path, board: Board, manifest: Manifest, variant: Variant, wheelhouse: bool) -> None:
     """Fill the empty folder `out` with the bundle."""
     (out / "model").mkdir()
@@ -244,5 +254,6 @@ def _write_bundle(out: Path, board: Board, manifest: Manifest, variant: Variant,
             "system_site_packages": bool(board.runtime.get("system_packages")),
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "files": {p.relative_to(out).as_posix(): sha256_file(p) for p in files}}
+    info["runtime"] = runtime_key(out, info)
     info["release"] = release_name(out, info)
     (out / BUNDLE_FILE).write_text(json.dumps(info, indent=2) + "\n")

@@ -2,7 +2,8 @@
 
 Throwaway host and client keys; an ssh client config with one alias per board (boardN) that
 pins the host key in its own known_hosts file and sends EDGEMETA_ROOT, so each "board" keeps
-its releases in its own folder although they share this machine.
+its releases in its own folder although they share this machine (and PIP_INDEX_URL when a board is
+given one: a board that reaches no package index).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class SshLab:
         self.ssh_config.write_text("")
         self.boards: list[Board] = []
 
-    def add_board(self, authorized: bool = True) -> Board:
+    def add_board(self, authorized: bool = True, env: dict[str, str] | None = None) -> Board:
         n = len(self.boards) + 1
         d = self.base / f"board{n}"
         d.mkdir()
@@ -64,7 +65,7 @@ class SshLab:
         cfg = d / "sshd_config"
         cfg.write_text(f"Port {port}\nListenAddress 127.0.0.1\nHostKey {host_key}\nAuthorizedKeysFile {auth}\n"
                        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
-                       f"PidFile {d / 'sshd.pid'}\nAcceptEnv EDGEMETA_ROOT\nPermitRootLogin prohibit-password\n")
+                       f"PidFile {d / 'sshd.pid'}\nAcceptEnv EDGEMETA_ROOT PIP_INDEX_URL\nPermitRootLogin prohibit-password\n")
         proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=open(d / "sshd.log", "w"))
         for _ in range(100):
             try:
@@ -79,7 +80,8 @@ class SshLab:
         with open(self.ssh_config, "a") as f:
             f.write(f"Host {alias}\n  HostName 127.0.0.1\n  Port {port}\n  User {os.environ.get('USER', 'root')}\n"
                     f"  IdentityFile {self.client_key}\n  IdentitiesOnly yes\n  UserKnownHostsFile {self.known_hosts}\n"
-                    f"  StrictHostKeyChecking yes\n  SetEnv EDGEMETA_ROOT={root}\n  LogLevel ERROR\n\n")
+                    f"  StrictHostKeyChecking yes\n  SetEnv EDGEMETA_ROOT={root}"
+                    + "".join(f" {k}={v}" for k, v in (env or {}).items()) + "\n  LogLevel ERROR\n\n")
         board = Board(alias, port, root, proc)
         self.boards.append(board)
         return board

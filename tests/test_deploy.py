@@ -8,12 +8,13 @@ import pwd
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from edgemeta.deploy import board_ops
-from edgemeta.deploy.bundle import build_bundle, release_name
+from edgemeta.deploy.bundle import build_bundle, release_name, runtime_key
 from edgemeta.runtime.manifest import sha256_file
 
 SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "omniglot"
@@ -36,8 +37,9 @@ def status(lab, board):
 
 def rebundle(bundle: Path, dest: Path, change=None, key=None, **fields) -> Path:
     """A copy of a bundle, changed (a new release: its board.toml gains a comment, then `change`), with
-    BUNDLE.json rewritten (new checksums, `fields`, the release id of the new content) and re-signed as a
-    new build would be: with the session's key, or `key`."""
+    BUNDLE.json rewritten (new checksums, `fields`, the runtime key and release id of the new content) and
+    re-signed as a new build would be: with the session's key, or `key`. Unless `change` touches the
+    runtime (requirements.txt), the copy has the runtime of `bundle`: a model-only upgrade."""
     shutil.copytree(bundle, dest)
     with open(dest / "board.toml", "a") as f:
         f.write(f"# rebundled as {dest.name}\n")  # the content, so the release id, differs
@@ -46,6 +48,7 @@ def rebundle(bundle: Path, dest: Path, change=None, key=None, **fields) -> Path:
     info = json.loads((dest / "BUNDLE.json").read_text())
     info["files"] = {k: sha256_file(dest / k) for k in info["files"]}
     info.update(fields)
+    info["runtime"] = runtime_key(dest, info)
     info["release"] = release_name(dest, info)
     (dest / "BUNDLE.json").write_text(json.dumps(info))
     if (bundle / "BUNDLE.sig").exists():  # (a bundle built before signing has none)
@@ -583,10 +586,14 @@ def test_doctor_over_ssh_before_and_after_deploy(lab, bundle):
     board = lab.add_board()
     doctor = [sys.executable, "-m", "edgemeta", "doctor", "--board", "generic-x86_64", "--host", board.alias,
               "--ssh-config", str(lab.ssh_config), "--json"]
-    before = subprocess.run(doctor, capture_output=True, text=True)
+    before = subprocess.run([*doctor, "--wheelhouse"], capture_output=True, text=True)
     checks = {c["check"]: c for c in json.loads(before.stdout)}
-    assert before.returncode == 1 and checks["interpreter"]["status"] == "fail" and "pip install" in checks["interpreter"]["fix"]
+    # a fresh board that deploy can handle passes: what deploy installs itself is no failure
+    assert before.returncode == 0, before.stdout + before.stderr
+    assert checks["interpreter"]["status"] == "info" and "deploy installs ai-edge-litert==2.3.0" in checks["interpreter"]["detail"]
     assert checks["architecture"]["status"] == "pass" and checks["python"]["status"] == "pass"
+    assert checks["venv"]["status"] == "pass" and checks["package index"]["status"] == "info"  # (--wheelhouse: no index needed)
+    assert checks["write access"]["status"] == "pass" and str(board.root) in checks["write access"]["detail"]
     assert deploy(lab, "--bundle", str(bundle), "--host", board.alias).returncode == 0
     after = subprocess.run(doctor, capture_output=True, text=True)
     checks = {c["check"]: c for c in json.loads(after.stdout)}
@@ -644,3 +651,159 @@ def test_an_upload_cut_short_is_refused_in_one_line_and_leaves_no_release(tmp_pa
     p = receive(data, tmp_path / "whole", rid)  # and taken under its own
     assert p.returncode == 0 and json.loads(p.stdout)["received"] == rid, p.stdout + p.stderr
     assert os.listdir(tmp_path / "whole" / "releases") == [rid]
+
+
+def edgemeta(lab, *args, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgemeta", *args, "--ssh-config", str(lab.ssh_config)], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def rid(bundle: Path) -> str:
+    return json.loads((bundle / "BUNDLE.json").read_text())["release"]
+
+
+def unreachable_alias(lab, name: str) -> str:
+    """An ssh alias of a board that is not there (nothing listens on port 9)."""
+    if f"Host {name}\n" not in lab.ssh_config.read_text():
+        with open(lab.ssh_config, "a") as f:
+            f.write(f"Host {name}\n  HostName 127.0.0.1\n  Port 9\n  ConnectTimeout 3\n\n")
+    return name
+
+
+def test_model_only_upgrades_share_a_venv_and_status_rollback_and_roll_forward(lab, bundle, tmp_path):
+    board = lab.add_board()
+    a, b, c = bundle, rebundle(bundle, tmp_path / "b"), rebundle(bundle, tmp_path / "c")
+    assert deploy(lab, "--bundle", str(a), "--host", board.alias).returncode == 0
+    # a model-only upgrade links the venv the board has: no pip, the same venv
+    p = deploy(lab, "--bundle", str(b), "--host", board.alias)
+    assert p.returncode == 0 and "reused: same runtime, no install" in p.stderr and "doctor:" not in p.stderr, p.stderr
+    venvs = sorted(x.name for x in (board.root / "venvs").iterdir())
+    assert venvs == [json.loads((a / "BUNDLE.json").read_text())["runtime"]]
+    assert (board.root / "releases" / rid(b) / "venv").resolve() == (board.root / "releases" / rid(a) / "venv").resolve()
+    assert deploy(lab, "--bundle", str(c), "--host", board.alias).returncode == 0
+    # status: what the board runs, checked now
+    nowhere = unreachable_alias(lab, "nowhere")
+    hosts = tmp_path / "fleet.txt"
+    hosts.write_text(f"{board.alias}  # the one that is there\n{nowhere}\n")
+    p = edgemeta(lab, "status", "--hosts", str(hosts), "--json")
+    assert p.returncode == 1, p.stdout + p.stderr  # one board could not be asked
+    st, gone = json.loads(p.stdout)
+    assert not gone["ok"] and gone["host"] == nowhere and "ssh to nowhere failed" in gone["error"] and "[" not in gone["error"]
+    assert st["ok"] and st["current"] == rid(c) and st["history"] == [rid(a), rid(b), rid(c)]
+    assert st["health"]["ok"] and st["health"]["healthy"] == rid(c) and st["health"]["store"] is None  # nothing enrolled yet
+    d = st["details"][rid(c)]
+    assert (d["model"], d["algorithm"], d["variant"], d["runtime"], d["state"]) == (
+        json.loads((c / "BUNDLE.json").read_text())["model"], "protonet", "int8_static", "ai-edge-litert==2.3.0", "active")
+    assert st["details"][rid(a)]["state"] == "installed" and st["venvs"] == venvs and st["free_mb"] > 0
+    assert st["bytes"]["venvs"] > 10 * 2**20 and st["bytes"]["store"] == 0
+    text = edgemeta(lab, "status", "--host", board.alias)
+    assert text.returncode == 0 and f"{board.alias}: active {rid(c)}" in text.stdout and "health   ok" in text.stdout, text.stdout
+    assert "store    0 class(es)" in text.stdout and f"edgemeta rollback --to {rid(a)}" in text.stdout
+    # rollback steps back through the history, which stays: a second rollback goes one further
+    for target in (b, a):
+        p = edgemeta(lab, "rollback", "--host", board.alias)
+        assert p.returncode == 0 and f"health check of {rid(target)} passed before the switch" in p.stderr, p.stdout + p.stderr
+        assert status(lab, board)["current"] == rid(target)
+    p = edgemeta(lab, "rollback", "--host", board.alias)
+    row = one_failed_row(p)
+    assert "no earlier release to roll back to" in row and "rollback --to ID" in row and rid(c) in row
+    # roll forward: --to any release on the board, --json and --hosts like deploy
+    hosts.write_text(f"{board.alias}\n")
+    p = edgemeta(lab, "rollback", "--hosts", str(hosts), "--to", rid(c), "--json")
+    assert p.returncode == 0 and json.loads(p.stdout)[0]["release"] == rid(c), p.stdout + p.stderr
+    assert status(lab, board)["history"] == [rid(a), rid(b), rid(c)]
+    p = edgemeta(lab, "rollback", "--host", board.alias, "--to", "../x")
+    assert p.returncode == 2 and p.stderr.startswith("error: --to ") and p.stdout == "", p.stderr
+    assert "is not on this board" in one_failed_row(edgemeta(lab, "rollback", "--host", board.alias, "--to", "no-such-release"))
+    # a target that fails its health check is never switched to
+    with open(board.root / "releases" / rid(b) / "model" / "int8_static.tflite", "r+b") as f:
+        f.truncate(100)
+    row = one_failed_row(edgemeta(lab, "rollback", "--host", board.alias, "--to", rid(b)))
+    assert "health check failed" in row and f"{rid(c)} stays active" in row, row
+    assert status(lab, board)["current"] == rid(c)
+    # prune keeps the venvs kept releases use, and only those
+    other = rebundle(bundle, tmp_path / "other-runtime", lambda d: (d / "requirements.txt").write_text(
+        (d / "requirements.txt").read_text() + "# another runtime\n"))
+    p = deploy(lab, "--bundle", str(other), "--host", board.alias)
+    assert p.returncode == 0 and "runtime installed in a new venv" in p.stderr, p.stderr
+    assert len(list((board.root / "venvs").iterdir())) == 2
+    pruned = json.loads(lab.ssh(board, "python3 $HOME/.edgemeta-ops.py prune 1").stdout)["removed"]
+    assert f"venvs/{venvs[0]}" in pruned and sorted(x.name for x in (board.root / "venvs").iterdir()) == [
+        json.loads((other / "BUNDLE.json").read_text())["runtime"]]
+    assert status(lab, board)["health"]["ok"]
+
+
+def test_remote_over_ssh_shares_one_connection_and_uses_the_running_agent(lab, bundle):
+    from edgemeta.deploy.ssh import control_dir
+
+    board = lab.add_board()
+    p = deploy(lab, "--bundle", str(bundle), "--host", board.alias, "--service")
+    # no systemd here: said, with the command that starts the agent (the unit is written all the same)
+    assert p.returncode == 0 and f"warning: no systemd on {board.alias}" in p.stderr, p.stderr
+    exe, model, store, sock = (board.root / "current/venv/bin/edgemeta", board.root / "current/model", board.root / "store",
+                               board.root / "agent.sock")
+    assert f"{exe} serve --model {model} --store {store} --socket {sock}" in p.stderr
+    unit = (board.root / "edgemeta-agent.service").read_text()
+    assert "\nRestart=on-failure\n" in unit and f"--store {store} " in unit and "\nUser=" in unit
+    remote = [sys.executable, "-m", "edgemeta", "remote", "--via", f"ssh:{board.alias}", "--ssh-config", str(lab.ssh_config)]
+    r = subprocess.run([*remote, "status"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "1 request(s)" in r.stdout, r.stderr  # an agent of its own for this call
+    check = subprocess.run(["ssh", "-F", str(lab.ssh_config), "-o", f"ControlPath={control_dir()}/%C", "-O", "check", board.alias],
+                           capture_output=True, text=True)
+    assert check.returncode == 0 and "Master running" in check.stderr, check.stderr  # the connection stays for the next call
+    assert control_dir().stat().st_mode & 0o777 == 0o700
+    agent = subprocess.Popen([str(exe), "serve", "--model", str(model), "--store", str(store), "--socket", str(sock)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            if sock.exists() or agent.poll() is not None:
+                break
+            time.sleep(0.05)
+        files = [str(f) for f in sorted((SAMPLE / "Keble_character01").glob("*.png"))[:2]]
+        r = subprocess.run([*remote, "enroll", "--label", "k1", *files], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        r = subprocess.run([*remote, "status"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and "1 class(es), 2 request(s)" in r.stdout, r.stdout + r.stderr  # the running agent answered both
+    finally:
+        agent.terminate()
+        agent.wait(timeout=30)
+    # ssh's own error, not "the agent closed the connection without answering"
+    r = subprocess.run([*remote[:5], f"ssh:{unreachable_alias(lab, 'nowhere')}", *remote[6:], "status"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: ssh to nowhere failed: ssh: connect to host 127.0.0.1 port 9"), r.stderr
+
+
+def test_an_offline_board_is_told_to_use_a_wheelhouse_before_anything_changes(lab, bundle, small_bundle):
+    board = lab.add_board(env={"PIP_INDEX_URL": "http://127.0.0.1:9/simple/"})  # pip there reaches no index
+    p = edgemeta(lab, "doctor", "--board", "generic-x86_64", "--host", board.alias)
+    assert p.returncode == 1 and "FAIL  package index" in p.stdout and "127.0.0.1:9/simple/ unreachable" in p.stdout, p.stdout
+    assert "fix: deploy with --wheelhouse" in p.stdout
+    p = deploy(lab, "--bundle", str(small_bundle), "--host", board.alias, "--dry-run")
+    row = one_failed_row(p)
+    assert "dry run: would fail: package index:" in row and "(fix: deploy with --wheelhouse" in row, row
+    row = one_failed_row(deploy(lab, "--bundle", str(small_bundle), "--host", board.alias))
+    assert "not ready: package index:" in row and "uploaded" not in p.stderr, row
+    assert not (board.root / "releases").exists() or not list((board.root / "releases").iterdir())
+    p = deploy(lab, "--bundle", str(bundle), "--host", board.alias, "--dry-run")  # with a wheelhouse: fine
+    assert p.returncode == 0 and "(offline, from the wheelhouse)" in p.stderr and "dry run: would upload" in p.stderr, p.stderr
+
+
+def test_doctor_names_the_package_that_fixes_a_missing_venv_or_system_package(tmp_path):
+    """doctor.py as deploy runs it (the board's python3, outside any venv), on a Python whose ensurepip is
+    gone (Debian without python3-venv) and a profile naming a system package that is not installed."""
+    from edgemeta import doctor
+
+    profile = {"arch": os.uname().machine, "python": f"{sys.version_info[0]}.{sys.version_info[1]}",
+               "runtime": {"package": "ai-edge-litert", "version": "2.3.0", "wheel_platforms": ["manylinux_2_17_x86_64"],
+                           "system_packages": ["edgemeta-no-such-deb"]}}
+    argv = ["doctor.py", "--json", "--wheelhouse", "--root", str(tmp_path / "r"), "--profile-json", json.dumps(profile)]
+    hide = ("import importlib.util, sys\nfind = importlib.util.find_spec\n"
+            "importlib.util.find_spec = lambda name, *a: None if name == 'ensurepip' else find(name, *a)\n"
+            f"sys.argv = {argv!r}\nexec(compile(open({doctor.__file__!r}).read(), 'doctor.py', 'exec'))\n")
+    python = Path(sys.base_prefix) / "bin" / "python3"  # not a venv: as on a board before its first deploy
+    p = subprocess.run([str(python), "-c", hide], capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": ""})
+    checks = {c["check"]: c for c in json.loads(p.stdout)}
+    assert p.returncode == 1 and checks["venv"]["status"] == "fail" and checks["venv"]["fix"] == "sudo apt install python3-venv", p.stdout
+    if shutil.which("dpkg-query"):
+        assert checks["system packages"]["fix"] == "sudo apt install edgemeta-no-such-deb", checks["system packages"]
+    assert checks["interpreter"]["status"] == "info" and checks["package index"]["status"] == "info"

@@ -45,6 +45,9 @@ def boards_show(name: str, as_json: bool) -> None:
     rt = b.runtime
     click.echo(f"  runtime  {rt['package']}=={rt['version']} (import {rt['module']}), wheels {', '.join(rt['wheel_platforms'])}, "
                f"{rt.get('numpy', '')}")
+    debs = rt.get("system_packages") or []
+    click.echo("  system packages  " + (f"{', '.join(debs)} (sudo apt install {' '.join(debs)}; the venv sees them)" if debs else
+                                        "none (deploy installs the runtime in a venv; the OS needs python3-venv)"))
     limits = b.max_op_versions()
     click.echo("  ops      " + (", ".join(f"{k}<=v{v}" for k, v in limits.items()) if limits else "every op version TF 2.21 writes"))
     d = r.get("delegate", {})
@@ -114,31 +117,52 @@ def bundle(board: str, model: str, out: str, wheelhouse: bool, sign_key: str | N
 @click.option("--wheelhouse", is_flag=True, help="Ship every wheel with the bundle: boards install offline.")
 @click.option("--dry-run", is_flag=True, help="Check the hosts and say what would happen; change nothing.")
 @click.option("--sign-key", default=None, type=click.Path(dir_okay=False), help=SIGN_KEY_HELP + " With --board/--model.")
+@click.option("--service", is_flag=True,
+              help="Then install and start the agent's systemd unit (as the deploying user; sudo -n on the board).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable per-host results.")
 def deploy(board: str | None, model: str | None, bundle_dir: str | None, hosts: tuple[str, ...], hosts_file: str | None,
-           ssh_config: str | None, parallel: int, wheelhouse: bool, dry_run: bool, sign_key: str | None, as_json: bool) -> None:
+           ssh_config: str | None, parallel: int, wheelhouse: bool, dry_run: bool, sign_key: str | None, service: bool,
+           as_json: bool) -> None:
     """Deploy a model to boards over SSH: verify, install, health-check, then activate atomically; each board
     finishes on its own once it has the bundle. A release already active is left alone, one on the board is
-    activated without upload; the release id names the content, so --dry-run names what a deploy would run.
+    activated without upload, one whose runtime the board has reuses its venv (a model-only upgrade: no pip);
+    the release id names the content, so --dry-run names what a deploy would run. Before a board makes a venv,
+    the checks of `edgemeta doctor` run there; a failure stops that board's deploy with its fix.
 
     \b
     Example:
-      edgemeta deploy --board rpi5 --model models/omniglot-conv4 --host pi@kitchen --host pi@garage
+      edgemeta deploy --board rpi5 --model models/omniglot-conv4 --host pi@kitchen --host pi@garage --service
       edgemeta deploy --bundle dist/rpi5 --hosts fleet.txt --parallel 8
     """
-    from edgemeta.deploy.ssh import Stopped, deploy_release, read_hosts_file, stop_on_signals
+    from edgemeta.deploy.ssh import Stopped, deploy_release, stop_on_signals
 
-    targets = list(hosts) + (read_hosts_file(hosts_file) if hosts_file else [])
+    if dry_run and service:
+        raise EdgemetaError("--service with --dry-run: a dry run changes nothing; drop one of them")
+    targets = _targets(hosts, hosts_file)
     stop_on_signals()
     try:
         results = deploy_release(targets, bundle_dir, board, model, wheelhouse, ssh_config, dry_run, parallel,
-                                 log=(lambda h, m: None) if as_json else (lambda h, m: click.echo(f"{h}: {m}", err=True)),
-                                 sign_key=sign_key)
+                                 log=_progress(as_json), sign_key=sign_key, service=service)
     except Stopped as e:
         click.echo(f"error: deploy stopped by {e}: a board that had received the whole bundle finishes the deploy on its "
                    "own (health check first), every other keeps its active release; `edgemeta deploy --dry-run` shows "
                    "what each runs", err=True)
         sys.exit(128 + e.signum)
+    _print_results(results, as_json)
+
+
+def _targets(hosts: tuple[str, ...], hosts_file: str | None) -> list[str]:
+    from edgemeta.deploy.ssh import read_hosts_file
+
+    return list(hosts) + (read_hosts_file(hosts_file) if hosts_file else [])
+
+
+def _progress(as_json: bool):
+    return (lambda h, m: None) if as_json else (lambda h, m: click.echo(f"{h}: {m}", err=True))
+
+
+def _print_results(results: list, as_json: bool) -> None:
+    """The per-host table (or JSON) of deploy and rollback; exit 1 when a host failed."""
     if as_json:
         click.echo(json.dumps([r.__dict__ for r in results], indent=2))
     else:
@@ -151,25 +175,91 @@ def deploy(board: str | None, model: str | None, bundle_dir: str | None, hosts: 
         sys.exit(1)
 
 
-@main.command()
-@click.option("--host", "hosts", multiple=True, required=True, help="user@host or an ~/.ssh/config alias (repeatable).")
-@click.option("--ssh-config", default=None, type=click.Path(dir_okay=False), help="ssh -F FILE.")
-def rollback(hosts: tuple[str, ...], ssh_config: str | None) -> None:
-    """Switch boards back to their previous release."""
-    from edgemeta.deploy.ssh import check_host, rollback_host
+HOSTS_HELP = "user@host or an ~/.ssh/config alias (repeatable)."
+HOSTS_FILE_HELP = "File with one host per line (# comments)."
 
-    for h in hosts:  # every name first: a bad one stops all before any board is reached
-        check_host(h)
-    failed = False
-    for h in hosts:
-        try:
-            r = rollback_host(h, ssh_config)
-            click.echo(f"{h}: active {r['active']} (was {r['rolled_back_from']})")
-        except EdgemetaError as e:
-            click.echo(f"{h}: FAILED {e}", err=True)
-            failed = True
-    if failed:
+
+@main.command()
+@click.option("--host", "hosts", multiple=True, help=HOSTS_HELP)
+@click.option("--hosts", "hosts_file", default=None, type=click.Path(dir_okay=False), help=HOSTS_FILE_HELP)
+@click.option("--to", "to", default=None, metavar="ID",
+              help="The release to switch to, older or newer (roll forward), if it is on the board (see `edgemeta status`).")
+@click.option("--ssh-config", default=None, type=click.Path(dir_okay=False), help="ssh -F FILE.")
+@click.option("--parallel", type=int, default=4, show_default=True, help="Hosts at once.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable per-host results.")
+def rollback(hosts: tuple[str, ...], hosts_file: str | None, to: str | None, ssh_config: str | None, parallel: int,
+             as_json: bool) -> None:
+    """Switch boards back to the release active before the current one (a second rollback goes one further
+    back), or with --to to any release on the board, older or newer. The board health-checks the target
+    before the switch and through `current` after it, and switches back if that fails.
+
+    \b
+    Example:
+      edgemeta rollback --host pi@kitchen
+      edgemeta rollback --hosts fleet.txt --to omniglot-conv4-int8_static-3f2a9c1d0b7e
+    """
+    from edgemeta.deploy.board_ops import RELEASE_ID
+    from edgemeta.deploy.ssh import each_host, rollback_host
+
+    if to is not None and not RELEASE_ID.fullmatch(to):
+        raise EdgemetaError(f"--to {to[:80]!r} is not a release id: letters, digits, '.', '_' and '-' (see `edgemeta status`)")
+    log = _progress(as_json)
+    _print_results(each_host(_targets(hosts, hosts_file), lambda h: rollback_host(h, ssh_config, to or "", log), parallel), as_json)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MB"
+
+
+@main.command()
+@click.option("--host", "hosts", multiple=True, help=HOSTS_HELP)
+@click.option("--hosts", "hosts_file", default=None, type=click.Path(dir_okay=False), help=HOSTS_FILE_HELP)
+@click.option("--ssh-config", default=None, type=click.Path(dir_okay=False), help="ssh -F FILE.")
+@click.option("--parallel", type=int, default=4, show_default=True, help="Hosts at once.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable, one object per host.")
+def status(hosts: tuple[str, ...], hosts_file: str | None, ssh_config: str | None, parallel: int, as_json: bool) -> None:
+    """What boards run: the active release (model, algorithm, variant, runtime), its health (checked now,
+    through `current`), the releases on the board and the history, the store (classes, size) and free space.
+    Exit 1 when a board cannot be reached or its active release is unhealthy.
+
+    \b
+    Example:
+      edgemeta status --host pi@kitchen
+      edgemeta status --hosts fleet.txt --json
+    """
+    from edgemeta.deploy.ssh import each_host, status_host
+
+    answers = each_host(_targets(hosts, hosts_file), lambda h: status_host(h, ssh_config), parallel)
+    if as_json:
+        click.echo(json.dumps(answers, indent=2))
+    else:
+        click.echo("\n\n".join(_describe_status(a) for a in answers))
+    if not all(a["ok"] and a.get("health", {"ok": True})["ok"] for a in answers):
         sys.exit(1)
+
+
+def _describe_status(a: dict) -> str:
+    if not a["ok"]:
+        return f"{a['host']}: FAILED {a['error']}"
+    now, details = a["current"], a["details"]
+    lines = [f"{a['host']}: " + (f"active {now}" if now else "no release active") + f"  ({a['root']}, {a['free_mb']} MB free)"]
+    if now:
+        d, h = details.get(now, {}), a["health"]
+        lines.append(f"  model    {d.get('model')} ({d.get('algorithm') or '?'}, {d.get('variant')}), board profile {d.get('board')}")
+        lines.append(f"  runtime  {d.get('runtime')}, edgemeta {d.get('edgemeta') or '?'}, venv {d.get('venv') or 'its own'}")
+        store = h.get("store") or {}
+        lines.append("  health   " + (f"ok ({h['runtime']}, loaded and embedded in {h['ms']} ms)" if h["ok"] else f"FAILED {h['error']}"))
+        lines.append(f"  store    {store.get('classes', 0)} class(es), {_mb(a['bytes']['store'])}"
+                     + ("" if store.get("matches_model", True) else "; enrolled with another model: run edgemeta reenroll"))
+    history = a["history"]
+    lines.append("  history  " + (" -> ".join(f"[{x}]" if x == now else x for x in history) if history else "none"))
+    others = [x for x in a["releases"] if x != now]
+    for x in others:
+        d = details[x]
+        lines.append(f"  on board {x}: {d['model']} ({d['variant']}, {d['runtime']}), {d['state']}"
+                     + ("" if d["state"] != "installed" else f" (edgemeta rollback --to {x})"))
+    lines.append(f"  disk     releases {_mb(a['bytes']['releases'])}, {len(a['venvs'])} venv(s) {_mb(a['bytes']['venvs'])}")
+    return "\n".join(lines)
 
 
 @main.group()
@@ -200,7 +290,12 @@ def _remote_call(op: str, args: dict, files: tuple[str, ...] = ()) -> dict:
             attachments.append(Path(f).read_bytes())
         except OSError as e:
             raise EdgemetaError(f"cannot read {f}: {e.strerror}") from None
-    client = connect(obj["via"], obj["ssh_config"], obj["timeout"], obj.get("token_file"))
+    if obj["via"].startswith("ssh:"):  # one shared ssh connection, to the running agent when there is one
+        from edgemeta.deploy.ssh import AgentOverSsh
+
+        client = AgentOverSsh(obj["via"].removeprefix("ssh:"), obj["ssh_config"], obj["timeout"])
+    else:
+        client = connect(obj["via"], obj["ssh_config"], obj["timeout"], obj.get("token_file"))
     try:
         return client.request(op, args, attachments)
     finally:
@@ -275,10 +370,14 @@ def remote_status(as_json: bool) -> None:
 @click.option("--board", default=None, help="Check against this board profile (runtime, delegate, serial).")
 @click.option("--host", default=None, help="Run the checks on this board over ssh (before or after deploy).")
 @click.option("--ssh-config", default=None, type=click.Path(dir_okay=False), help="ssh -F FILE.")
+@click.option("--wheelhouse", is_flag=True, help="You will deploy with --wheelhouse: the board needs no package index.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def doctor(board: str | None, host: str | None, ssh_config: str | None, as_json: bool) -> None:
-    """Check a board: Python, architecture, glibc, interpreter, numpy, Edge TPU library and USB ids,
-    groups, disk, memory, serial port. Each check passes or fails with its fix; exit 1 on a failure.
+def doctor(board: str | None, host: str | None, ssh_config: str | None, wheelhouse: bool, as_json: bool) -> None:
+    """Will a deploy to this board succeed? Python and glibc against the profile, architecture, python3 -m venv,
+    a package index or the need for --wheelhouse, the profile's system packages, space and write access
+    where releases go; then the interpreter, Edge TPU library and USB ids, groups, memory, serial port.
+    Each check passes, warns or fails with the one command that fixes it; exit 1 on a failure. `edgemeta
+    deploy` runs the same checks before a board makes a venv.
 
     \b
     Example:
@@ -295,11 +394,11 @@ def doctor(board: str | None, host: str | None, ssh_config: str | None, as_json:
     if host:
         from edgemeta.deploy.ssh import doctor_on_host
 
-        checks = doctor_on_host(host, ssh_config, profile)
+        checks = doctor_on_host(host, ssh_config, profile, wheelhouse=wheelhouse)
     else:
         from edgemeta.runtime.paths import board_root
 
-        checks = doc.run_checks(profile, str(board_root()))
+        checks = doc.run_checks(profile, str(board_root()), wheelhouse=wheelhouse)
     click.echo(json.dumps(checks, indent=2) if as_json else doc.format_checks(checks))
     if any(c["status"] == "fail" for c in checks):
         sys.exit(1)

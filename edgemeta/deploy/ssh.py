@@ -6,7 +6,10 @@ board_ops.py with the board's python3; see that file for the layout on the board
 checked (check_host) and always follow `--` on ssh's command line, so none is taken for an option.
 
 Order for one host: upload board_ops.py (checked by its sha256 before it replaces the old copy) ->
-preflight (architecture, Python, and whether the release is active, on the board, or absent) ->
+preflight (architecture, Python, whether the release is active, on the board, or absent, and whether
+the venv of its runtime is there) -> where the board must make a venv, edgemeta/doctor.py's checks
+(the ones `edgemeta doctor` runs: venv, package index or wheelhouse, system packages, space, write
+access, Python and glibc against the profile), any failure stopping the deploy with its fix ->
 then one ssh call that the board runs to the end on its own, whatever happens to this process:
 `board_ops.py deploy`, which takes the bundle as a tar stream, checks its signature (trusting the
 key of its first deploy) and that the files are exactly the signed list, installs the runtime in
@@ -23,9 +26,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shlex
 import signal
+import stat
 import subprocess
 import tarfile
 import tempfile
@@ -62,7 +67,7 @@ class HostResult:
     release: str = ""
     steps: list[str] = field(default_factory=list)
     error: str = ""
-    note: str = ""  # "already active", "activated from the board's copy"
+    note: str = ""  # "already active", "activated from the board's copy", "rolled back from ..."
 
 
 # Every ssh this process starts, so that SIGTERM can stop them all (stop_on_signals); none starts after.
@@ -241,9 +246,36 @@ def release_id(bundle: Path) -> str:
     return rid
 
 
+def board_event(step: Callable[[str], None]) -> Callable[[dict], None]:
+    """How a board's progress lines ({"event": ...}) are told, one step each."""
+    def event(e: dict) -> None:
+        if e["event"] == "received":
+            trust = "trusted from now on: first deploy" if e["trust"] == "first use" else "trusted"
+            step(f"uploaded; signature (key {e['key']}, {trust}) and checksums of {e['files']} files verified on the board"
+                 + (f"; {e['note']}: kept" if e.get("note") else ""))
+        elif e["event"] == "installed":
+            step(f"runtime installed in a new venv (venvs/{e.get('key')})" if e.get("venv") == "made" else
+                 f"runtime venv venvs/{e.get('key')} reused: same runtime, no install")
+        elif e["event"] == "healthy":
+            step(f"health check of {e.get('healthy')} passed before the switch ({e.get('model')}/{e.get('variant')} on "
+                 f"{e.get('runtime')}, {e.get('ms')} ms)")
+        elif e["event"] == "agent":
+            step("the agent's service restarted on the new release" if e.get("restarted") else f"warning: {e.get('error')}")
+    return event
+
+
+def not_ready(checks: list[dict]) -> str:
+    """One line for the checks that failed ("" when none did): each with its fix."""
+    failed = [c for c in checks if c["status"] == "fail"]
+    return "; ".join(f"{c['check']}: {c['detail']}" + (f" (fix: {c['fix']})" if c["fix"] else "") for c in failed)
+
+
 def deploy_host(host: str, bundle: Path, ssh_config: str | None = None, dry_run: bool = False, keep: int = 3,
-                log=lambda host, msg: None) -> HostResult:
-    """Deploy one bundle to one host; never raises, the result says what happened."""
+                log=lambda host, msg: None, service: bool = False) -> HostResult:
+    """Deploy one bundle to one host (with `service`, then install the agent's systemd unit); never
+    raises, the result says what happened."""
+    from edgemeta.boards import load_board_file
+
     info = bundle_info(bundle)
     release = release_id(bundle)
     result = HostResult(host, False, release)
@@ -252,21 +284,11 @@ def deploy_host(host: str, bundle: Path, ssh_config: str | None = None, dry_run:
         result.steps.append(msg)
         log(host, msg)
 
-    def event(e: dict) -> None:  # the board's progress
-        if e["event"] == "received":
-            trust = "trusted from now on: first deploy" if e["trust"] == "first use" else "trusted"
-            step(f"uploaded; signature (key {e['key']}, {trust}) and checksums of {e['files']} files verified on the board"
-                 + (f"; {e['note']}: kept" if e.get("note") else ""))
-        elif e["event"] == "installed":
-            step("runtime installed in the release's venv")
-        elif e["event"] == "healthy":
-            step(f"health check of {release} passed before the switch ({e.get('model')}/{e.get('variant')} on "
-                 f"{e.get('runtime')}, {e.get('ms')} ms)")
-
     try:
         remote = Remote(host, ssh_config)
         remote.install_ops()
-        pre = remote.ops("preflight", release, timeout=60)
+        key = info.get("runtime") if isinstance(info.get("runtime"), str) else ""
+        pre = remote.ops("preflight", release, *([key] if key else []), timeout=60)
         if pre["arch"] != info["arch"]:
             raise EdgemetaError(f"{host} is {pre['arch']}, the bundle is for {info['board']} ({info['arch']}); "
                                 "build the bundle for this board's profile")
@@ -274,47 +296,76 @@ def deploy_host(host: str, bundle: Path, ssh_config: str | None = None, dry_run:
             raise EdgemetaError(f"{host} has Python {pre['python']}; edgemeta needs 3.10 or newer on the board")
         step(f"preflight: {pre['arch']}, Python {pre['python']}, {pre['free_mb']} MB free, active: {pre['current'] or 'none'}")
         state = pre.get("release", "absent")
+        if state == "absent" and not pre.get("venv"):  # the board will make a venv: can it?
+            wheelhouse = any(n.startswith("wheelhouse/") for n in info["files"])
+            profile = load_board_file(bundle / "board.toml", info["board"]).raw
+            problems = not_ready(doctor_on_host(host, ssh_config, profile, wheelhouse=wheelhouse, board_python=True))
+            if problems:
+                raise EdgemetaError(("dry run: would fail: " if dry_run else "not ready: ") + problems)
+            step("doctor: the board can make the release's venv" + (" (offline, from the wheelhouse)" if wheelhouse else ""))
         if state == "active":
             step(f"{release} is already active: nothing to do")
             result.ok, result.note = True, "already active"
-            return result
-        if dry_run:
+        elif dry_run:
             step(f"dry run: would activate {release}, which is on the board already (health check, switch; no upload, "
                  "no install)" if state == "installed" else
-                 f"dry run: would upload {release} ({len(info['files'])} files), verify, install, health-check and activate it")
+                 f"dry run: would upload {release} ({len(info['files'])} files), verify, "
+                 + ("link the runtime venv the board has" if pre.get("venv") else "install") + ", health-check and activate it")
             result.ok = True
             return result
-        if state == "installed":
-            step(f"{release} is on the board already: activating it without upload or install")
-            act = remote.transact(["activate", release, str(keep)], on_event=event)
-            result.note = "activated the board's copy"
         else:
-            act = remote.transact(["deploy", release, str(keep)], bundle, on_event=event)
-        step(f"activated (previous: {act['previous'] or 'none'}); health check through current passed")
-        if act.get("warning"):
-            step(f"warning: {act['warning']}")
+            if state == "installed":
+                step(f"{release} is on the board already: activating it without upload or install")
+                act = remote.transact(["activate", release, str(keep)], on_event=board_event(step))
+                result.note = "activated the board's copy"
+            else:
+                act = remote.transact(["deploy", release, str(keep)], bundle, on_event=board_event(step))
+            step(f"activated (previous: {act['previous'] or 'none'}); health check through current passed")
+            if act.get("warning"):
+                step(f"warning: {act['warning']}")
         result.ok = True
+        if service and not dry_run:
+            step(install_service(remote))
     except EdgemetaError as e:
         result.error = str(e)
+        result.ok = False
     return result
 
 
-def deploy_fleet(hosts: list[str], bundle: Path, ssh_config: str | None = None, dry_run: bool = False, parallel: int = 4,
-                 log=lambda host, msg: None) -> list[HostResult]:
-    """Deploy to many hosts with bounded concurrency; one bad host does not stop the others. A bad
-    host name or a bundle without a valid release id stops everything before any host is reached."""
+def install_service(remote: Remote) -> str:
+    """Install and start the agent's systemd unit on a board (board_ops.py service); where the board
+    runs no systemd, a warning that says how to start the agent instead."""
+    answer = remote.ops("service", timeout=120)
+    if answer["service"] == "no systemd":
+        return (f"warning: no systemd on {remote.host}: the agent is not installed as a service; start it yourself (at boot, "
+                f"from your init system): {answer['command']} (the unit for systemd is {answer['unit']})")
+    return f"agent service enabled and started ({answer['unit']}): {answer['runs']}"
+
+
+def each_host(hosts: list[str], work: Callable[[str], HostResult], parallel: int = 4) -> list[HostResult]:
+    """`work` on every host, `parallel` at once, in the hosts' order. Every name is checked first, so a
+    bad one stops all before any board is reached."""
     if not hosts:
         raise EdgemetaError(NO_HOSTS)
     for h in hosts:
         check_host(h)
-    release_id(bundle)
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        return list(pool.map(lambda h: deploy_host(h, bundle, ssh_config, dry_run, log=log), hosts))
+        return list(pool.map(work, hosts))
+
+
+def deploy_fleet(hosts: list[str], bundle: Path, ssh_config: str | None = None, dry_run: bool = False, parallel: int = 4,
+                 log=lambda host, msg: None, service: bool = False) -> list[HostResult]:
+    """Deploy to many hosts with bounded concurrency; one bad host does not stop the others. A bad
+    host name or a bundle without a valid release id stops everything before any host is reached."""
+    for h in hosts:
+        check_host(h)
+    release_id(bundle)
+    return each_host(hosts, lambda h: deploy_host(h, bundle, ssh_config, dry_run, log=log, service=service), parallel)
 
 
 def deploy_release(hosts: list[str], bundle: str | Path | None = None, board: str | None = None, model: str | Path | None = None,
                    wheelhouse: bool = False, ssh_config: str | None = None, dry_run: bool = False, parallel: int = 4,
-                   log=lambda host, msg: None, sign_key: str | Path | None = None) -> list[HostResult]:
+                   log=lambda host, msg: None, sign_key: str | Path | None = None, service: bool = False) -> list[HostResult]:
     """`edgemeta deploy`: deploy a bundle already built, or one built here (in a temporary folder,
     signed with `sign_key`, default the user's) from `model` for the `board` profile, to every host
     (as deploy_fleet)."""
@@ -334,29 +385,60 @@ def deploy_release(hosts: list[str], bundle: str | Path | None = None, board: st
                                 log=lambda msg: log("bundle", msg))
         else:
             raise EdgemetaError("pass --bundle DIR, or --board NAME with --model DIR")
-        return deploy_fleet(hosts, path, ssh_config, dry_run, parallel, log=log)
+        return deploy_fleet(hosts, path, ssh_config, dry_run, parallel, log=log, service=service)
 
 
-def rollback_host(host: str, ssh_config: str | None = None) -> dict:
-    remote = Remote(host, ssh_config)
-    remote.install_ops()
-    return remote.ops("rollback")
+def rollback_host(host: str, ssh_config: str | None = None, to: str = "", log=lambda host, msg: None) -> HostResult:
+    """Roll one board back (or to release `to`, older or newer); never raises. The board checks the
+    target before and after the switch and switches back when it fails."""
+    result = HostResult(host, False)
+
+    def step(msg: str) -> None:
+        result.steps.append(msg)
+        log(host, msg)
+
+    try:
+        remote = Remote(host, ssh_config)
+        remote.install_ops()
+        r = remote.transact(["rollback", *([to] if to else [])], on_event=board_event(step))
+        result.ok, result.release = True, r["active"]
+        result.note = r.get("note") or f"was {r['rolled_back_from'] or 'none'}"
+        if not r.get("note"):
+            step(f"active: {r['active']} (was {r['rolled_back_from'] or 'none'}); health check through current passed")
+    except EdgemetaError as e:
+        result.error = str(e)
+    return result
 
 
-def doctor_on_host(host: str, ssh_config: str | None = None, profile: dict | None = None) -> list[dict]:
+def status_host(host: str, ssh_config: str | None = None) -> dict:
+    """What one board runs (board_ops.py status: releases, history, health of current, store, space),
+    with "host", "ok" and, when the board could not be asked, "error"; never raises."""
+    try:
+        remote = Remote(host, ssh_config)
+        remote.install_ops()
+        return {"host": host, "ok": True, **remote.ops("status", timeout=300)}
+    except EdgemetaError as e:
+        return {"host": host, "ok": False, "error": str(e)}
+
+
+def doctor_on_host(host: str, ssh_config: str | None = None, profile: dict | None = None, wheelhouse: bool = False,
+                   board_python: bool = False) -> list[dict]:
     """edgemeta/doctor.py's checks run on a board: the file goes over ssh to the active release's
-    python (the board's python3 before the first deploy), with the board's root."""
+    python (the board's python3 before the first deploy, or always with `board_python`: the one
+    that makes venvs), with the board's root."""
     from edgemeta import doctor
 
-    args = ["--json"] + (["--profile-json", json.dumps(profile)] if profile else [])
-    p = Remote(host, ssh_config).run(f'{ROOT_SH}; P=python3; [ -x "$R/current/venv/bin/python" ] && P="$R/current/venv/bin/python"; '
-                                     'exec "$P" - --root "$R" ' + shlex.join(args), input=Path(doctor.__file__).read_bytes())
+    args = ["--json"] + (["--profile-json", json.dumps(profile)] if profile else []) + (["--wheelhouse"] if wheelhouse else [])
+    pick = "" if board_python else '[ -x "$R/current/venv/bin/python" ] && P="$R/current/venv/bin/python"; '
+    p = Remote(host, ssh_config).run(f'{ROOT_SH}; P=python3; {pick}exec "$P" - --root "$R" ' + shlex.join(args),
+                                     input=Path(doctor.__file__).read_bytes(), timeout=120)
+    err = p.stderr.decode(errors="replace").strip().splitlines()
     if p.returncode == 255:
-        raise EdgemetaError(f"ssh to {host} failed: {p.stderr.decode(errors='replace').strip().splitlines()[-1:]}")
+        raise EdgemetaError(f"ssh to {host} failed: {err[-1] if err else 'unknown error'}")
     try:
         return json.loads(p.stdout.decode().strip().splitlines()[-1])
     except (ValueError, IndexError):
-        raise EdgemetaError(f"doctor on {host} gave no answer: {p.stderr.decode(errors='replace')[-300:]}") from None
+        raise EdgemetaError(f"doctor on {host} gave no answer: {err[-1] if err else 'no output'}") from None
 
 
 def read_hosts_file(path: str) -> list[str]:
@@ -365,3 +447,98 @@ def read_hosts_file(path: str) -> list[str]:
     except OSError as e:
         raise EdgemetaError(f"cannot read hosts file {path}: {e.strerror}") from None
     return [ln.split("#", 1)[0].strip() for ln in lines if ln.split("#", 1)[0].strip()]
+
+
+# --- `edgemeta remote --via ssh:HOST` ------------------------------------------------------------
+
+# Run on the board with the active release's python: join stdin/stdout to the running agent's Unix
+# socket (ROOT/agent.sock, where the systemd unit has it listen) or, when no agent answers there,
+# become an agent of its own on stdio (loading the model for this one connection).
+AGENT_RELAY = """import os, socket, sys, threading
+path, exe, model, store = sys.argv[1:5]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+try:
+    s.connect(path)
+except OSError:
+    os.execv(exe, [exe, "serve", "--stdio", "--model", model, "--store", store])
+def up():
+    while True:
+        data = os.read(0, 1 << 16)
+        if not data:
+            break
+        s.sendall(data)
+    s.shutdown(socket.SHUT_WR)
+threading.Thread(target=up, daemon=True).start()
+out = sys.stdout.buffer
+while True:
+    data = s.recv(1 << 16)
+    if not data:
+        break
+    out.write(data)
+    out.flush()
+"""
+CONTROL_PERSIST = 120  # seconds an idle shared ssh connection stays up for the next `remote` call
+
+
+def control_dir() -> Path:
+    """This user's private folder for OpenSSH's shared-connection sockets (ControlPath): mode 700 and
+    owned by the user, or an error (a socket there would let others use the connection)."""
+    base = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()) / f"edgemeta-ssh-{os.getuid()}"
+    try:
+        base.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    st = base.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise EdgemetaError(f"{base} is not a private folder of yours (yours alone, mode 700): remove it and try again")
+    return base
+
+
+class AgentOverSsh:
+    """A client of a board's agent through one shared OpenSSH connection (ControlMaster: the first call
+    opens it, later ones within CONTROL_PERSIST s reuse it), talking to the running agent when there is
+    one (AGENT_RELAY). When the agent's end closes unanswered, the error is ssh's or the board's own line."""
+
+    def __init__(self, host: str, ssh_config: str | None = None, timeout: float = 30.0):
+        from edgemeta.runtime.agent import LineClient
+
+        self.host = check_host(host)
+        remote = (f'{ROOT_SH}; exec "$R/current/venv/bin/python" -c {shlex.quote(AGENT_RELAY)} "$R/agent.sock" '
+                  '"$R/current/venv/bin/edgemeta" "$R/current/model" "$R/store"')
+        argv = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={max(1, int(timeout))}", "-o", "ControlMaster=auto",
+                "-o", f"ControlPath={control_dir()}/%C", "-o", f"ControlPersist={CONTROL_PERSIST}",
+                *(["-F", ssh_config] if ssh_config else []), "--", self.host, "sh -c " + shlex.quote(remote)]
+        self.err = tempfile.TemporaryFile()  # (a file: ssh's stderr can never block it)
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err)
+        self.client = LineClient(self.proc.stdout, self.proc.stdin)
+
+    def request(self, op: str, args: dict, attachments: list[bytes] = ()) -> dict:
+        try:
+            return self.client.request(op, args, attachments)
+        except EdgemetaError as e:
+            if "closed the connection without answering" not in str(e):
+                raise
+            try:
+                code = self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                raise e from None
+            self.err.seek(0)
+            lines = [ln for ln in self.err.read().decode(errors="replace").strip().splitlines() if ln.strip()]
+            if code == 255:
+                raise EdgemetaError(f"ssh to {self.host} failed: {lines[-1] if lines else 'unknown error'}") from None
+            if code == 127 or (lines and "current/venv/bin/python" in lines[-1]):
+                raise EdgemetaError(f"no release is active on {self.host}: deploy one first (edgemeta deploy)") from None
+            raise EdgemetaError(f"the agent on {self.host} closed the connection without answering"
+                                + (f": {lines[-1]}" if lines else f" (exit {code})")) from None
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.err.close()

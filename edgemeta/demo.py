@@ -62,5 +62,16 @@ def run_demo(model: str, samples: str, way: int = 20, shot: int = 1, episodes: i
     summary = {"model": rt.manifest.name, "variant": rt.variant.name, "runtime": rt.embedder.runtime, "way": way, "shot": shot,
                "episodes": episodes, "queries": n_queries, "accuracy": 100 * acc, "ci95": 100 * ci if episodes > 1 else None,
                "answered_known": 100 * float(np.mean(known)), "model_load_ms": 1000 * load_s,
-               "enroll_ms_per_class": float(np.median(enroll_ms)), "classify_ms_per_image": float(np.median(classify_ms))}
+               "enroll_ms_per_class": float(np.median(enroll_ms)), "classify_ms_per_image": float(np.median(classify_ms)),
+               "classes": len(names), "alphabets": len({n.rsplit("_character", 1)[0] for n in names}),
+               "reference": _reference(rt, way, shot)}
     return summary
+
+
+def _reference(rt, way: int, shot: int) -> dict | None:
+    """The export's figure for this setting and variant (its 1000 test episodes over the whole test split), if any."""
+    for r in rt.manifest.raw.get("variants", {}).get(rt.variant.name, {}).get("evaluation", []):
+        if isinstance(r, dict) and r.get("setting") == f"{way}w{shot}s" and r.get("episodes"):
+            return {"accuracy": r.get("accuracy"), "ci95": r.get("ci95"), "episodes": r.get("episodes"),
+                    "protocol": rt.manifest.raw.get("evaluation", {}).get("protocol", "")}
+    return None

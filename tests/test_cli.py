@@ -108,7 +108,8 @@ def test_omniglot_errors(tmp_path, mini_omniglot):
 def test_class_too_small_for_training(tmp_path, sample_dir):
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[data]\nkind = "folder"\nroot = "{sample_dir}"\n[train]\nway = 5\nshot = 10\nquery = 15\n')
-    assert_one_line_error(run("train", "--config", str(cfg), "--out", str(tmp_path / "o")), "need 25 per class")
+    assert_one_line_error(run("train", "--config", str(cfg), "--out", str(tmp_path / "o")),
+                          "[train] shot = 10 and query = 15 need 25 images per class")
 
 
 def test_debug_shows_the_traceback(tmp_path):
@@ -164,10 +165,12 @@ def test_corrupt_model_file(model_dir, tmp_path):
     assert_one_line_error(run("eval", "--model", str(bad), "--folder", str(tmp_path)), "cannot load")
 
 
-# The commands as they were before cli.py became a package (edgemeta/cli/): names must not change.
+# The commands as they were before cli.py became a package (edgemeta/cli/): names must not change
+# (calibrate and status came later).
 COMMANDS = {
-    (): {"adapt", "boards", "bundle", "classes", "classify", "console", "demo", "deploy", "doctor", "edgetpu", "enroll", "eval",
-         "export", "forget", "health", "inspect", "keygen", "provision", "reenroll", "remote", "rename", "rollback", "serve", "train"},
+    (): {"adapt", "boards", "bundle", "calibrate", "classes", "classify", "console", "demo", "deploy", "doctor", "edgetpu",
+         "enroll", "eval", "export", "forget", "health", "inspect", "keygen", "provision", "reenroll", "remote", "rename",
+         "rollback", "serve", "status", "train"},
     ("boards",): {"show"},
     ("remote",): {"adapt", "classes", "classify", "enroll", "forget", "rename", "status"},
 }

@@ -28,6 +28,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 class _Group(click.Group):
     """Turns library errors into one line and an exit status, with the traceback behind --debug."""
 
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as e:  # `edgemeta --bogus`: one line, as below
+            if isinstance(e, getattr(click.exceptions, "NoArgsIsHelpError", ())):  # bare `edgemeta`: click's help
+                raise
+            click.echo(f"error: {e.format_message()} (see `edgemeta --help`)", err=True)
+            sys.exit(2)
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
@@ -35,6 +44,10 @@ class _Group(click.Group):
             if ctx.obj and ctx.obj.get("debug"):
                 traceback.print_exc()
             click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except click.UsageError as e:  # a subcommand's own options: the same one-line form as every other error
+            cmd = f"edgemeta {e.ctx.info_name} --help" if e.ctx and e.ctx.parent else "edgemeta --help"
+            click.echo(f"error: {e.format_message()} (see `{cmd}`)", err=True)
             sys.exit(2)
         except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
             raise

@@ -216,6 +216,8 @@ def classify(store: str, model: str | None, variant: str | None, threads: int, e
     Example:
       edgemeta classify --store ~/store --top-k 3 query.png
     """
+    if top_k < 1:
+        raise EdgemetaError(f"--top-k must be at least 1, got {top_k}")
     rt = _runtime(model, store, variant, threads, edgetpu, xnnpack)
     print_results(rt.classify(store, list(files), top_k=top_k), as_json)
 
@@ -318,7 +320,14 @@ def demo(model: str, samples: str, way: int, shot: int, episodes: int, variant: 
         return
     ci = f" +/- {s['ci95']:.1f}" if s["ci95"] is not None else ""
     click.echo(f"\n{s['way']}-way {s['shot']}-shot on unseen characters: accuracy {s['accuracy']:.1f}{ci}% "
-               f"over {s['episodes']} episodes ({s['queries']} drawings); {s['answered_known']:.0f}% answered as known")
+               f"over {s['episodes']} episodes ({s['queries']} drawings); {s['answered_known']:.0f}% answered as known "
+               "(near enough to an enrolled character; the rest would be answered 'unknown')")
+    ref = s["reference"]
+    if ref:
+        click.echo(f"the export measured {ref['accuracy']:.2f} +/- {ref['ci95']:.2f}% for this setting over {ref['episodes']} "
+                   f"episodes of its whole test split; this demo draws from the {s['classes']} characters of "
+                   f"{s['alphabets']} alphabet(s) in {samples}, where look-alike characters of one alphabet meet more "
+                   "often (`edgemeta eval --within-alphabet` measures that case)")
     click.echo(f"timings: model load {s['model_load_ms']:.0f} ms, enroll {s['enroll_ms_per_class']:.1f} ms per class, "
                f"classify {s['classify_ms_per_image']:.2f} ms per image ({s['runtime']}, {s['variant']})")
 

@@ -46,18 +46,21 @@ def train(config_path: str, out: str, data: str, episodes: int | None, max_minut
       edgemeta train --config models/omniglot-vinyals-conv4/config.toml \\
           --data ../shared/data/omniglot --out runs/vinyals --max-minutes 60
     """
-    from edgemeta.host.config import load_config
+    from edgemeta.host.config import load_config, training_data
 
     cfg = load_config(config_path)
-    _require_tensorflow()
-    from edgemeta.host.train import train as run_training
-
     if data:
         cfg = replace(cfg, data=replace(cfg.data, root=data))
     overrides = {k: v for k, v in (("episodes", episodes), ("max_minutes", max_minutes)) if v is not None}
     if overrides:
         cfg = replace(cfg, train=replace(cfg.train, **overrides))
-    result = run_training(cfg, out, progress=not quiet, fresh=fresh)
+    prepared = training_data(cfg)  # data and size errors before TensorFlow's slow import
+    for note in prepared[3]:
+        click.echo(f"note: {note}", err=True)
+    _require_tensorflow()
+    from edgemeta.host.train import train as run_training
+
+    result = run_training(prepared[0], out, progress=not quiet, fresh=fresh, prepared=prepared)
     click.echo(f"stopped after {result.episodes} episodes ({result.stopped_by}), {result.elapsed_s / 60:.1f} min; "
                f"best validation accuracy {100 * result.best_val_acc:.2f} +/- {100 * result.best_val_ci95:.2f}% "
                f"at episode {result.best_episode}; model in {Path(out) / 'model.keras'}")

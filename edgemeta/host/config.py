@@ -142,11 +142,65 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    # "section.key" of every key the file set: defaults may shrink to fit a small dataset, given values never
+    given: frozenset = field(default=frozenset(), compare=False)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
+        d.pop("given")
         d["method"] = self.method.to_dict()
         return d
+
+
+def fit_to_splits(cfg: Config, train_classes: int, train_min_images: int, val_classes: int,
+                  val_min_images: int) -> tuple[Config, list[str]]:
+    """The configuration with its episode defaults ([train] and [validation] way, shot, query) shrunk to
+    what a small dataset's splits hold, and one line per change; a value the file set that does not fit is
+    an error naming its key."""
+    notes: list[str] = []
+
+    def fit(section: str, values, classes: int, images: int, split: str):
+        way, shot, query = values.way, values.shot, values.query
+        given = {k for k in ("way", "shot", "query") if f"{section}.{k}" in cfg.given}
+        if way > classes and "way" not in given and classes >= 2:
+            way = classes
+        if shot + query > images and images >= 2:
+            if "shot" not in given and "query" in given:
+                shot = max(1, images - query)
+            elif "shot" not in given:
+                shot = min(shot, max(1, images // 2))
+            if "query" not in given:
+                query = max(1, images - shot)
+        if way > classes:
+            raise EdgemetaError(f"[{section}] way = {way} needs {way} classes but the {split} split has {classes}; lower "
+                                f"[{section}] way or give the {split} split more classes ([data] fractions)")
+        if shot + query > images:
+            raise EdgemetaError(f"[{section}] shot = {shot} and query = {query} need {shot + query} images per class but the "
+                                f"{split} split's smallest class has {images}; lower [{section}] shot or query")
+        if (way, shot, query) != (values.way, values.shot, values.query):
+            notes.append(f"[{section}] {way}-way {shot}-shot {query}-query instead of the default "
+                         f"{values.way}-way {values.shot}-shot {values.query}-query: the {split} split has {classes} classes, "
+                         f"the smallest with {images} images (set [{section}] way, shot and query to choose)")
+        return dataclasses.replace(values, way=way, shot=shot, query=query)
+
+    train = fit("train", cfg.train, train_classes, train_min_images, "train")
+    validation = fit("validation", cfg.validation, val_classes, val_min_images, "val")
+    return dataclasses.replace(cfg, train=train, validation=validation), notes
+
+
+def training_data(cfg: Config) -> tuple[Config, dict, object, list[str]]:
+    """Load the splits a training needs and fit the configuration to them (`fit_to_splits`), without
+    TensorFlow, so that data and size errors come before its slow import: (config, splits, the split
+    trained on, notes)."""
+    from edgemeta.host.data import EpisodeSampler, load_dataset, merge_splits
+
+    splits = load_dataset(cfg.data, cfg.model.preprocess, ("train", "val"))
+    train_split = merge_splits("trainval", splits["train"], splits["val"]) if cfg.train.classes == "trainval" else splits["train"]
+    cfg, notes = fit_to_splits(cfg, train_split.num_classes, train_split.min_class_size(), splits["val"].num_classes,
+                               splits["val"].min_class_size())
+    EpisodeSampler(train_split, cfg.train.way, cfg.train.shot, cfg.train.query)  # what is left to refuse, refused now
+    EpisodeSampler(splits["val"], cfg.validation.way, cfg.validation.shot, cfg.validation.query)
+    return cfg, splits, train_split, notes
 
 
 _SECTIONS = {"data": DatasetSpec, "model": ModelConfig, "method": MethodConfig, "train": TrainConfig,
@@ -190,7 +244,8 @@ def config_from_dict(raw: dict) -> Config:
     model = {k: v for k, v in raw.get("model", {}).items() if k != "algorithm"}
     sections = {name: _section(name, cls, model if name == "model" else raw.get(name, {}))
                 for name, cls in _SECTIONS.items() if name != "method"}
-    return Config(method=_method_section(raw), **sections)
+    given = frozenset(f"{name}.{key}" for name, table in raw.items() if isinstance(table, dict) for key in table)
+    return Config(method=_method_section(raw), given=given, **sections)
 
 
 def load_config(path: str | Path) -> Config:

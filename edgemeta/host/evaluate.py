@@ -54,6 +54,15 @@ def mean_ci95(values: np.ndarray) -> tuple[float, float]:
     return float(values.mean()), float(1.96 * values.std(ddof=1) / math.sqrt(len(values)))
 
 
+def fitting_settings(split: FewShotSplit, settings=STANDARD_SETTINGS) -> tuple[tuple[int, int], ...]:
+    """`settings`, plus, when none of them fits a small split (too few classes, or images for one query),
+    the largest 1-shot setting of at most 5 ways that does: a small dataset still gets a figure."""
+    fits = [w <= split.num_classes and s < split.min_class_size() for w, s in settings]
+    if any(fits) or split.num_classes < 2 or split.min_class_size() < 2:
+        return tuple(settings)
+    return (*settings, (min(5, split.num_classes), 1))
+
+
 def parse_setting(text: str) -> tuple[int, int]:
     """'5w1s' or '5-way-1-shot' -> (5, 1)."""
     t = text.lower().replace("-", "").replace("way", "w").replace("shot", "s")
@@ -208,6 +217,12 @@ def calibrate_open_set(embeddings: np.ndarray, split: FewShotSplit, distance: st
     from edgemeta.runtime.head import DISTANCES, prototypes
 
     dist_fn = DISTANCES[distance]
+    # a small dataset's val split: fewer enrolled classes and queries, said in the calibration's text
+    asked = (way, query)
+    way, query = min(way, split.num_classes // 2), min(query, split.min_class_size() - shot)
+    if way < 1 or query < 1:
+        raise EdgemetaError(f"open-set calibration needs at least 2 validation classes of at least {shot + 1} images; "
+                            f"the val split has {split.num_classes} (raise the val share of [data] fractions)")
     sampler = EpisodeSampler(split, 2 * way, shot, query, seed=seed)
     known, unknown = [], []
     for i in range(episodes):
@@ -222,4 +237,6 @@ def calibrate_open_set(embeddings: np.ndarray, split: FewShotSplit, distance: st
             "unknown_accept_rate": float(np.mean(unknown <= threshold)),
             "known_median": float(np.median(known)), "unknown_median": float(np.median(unknown)),
             "calibration": f"{episodes} validation episodes, {way} enrolled classes x {shot} shot, "
-                           f"{query} queries from each enrolled and each of {way} unknown classes"}
+                           f"{query} queries from each enrolled and each of {way} unknown classes"
+                           + (f" (fewer than {asked[0]} classes x {asked[1]} queries: the val split is small)"
+                              if (way, query) != asked else "")}

@@ -16,6 +16,8 @@ import contextlib
 import datetime as dt
 import io
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +25,12 @@ import numpy as np
 from edgemeta.errors import EdgemetaError
 from edgemeta.host.data import load_dataset
 from edgemeta.host.evaluate import (
-    STANDARD_SETTINGS,
     calibrate_open_set,
     choose_board_head,
     embed_split,
     episode_inputs,
     evaluate,
+    fitting_settings,
     results_json,
 )
 from edgemeta.host.methods import get_method
@@ -88,12 +90,26 @@ def export_model(model_dir: str | Path, out: str | Path | None = None, data: str
     """Write the .tflite variants and manifest.json for a model folder; returns the manifest.
 
     `board_head` for a method with a linear head: "own" (its meta-learned head), "prototype", or
-    "auto": whichever scores higher on validation episodes (recorded in the manifest's head section)."""
+    "auto": whichever scores higher on validation episodes (recorded in the manifest's head section).
+    Everything is written into a hidden folder inside `out` first and moved into place only when the
+    whole export succeeded (the manifest last): a failed export leaves `out` as it was."""
     if board_head not in BOARD_HEADS:
         raise EdgemetaError(f"board head must be one of {', '.join(BOARD_HEADS)}, got {board_head!r}")
     model_dir = Path(model_dir)
     out = Path(out) if out else model_dir
     out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    try:
+        manifest = _export_into(model_dir, stage, data, folder, episodes, calibration_images, seed, log, board_head)
+        for f in sorted(stage.iterdir(), key=lambda f: f.name == MANIFEST_FILE):
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return manifest
+
+
+def _export_into(model_dir: Path, out: Path, data: str, folder: str, episodes: int, calibration_images: int, seed: int,
+                 log, board_head: str) -> dict:
     model, info = load_backbone(model_dir)
     method = info.make_method(model_dir, model)
     distance = getattr(method, "distance", "squared_euclidean")  # the open-set test is nearest-prototype distance
@@ -117,6 +133,7 @@ def export_model(model_dir: str | Path, out: str | Path | None = None, data: str
             head = {"kind": "prototype", "distance": distance, "method": head["method"]}
             classify = get_method("protonet").classify
         head["selection"] = choice
+    settings = fitting_settings(splits["test"])
     runtime, _ = interpreter_module()
     variants, evaluations = {}, {}
     static = _static_copy(model, info)
@@ -133,7 +150,7 @@ def export_model(model_dir: str | Path, out: str | Path | None = None, data: str
         open_set = calibrate_open_set(val_emb, splits["val"], distance, seed=seed)
         if info.training.get("classes") == "trainval":  # no held-out classes are left to calibrate on
             open_set["calibration"] += "; the model also trained on these classes, so new classes may sit farther out"
-        results = evaluate(embedder, classify, splits["test"], STANDARD_SETTINGS, episodes, seed=seed, embeddings=test_emb)
+        results = evaluate(embedder, classify, splits["test"], settings, episodes, seed=seed, embeddings=test_emb)
         evaluations[name] = results
         variants[name] = {
             "file": path.name, "sha256": sha256_file(path), "size": len(data_bytes), "quantization": quant,
@@ -145,12 +162,12 @@ def export_model(model_dir: str | Path, out: str | Path | None = None, data: str
         }
         log(f"  {name}: {len(data_bytes) / 1024:.0f} KiB, " + ", ".join(f"{r.name} {r.accuracy:.2f}%" for r in results if r.episodes))
 
-    float_results = evaluate(float_embed, classify, splits["test"], STANDARD_SETTINGS, episodes, seed=seed)
+    float_results = evaluate(float_embed, classify, splits["test"], settings, episodes, seed=seed)
     evaluation = {"keras_float32": results_json(float_results)}
     if method.adapts_body:  # the host-only figure: every layer adapted on each support set
         classify, images = episode_inputs(method, None, splits["test"])
         evaluation["keras_float32_whole_network"] = results_json(
-            evaluate(None, classify, splits["test"], STANDARD_SETTINGS, episodes, seed=seed, embeddings=images))
+            evaluate(None, classify, splits["test"], settings, episodes, seed=seed, embeddings=images))
     if head["kind"] == "linear":
         write_npz(out / HEAD_NPZ, spec_arrays(method.linear_head()))
         head.update(file=HEAD_NPZ, sha256=sha256_file(out / HEAD_NPZ))

@@ -7,7 +7,15 @@ from pathlib import Path
 
 from edgemeta.errors import EdgemetaError
 from edgemeta.host.data import DatasetSpec, load_dataset
-from edgemeta.host.evaluate import STANDARD_SETTINGS, SettingResult, episode_inputs, evaluate, results_markdown, results_table
+from edgemeta.host.evaluate import (
+    STANDARD_SETTINGS,
+    SettingResult,
+    episode_inputs,
+    evaluate,
+    fitting_settings,
+    results_markdown,
+    results_table,
+)
 from edgemeta.host.modeldir import load_backbone
 
 
@@ -79,6 +87,8 @@ def evaluate_model_dir(model_dir: str, data: str = "", folder: str = "", split: 
         backend += (f", body frozen, head adapted ({method.params.test_steps} steps, the board's path)" if head_only else
                     f", whole network adapted ({method.params.test_steps} steps, "
                     f"{'transductive' if method.params.transductive else 'non-transductive'} batch norm)")
+    if settings == STANDARD_SETTINGS:  # the defaults: a small dataset also gets the largest setting it fits
+        settings = fitting_settings(data_split)
     results = evaluate(embedder, classify, data_split, settings, episodes, query, seed, embeddings=inputs,
                        confusions=confusions, within_groups=within_alphabet)
     context = {"model": Path(model_dir).name, "algorithm": info.algorithm, "backbone": info.backbone,

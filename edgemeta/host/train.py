@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from edgemeta.errors import EdgemetaError
-from edgemeta.host.config import Config, dump_toml
-from edgemeta.host.data import EpisodeSampler, load_dataset, merge_splits
+from edgemeta.host.config import Config, dump_toml, training_data
+from edgemeta.host.data import EpisodeSampler
 from edgemeta.host.evaluate import episode_accuracies, episode_inputs, mean_ci95
 from edgemeta.host.methods import TaskEpisode, get_method
 from edgemeta.host.modeldir import INFO_FILE, METHOD_FILE, MODEL_FILE, ModelInfo, load_keras, read_info, write_atomic, write_json, write_npz
@@ -58,26 +58,33 @@ def make_strategy(devices: list[str]):
 
 
 class _Progress:
-    """A one-line progress display on a terminal; plain log lines otherwise (background jobs)."""
+    """A one-line progress display on a terminal; off a terminal (a log, a background job) a line every
+    `log_every_s` seconds and at each validation, with the measured rate and the time left."""
 
-    def __init__(self, total: int, enabled: bool, done: int = 0, log_every_s: float = 60.0):
+    def __init__(self, total: int, enabled: bool, done: int = 0, log_every_s: float = 30.0):
         self.total, self.enabled, self.tty = total, enabled, sys.stderr.isatty()
         self.start, self.first = time.monotonic(), done  # a resumed run counts its own episodes only
         self.log_every_s, self.last_line = log_every_s, time.monotonic()
 
+    def line(self, done: int, loss: float, acc: float, val: str) -> str:
+        seconds = time.monotonic() - self.start
+        rate = (done - self.first) / max(seconds, 1e-9)
+        speed = f"{rate:.3g} ep/s" if rate >= 1 else f"{1 / rate:.3g} s/ep" if rate > 0 else "- ep/s"
+        left = f"  {(self.total - done) / rate / 60:.1f} min left" if rate > 0 and done < self.total else ""
+        filled = int(30 * done / self.total)
+        return (f"[{'#' * filled}{'.' * (30 - filled)}] {done}/{self.total} episodes  "
+                f"loss {loss:.3f}  acc {100 * acc:5.1f}%  val {val}  {speed}{left}")
+
     def update(self, done: int, loss: float, acc: float, val: str, force_line: bool = False) -> None:
         if not self.enabled:
             return
-        rate = (done - self.first) / max(time.monotonic() - self.start, 1e-9)
-        width = 30
-        filled = int(width * done / self.total)
-        text = (f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} episodes  "
-                f"loss {loss:.3f}  acc {100 * acc:5.1f}%  val {val}  {rate:.3g} ep/s")
-        if self.tty:
-            print("\r" + text, end="\n" if force_line else "", file=sys.stderr, flush=True)
-        elif force_line or time.monotonic() - self.last_line >= self.log_every_s:  # a log gets a line a minute
-            self.last_line = time.monotonic()
-            print(text, file=sys.stderr, flush=True)
+        now = time.monotonic()
+        if self.tty and (force_line or now - self.last_line >= 0.5):
+            self.last_line = now
+            print("\r" + self.line(done, loss, acc, val), end="\n" if force_line else "", file=sys.stderr, flush=True)
+        elif not self.tty and (force_line or now - self.last_line >= self.log_every_s):
+            self.last_line = now
+            print(self.line(done, loss, acc, val), file=sys.stderr, flush=True)
 
 
 class EpisodicTrainer:
@@ -179,19 +186,24 @@ class EpisodicTrainer:
         return float(loss), float(acc)
 
 
-def train(cfg: Config, out: str | Path, progress: bool = True, fresh: bool = False) -> TrainResult:
-    """Meta-train as configured into the folder `out` (resuming from its checkpoint unless `fresh`)."""
+def train(cfg: Config, out: str | Path, progress: bool = True, fresh: bool = False, prepared: tuple | None = None) -> TrainResult:
+    """Meta-train as configured into the folder `out` (resuming from its checkpoint unless `fresh`);
+    `prepared`: what `training_data(cfg)` returned, when the caller has loaded the data already."""
     import tensorflow as tf
 
     from edgemeta.host.model_eval import keras_embedder
 
     out = Path(out)
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    splits = load_dataset(cfg.data, cfg.model.preprocess, ("train", "val"))
+    cfg, splits, train_split, notes = prepared or training_data(cfg)
+    if not prepared:
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr, flush=True)
     tc, vc = cfg.train, cfg.validation
-    train_split = merge_splits("trainval", splits["train"], splits["val"]) if tc.classes == "trainval" else splits["train"]
+    sizes = {"classes": {"train": train_split.num_classes, "val": splits["val"].num_classes},
+             "images": {"train": len(train_split.images), "val": len(splits["val"].images)}}
     sampler = EpisodeSampler(train_split, tc.way, tc.shot, tc.query, seed=tc.seed)
     val_sampler = EpisodeSampler(splits["val"], vc.way, vc.shot, vc.query, seed=vc.seed)
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)  # only once the data fits: a refused run leaves nothing
     tf.keras.utils.set_random_seed(tc.seed)
     trainer = EpisodicTrainer(cfg, sampler)
     model, method, replicas = trainer.model, trainer.method, trainer.episodes_per_step
@@ -219,6 +231,14 @@ def train(cfg: Config, out: str | Path, progress: bool = True, fresh: bool = Fal
 
     writer = tf.summary.create_file_writer(str(out / "tensorboard"))
     bar = _Progress(tc.episodes, progress, done)
+    if progress:
+        source = f"Omniglot {cfg.data.split}" if cfg.data.kind == "omniglot" else f"folder {cfg.data.root}"
+        print(f"training {cfg.method.name} {cfg.model.backbone} on {source}: {train_split.num_classes} {train_split.name} "
+              f"classes ({len(train_split.images)} images), {splits['val'].num_classes} val classes; episodes {done} to "
+              f"{tc.episodes} of {tc.way}-way {tc.shot}-shot {tc.query}-query"
+              + (f", at most {tc.max_minutes:g} min" if tc.max_minutes else "")
+              + f"; validation every {vc.every} episodes ({vc.episodes} {vc.way}-way {vc.shot}-shot); the time left shows "
+              "once episodes run", file=sys.stderr, flush=True)
     last_val = "-" if state["best_val_acc"] < 0 else f"{100 * state['best_val_acc']:.2f}%"
     started, elapsed0 = time.monotonic(), state["elapsed_s"]
     stopped_by, losses, accs, since_best = "episodes", [], [], 0
@@ -233,8 +253,7 @@ def train(cfg: Config, out: str | Path, progress: bool = True, fresh: bool = Fal
             elapsed = elapsed0 + time.monotonic() - started
             out_of_time = tc.max_minutes > 0 and elapsed >= 60 * tc.max_minutes
             at_val = done % vc.every < replicas or done >= tc.episodes or out_of_time or interrupted
-            if done % 50 < replicas:
-                bar.update(done, np.mean(losses[-50:]), np.mean(accs[-50:]), last_val)
+            bar.update(done, np.mean(losses[-50:]), np.mean(accs[-50:]), last_val)
             if at_val:
                 val_acc, val_ci = validate()
                 lr = trainer.learning_rate
@@ -258,7 +277,7 @@ def train(cfg: Config, out: str | Path, progress: bool = True, fresh: bool = Fal
                 write_json(state_path, state)
                 # the folder is a usable model folder while a long run goes on (eval, export)
                 _write_summary(cfg, out, model, method, TrainResult(done, state["best_val_acc"], state["best_val_ci95"],
-                               state["best_episode"], elapsed, "still running"), state["history"], replicas)
+                               state["best_episode"], elapsed, "still running"), state["history"], replicas, sizes)
                 if out_of_time:
                     stopped_by = "time budget"
                     break
@@ -276,7 +295,7 @@ def train(cfg: Config, out: str | Path, progress: bool = True, fresh: bool = Fal
     result = TrainResult(done, state["best_val_acc"], state["best_val_ci95"], state["best_episode"],
                          state["elapsed_s"], stopped_by)
     if state["best_val_acc"] >= 0:
-        _write_summary(cfg, out, model, method, result, state["history"], replicas)
+        _write_summary(cfg, out, model, method, result, state["history"], replicas, sizes)
     return result
 
 
@@ -370,17 +389,19 @@ def _machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, Python {platform.python_version()}"
 
 
-def _write_summary(cfg: Config, out: Path, model, method, result: TrainResult, history: list[dict], replicas: int) -> None:
+def _write_summary(cfg: Config, out: Path, model, method, result: TrainResult, history: list[dict], replicas: int,
+                   sizes: dict) -> None:
     import tensorflow as tf
 
     info = ModelInfo(
         backbone=cfg.model.backbone, algorithm=cfg.method.name, distance=getattr(method, "distance", ""),
         method=cfg.method.to_dict(),
         preprocess=cfg.model.preprocess, embedding_dim=int(model.output_shape[-1]),
-        data={"kind": cfg.data.kind, "split": cfg.data.split, "rotations": cfg.data.rotations,
-              "fractions": list(cfg.data.fractions), "seed": cfg.data.seed,
-              # a folder dataset is found again by its path (Omniglot by --data / $EDGEMETA_OMNIGLOT)
-              **({"root": cfg.data.root} if cfg.data.kind == "folder" else {})},
+        # what it was trained on: a folder dataset is found again by its path and seeded split (Omniglot by
+        # --data / $EDGEMETA_OMNIGLOT and its split); each kind records only its own fields
+        data={"kind": cfg.data.kind, **({"split": cfg.data.split, "rotations": cfg.data.rotations} if cfg.data.kind == "omniglot"
+                                        else {"root": cfg.data.root, "fractions": list(cfg.data.fractions), "seed": cfg.data.seed}),
+              **sizes},
         training={"episodes": result.episodes, "episodes_per_step": replicas, "meta_batch": cfg.train.meta_batch,
                   "best_episode": result.best_episode,
                   "best_val_acc": round(100 * result.best_val_acc, 2), "best_val_ci95": round(100 * result.best_val_ci95, 2),

@@ -3,9 +3,8 @@
     flock /tmp/edgemeta-bench.lock .venv/bin/python benchmarks/deploy_kills.py --kills 40 [--seed 3] [--json]
     flock /tmp/edgemeta-bench.lock .venv/bin/python benchmarks/deploy_kills.py --timings [--repeat 3]
 
---timings instead times whole `edgemeta deploy` / `rollback` commands on such a board: a first
-deploy, a redeploy of the active release (nothing to do), an upgrade to a new release, the
-activation of a release the board has, and a rollback (median of --repeat runs each).
+--timings instead times whole commands on such a board: benchmarks/deploy_timings.py (first deploy,
+model-only upgrade, redeploy, rollback, roll forward, status, remote enroll).
 
 The board is a real OpenSSH server on 127.0.0.1 (tests/sshd.py) with its own root; the bundle is
 omniglot-conv4 for generic-x86_64 with a wheelhouse (the board installs offline). Each kill deploys
@@ -281,42 +280,6 @@ def run(kills: int, seed: int = 3, work: Path | None = None, lab=None, on_board_
     return results
 
 
-def timings(repeat: int, work: Path, log=print) -> dict[str, list[float]]:
-    """Seconds of each kind of `edgemeta deploy` / `rollback` run (see the module's docstring)."""
-    from sshd import SshLab
-
-    lab = SshLab(work / "ssh")
-    try:
-        bench = Bench(work, lab, random.Random(0), Results(), log)
-        out: dict[str, list[float]] = {}
-
-        def timed(what: str, argv: list[str], expect: str) -> None:
-            t = time.monotonic()
-            p = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=900)
-            out.setdefault(what, []).append(time.monotonic() - t)
-            if p.returncode != 0 or expect not in p.stderr + p.stdout:
-                raise RuntimeError(f"{what}: exit {p.returncode}, {expect!r} not said: {p.stdout}{p.stderr}")
-
-        cli = [sys.executable, "-m", "edgemeta"]
-        ssh = ["--ssh-config", str(lab.ssh_config), "--host", bench.board.alias]
-        for i in range(repeat):
-            bench.board = lab.add_board()  # a board never deployed to
-            first, second = bench.target("new"), bench.target("new")
-            timed("first deploy (upload, venv + offline install, health check, switch)",
-                  [*cli, "deploy", "--bundle", str(first), *ssh], "health check through current passed")
-            timed("redeploy of the active release (nothing to do)", [*cli, "deploy", "--bundle", str(first), *ssh],
-                  "is already active: nothing to do")
-            timed("upgrade to a new release (upload, a new venv + install, health check, switch)",
-                  [*cli, "deploy", "--bundle", str(second), *ssh], "health check through current passed")
-            timed("activation of a release on the board (health check, switch; no upload or install)",
-                  [*cli, "deploy", "--bundle", str(first), *ssh], "activating it without upload or install")
-            timed("rollback", [*cli, "rollback", *ssh], f"active {rid_of(second)}")
-            log(f"round {i + 1} of {repeat}")
-        return out
-    finally:
-        lab.stop()
-
-
 def table(results: Results) -> str:
     return cc.format_table(results, "deploy, signal", {"kills": "kills", "timed": "timed", "after_upload": "after upload",
                                                        "old": "left old", "new": "left new", "finished": "finished",
@@ -329,16 +292,15 @@ def main() -> None:
     ap.add_argument("--on-board-share", type=float, default=0.5, help="Share of kills that activate a release on the board.")
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--json", action="store_true", help="Also print the counts as JSON.")
-    ap.add_argument("--timings", action="store_true", help="Time deploy, redeploy, upgrade, activation, rollback instead.")
+    ap.add_argument("--timings", action="store_true", help="Time whole commands instead (benchmarks/deploy_timings.py).")
     ap.add_argument("--repeat", type=int, default=3, help="With --timings: rounds (each on a new board).")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="deploy-kills-") as tmp:
         os.environ["EDGEMETA_CONFIG"] = str(Path(tmp) / "config")  # a signing key of its own, never the user's
         if a.timings:
-            import statistics
+            import deploy_timings
 
-            for what, secs in timings(a.repeat, Path(tmp), log=lambda m: print(m, file=sys.stderr)).items():
-                print(f"{what:<90} median {statistics.median(secs):6.1f} s  (runs: {', '.join(f'{x:.1f}' for x in secs)})")
+            deploy_timings.print_results(deploy_timings.run(a.repeat, Path(tmp), log=lambda m: print(m, file=sys.stderr)))
             return
         t = time.monotonic()
         results = run(a.kills, a.seed, Path(tmp), on_board_share=a.on_board_share, log=lambda m: print(m, file=sys.stderr))

@@ -775,6 +775,8 @@ def test_remote_over_ssh_shares_one_connection_and_uses_the_running_agent(lab, b
 
 def test_an_offline_board_is_told_to_use_a_wheelhouse_before_anything_changes(lab, bundle, small_bundle):
     board = lab.add_board(env={"PIP_INDEX_URL": "http://127.0.0.1:9/simple/"})  # pip there reaches no index
+    p = edgemeta(lab, "status", "--host", board.alias)
+    assert p.returncode == 0 and f"{board.alias}: no release active" in p.stdout and "history  none" in p.stdout, p.stdout + p.stderr
     p = edgemeta(lab, "doctor", "--board", "generic-x86_64", "--host", board.alias)
     assert p.returncode == 1 and "FAIL  package index" in p.stdout and "127.0.0.1:9/simple/ unreachable" in p.stdout, p.stdout
     assert "fix: deploy with --wheelhouse" in p.stdout
@@ -784,6 +786,8 @@ def test_an_offline_board_is_told_to_use_a_wheelhouse_before_anything_changes(la
     row = one_failed_row(deploy(lab, "--bundle", str(small_bundle), "--host", board.alias))
     assert "not ready: package index:" in row and "uploaded" not in p.stderr, row
     assert not (board.root / "releases").exists() or not list((board.root / "releases").iterdir())
+    p = edgemeta(lab, "doctor", "--host", unreachable_alias(lab, "nowhere"))
+    assert p.returncode == 2 and p.stderr.startswith("error: ssh to nowhere failed: ssh: connect to host") and "['" not in p.stderr
     p = deploy(lab, "--bundle", str(bundle), "--host", board.alias, "--dry-run")  # with a wheelhouse: fine
     assert p.returncode == 0 and "(offline, from the wheelhouse)" in p.stderr and "dry run: would upload" in p.stderr, p.stderr
 
@@ -807,3 +811,23 @@ def test_doctor_names_the_package_that_fixes_a_missing_venv_or_system_package(tm
     if shutil.which("dpkg-query"):
         assert checks["system packages"]["fix"] == "sudo apt install edgemeta-no-such-deb", checks["system packages"]
     assert checks["interpreter"]["status"] == "info" and checks["package index"]["status"] == "info"
+
+
+def test_a_half_made_venv_is_removed_and_never_used(tmp_path):
+    """A board that lost power while pip ran: the venv has no .installed mark; the next command that
+    takes the lock removes it, and the release linking to it, which is not installed."""
+    root = tmp_path / "board"
+    rel, venv = root / "releases" / "r1", root / "venvs" / "k1"
+    (venv / "bin").mkdir(parents=True)
+    rel.mkdir(parents=True)
+    (rel / "BUNDLE.json").write_text(json.dumps({"format": 1, "runtime": "k1", "wheel": "w.whl", "files": {}}))
+    (rel / "venv").symlink_to("../../venvs/k1")
+    (root / "venvs" / "k2").mkdir()  # complete and used by nobody: kept until a prune
+    (root / "venvs" / "k2" / ".installed").write_text("")
+    p = subprocess.run([sys.executable, board_ops.__file__, "activate", "r1"], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "EDGEMETA_ROOT": str(root)})
+    assert p.returncode == 3 and "release r1 is not on this board" in json.loads(p.stdout)["error"], p.stdout + p.stderr
+    assert not rel.exists() and sorted(x.name for x in (root / "venvs").iterdir()) == ["k2"]
+    p = subprocess.run([sys.executable, board_ops.__file__, "prune", "1"], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "EDGEMETA_ROOT": str(root)})
+    assert json.loads(p.stdout)["removed"] == ["venvs/k2"] and not list((root / "venvs").iterdir())

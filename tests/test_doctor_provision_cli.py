@@ -20,6 +20,13 @@ def test_doctor_here():
     assert "apt-get install libedgetpu1-std" in p.stdout
 
 
+def test_boards_show_names_the_system_packages_a_profile_needs():
+    p = cli("boards", "show", "rpi3b-32bit")
+    assert p.returncode == 0 and "system packages  python3-numpy, python3-pil (sudo apt install python3-numpy python3-pil" in p.stdout
+    p = cli("boards", "show", "rpi5")
+    assert p.returncode == 0 and "system packages  none" in p.stdout and "python3-venv" in p.stdout
+
+
 def test_provision_cli_is_idempotent(tmp_path):
     boot = tmp_path / "bootfs"
     boot.mkdir()

@@ -44,6 +44,13 @@ def test_deploy_enroll_classify_on_an_emulated_pi(pi, lab, exported, tmp_path):
     assert arch.stdout.split()[:3] == [machine, "Python", "3.11.2"], arch.stderr
     bundle = build_bundle(profile, exported, tmp_path / profile, wheelhouse=True)
     assert all(machine in w.name or "none-any" in w.name for w in (bundle / "wheelhouse").iterdir())
+    # a fresh board that deploy can handle passes doctor (the armhf one with its system packages, numpy and Pillow)
+    doctor = subprocess.run([sys.executable, "-m", "edgemeta", "doctor", "--board", profile, "--host", pi.alias, *ssh, "--wheelhouse",
+                             "--json"], capture_output=True, text=True, timeout=300)
+    checks = {c["check"]: c for c in json.loads(doctor.stdout)}
+    assert doctor.returncode == 0 and checks["venv"]["status"] == "pass", doctor.stdout + doctor.stderr
+    if pi.arch == "armhf":
+        assert checks["system packages"]["status"] == "pass" and "python3-numpy" in checks["system packages"]["detail"]
     p = subprocess.run([sys.executable, "-m", "edgemeta", "deploy", "--bundle", str(bundle), "--host", pi.alias, *ssh],
                        capture_output=True, text=True, timeout=1200)
     assert p.returncode == 0, p.stdout + p.stderr

@@ -824,9 +824,9 @@ def test_a_half_made_venv_is_removed_and_never_used(tmp_path):
     (rel / "venv").symlink_to("../../venvs/k1")
     (root / "venvs" / "k2").mkdir()  # complete and used by nobody: kept until a prune
     (root / "venvs" / "k2" / ".installed").write_text("")
-    p = subprocess.run([sys.executable, board_ops.__file__, "activate", "r1"], capture_output=True, text=True, timeout=60,
+    p = subprocess.run([sys.executable, board_ops.__file__, "rollback"], capture_output=True, text=True, timeout=60,
                        env={**os.environ, "EDGEMETA_ROOT": str(root)})
-    assert p.returncode == 3 and "release r1 is not on this board" in json.loads(p.stdout)["error"], p.stdout + p.stderr
+    assert p.returncode == 3 and json.loads(p.stdout)["error"] == "no earlier release to roll back to", p.stdout + p.stderr
     assert not rel.exists() and sorted(x.name for x in (root / "venvs").iterdir()) == ["k2"]
     p = subprocess.run([sys.executable, board_ops.__file__, "prune", "1"], capture_output=True, text=True, timeout=60,
                        env={**os.environ, "EDGEMETA_ROOT": str(root)})

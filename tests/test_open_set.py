@@ -181,3 +181,8 @@ def test_the_agent_skips_a_retried_enroll(tmp_path):
     assert again["added"] == 0 and again["samples"] == 1 and again["duplicates"] == ["sample 1 (already enrolled as 'a')"]
     with pytest.raises(EdgemetaError, match="allow_duplicates must be true or false"):
         agent.handle("enroll", {"label": "a", "allow_duplicates": "yes"}, [png])
+
+
+def test_classify_refuses_top_k_below_one(store):
+    one_line_error(cli("classify", "--store", str(store), "--top-k", "0", str(next((SAMPLE / CHARS[0]).glob("*.png")))),
+                   "--top-k must be at least 1, got 0")

@@ -383,7 +383,7 @@ def serve(model: str, store: str, unix_path: str | None, tcp: str | None, allow_
 
     \b
     Example:
-      edgemeta serve --model /opt/edgemeta/current/model --store /opt/edgemeta/store --socket /run/edgemeta.sock --serial /dev/serial0
+      edgemeta serve --model ~/.edgemeta/current/model --store ~/.edgemeta/store --socket ~/.edgemeta/agent.sock --serial /dev/serial0
       edgemeta serve --model ... --store ... --tcp 0.0.0.0:7000 --allow-remote --token-file /etc/edgemeta/token
     """
     from edgemeta.runtime.agent import run_agent

@@ -347,9 +347,16 @@ def enroll_chars(rt, store, chars=CHARS, adapt=None):
 def test_format_1_and_2_manifests(tmp_path):
     from edgemeta.runtime.manifest import read_manifest
 
-    m = read_manifest(SHIPPED)
-    assert json.loads((SHIPPED / "manifest.json").read_text())["format"] == 1
+    # a format-1 manifest (before the head section): the shipped model's, as an older export wrote it
+    old = tmp_path / "format1"
+    shutil.copytree(SHIPPED, old)
+    raw = json.loads((old / "manifest.json").read_text())
+    raw["format"] = 1
+    del raw["head"]
+    (old / "manifest.json").write_text(json.dumps(raw))
+    m = read_manifest(old)
     assert (m.head.kind, m.head.distance, m.head.linear) == ("prototype", "squared_euclidean", None)
+    assert read_manifest(SHIPPED).head.kind == "prototype"
     lin = read_manifest(linear_model(tmp_path / "lin"))
     assert lin.head.kind == "linear" and lin.head.linear.init == "learned" and lin.head.linear.steps == 3
     assert lin.head.linear.w0.shape == (64, 5) and lin.distance == "squared_euclidean"

@@ -290,12 +290,7 @@ def _remote_call(op: str, args: dict, files: tuple[str, ...] = ()) -> dict:
             attachments.append(Path(f).read_bytes())
         except OSError as e:
             raise EdgemetaError(f"cannot read {f}: {e.strerror}") from None
-    if obj["via"].startswith("ssh:"):  # one shared ssh connection, to the running agent when there is one
-        from edgemeta.deploy.ssh import AgentOverSsh
-
-        client = AgentOverSsh(obj["via"].removeprefix("ssh:"), obj["ssh_config"], obj["timeout"])
-    else:
-        client = connect(obj["via"], obj["ssh_config"], obj["timeout"], obj.get("token_file"))
+    client = connect(obj["via"], obj["ssh_config"], obj["timeout"], obj.get("token_file"))
     try:
         return client.request(op, args, attachments)
     finally:

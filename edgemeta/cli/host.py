@@ -3,6 +3,7 @@ inspect and edgetpu read .tflite files and need none."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from dataclasses import replace
@@ -54,6 +55,8 @@ def train(config_path: str, out: str, data: str, episodes: int | None, max_minut
     overrides = {k: v for k, v in (("episodes", episodes), ("max_minutes", max_minutes)) if v is not None}
     if overrides:
         cfg = replace(cfg, train=replace(cfg.train, **overrides))
+    if importlib.util.find_spec("tensorflow") is None:  # on a board: say so before reading any data
+        _require_tensorflow()
     prepared = training_data(cfg)  # data and size errors before TensorFlow's slow import
     for note in prepared[3]:
         click.echo(f"note: {note}", err=True)

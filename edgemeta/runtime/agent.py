@@ -53,7 +53,6 @@ import numpy as np
 from edgemeta.errors import EdgemetaError
 from edgemeta.preprocess import ImageLimits
 from edgemeta.runtime.classifier import UNKNOWN, FewShotRuntime
-from edgemeta.runtime.paths import ROOT_SH
 from edgemeta.runtime.store import STORE_FILE, EnrollmentStore, check_adapt
 
 MAX_LINE = 64 * 2**20  # default limit of one request line (JSON lines transports)
@@ -731,26 +730,10 @@ def connect(via: str, ssh_config: str | None = None, timeout: float = 30.0, toke
                 client.close()
                 raise
         return client
-    if kind == "ssh":
-        import shlex
-        import subprocess
+    if kind == "ssh":  # one shared OpenSSH connection, to the running agent when there is one (deploy's client)
+        from edgemeta.deploy.ssh import AgentOverSsh
 
-        from edgemeta.deploy.ssh import check_host  # deploy's own check: one definition of a host edgemeta takes
-
-        check_host(target)
-        remote = f'{ROOT_SH}; exec "$R/current/venv/bin/edgemeta" serve --stdio --model "$R/current/model" --store "$R/store"'
-        # `--`: the host is the destination even if it starts with '-' (check_host refuses that too)
-        cmd = ["ssh", "-o", "BatchMode=yes", *(["-F", ssh_config] if ssh_config else []), "--", target,
-               "sh -c " + shlex.quote(remote)]
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-        def close():
-            proc.stdin.close()
-            proc.wait(timeout=30)
-
-        client = LineClient(proc.stdout, proc.stdin, close)
-        client.proc = proc
-        return client
+        return AgentOverSsh(target, ssh_config, timeout)
     if kind == "serial":
         import serial
 

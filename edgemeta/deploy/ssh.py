@@ -69,6 +69,14 @@ class HostResult:
     error: str = ""
     note: str = ""  # "already active", "activated from the board's copy", "rolled back from ..."
 
+    def stepper(self, log) -> Callable[[str], None]:
+        """A function that records a step of this host's operation and logs it as `log(host, msg)`."""
+        def step(msg: str) -> None:
+            self.steps.append(msg)
+            log(self.host, msg)
+
+        return step
+
 
 # Every ssh this process starts, so that SIGTERM can stop them all (stop_on_signals); none starts after.
 _children: set[subprocess.Popen] = set()
@@ -279,10 +287,7 @@ def deploy_host(host: str, bundle: Path, ssh_config: str | None = None, dry_run:
     info = bundle_info(bundle)
     release = release_id(bundle)
     result = HostResult(host, False, release)
-
-    def step(msg: str) -> None:
-        result.steps.append(msg)
-        log(host, msg)
+    step = result.stepper(log)
 
     try:
         remote = Remote(host, ssh_config)
@@ -392,10 +397,7 @@ def rollback_host(host: str, ssh_config: str | None = None, to: str = "", log=la
     """Roll one board back (or to release `to`, older or newer); never raises. The board checks the
     target before and after the switch and switches back when it fails."""
     result = HostResult(host, False)
-
-    def step(msg: str) -> None:
-        result.steps.append(msg)
-        log(host, msg)
+    step = result.stepper(log)
 
     try:
         remote = Remote(host, ssh_config)

@@ -26,7 +26,7 @@ from edgemeta.runtime.head import LinearHead, PrototypeHead
 from edgemeta.runtime.interpreter import Embedder
 from edgemeta.runtime.linear_head import LinearHeadSpec
 from edgemeta.runtime.manifest import read_manifest
-from edgemeta.runtime.open_set import calibrate, domain_warning, leave_one_out
+from edgemeta.runtime.open_set import calibrate, domain_warning, nearest
 from edgemeta.runtime.store import EnrollmentStore, check_adapt, check_label, sample_ids
 
 UNKNOWN = "unknown"
@@ -37,6 +37,8 @@ RELEASE_BOARD_FILE = "board.toml"
 # about one unit per step, a small step next to their logit gaps. On samples/omniglot (int8, 10 steps)
 # 0.01 costs nothing, 0.1 about 0.1 point at 5 and 10 shots, 1.0 from 0.3 to 1.5 points.
 DEFAULT_PROTO_LR = 0.01
+# Samples the out-of-domain warning looks at (after every CLI enroll): its cost stays flat in the store's size.
+DOMAIN_SAMPLES = 512
 
 
 class Enrolled(NamedTuple):
@@ -139,9 +141,9 @@ class FewShotRuntime:
                 skipped = [(names[i] if names else f"sample {i + 1}")
                            + (f" (already enrolled as {known!r})" if known is not None else " (given twice)") for i, known in dups]
                 fresh = np.setdiff1d(np.arange(len(images)), [i for i, _ in dups]).astype(np.intp)
-                if len(fresh):
-                    store.add(label, embeddings[fresh], images[fresh] if store.samples is not None else None, ids[fresh])
-                done.append(Enrolled(store.counts().get(check_label(label), 0), len(fresh), skipped))
+                count = (store.add(label, embeddings[fresh], images[fresh] if store.samples is not None else None, ids[fresh])
+                         if len(fresh) else store.counts().get(check_label(label), 0))
+                done.append(Enrolled(count, len(fresh), skipped))
             if adapt is not None:
                 store.set_adapt(*adapt)
             if adapt is not None or any(d.added for d in done):
@@ -197,8 +199,10 @@ class FewShotRuntime:
             out.update({k: v for k, v in (o.get("report") or {}).items() if k != "threshold"})
         elif o["mode"] == "model":
             out["calibration"] = "the model's, from its validation classes at export"
-        if len(store.class_names) >= 2:
-            _, strangers = leave_one_out(store.embeddings, store.labels, len(store.class_names), self.manifest.distance)
+        if len(store.class_names) >= 2:  # a median: a seeded sample of at most DOMAIN_SAMPLES samples will do
+            pick = np.random.default_rng(0).permutation(len(store.labels))[:DOMAIN_SAMPLES]
+            strangers = nearest(store.embeddings[pick], PrototypeHead.from_embeddings(
+                store.embeddings, store.labels, store.class_names).prototypes, self.manifest.distance, exclude=store.labels[pick])
             reference = self.variant.open_set_stranger_median or self.threshold_of_model
             out["warning"] = domain_warning(float(np.median(strangers)), reference)
         return out

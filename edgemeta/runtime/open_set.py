@@ -58,12 +58,23 @@ def leave_one_out(embeddings: np.ndarray, labels: np.ndarray, num_classes: int, 
     known = paired_distances(embeddings[many], loo, distance)
     strangers = []
     if num_classes >= 2:
-        d = DISTANCES[distance](embeddings.astype(np.float32), protos).astype(np.float64)
-        d[np.arange(len(labels)), labels] = np.inf
-        strangers.append(d.min(axis=1))
+        strangers.append(nearest(embeddings, protos, distance, exclude=labels))
     if negatives is not None and len(negatives):
-        strangers.append(DISTANCES[distance](negatives.astype(np.float32), protos).min(axis=1).astype(np.float64))
+        strangers.append(nearest(negatives, protos, distance))
     return known, np.concatenate(strangers) if strangers else np.zeros(0)
+
+
+def nearest(queries: np.ndarray, protos: np.ndarray, distance: str, exclude: np.ndarray | None = None,
+            rows: int = 1024) -> np.ndarray:
+    """Each query's distance to its nearest prototype (not its own class `exclude[i]`), `rows` queries at a
+    time: memory stays rows x classes, not samples x classes (10000 one-shot classes would be 400 MB)."""
+    out = np.empty(len(queries))
+    for i in range(0, len(queries), rows):
+        d = DISTANCES[distance](queries[i:i + rows].astype(np.float32), protos)
+        if exclude is not None:
+            d[np.arange(len(d)), exclude[i:i + rows]] = np.inf
+        out[i:i + rows] = d.min(axis=1)
+    return out
 
 
 def calibrate(embeddings: np.ndarray, labels: np.ndarray, num_classes: int, distance: str,

@@ -39,16 +39,28 @@ def _require_tensorflow() -> None:
 @click.option("--max-minutes", type=float, default=None, help="Override [train] max_minutes (wall-time budget).")
 @click.option("--fresh", is_flag=True, help="Ignore an existing checkpoint in --out and start over.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
-def train(config_path: str, out: str, data: str, episodes: int | None, max_minutes: float | None, fresh: bool, quiet: bool) -> None:
+@click.option("--cluster", "cluster_spec", default=None, metavar="HOST:PORT,...",
+              help="Train as one worker of this cluster (every worker's host:port, the chief first; writes TF_CONFIG). "
+                   "Without it, a TF_CONFIG in the environment is used; without either, one host.")
+@click.option("--task-index", type=int, default=None, help="With --cluster: this worker's place in the list, from 0 (the chief).")
+def train(config_path: str, out: str, data: str, episodes: int | None, max_minutes: float | None, fresh: bool, quiet: bool,
+          cluster_spec: str | None, task_index: int | None) -> None:
     """Meta-train a backbone episodically; resumes from --out's checkpoint when there is one.
+
+    With --cluster (or TF_CONFIG) every worker runs the same command and the cluster trains as one
+    (MultiWorkerMirroredStrategy): the chief, worker 0, writes --out; restart every worker to resume.
 
     \b
     Example:
       edgemeta train --config models/omniglot-vinyals-conv4/config.toml \\
           --data ../shared/data/omniglot --out runs/vinyals --max-minutes 60
+      edgemeta train --config models/omniglot-vinyals-conv4/config.toml --data ../shared/data/omniglot \\
+          --out runs/vinyals --cluster 10.0.0.1:23456,10.0.0.2:23456 --task-index 0
     """
+    from edgemeta.host.cluster import check_port_free, cluster_from_options
     from edgemeta.host.config import load_config, training_data
 
+    cluster = cluster_from_options(cluster_spec, task_index)  # bad input refused before anything is read
     cfg = load_config(config_path)
     if data:
         cfg = replace(cfg, data=replace(cfg.data, root=data))
@@ -60,13 +72,20 @@ def train(config_path: str, out: str, data: str, episodes: int | None, max_minut
     prepared = training_data(cfg)  # data and size errors before TensorFlow's slow import
     for note in prepared[3]:
         click.echo(f"note: {note}", err=True)
+    if cluster is not None:
+        if prepared[0].train.devices:
+            raise EdgemetaError("[train] devices cannot be combined with a cluster: each worker trains on all of its "
+                                "GPUs (else its CPU); choose them with CUDA_VISIBLE_DEVICES on each worker")
+        check_port_free(cluster)
     _require_tensorflow()
     from edgemeta.host.train import train as run_training
 
-    result = run_training(prepared[0], out, progress=not quiet, fresh=fresh, prepared=prepared)
-    click.echo(f"stopped after {result.episodes} episodes ({result.stopped_by}), {result.elapsed_s / 60:.1f} min; "
+    result = run_training(prepared[0], out, progress=not quiet, fresh=fresh, prepared=prepared, cluster=cluster)
+    where = f"{cluster.describe()}: " if cluster is not None else ""
+    saved = f"model in {Path(out) / 'model.keras'}" if result.chief else "the chief wrote the model"
+    click.echo(f"{where}stopped after {result.episodes} episodes ({result.stopped_by}), {result.elapsed_s / 60:.1f} min; "
                f"best validation accuracy {100 * result.best_val_acc:.2f} +/- {100 * result.best_val_ci95:.2f}% "
-               f"at episode {result.best_episode}; model in {Path(out) / 'model.keras'}")
+               f"at episode {result.best_episode}; {saved}")
 
 
 @main.command("eval")

@@ -64,13 +64,14 @@ class TrainConfig:
     query: int = 5
     episodes: int = 20000          # stop after this many training episodes
     max_minutes: float = 0.0       # and/or after this much wall time (0: no limit)
-    meta_batch: int = 1            # episodes (tasks) averaged per optimizer step on each replica (MAML: 32)
+    meta_batch: int = 1            # episodes (tasks) averaged per optimizer step, split across the replicas (MAML: 32);
+                                   # each replica takes at least one, so a step is max(meta_batch, replicas) rounded up
     learning_rate: float = 1e-3
     lr_schedule: str = "step"      # step (below), cosine (to 0 over `episodes`, MAML++) or constant
     lr_decay_every: int = 2000     # episodes between learning-rate steps (Snell et al.: halve every 2000)
     lr_decay_rate: float = 0.5
     seed: int = 0
-    devices: list[str] = field(default_factory=list)  # empty: all GPUs, else the CPU
+    devices: list[str] = field(default_factory=list)  # empty: all GPUs, else the CPU (a cluster's workers: always so)
     # Start from these weights (a model folder or a .keras file, relative to the working directory)
     # instead of a random initialisation, e.g. to fine-tune a model with another shot or augmentation.
     init_from: str = ""

@@ -5,9 +5,16 @@
 ``out/model.keras``, and checkpoints so that an interrupted run (Ctrl-C, a killed job, a time
 budget) resumes where it stopped when started again with the same output folder.
 
-Runs under a `tf.distribute` strategy: MirroredStrategy over all GPUs when there are several
-(each replica takes its own episode and gradients are averaged, so one step is a meta-batch
-of that many episodes), one device otherwise.
+Runs under a `tf.distribute` strategy: MirroredStrategy over all GPUs when there are several, one
+device otherwise, or, as one worker of a cluster (`edgemeta.host.cluster`: TF_CONFIG or
+``--cluster``), MultiWorkerMirroredStrategy over every worker's GPUs (else its CPU). One optimizer
+step is a meta-batch of ``[train] meta_batch`` episodes split across all replicas (at least one per
+replica), whose gradients are averaged. Episode ``i`` of the run is always episode ``i`` of the
+seeded sampler, taken by exactly one replica, so the episodes do not depend on how many processes
+share the replicas, and a resumed run continues the same sequence. In a cluster the chief (worker 0)
+validates, writes TensorBoard, the model and the checkpoints; the others write their checkpoints to
+a temporary folder and delete it (TensorFlow's multi-worker rule) and take the chief's state when a
+run resumes.
 """
 
 from __future__ import annotations
@@ -16,8 +23,10 @@ import csv
 import io
 import json
 import platform
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +41,7 @@ from edgemeta.host.methods import TaskEpisode, get_method
 from edgemeta.host.modeldir import INFO_FILE, METHOD_FILE, MODEL_FILE, ModelInfo, load_keras, read_info, write_atomic, write_json, write_npz
 
 STATE_FILE = "checkpoints/state.json"
+STOP_REASONS = ("", "time budget", "interrupted", "no improvement")  # agreed across a cluster by index
 HISTORY_FIELDS = ("episode", "loss", "train_acc", "val_acc", "val_ci95", "learning_rate", "elapsed_s")
 
 
@@ -43,18 +53,96 @@ class TrainResult:
     best_episode: int
     elapsed_s: float
     stopped_by: str
+    chief: bool = True   # False on the other workers of a cluster, which write no model folder
 
 
-def make_strategy(devices: list[str]):
-    """MirroredStrategy over the given devices (or all GPUs when there are several), else one device."""
+def make_strategy(devices: list[str], cluster=None):
+    """MultiWorkerMirroredStrategy for a cluster (TF_CONFIG, written by `edgemeta.host.cluster`), else
+    MirroredStrategy over the given devices (or all GPUs when there are several), else one device.
+
+    A cluster's strategy must be made before anything else starts TensorFlow's runtime."""
     import tensorflow as tf
 
+    if cluster is not None:
+        if devices:
+            raise EdgemetaError("[train] devices cannot be combined with a cluster: each worker trains on all of its "
+                                "GPUs (else its CPU); choose them with CUDA_VISIBLE_DEVICES on each worker")
+        options = tf.distribute.experimental.CommunicationOptions(
+            implementation=tf.distribute.experimental.CommunicationImplementation.AUTO)  # NCCL on GPUs, ring on CPUs
+        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     if devices:
         return tf.distribute.MirroredStrategy(devices) if len(devices) > 1 else tf.distribute.OneDeviceStrategy(devices[0])
     gpus = tf.config.list_logical_devices("GPU")
     if len(gpus) > 1:
         return tf.distribute.MirroredStrategy()
     return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+
+
+def device_summary(strategy, cluster=None) -> dict:
+    """Where training runs, for the run summary: the strategy, its replicas and this process's devices,
+    with the GPUs' names as the driver reports them."""
+    import tensorflow as tf
+
+    gpus = []
+    for d in tf.config.list_physical_devices("GPU"):
+        try:
+            details = tf.config.experimental.get_device_details(d)
+        except Exception:  # details are best effort
+            details = {}
+        gpus.append(details.get("device_name", d.name))
+    name = type(strategy).__name__
+    name = "MultiWorkerMirroredStrategy" if name == "CollectiveAllReduceStrategy" else name  # the public name
+    out = {"strategy": name, "replicas": int(strategy.num_replicas_in_sync),
+           "devices": [str(d) for d in strategy.extended.worker_devices], "gpus": gpus}
+    if cluster is not None:
+        out.update(workers=cluster.num_workers, worker=cluster.rank, address=cluster.address)
+    return out
+
+
+class EpisodePrefetcher:
+    """Draws the episodes of the coming steps on a background thread, `depth` steps ahead, so that the
+    sampling and stacking of images (numpy, on the host) overlaps the training step on the device.
+
+    ``next()`` returns ``(first, arrays)`` in order: the step's first episode index and what
+    `EpisodicTrainer.prepare` made for it."""
+
+    def __init__(self, prepare, first: int, per_step: int, depth: int = 3):
+        import queue
+        import threading
+
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(prepare, first, per_step), daemon=True,
+                                        name="edgemeta-episodes")
+        self._thread.start()
+
+    def _run(self, prepare, first: int, per_step: int) -> None:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                item = (first, prepare(first))
+            except BaseException as e:  # handed to the training loop, which raises it
+                item = (first, e)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item[1], BaseException):
+                return
+            first += per_step
+
+    def next(self):
+        first, arrays = self._queue.get()
+        if isinstance(arrays, BaseException):
+            raise arrays
+        return first, arrays
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 class _Progress:
@@ -91,11 +179,14 @@ class EpisodicTrainer:
     """The model, the method's variables, the optimizer and the compiled training step under one
     distribution strategy.
 
-    ``step(first)`` trains on episodes ``first .. first + episodes_per_step - 1`` of `sampler`:
-    each replica takes ``meta_batch`` consecutive episodes, their gradients are averaged over all
-    of them, and the optimizer takes one step. Returns the mean loss and accuracy."""
+    ``step(first)`` trains on episodes ``first .. first + episodes_per_step - 1`` of `sampler`: the
+    ``[train] meta_batch`` episodes of one step are split across the replicas (``meta_batch`` here is
+    each replica's share, rounded up, and at least 1), replica ``r`` takes ``meta_batch`` consecutive
+    episodes from ``first + r * meta_batch``, their gradients are averaged over all of them, and the
+    optimizer takes one step. Returns the mean loss and accuracy. `strategy`: one made already (a
+    cluster's must be made before TensorFlow starts); else `make_strategy` of the configured devices."""
 
-    def __init__(self, cfg: Config, sampler: EpisodeSampler):
+    def __init__(self, cfg: Config, sampler: EpisodeSampler, strategy=None):
         import keras
         import tensorflow as tf
 
@@ -103,10 +194,16 @@ class EpisodicTrainer:
 
         tc = cfg.train
         self.sampler, self.method = sampler, get_method(cfg.method.name, cfg.method.params)
-        self.strategy = make_strategy(tc.devices)
+        self.strategy = strategy or make_strategy(tc.devices)
         self.replicas = replicas = self.strategy.num_replicas_in_sync
-        self.meta_batch = meta_batch = tc.meta_batch
+        self.meta_batch = meta_batch = -(-tc.meta_batch // replicas)  # this replica's share of the meta-batch
         self.episodes_per_step = per_step = replicas * meta_batch
+        # the replicas this process runs (all of them, except in a cluster)
+        ids: list[int] = []
+        self.strategy.experimental_distribute_values_from_function(
+            lambda ctx: ids.append(ctx.replica_id_in_sync_group) or tf.constant(0))
+        self.local_replicas = ids
+        self.multi_worker = len(ids) < replicas
         with self.strategy.scope():
             self.model = build_backbone(cfg.model.backbone, cfg.model.preprocess.input_shape)
             self.method.build(self.model, tc.way)
@@ -134,7 +231,7 @@ class EpisodicTrainer:
             grads = tape.gradient(loss, variables)
             return loss, acc, [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables, strict=True)]
 
-        def replica_step(support, support_labels, query, query_labels, episode):
+        def replica_step(support, support_labels, query, query_labels, episode, flags):
             # The meta-batch is a loop, not a wider batch: tasks must not share batch-norm statistics.
             def body(t, loss, acc, grads):
                 lt, at, gt = task_grads(support[t], support_labels[t], query[t], query_labels[t], episode[t])
@@ -143,14 +240,16 @@ class EpisodicTrainer:
             zeros = [tf.zeros_like(v) for v in variables]
             _, loss, acc, grads = tf.while_loop(lambda t, *_: t < meta_batch, body,
                                                 (tf.constant(0), tf.constant(0.0), tf.constant(0.0), zeros))
+            # the optimizer sums the replicas' gradients (an all-reduce across the cluster): the sum over
+            # every episode of the step, divided here by their number
             optimizer.apply_gradients(zip([g / per_step for g in grads], variables, strict=True))
-            return loss / meta_batch, acc / meta_batch
+            return tf.concat([tf.stack([loss / meta_batch, acc / meta_batch]), flags], 0)
 
         @tf.function
         def train_step(inputs):
-            loss, acc = strategy.run(replica_step, args=inputs)
-            mean = tf.distribute.ReduceOp.MEAN
-            return strategy.reduce(mean, loss, axis=None), strategy.reduce(mean, acc, axis=None)
+            # one reduction for the loss, the accuracy and the stop flags of every worker
+            total = strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(replica_step, args=inputs), axis=None)
+            return tf.concat([total[:2] / replicas, total[2:]], 0)
 
         self._train_step = train_step
 
@@ -169,134 +268,267 @@ class EpisodicTrainer:
         extra = {"method": {f"v{i}": v for i, v in enumerate(variables)}} if variables else {}
         return tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, **extra)
 
-    def step(self, first: int) -> tuple[float, float]:
+    def state_variables(self) -> list:
+        """Everything a checkpoint holds: the backbone's weights and statistics, the method's, the optimizer's."""
+        seen, out = set(), []
+        for v in [*self.model.variables, *self.method.variables, *self.optimizer.variables]:
+            if id(v) not in seen:
+                seen.add(id(v))
+                out.append(v)
+        return out
+
+    def from_chief(self, values: list):
+        """The chief's values of `values` (tensors of any dtype and shape) on every worker: an all-reduce
+        to which only the chief's first replica contributes. Outside a cluster, `values` as they are."""
         import tensorflow as tf
+
+        if not self.multi_worker:
+            return [tf.convert_to_tensor(v) for v in values]
+        values = [tf.convert_to_tensor(v) for v in values]
+        groups: dict = {}
+        for i, v in enumerate(values):  # one all-reduce per dtype, of the values flattened and concatenated
+            groups.setdefault(v.dtype, []).append(i)
+        out = [None] * len(values)
+        for members in groups.values():
+            flat = tf.concat([tf.reshape(values[i], [-1]) for i in members], 0)
+            per_replica = self.strategy.experimental_distribute_values_from_function(
+                lambda ctx, flat=flat: flat if ctx.replica_id_in_sync_group == 0 else tf.zeros_like(flat))
+            total = self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+            offset = 0
+            for i in members:
+                size = int(tf.size(values[i]))
+                out[i] = tf.reshape(total[offset:offset + size], tf.shape(values[i]))
+                offset += size
+        return out
+
+    def sync_from_chief(self) -> None:
+        """Give every worker the chief's weights and optimizer state (after the chief restored a
+        checkpoint or loaded init_from weights), so only the chief needs the output folder."""
+        if not self.multi_worker:
+            return
+        variables = self.state_variables()
+        for v, value in zip(variables, self.from_chief(variables), strict=True):
+            v.assign(value)
+
+    def prepare(self, first: int) -> dict:
+        """The numpy arrays of step `first` for each replica this process runs (thread-safe: the sampler
+        draws episode i from (seed, i) alone)."""
+        out = {}
+        for r in self.local_replicas:
+            index = [first + r * self.meta_batch + t for t in range(self.meta_batch)]
+            eps = [self.sampler.episode(i) for i in index]
+            out[r] = (np.stack([e.support for e in eps]), np.stack([e.support_labels for e in eps]),
+                      np.stack([e.query for e in eps]), np.stack([e.query_labels for e in eps]), np.array(index, np.int64))
+        return out
+
+    def step(self, first: int, arrays: dict | None = None, flags: tuple[float, float] = (0.0, 0.0)) -> tuple[float, float]:
+        """One step; see `step_flags` (which also returns the cluster's stop flags)."""
+        loss, acc, _ = self.step_flags(first, arrays, flags)
+        return loss, acc
+
+    def step_flags(self, first: int, arrays: dict | None = None, flags: tuple[float, float] = (0.0, 0.0)):
+        """Train on the episodes of step `first` (`arrays`: what `prepare(first)` returned, e.g. from the
+        prefetcher). `flags`: this process's (out of time, interrupted); returns (loss, accuracy, the
+        flags summed over the cluster), so that every worker stops at the same step."""
+        import tensorflow as tf
+
+        arrays = arrays if arrays is not None else self.prepare(first)
+        lead = self.local_replicas[0]
 
         def value(ctx):
             r = ctx.replica_id_in_sync_group
-            index = [first + r * self.meta_batch + t for t in range(self.meta_batch)]
-            eps = [self.sampler.episode(i) for i in index]
-            return (tf.cast(np.stack([e.support for e in eps]), tf.float32) / 255.0,
-                    tf.constant(np.stack([e.support_labels for e in eps])),
-                    tf.cast(np.stack([e.query for e in eps]), tf.float32) / 255.0,
-                    tf.constant(np.stack([e.query_labels for e in eps])),
-                    tf.constant(index, tf.int64))
+            support, support_labels, query, query_labels, index = arrays[r]
+            return (tf.cast(support, tf.float32) / 255.0, tf.constant(support_labels),
+                    tf.cast(query, tf.float32) / 255.0, tf.constant(query_labels), tf.constant(index, tf.int64),
+                    tf.constant(flags if r == lead else (0.0, 0.0), tf.float32))
 
-        loss, acc = self._train_step(self.strategy.experimental_distribute_values_from_function(value))
-        return float(loss), float(acc)
+        out = self._train_step(self.strategy.experimental_distribute_values_from_function(value)).numpy()
+        return float(out[0]), float(out[1]), (float(out[2]), float(out[3]))
 
 
-def train(cfg: Config, out: str | Path, progress: bool = True, fresh: bool = False, prepared: tuple | None = None) -> TrainResult:
+def train(cfg: Config, out: str | Path, progress: bool = True, fresh: bool = False, prepared: tuple | None = None,
+          cluster=None) -> TrainResult:
     """Meta-train as configured into the folder `out` (resuming from its checkpoint unless `fresh`);
-    `prepared`: what `training_data(cfg)` returned, when the caller has loaded the data already."""
+    `prepared`: what `training_data(cfg)` returned, when the caller has loaded the data already;
+    `cluster`: this process's place in a multi-worker cluster (`edgemeta.host.cluster.Cluster`, whose
+    TF_CONFIG is set), else a single-host run."""
     import tensorflow as tf
 
     from edgemeta.host.model_eval import keras_embedder
 
     out = Path(out)
     cfg, splits, train_split, notes = prepared or training_data(cfg)
+    chief = cluster is None or cluster.is_chief
     if not prepared:
         for note in notes:
             print(f"note: {note}", file=sys.stderr, flush=True)
     tc, vc = cfg.train, cfg.validation
+    # a cluster's strategy first: it configures TensorFlow's runtime, which nothing may have started
+    strategy = make_strategy(tc.devices, cluster) if cluster is not None else None
     sizes = {"classes": {"train": train_split.num_classes, "val": splits["val"].num_classes},
              "images": {"train": len(train_split.images), "val": len(splits["val"].images)}}
     sampler = EpisodeSampler(train_split, tc.way, tc.shot, tc.query, seed=tc.seed)
     val_sampler = EpisodeSampler(splits["val"], vc.way, vc.shot, vc.query, seed=vc.seed)
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)  # only once the data fits: a refused run leaves nothing
+    if chief:  # only once the data fits: a refused run leaves nothing; the other workers write nothing here
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     tf.keras.utils.set_random_seed(tc.seed)
-    trainer = EpisodicTrainer(cfg, sampler)
+    trainer = EpisodicTrainer(cfg, sampler, strategy)
     model, method, replicas = trainer.model, trainer.method, trainer.episodes_per_step
+    placement = device_summary(trainer.strategy, cluster)
     ckpt = trainer.checkpoint()
-    manager = tf.train.CheckpointManager(ckpt, out / "checkpoints", max_to_keep=2)
+    manager = tf.train.CheckpointManager(ckpt, out / "checkpoints", max_to_keep=2) if chief else None
 
     state = {"history": [], "best_val_acc": -1.0, "best_val_ci95": 0.0, "best_episode": 0, "elapsed_s": 0.0}
     state_path = out / STATE_FILE
-    if fresh:
+    if chief and fresh:
         for f in (out / "checkpoints").iterdir():
             f.unlink()
-    elif manager.latest_checkpoint:
+    elif chief and manager.latest_checkpoint:
         ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
         if state_path.exists():
             state = json.loads(state_path.read_text())
-    done = trainer.episodes_done
-    if done == 0 and tc.init_from:  # a resumed run has its weights from the checkpoint
+    if chief and trainer.episodes_done == 0 and tc.init_from:  # a resumed run has its weights from the checkpoint
         _load_initial_weights(model, tc.init_from)
-    _write_config(cfg, out / "config.toml")
+    trainer.sync_from_chief()  # the other workers take the chief's restored (or initial) state
+    done = trainer.episodes_done
+    if chief:
+        _write_config(cfg, out / "config.toml")
     embed = keras_embedder(model)
 
     def validate() -> tuple[float, float]:
         classify, inputs = episode_inputs(method, embed, splits["val"])
         return mean_ci95(episode_accuracies(classify, inputs, val_sampler, vc.episodes))
 
-    writer = tf.summary.create_file_writer(str(out / "tensorboard"))
-    bar = _Progress(tc.episodes, progress, done)
+    def save_checkpoint() -> None:
+        if chief:
+            manager.save(checkpoint_number=done)
+            write_json(state_path, state)
+            return
+        # every worker saves (a save may read distributed variables); the others to a place they delete
+        tmp = tempfile.mkdtemp(prefix=f"edgemeta-worker{cluster.rank}-")
+        try:
+            tf.train.CheckpointManager(ckpt, tmp, max_to_keep=1).save(checkpoint_number=done)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    writer = tf.summary.create_file_writer(str(out / "tensorboard")) if chief else None
+    bar = _Progress(tc.episodes, progress and chief, done)
     if progress:
         source = f"Omniglot {cfg.data.split}" if cfg.data.kind == "omniglot" else f"folder {cfg.data.root}"
-        print(f"training {cfg.method.name} {cfg.model.backbone} on {source}: {train_split.num_classes} {train_split.name} "
+        where = f"{cluster.describe()}: " if cluster is not None else ""
+        print(f"{where}training {cfg.method.name} {cfg.model.backbone} on {source}: {train_split.num_classes} {train_split.name} "
               f"classes ({len(train_split.images)} images), {splits['val'].num_classes} val classes; episodes {done} to "
               f"{tc.episodes} of {tc.way}-way {tc.shot}-shot {tc.query}-query"
               + (f", at most {tc.max_minutes:g} min" if tc.max_minutes else "")
               + f"; validation every {vc.every} episodes ({vc.episodes} {vc.way}-way {vc.shot}-shot); the time left shows "
               "once episodes run", file=sys.stderr, flush=True)
+        print(f"{where}{placement['strategy']}, {placement['replicas']} replica(s), {replicas} episode(s) per step "
+              f"({trainer.meta_batch} per replica); this process on {', '.join(placement['devices'])}"
+              + (f"; GPUs: {', '.join(placement['gpus'])}" if placement["gpus"] else "; no GPU"), file=sys.stderr, flush=True)
     last_val = "-" if state["best_val_acc"] < 0 else f"{100 * state['best_val_acc']:.2f}%"
     started, elapsed0 = time.monotonic(), state["elapsed_s"]
     stopped_by, losses, accs, since_best = "episodes", [], [], 0
+    step_s, step_episodes, compiled = 0.0, 0, False  # training steps only (not the first, which compiles, nor validation)
+    together = cluster is not None  # the workers stopped at the same step and can leave together
     interrupted = []
-    old_handler = signal.signal(signal.SIGTERM, lambda *_: interrupted.append("SIGTERM"))
+    old_handlers = {signal.SIGTERM: signal.signal(signal.SIGTERM, lambda *_: interrupted.append("SIGTERM"))}
+    if cluster is not None:  # Ctrl-C in one worker stops the whole cluster at the next step; a second one at once
+        def on_sigint(*_):
+            if interrupted:
+                raise KeyboardInterrupt
+            interrupted.append("SIGINT")
+        old_handlers[signal.SIGINT] = signal.signal(signal.SIGINT, on_sigint)
+    prefetch = EpisodePrefetcher(trainer.prepare, done, replicas)
     try:
         while done < tc.episodes:
-            loss, acc = trainer.step(done)
+            first, arrays = prefetch.next()
+            elapsed = elapsed0 + time.monotonic() - started
+            out_of_time = tc.max_minutes > 0 and elapsed >= 60 * tc.max_minutes
+            t0 = time.perf_counter()
+            loss, acc, flags = trainer.step_flags(first, arrays, (float(out_of_time), float(bool(interrupted))))
+            if compiled:  # not the run's first step: that one traces and compiles
+                step_s += time.perf_counter() - t0
+                step_episodes += replicas
+            compiled = True
             done += replicas
             losses.append(loss)
             accs.append(acc)
             elapsed = elapsed0 + time.monotonic() - started
-            out_of_time = tc.max_minutes > 0 and elapsed >= 60 * tc.max_minutes
-            at_val = done % vc.every < replicas or done >= tc.episodes or out_of_time or interrupted
+            at_val = done % vc.every < replicas or done >= tc.episodes or any(flags)
             bar.update(done, np.mean(losses[-50:]), np.mean(accs[-50:]), last_val)
             if at_val:
-                val_acc, val_ci = validate()
-                lr = trainer.learning_rate
-                row = {"episode": done, "loss": float(np.mean(losses)), "train_acc": float(np.mean(accs)),
-                       "val_acc": val_acc, "val_ci95": val_ci, "learning_rate": lr, "elapsed_s": round(elapsed, 1)}
-                state["history"].append(row)
+                reason = 1 if flags[0] else 2 if flags[1] else 0
+                if chief:
+                    val_acc, val_ci = validate()
+                    lr = trainer.learning_rate
+                    row = {"episode": done, "loss": float(np.mean(losses)), "train_acc": float(np.mean(accs)),
+                           "val_acc": val_acc, "val_ci95": val_ci, "learning_rate": lr, "elapsed_s": round(elapsed, 1)}
+                    state["history"].append(row)
+                    with writer.as_default(step=done):
+                        for k in ("loss", "train_acc", "val_acc", "learning_rate"):
+                            tf.summary.scalar(k, row[k])
+                    if val_acc > state["best_val_acc"] or tc.classes == "trainval":
+                        state.update(best_val_acc=val_acc, best_val_ci95=val_ci, best_episode=done)
+                        _save_model(model, method, out)
+                        since_best = 0
+                    else:
+                        since_best += 1
+                    last_val = f"{100 * val_acc:.2f}%"
+                    bar.update(done, row["loss"], row["train_acc"], last_val, force_line=True)
+                    if not reason and vc.patience and since_best >= vc.patience:
+                        reason = 3
                 losses, accs = [], []
-                with writer.as_default(step=done):
-                    for k in ("loss", "train_acc", "val_acc", "learning_rate"):
-                        tf.summary.scalar(k, row[k])
-                if val_acc > state["best_val_acc"] or tc.classes == "trainval":
-                    state.update(best_val_acc=val_acc, best_val_ci95=val_ci, best_episode=done)
-                    _save_model(model, method, out)
-                    since_best = 0
-                else:
-                    since_best += 1
-                last_val = f"{100 * val_acc:.2f}%"
-                bar.update(done, row["loss"], row["train_acc"], last_val, force_line=True)
                 state["elapsed_s"] = elapsed
-                manager.save(checkpoint_number=done)
-                write_json(state_path, state)
-                # the folder is a usable model folder while a long run goes on (eval, export)
-                _write_summary(cfg, out, model, method, TrainResult(done, state["best_val_acc"], state["best_val_ci95"],
-                               state["best_episode"], elapsed, "still running"), state["history"], replicas, sizes)
-                if out_of_time:
-                    stopped_by = "time budget"
-                    break
-                if interrupted:
-                    stopped_by = "interrupted"
-                    break
-                if vc.patience and since_best >= vc.patience:
-                    stopped_by = "no improvement"
+                # the chief's decision and best result, for every worker (a barrier while the chief validates)
+                reason, best, best_ci, best_episode = (float(x) for x in trainer.from_chief(
+                    [tf.constant([reason, state["best_val_acc"], state["best_val_ci95"], state["best_episode"]], tf.float64)])[0])
+                if not chief:
+                    state.update(best_val_acc=best, best_val_ci95=best_ci, best_episode=int(best_episode))
+                save_checkpoint()
+                if chief:
+                    # the folder is a usable model folder while a long run goes on (eval, export)
+                    _write_summary(cfg, out, model, method, TrainResult(done, state["best_val_acc"], state["best_val_ci95"],
+                                   state["best_episode"], elapsed, "still running"), state["history"], replicas, sizes,
+                                   placement, _rate(step_episodes, step_s))
+                if reason:
+                    stopped_by = STOP_REASONS[int(reason)]
                     break
     except KeyboardInterrupt:
-        stopped_by = "interrupted"
+        stopped_by, together = "interrupted", False
         print("\ninterrupted: the last checkpoint is kept; run the same command again to resume", file=sys.stderr)
+    except tf.errors.OpError as e:
+        if cluster is None:
+            raise
+        raise EdgemetaError(f"[train] {cluster.describe()} lost the cluster at episode {done} ({_lost_peer(e)}); the "
+                            "chief's last checkpoint is kept: start every worker again with the same command to resume") from None
     finally:
-        signal.signal(signal.SIGTERM, old_handler)
+        prefetch.close()
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
     result = TrainResult(done, state["best_val_acc"], state["best_val_ci95"], state["best_episode"],
-                         state["elapsed_s"], stopped_by)
-    if state["best_val_acc"] >= 0:
-        _write_summary(cfg, out, model, method, result, state["history"], replicas, sizes)
+                         state["elapsed_s"], stopped_by, chief)
+    if chief and state["best_val_acc"] >= 0:
+        _write_summary(cfg, out, model, method, result, state["history"], replicas, sizes, placement,
+                       _rate(step_episodes, step_s))
+    if together:
+        trainer.from_chief([tf.constant(0)])  # the workers leave together, once the chief has written its summary
     return result
+
+
+def _lost_peer(e) -> str:
+    """What a collective's error says about the worker that went away, in a few words."""
+    import re
+
+    text = str(getattr(e, "message", "") or e)
+    peer = re.search(r"/job:(\w+)/replica:\d+/task:(\d+)", text)
+    addr = re.search(r"ipv[46]:([^\s,]+?):? Failed to connect|(\d+\.\d+\.\d+\.\d+:\d+)", text)
+    where = f"{peer.group(1)} {peer.group(2)}" if peer else "another worker"
+    where += f" at {addr.group(1) or addr.group(2)}" if addr else ""
+    return f"{type(e).__name__}: {where} stopped answering"
+
+
+def _rate(episodes: int, seconds: float) -> float | None:
+    return round(episodes / seconds, 2) if episodes and seconds > 0 else None
 
 
 def random_affine(images, seed, shift: float, rotate: float, scale: float):
@@ -390,7 +622,7 @@ def _machine() -> str:
 
 
 def _write_summary(cfg: Config, out: Path, model, method, result: TrainResult, history: list[dict], replicas: int,
-                   sizes: dict) -> None:
+                   sizes: dict, placement: dict | None = None, episodes_per_s: float | None = None) -> None:
     import tensorflow as tf
 
     info = ModelInfo(
@@ -412,7 +644,11 @@ def _write_summary(cfg: Config, out: Path, model, method, result: TrainResult, h
                   "wall_time_s": round(result.elapsed_s, 1), "stopped_by": result.stopped_by,
                   **({"init_from": cfg.train.init_from, "init_training": _init_training(cfg.train.init_from)}
                      if cfg.train.init_from else {}),
-                  "machine": _machine(), "tensorflow": tf.__version__},
+                  "machine": _machine(), "tensorflow": tf.__version__,
+                  # where it ran (strategy, replicas, this process's devices, GPU names) and how fast the training
+                  # steps of the last run went (validation and the first, compiling step left out)
+                  **({"placement": placement} if placement else {}),
+                  **({"episodes_per_s": episodes_per_s} if episodes_per_s else {})},
     )
     write_json(out / INFO_FILE, info.to_dict())
     buf = io.StringIO()

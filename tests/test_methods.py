@@ -45,6 +45,7 @@ def built(name, **params):
     ("anil", {"head_init": "zero", "learn_inner_rates": True, "inner_steps": 3}),
     ("maml", {"inner_steps": 2, "multi_step_loss": True, "learn_inner_rates": True, "per_step_bn": True}),
     ("metasgd", {"per_step_bn": True}),
+    ("snail", {"max_way": 5, "max_shot": 1, "filters": 8, "keys": 4, "vary": False}),
     # proto init classifies a 1-shot support set perfectly, so its inner gradients (and any learned
     # rates' gradients) underflow to zero: a known property, tested here without learned rates
     ("maml", {"head_init": "proto", "inner_steps": 2}),
@@ -53,7 +54,7 @@ def test_every_method_trains_through_the_protocol_and_its_board_head_runs(episod
     import tensorflow as tf
 
     method, backbone = built(name, **params)
-    assert method.name in METHODS and method.family in ("metric", "optimization")
+    assert method.name in METHODS and method.family in ("metric", "optimization", "model")
     variables = backbone.trainable_variables + method.variables
     before = [v.numpy().copy() for v in variables]
     opt = tf.keras.optimizers.Adam(1e-3)
@@ -70,7 +71,7 @@ def test_every_method_trains_through_the_protocol_and_its_board_head_runs(episod
     scores = method.classify(emb[:WAY * SHOT], episode.support_labels, emb[WAY * SHOT:], WAY)
     assert scores.shape == (WAY * QUERY, WAY) and np.isfinite(scores).all()
     head = method.head_spec()
-    assert head["kind"] in ("prototype", "linear") and head["method"] == name
+    assert head["kind"] in ("prototype", "linear", "sequence") and head["method"] == name
     if method.adapts_body:
         logits = method.adapt_classify(episode.support, episode.support_labels, episode.query, WAY)
         assert logits.shape == (WAY * QUERY, WAY) and np.isfinite(logits).all()

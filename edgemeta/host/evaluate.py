@@ -123,18 +123,24 @@ def episode_accuracies(classify: ClassifyFn, embeddings: np.ndarray, sampler: Ep
 
 def evaluate(embed: EmbedFn, classify: ClassifyFn, split: FewShotSplit,
              settings=STANDARD_SETTINGS, episodes: int = 1000, query: int = 15, seed: int = 0,
-             embeddings: np.ndarray | None = None, confusions: int = 0, within_groups: bool = False) -> list[SettingResult]:
+             embeddings: np.ndarray | None = None, confusions: int = 0, within_groups: bool = False,
+             limits: tuple[int, int] | None = None) -> list[SettingResult]:
     """Run the protocol on one split. A setting whose way exceeds the split's classes is skipped
     with a note; when classes have fewer than shot + query images, fewer queries are used and
     the note says so. `confusions` > 0 also lists that many most frequent (true -> predicted)
     class pairs among the wrong queries: which classes the embedding cannot tell apart. With
-    `within_groups`, every episode's classes come from one alphabet (see EpisodeSampler)."""
+    `within_groups`, every episode's classes come from one alphabet (see EpisodeSampler). `limits`
+    (most ways, most shots) of a head that reads a bounded support set skips the settings beyond it."""
     if embeddings is None:
         embeddings = embed_split(embed, split)
     groups = alphabets(split) if within_groups else None
     largest = split.num_classes if groups is None else max(len(g) for g in groups)
     results = []
     for way, shot in settings:
+        if limits and (way > limits[0] or shot > limits[1]):
+            results.append(SettingResult(way, shot, 0, 0, float("nan"), float("nan"),
+                                         f"skipped: the model reads at most {limits[0]} classes x {limits[1]} shots"))
+            continue
         if way > largest:
             where = "the split has" if groups is None else "the largest alphabet has"
             results.append(SettingResult(way, shot, 0, 0, float("nan"), float("nan"),

@@ -18,6 +18,7 @@ import io
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,8 @@ from edgemeta.host.modeldir import load_backbone, write_atomic, write_json, writ
 from edgemeta.quiet import native_stderr_silenced
 from edgemeta.runtime.interpreter import Embedder, interpreter_module, runtime_version
 from edgemeta.runtime.linear_head import spec_arrays
-from edgemeta.runtime.manifest import MANIFEST_FILE, sha256_file
+from edgemeta.runtime.manifest import MANIFEST_FILE, sequence_quantization, sha256_file
+from edgemeta.runtime.sequence_head import SequenceGraphs
 from edgemeta.runtime.tflite_info import read_structure
 
 BOARD_HEADS = ("auto", "own", "prototype")
@@ -49,31 +51,48 @@ HEAD_NPZ = "head.npz"  # a linear head's arrays (initialisation, learned rates),
 
 
 def convert(model, quantization: str, representative: np.ndarray | None = None) -> bytes:
-    """Keras model -> .tflite bytes. quantization: float32 | dynamic_range | int8."""
+    """Keras model -> .tflite bytes. quantization: float32 | dynamic_range | int8 (int8 in and out)."""
     import tensorflow as tf
 
-    conv = tf.lite.TFLiteConverter.from_keras_model(model)
+    def rep():
+        for img in representative:
+            yield [img[None].astype(np.float32) / 255.0]
+
+    data = _convert(tf.lite.TFLiteConverter.from_keras_model(model), quantization, rep, int8_io=True)
+    if quantization != "float32" and len(data) > 0.5 * model.count_params() * 4:
+        raise EdgemetaError("quantised export came out as large as float weights: weights were not frozen; "
+                            "this is a bug in edgemeta's export")
+    return data
+
+
+def convert_function(fn, quantization: str, representative, owner) -> bytes:
+    """A tf.function of fixed input signature -> .tflite bytes (float32, or int8 inside with float
+    inputs and outputs: a sequence graph's masks and features are easier to feed as floats).
+    `representative`: a callable giving {input name: array} dicts; `owner`: a tf.Module holding the variables."""
+    import tensorflow as tf
+
+    return _convert(tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], owner),
+                    quantization, representative, int8_io=False)
+
+
+def _convert(conv, quantization: str, representative, int8_io: bool) -> bytes:
+    import tensorflow as tf
+
     if quantization != "float32":
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
         # FULLY_CONNECTED v9 instead of v12, which tflite-runtime 2.14 cannot load
         conv._experimental_disable_per_channel_quantization_for_dense_layers = True
     if quantization == "int8":
-        def rep():
-            for img in representative:
-                yield [img[None].astype(np.float32) / 255.0]
-
-        conv.representative_dataset = rep
+        conv.representative_dataset = representative
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        conv.inference_input_type = tf.int8
-        conv.inference_output_type = tf.int8
+        if int8_io:
+            conv.inference_input_type = tf.int8
+            conv.inference_output_type = tf.int8
     # The converter's MLIR diagnostics go straight to fd 2, and Keras prints its intermediate
     # SavedModel's signature ("Saved artifact at ...") to stdout: neither is for the user.
-    with native_stderr_silenced(), contextlib.redirect_stdout(io.StringIO()):
-        data = conv.convert()
-    if quantization != "float32" and len(data) > 0.5 * model.count_params() * 4:
-        raise EdgemetaError("quantised export came out as large as float weights: weights were not frozen; "
-                            "this is a bug in edgemeta's export")
-    return data
+    with native_stderr_silenced(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Statistics for quantized inputs were expected": float inputs are meant
+        return conv.convert()
 
 
 def _static_copy(model, info):
@@ -133,7 +152,10 @@ def _export_into(model_dir: Path, out: Path, data: str, folder: str, episodes: i
             head = {"kind": "prototype", "distance": distance, "method": head["method"]}
             classify = get_method("protonet").classify
         head["selection"] = choice
+    if head["kind"] == "sequence":  # the sequence model's own graphs, beside the backbone's variants
+        head.update(_export_sequence(method, float_embed, splits["train"], out, seed, log))
     settings = fitting_settings(splits["test"])
+    limits = getattr(method, "limits", None)
     runtime, _ = interpreter_module()
     variants, evaluations = {}, {}
     static = _static_copy(model, info)
@@ -150,7 +172,12 @@ def _export_into(model_dir: Path, out: Path, data: str, folder: str, episodes: i
         open_set = calibrate_open_set(val_emb, splits["val"], distance, seed=seed)
         if info.training.get("classes") == "trainval":  # no held-out classes are left to calibrate on
             open_set["calibration"] += "; the model also trained on these classes, so new classes may sit farther out"
-        results = evaluate(embedder, classify, splits["test"], settings, episodes, seed=seed, embeddings=test_emb)
+        if head["kind"] == "sequence":  # an int8 body runs with the int8 sequence graphs, a float one with float
+            graphs = head["graphs"][sequence_quantization(quant)]
+            classify = SequenceGraphs(out / graphs["prefix"]["file"], out / graphs["query"]["file"], info.embedding_dim,
+                                      head["max_way"], head["max_shot"], threads=os.cpu_count() or 1).scores
+        results = evaluate(embedder, classify, splits["test"], settings, episodes, seed=seed, embeddings=test_emb,
+                           limits=limits)
         evaluations[name] = results
         variants[name] = {
             "file": path.name, "sha256": sha256_file(path), "size": len(data_bytes), "quantization": quant,
@@ -162,7 +189,9 @@ def _export_into(model_dir: Path, out: Path, data: str, folder: str, episodes: i
         }
         log(f"  {name}: {len(data_bytes) / 1024:.0f} KiB, " + ", ".join(f"{r.name} {r.accuracy:.2f}%" for r in results if r.episodes))
 
-    float_results = evaluate(float_embed, classify, splits["test"], settings, episodes, seed=seed)
+    if head["kind"] == "sequence":
+        classify = method.classify  # the Keras body with the TensorFlow sequence model
+    float_results = evaluate(float_embed, classify, splits["test"], settings, episodes, seed=seed, limits=limits)
     evaluation = {"keras_float32": results_json(float_results)}
     if method.adapts_body:  # the host-only figure: every layer adapted on each support set
         classify, images = episode_inputs(method, None, splits["test"])
@@ -186,8 +215,7 @@ def _export_into(model_dir: Path, out: Path, data: str, folder: str, episodes: i
                                    f"mean accuracy and 95% CI in percent; test split of {spec.kind}"
                                    + (f" {spec.split}" if spec.kind == "omniglot" else ""),
                        "runtime": f"{runtime} {runtime_version(runtime)}",
-                       "head": "the board's: " + ("nearest prototype" if head["kind"] == "prototype" else
-                                f"linear, {head['init']} init, {head['steps']} steps over the frozen body's embeddings"),
+                       "head": "the board's: " + head_description(head),
                        **evaluation},
         "source": {"model.keras_sha256": sha256_file(model_dir / "model.keras"), "data": info.data},
         "training": info.training,
@@ -195,6 +223,36 @@ def _export_into(model_dir: Path, out: Path, data: str, folder: str, episodes: i
     write_json(out / MANIFEST_FILE, manifest)
     write_atomic(out / "export.md", export_report(manifest))
     return manifest
+
+
+def head_description(head: dict) -> str:
+    if head["kind"] == "prototype":
+        return "nearest prototype"
+    if head["kind"] == "sequence":
+        return (f"sequence model ({head['method']}) over the stored support embeddings, at most {head['max_way']} classes x "
+                f"{head['max_shot']} shots; int8 graphs with int8 bodies, float32 graphs with float bodies")
+    return f"linear, {head['init']} init, {head['steps']} steps over the frozen body's embeddings"
+
+
+def _export_sequence(method, embed, train, out: Path, seed: int, log, classes: int = 300) -> dict:
+    """Write a sequence head's graphs (float32 and int8) into `out`; returns the head section's additions.
+    Calibrated on the embeddings of `classes` seeded training classes."""
+    rng = np.random.default_rng(seed)
+    picked = rng.choice(train.num_classes, min(classes, train.num_classes), replace=False)
+    index = np.concatenate([train.class_indices()[c] for c in picked])
+    labels = np.repeat(np.arange(len(picked)), [len(train.class_indices()[c]) for c in picked])
+    log("converting the sequence graphs (float32, int8) ...")
+    embeddings = np.concatenate([embed(train.images[index[i:i + 1024]]) for i in range(0, len(index), 1024)])
+    graphs, masks = method.board_graphs(embeddings, labels, convert_function, seed=seed)
+    files: dict = {}
+    for quant, parts in graphs.items():
+        for part, data in parts.items():
+            path = out / f"sequence_{part}_{quant}.tflite"
+            write_atomic(path, data)
+            files.setdefault(quant, {})[part] = {"file": path.name, "sha256": sha256_file(path), "size": len(data),
+                                                 "ops": read_structure(path, data).ops}
+        log(f"  sequence {quant}: " + ", ".join(f"{part} {files[quant][part]['size'] / 2**20:.1f} MiB" for part in parts))
+    return {"graphs": files, "masks": masks}
 
 
 def add_variant(folder: Path, name: str, path: Path, quantization: str, static_batch: int | None, based_on: str,

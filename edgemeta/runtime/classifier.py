@@ -27,6 +27,7 @@ from edgemeta.runtime.interpreter import Embedder
 from edgemeta.runtime.linear_head import LinearHeadSpec
 from edgemeta.runtime.manifest import read_manifest
 from edgemeta.runtime.open_set import calibrate, domain_warning, nearest
+from edgemeta.runtime.sequence_head import SequenceGraphs, SequenceHead, check_limits
 from edgemeta.runtime.store import EnrollmentStore, check_adapt, check_label, sample_ids
 
 UNKNOWN = "unknown"
@@ -75,6 +76,11 @@ class FewShotRuntime:
             raise EdgemetaError(f"{self.variant.file} does not match its manifest: model input {self.embedder.input_shape} "
                                 f"-> {self.embedder.dim}, manifest {pre.input_shape} -> {self.manifest.embedding_dim}; re-export")
         self.threshold_of_model = self.variant.open_set_threshold
+        self.sequence = None  # a model-based head's graphs, loaded with the body
+        if self.manifest.head.kind == "sequence":
+            spec = self.manifest.head.sequence
+            self.sequence = SequenceGraphs(*self.manifest.sequence_paths(self.variant.name, verify), self.manifest.embedding_dim,
+                                           spec.max_way, spec.max_shot, threads=threads)
         self.backbone = {"model": self.manifest.name, "variant": self.variant.name, "sha256": self.variant.sha256,
                          "embedding_dim": self.manifest.embedding_dim, "model_path": str(Path(model))}
 
@@ -91,14 +97,24 @@ class FewShotRuntime:
         linear = self.manifest.head.linear
         if not adapt:
             return linear
+        self._check_adaptable()
         steps, lr = check_adapt(adapt.get("steps"), adapt.get("lr"))
         if linear is None:
             lr = DEFAULT_PROTO_LR if lr is None else lr
             return LinearHeadSpec(init="proto", steps=steps, rates_w=[lr], rates_b=[lr])
         return replace(linear, steps=steps) if lr is None else replace(linear, steps=steps, rates_w=[lr], rates_b=[lr])
 
+    def _check_adaptable(self) -> None:
+        if self.sequence is not None:
+            raise EdgemetaError(f"model {self.manifest.name} classifies with a sequence model "
+                                f"({self.manifest.head.sequence.method}), which reads the support set as it is: "
+                                "head adaptation is for prototype and linear heads")
+
     def save(self, store: EnrollmentStore) -> None:
-        """Save a changed store (inside its lock) with its head adapted for this model."""
+        """Save a changed store (inside its lock) with its head adapted for this model; a store that a
+        sequence head cannot read is refused before anything is written."""
+        if self.sequence is not None:
+            check_limits(list(store.counts().values()), self.sequence.max_way, self.sequence.max_shot)
         store.set_head(self.head_spec(store.adapt))
         store.save()
 
@@ -211,6 +227,8 @@ class FewShotRuntime:
         """A checked setting, with a prototype model's default rate written out (a linear model's None
         means its own learned rates)."""
         steps, lr = check_adapt(steps, lr)
+        if steps:
+            self._check_adaptable()
         if lr is None and self.manifest.head.linear is None:
             lr = DEFAULT_PROTO_LR
         return steps, lr
@@ -227,6 +245,9 @@ class FewShotRuntime:
 
     def describe_head(self, store: EnrollmentStore) -> dict:
         """What a store is classified with: {"kind", "init", "steps", "lr", "adapt"} (JSON-ready)."""
+        if self.sequence is not None:
+            return {"kind": "sequence", "method": self.manifest.head.sequence.method, "max_way": self.sequence.max_way,
+                    "max_shot": self.sequence.max_shot, "adapt": None}
         spec = self.head_spec(store.adapt)
         if spec is None:
             return {"kind": "prototype", "adapt": store.adapt}
@@ -248,11 +269,14 @@ class FewShotRuntime:
             self.save(store)
         return len(store.labels)
 
-    def head(self, store: EnrollmentStore) -> PrototypeHead | LinearHead:
+    def head(self, store: EnrollmentStore) -> PrototypeHead | LinearHead | SequenceHead:
         """The head a store is classified with, with the store's open-set threshold: the prototype
-        head, or the linear head (persisted by the last change; recomputed if missing or stale)."""
+        head, the linear head (persisted by the last change; recomputed if missing or stale), or the
+        sequence model over the store's samples."""
         protos = PrototypeHead.from_embeddings(store.embeddings, store.labels, store.class_names,
                                                distance=self.manifest.distance, threshold=self.threshold(store))
+        if self.sequence is not None:
+            return SequenceHead(protos, self.sequence, store.embeddings, store.labels)
         spec = self.head_spec(store.adapt)
         if spec is None or not store.class_names:
             return protos

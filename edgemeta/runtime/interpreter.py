@@ -65,25 +65,8 @@ class Embedder:
 
     def __init__(self, path: str | Path, threads: int = 1, edgetpu: str | None = None, xnnpack: bool = True,
                  runtime: str | None = None):
-        if threads < 1:
-            raise EdgemetaError(f"threads must be at least 1, got {threads}")
         self.path = Path(path)
-        if not self.path.is_file():
-            raise EdgemetaError(f"model file {self.path} does not exist")
-        self.runtime, mod = interpreter_module(runtime)
-        kwargs: dict = {"model_path": str(self.path), "num_threads": threads}
-        if edgetpu is not None:
-            kwargs["experimental_delegates"] = [load_edgetpu(mod, edgetpu)]
-        if not xnnpack:
-            kwargs["experimental_op_resolver_type"] = mod.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-        try:
-            with warnings.catch_warnings(), native_stderr_silenced():
-                warnings.simplefilter("ignore")  # tf.lite's deprecation notice
-                self.interpreter = mod.Interpreter(**kwargs)
-                self.interpreter.allocate_tensors()
-        except (ValueError, RuntimeError) as e:
-            raise EdgemetaError(f"{self.path} cannot be loaded by {self.runtime} ({str(e).strip().splitlines()[0][:200]}); "
-                                "the file is damaged or needs a newer runtime (check with `edgemeta inspect`)") from None
+        self.runtime, self.interpreter = open_interpreter(path, threads, edgetpu, xnnpack, runtime)
         self._in = self.interpreter.get_input_details()[0]
         self._out = self.interpreter.get_output_details()[0]
         self.input_shape = tuple(int(s) for s in self._in["shape"][1:])
@@ -133,6 +116,32 @@ class Embedder:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], step - n, axis=0)])
             out[i:i + n] = self._dequantise(self._run(chunk))[:n]
         return out
+
+
+def open_interpreter(path: str | Path, threads: int = 1, edgetpu: str | None = None, xnnpack: bool = True,
+                     runtime: str | None = None):
+    """(runtime name, a loaded interpreter with its tensors allocated), or one error line saying why
+    the file cannot be loaded."""
+    if threads < 1:
+        raise EdgemetaError(f"threads must be at least 1, got {threads}")
+    path = Path(path)
+    if not path.is_file():
+        raise EdgemetaError(f"model file {path} does not exist")
+    name, mod = interpreter_module(runtime)
+    kwargs: dict = {"model_path": str(path), "num_threads": threads}
+    if edgetpu is not None:
+        kwargs["experimental_delegates"] = [load_edgetpu(mod, edgetpu)]
+    if not xnnpack:
+        kwargs["experimental_op_resolver_type"] = mod.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    try:
+        with warnings.catch_warnings(), native_stderr_silenced():
+            warnings.simplefilter("ignore")  # tf.lite's deprecation notice
+            interpreter = mod.Interpreter(**kwargs)
+            interpreter.allocate_tensors()
+    except (ValueError, RuntimeError) as e:
+        raise EdgemetaError(f"{path} cannot be loaded by {name} ({str(e).strip().splitlines()[0][:200]}); "
+                            "the file is damaged or needs a newer runtime (check with `edgemeta inspect`)") from None
+    return name, interpreter
 
 
 def load_edgetpu(mod, device: str = ""):

@@ -29,7 +29,9 @@ from edgemeta.runtime.schema import MAX_EMBEDDING_DIM, Doc, Obj, show
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 2  # the newest; every format in READ_FORMATS is read
 READ_FORMATS = (1, 2)
-HEAD_KINDS = ("prototype", "linear")
+HEAD_KINDS = ("prototype", "linear", "sequence")
+SEQUENCE_QUANTIZATIONS = ("float32", "int8")
+MAX_SEQUENCE = 4096  # support positions a sequence graph may have (host/methods/snail.py allows as many)
 
 
 def sha256_file(path: Path) -> str:
@@ -62,13 +64,31 @@ class Variant:
                    v.get("open_set_threshold", float, default=None, nullable=True, min=0), median)
 
 
+def sequence_quantization(variant_quantization: str) -> str:
+    """The sequence graphs a backbone variant runs with: int8 with an int8 body, float32 otherwise."""
+    return "int8" if variant_quantization == "int8" else "float32"
+
+
+@dataclass(frozen=True)
+class SequenceSpec:
+    """A model-based head (SNAIL): its graphs per quantisation, {quant: {"prefix"|"query": (file, sha256)}},
+    and the largest support set they read."""
+
+    method: str
+    max_way: int
+    max_shot: int
+    graphs: dict
+
+
 @dataclass(frozen=True)
 class Head:
-    """The model's head: nearest prototype, or a linear head (`linear`) adapted on the support set."""
+    """The model's head: nearest prototype, a linear head (`linear`) adapted on the support set, or a
+    sequence model (`sequence`) that reads the support set."""
 
     kind: str
-    distance: str  # the prototype distance: the prototype head's, and the open-set test's in either kind
+    distance: str  # the prototype distance: the prototype head's, and the open-set test's in every kind
     linear: LinearHeadSpec | None = None
+    sequence: SequenceSpec | None = None
 
 
 @dataclass
@@ -101,6 +121,25 @@ class Manifest:
         if verify and sha256_file(path) != v.sha256:
             raise EdgemetaError(f"{path} does not match its manifest checksum (damaged or replaced); re-export or copy it again")
         return path
+
+
+    def sequence_paths(self, variant: str | None = None, verify: bool = True) -> tuple[Path, Path]:
+        """The prefix and query graphs a variant runs with, checked against the manifest's checksums."""
+        spec, quant = self.head.sequence, sequence_quantization(self.variant(variant).quantization)
+        if spec is None or quant not in spec.graphs:
+            raise EdgemetaError(f"model {self.name} has no {quant} sequence graphs for variant {self.variant(variant).name}; "
+                                "re-export the model")
+        paths = []
+        for part in ("prefix", "query"):
+            name, sha = spec.graphs[quant][part]
+            path = self.folder / name
+            if not path.is_file():
+                raise EdgemetaError(f"{path} is missing; the manifest lists it as the {quant} sequence {part} graph: "
+                                    "re-export or copy it again")
+            if verify and sha256_file(path) != sha:
+                raise EdgemetaError(f"{path} does not match its manifest checksum (damaged or replaced); re-export or copy it again")
+            paths.append(path)
+        return paths[0], paths[1]
 
 
 def read_manifest(folder_or_file: str | Path) -> Manifest:
@@ -147,6 +186,8 @@ def _read_head(path: Path, section: Obj, distance: str, dim: int) -> Head:
             raise EdgemetaError(f"{path}: head distance {section.raw['distance']!r} disagrees with the manifest's "
                                 f"{distance!r}; re-export the model")
         return Head("prototype", distance)
+    if kind == "sequence":
+        return Head("sequence", distance, sequence=_read_sequence(section))
     name, sha = section.file_name("file"), section.get("sha256", str)
     per_param_said = section.get("per_parameter_rates", bool, default=False)
     file = path.parent / name
@@ -165,3 +206,21 @@ def _read_head(path: Path, section: Obj, distance: str, dim: int) -> Head:
         raise EdgemetaError(f"{file}: its rates are {'' if per_param else 'not '}per-parameter, the manifest says "
                             f"per_parameter_rates {per_param_said}; re-export the model")
     return Head("linear", distance, spec)
+
+
+def _read_sequence(section: Obj) -> SequenceSpec:
+    """A sequence head's section: its limits and its graphs' files (checked when a variant opens them)."""
+    max_way = section.get("max_way", int, min=2, max=MAX_SEQUENCE)
+    max_shot = section.get("max_shot", int, min=1, max=MAX_SEQUENCE)
+    if max_way * max_shot > MAX_SEQUENCE:
+        raise section.doc.error(section.path("max_shot"), f"times max_way must be at most {MAX_SEQUENCE}, got {max_way * max_shot}")
+    graphs = section.obj("graphs")
+    unknown = sorted(set(graphs.raw) - set(SEQUENCE_QUANTIZATIONS))
+    if unknown or not graphs.raw:
+        raise section.doc.error(graphs.where, f"must hold graphs of {' or '.join(SEQUENCE_QUANTIZATIONS)}, got "
+                                f"{show(sorted(graphs.raw))}")
+    files = {}
+    for quant in graphs.raw:
+        g = graphs.obj(quant)
+        files[quant] = {part: (g.obj(part).file_name("file"), g.obj(part).get("sha256", str)) for part in ("prefix", "query")}
+    return SequenceSpec(section.get("method", str, default="snail"), max_way, max_shot, files)

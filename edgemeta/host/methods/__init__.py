@@ -5,6 +5,7 @@ loss (training) and how a support set becomes a classifier (evaluation, the boar
 
     metric:        protonet
     optimization:  maml (first_order = true: FOMAML; MAML++ options), anil, metasgd
+    model:         snail
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from edgemeta.host.methods.base import Method, TaskEpisode, make_params
 from edgemeta.host.methods.maml import MAML
 from edgemeta.host.methods.metasgd import MetaSGD
 from edgemeta.host.methods.protonet import ProtoNet
+from edgemeta.host.methods.snail import SNAIL
 
-METHODS: dict[str, type] = {m.name: m for m in (ProtoNet, MAML, ANIL, MetaSGD)}
+METHODS: dict[str, type] = {m.name: m for m in (ProtoNet, MAML, ANIL, MetaSGD, SNAIL)}
 
 __all__ = ["METHODS", "Method", "TaskEpisode", "get_method", "method_params"]
 

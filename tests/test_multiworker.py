@@ -81,6 +81,25 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+def consecutive_free_ports(n: int) -> int:
+    """The first of `n` consecutive free ports on 127.0.0.1."""
+    for _ in range(50):
+        first = free_ports(1)[0]
+        if first + n >= 65536:
+            continue
+        socks = [socket.socket() for _ in range(n)]
+        try:
+            for i, s in enumerate(socks):
+                s.bind(("127.0.0.1", first + i))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no consecutive free ports")
+
+
 def worker_env(tmp: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
     (tmp / "tmpdir").mkdir(exist_ok=True)
@@ -202,8 +221,9 @@ def test_two_workers_train_to_the_end_like_one_process_with_two_replicas(two_wor
 
 def test_a_killed_worker_and_a_restarted_cluster_resume_from_the_last_checkpoint(tmp_path, configs, one_process):
     """MAML (the optimization family; its meta-batch of 4 tasks split 2 + 2 over the workers): kill worker 1
-    mid-run; the chief says so in one line and exits; both restarted, the run resumes from the chief's last
-    checkpoint and ends exactly where an uninterrupted one-process two-replica run does."""
+    mid-run; the chief says so in one line and exits; both restarted (with `edgemeta launch`), the run
+    resumes from the chief's last checkpoint and ends exactly where an uninterrupted one-process
+    two-replica run does."""
     outs = [tmp_path / "chief", tmp_path / "worker1"]
     state = outs[0] / "checkpoints" / "state.json"
     # the first run could go on for ever (the step schedule does not depend on [train] episodes)
@@ -222,10 +242,14 @@ def test_a_killed_worker_and_a_restarted_cluster_resume_from_the_last_checkpoint
     kept = history(outs[0])[-1]["episode"]
     assert 8 <= kept < 32
 
-    results = finish(start_workers(configs["maml"], outs, tmp_path))
-    for rc, _, err in results:
-        assert rc == 0, err[-3000:]
-    assert "stopped after 32 episodes (episodes)" in results[0][1]
+    # restarted with the launcher (both workers on this host, the chief's folder for both)
+    proc = subprocess.run([sys.executable, "-m", "edgemeta", "launch", "--hosts", "localhost,localhost",
+                           "--port", str(consecutive_free_ports(2)), "--", "--config", str(configs["maml"]),
+                           "--out", str(outs[0]), "--quiet"], capture_output=True, text=True, timeout=150,
+                          env=worker_env(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "[w0] worker 0 of 2 (chief, 127.0.0.1:" in proc.stdout and "stopped after 32 episodes (episodes)" in proc.stdout
+    assert "[w1] worker 1 of 2 (worker" in proc.stdout
     episodes = [h["episode"] for h in history(outs[0])]
     assert episodes == list(range(8, kept + 1, 8)) + list(range(kept + 8, 33, 8))  # the same sequence, continued
     assert not outs[1].exists()
@@ -269,6 +293,18 @@ def test_a_port_in_use_is_one_line_and_exit_2(configs, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and f"port {port} of this worker" in lines[0] and "is in use" in lines[0], proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_launch_plans_addresses_and_refuses_its_own_options():
+    from edgemeta.host.cluster import launch, plan_cluster
+
+    assert plan_cluster(["localhost", "127.0.0.1", "me@gpu2", "gpu3", "gpu2"], 23456) == [
+        "127.0.0.1:23456", "127.0.0.1:23457", "gpu2:23456", "gpu3:23456", "gpu2:23457"]
+    for hosts in (["-oProxyCommand=x"], ["a b"], []):
+        with pytest.raises(EdgemetaError):
+            plan_cluster(hosts, 23456)
+    with pytest.raises(EdgemetaError, match="writes --cluster and --task-index itself"):
+        launch(["localhost"], 23456, ["--config", "c.toml", "--task-index", "0"])
 
 
 def test_cluster_parsing():

@@ -88,6 +88,33 @@ def train(config_path: str, out: str, data: str, episodes: int | None, max_minut
                f"at episode {result.best_episode}; {saved}")
 
 
+@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--hosts", required=True, help="Comma-separated workers, the chief first: localhost or ssh destinations ([user@]host).")
+@click.option("--port", type=int, default=23456, show_default=True, help="First port; workers on one host take consecutive ports.")
+@click.option("--remote-dir", default="", help="Folder to cd into on ssh hosts (the repository or working folder there).")
+@click.option("--remote-edgemeta", default="edgemeta", show_default=True,
+              help="The edgemeta command on ssh hosts (e.g. .venv/bin/edgemeta).")
+@click.argument("train_args", nargs=-1, type=click.UNPROCESSED)
+def launch(hosts: str, port: int, remote_dir: str, remote_edgemeta: str, train_args: tuple[str, ...]) -> None:
+    """Run `edgemeta train` as a cluster: one worker per host, started here or with plain ssh, with
+    --cluster and --task-index filled in; output prefixed [wN]; exit status the worst worker's.
+
+    \b
+    Example:
+      edgemeta launch --hosts localhost,localhost -- --config models/omniglot-vinyals-conv4/config.toml \\
+          --data ../shared/data/omniglot --out runs/vinyals
+      edgemeta launch --hosts gpu1,me@gpu2 --remote-dir edgemeta --remote-edgemeta .venv/bin/edgemeta -- \\
+          --config models/omniglot-vinyals-conv4/config.toml --data ../shared/data/omniglot --out runs/vinyals
+    """
+    from edgemeta.host.cluster import launch as run_cluster
+
+    if not train_args:
+        raise EdgemetaError("give the train options after --, e.g. -- --config CONFIG --out FOLDER")
+    code = run_cluster([h.strip() for h in hosts.split(",")], port, list(train_args), remote_dir, remote_edgemeta,
+                       log=lambda m: click.echo(m, err=False))
+    sys.exit(code)
+
+
 @main.command("eval")
 @click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False), help="Model folder (from `edgemeta train`).")
 @click.option("--data", default="", help="Omniglot location for the model's own split (else $EDGEMETA_OMNIGLOT).")

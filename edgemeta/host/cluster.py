@@ -167,3 +167,73 @@ def check_port_free(cluster: Cluster) -> None:
                                     "stop it or give this worker another port in --cluster / TF_CONFIG") from None
         finally:
             s.close()
+
+
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def plan_cluster(hosts: list[str], port: int) -> list[str]:
+    """Every worker's host:port for `hosts` (ssh destinations, [user@]host, or localhost): local workers on
+    127.0.0.1 with consecutive ports from `port`, a remote one at its host name and `port` (plus its rank
+    among the workers on that host)."""
+    if not hosts:
+        raise EdgemetaError("--hosts must name at least one host (localhost or an ssh destination)")
+    if not 0 < port < 65536 - len(hosts):
+        raise EdgemetaError(f"--port must leave room for {len(hosts)} consecutive ports below 65536, got {port}")
+    seen: dict[str, int] = {}
+    out = []
+    for h in hosts:
+        name = h.rpartition("@")[2]
+        if not name or any(c.isspace() for c in h) or h.startswith("-"):
+            raise EdgemetaError(f"--hosts: {h!r} is not localhost or an ssh destination ([user@]host)")
+        key = "127.0.0.1" if name in LOCAL_HOSTS else name
+        n = seen.get(key, 0)
+        seen[key] = n + 1
+        out.append(f"{'[::1]' if name == '::1' else key}:{port + n}")
+    return out
+
+
+def launch(hosts: list[str], port: int, train_args: list[str], remote_dir: str = "", remote_edgemeta: str = "edgemeta",
+           log=print) -> int:
+    """Start `edgemeta train TRAIN_ARGS --cluster ... --task-index i` on every host (locally, or with plain
+    ssh), print their output prefixed with the worker's index, and return the worst exit status.
+
+    A worker that fails is reported at once; the others stop by themselves when they lose the cluster."""
+    import shlex
+    import subprocess
+    import sys
+    import threading
+
+    for a in train_args:
+        if a in ("--cluster", "--task-index") or a.startswith(("--cluster=", "--task-index=")):
+            raise EdgemetaError("launch writes --cluster and --task-index itself; leave them out of the train options")
+    addresses = plan_cluster(hosts, port)
+    spec = ",".join(addresses)
+    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    procs = []
+    for i, host in enumerate(hosts):
+        args = ["train", *train_args, "--cluster", spec, "--task-index", str(i)]
+        if host.rpartition("@")[2] in LOCAL_HOSTS:
+            cmd = [sys.executable, "-m", "edgemeta", *args]
+        else:  # the remote shell gets one quoted command line; host keys are checked as ssh always does
+            remote = " ".join(shlex.quote(x) for x in [remote_edgemeta, *args])
+            if remote_dir:
+                remote = f"cd {shlex.quote(remote_dir)} && {remote}"
+            cmd = ["ssh", "-o", "BatchMode=yes", "--", host, remote]
+        log(f"[w{i}] {host}: {addresses[i]}")
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
+
+    def relay(i: int, stream) -> None:
+        for line in stream:
+            log(f"[w{i}] {line.rstrip()}")
+
+    threads = [threading.Thread(target=relay, args=(i, p.stdout), daemon=True) for i, p in enumerate(procs)]
+    for t in threads:
+        t.start()
+    codes = [p.wait() for p in procs]
+    for t in threads:
+        t.join(timeout=5)
+    for i, c in enumerate(codes):
+        if c:
+            log(f"[w{i}] exited with status {c}")
+    return max(codes)

@@ -166,10 +166,10 @@ def test_corrupt_model_file(model_dir, tmp_path):
 
 
 # The commands as they were before cli.py became a package (edgemeta/cli/): names must not change
-# (calibrate and status came later).
+# (calibrate, status and launch came later).
 COMMANDS = {
     (): {"adapt", "boards", "bundle", "calibrate", "classes", "classify", "console", "demo", "deploy", "doctor", "edgetpu",
-         "enroll", "eval", "export", "forget", "health", "inspect", "keygen", "provision", "reenroll", "remote", "rename",
+         "enroll", "eval", "export", "forget", "health", "inspect", "keygen", "launch", "provision", "reenroll", "remote", "rename",
          "rollback", "serve", "status", "train"},
     ("boards",): {"show"},
     ("remote",): {"adapt", "classes", "classify", "enroll", "forget", "rename", "status"},

@@ -114,3 +114,38 @@ def test_board_op_tables_agree_with_a_real_tflite_runtime_2_14(tflite_runtime_ve
     assert p.returncode == 0, p.stderr
     p = subprocess.run([exe, "classify", "--store", str(tmp_path / "s"), "--json", files[5]], capture_output=True, text=True, env=env)
     assert p.returncode == 0 and json.loads(p.stdout)[0]["top"][0]["label"] == "k1", p.stderr
+
+
+@pytest.mark.parametrize("runtime", ["tflite_runtime", "ai_edge_litert"])
+def test_snail_sequence_graphs_load_and_answer_on_both_board_runtimes(tflite_runtime_venv, board_venv, snail_exported,
+                                                                     tmp_path, runtime):
+    """The board profiles' op tables admit the sequence graphs, and each board runtime, without TensorFlow,
+    gives the same logits as this host's interpreter on the same support set and queries."""
+    import numpy as np
+
+    from edgemeta.boards import load_board
+    from edgemeta.runtime.manifest import read_manifest
+    from edgemeta.runtime.sequence_head import SequenceGraphs
+    from edgemeta.runtime.tflite_info import read_structure
+
+    manifest = read_manifest(snail_exported)
+    for quant, board in (("int8", "rpi3b-32bit"), ("float32", "rpi3b-32bit"), ("int8", "rpi5")):
+        for part in ("prefix", "query"):
+            ops = read_structure(snail_exported / manifest.raw["head"]["graphs"][quant][part]["file"]).ops
+            assert not load_board(board).check_ops(ops), (quant, part, board)
+    rng = np.random.default_rng(0)
+    labels = np.array([0, 1, 2, 0, 1, 2, 3])
+    np.savez(tmp_path / "in.npz", s=rng.normal(size=(7, 64)).astype(np.float32), l=labels,
+             q=rng.normal(size=(9, 64)).astype(np.float32))
+    here = SequenceGraphs(*manifest.sequence_paths(), 64, 5, 2)
+    with np.load(tmp_path / "in.npz") as z:
+        expected = here.scores(z["s"], z["l"], z["q"], 4)
+    venv = tflite_runtime_venv if runtime == "tflite_runtime" else board_venv
+    code = (f"import numpy as np, os; os.environ['EDGEMETA_RUNTIME'] = {runtime!r};"
+            "from edgemeta.runtime.manifest import read_manifest; from edgemeta.runtime.sequence_head import SequenceGraphs;"
+            f"m = read_manifest({str(snail_exported)!r}); z = np.load({str(tmp_path / 'in.npz')!r});"
+            "g = SequenceGraphs(*m.sequence_paths(), 64, 5, 2);"
+            f"np.save({str(tmp_path / 'out.npy')!r}, g.scores(z['s'], z['l'], z['q'], 4))")
+    p = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-1500:]
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, rtol=1e-3, atol=0.05)

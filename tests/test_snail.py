@@ -215,3 +215,20 @@ def test_sequence_graphs_that_do_not_match_the_backbone_are_refused(snail_export
         (bad / "manifest.json").write_text(json.dumps(raw2))
         with pytest.raises(EdgemetaError, match=says):
             FewShotRuntime(bad)
+
+
+def test_a_bundle_carries_the_sequence_graphs_of_its_variant_only(snail_exported, sample_dir, tmp_path, monkeypatch):
+    from edgemeta.deploy.bundle import build_bundle
+    from edgemeta.runtime.classifier import FewShotRuntime
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # the signing key made on first use lands here
+    out = build_bundle("rpi5", snail_exported, tmp_path / "b")  # int8_static body: the int8 graphs
+    model = out / "model"
+    assert sorted(f.name for f in model.glob("*.tflite")) == ["int8_static.tflite", "sequence_prefix_int8.tflite",
+                                                             "sequence_query_int8.tflite"]
+    assert set(json.loads((model / "manifest.json").read_text())["head"]["graphs"]) == {"int8"}
+    rt = FewShotRuntime(model)
+    chars = sorted(p for p in sample_dir.iterdir() if p.is_dir())[:3]
+    for c in chars:
+        rt.enroll(tmp_path / "s", c.name, sorted(c.glob("*.png"))[:2])
+    assert rt.classify(tmp_path / "s", [sorted(chars[1].glob("*.png"))[9]])[0]["top"][0]["label"] in {c.name for c in chars}

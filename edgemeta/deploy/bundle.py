@@ -33,7 +33,7 @@ from edgemeta.atomic import NO_SPACE, NoSpaceError
 from edgemeta.boards import Board, boards_dir, load_board
 from edgemeta.deploy.board_ops import BUNDLE_FILE, SIGNATURE_FILE
 from edgemeta.errors import EdgemetaError
-from edgemeta.runtime.manifest import Manifest, Variant, read_manifest, sha256_file
+from edgemeta.runtime.manifest import Manifest, Variant, read_manifest, sequence_quantization, sha256_file
 from edgemeta.runtime.tflite_info import read_structure
 
 BASE_REQUIREMENTS = ["pillow>=9.1", "click>=8.1", "tflite>=2.10", "pyserial>=3.5"]  # Pillow 9.4: Debian bookworm
@@ -53,11 +53,14 @@ def check_model_for_board(model_dir: str | Path, board: Board) -> tuple[Manifest
     if name not in manifest.variants:
         fix = "run `edgemeta edgetpu MODEL_DIR` where edgetpu_compiler is installed" if name == "edgetpu" else "re-export the model"
         raise EdgemetaError(f"board {board.name} takes the {name} variant, which {manifest.name} does not have; {fix}")
-    path = manifest.model_path(name)
-    problems = board.check_ops(read_structure(path).ops)
-    if problems:
-        raise EdgemetaError(f"{board.runtime['package']} {board.runtime['version']} on {board.name} cannot load {path.name}: "
-                            + "; ".join(problems))
+    paths = [manifest.model_path(name)]
+    if manifest.head.kind == "sequence":  # its graphs run on the board's interpreter too
+        paths += manifest.sequence_paths(name)
+    for path in paths:
+        problems = board.check_ops(read_structure(path).ops)
+        if problems:
+            raise EdgemetaError(f"{board.runtime['package']} {board.runtime['version']} on {board.name} cannot load {path.name}: "
+                                + "; ".join(problems))
     if name == "edgetpu" or board.raw.get("delegate", {}).get("name") == "edgetpu":
         from edgemeta.host.edgetpu import static_check
 
@@ -235,9 +238,14 @@ def _write_bundle(out: Path, board: Board, manifest: Manifest, variant: Variant,
     """Fill the empty folder `out` with the bundle."""
     (out / "model").mkdir()
     shutil.copy2(manifest.folder / variant.file, out / "model" / variant.file)
+    reduced = dict(manifest.raw)
     if manifest.head.kind == "linear":  # the head's arrays (checksummed by the manifest) travel with the model
         shutil.copy2(manifest.folder / manifest.raw["head"]["file"], out / "model" / manifest.raw["head"]["file"])
-    reduced = dict(manifest.raw)
+    elif manifest.head.kind == "sequence":  # the sequence graphs this variant runs with, and only those
+        quant = sequence_quantization(variant.quantization)
+        for path in manifest.sequence_paths(variant.name):
+            shutil.copy2(path, out / "model" / path.name)
+        reduced["head"] = {**manifest.raw["head"], "graphs": {quant: manifest.raw["head"]["graphs"][quant]}}
     reduced["variants"] = {variant.name: manifest.raw["variants"][variant.name]}
     reduced["default_variant"] = variant.name
     (out / "model" / "manifest.json").write_text(json.dumps(reduced, indent=2) + "\n")

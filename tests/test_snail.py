@@ -232,3 +232,15 @@ def test_a_bundle_carries_the_sequence_graphs_of_its_variant_only(snail_exported
     for c in chars:
         rt.enroll(tmp_path / "s", c.name, sorted(c.glob("*.png"))[:2])
     assert rt.classify(tmp_path / "s", [sorted(chars[1].glob("*.png"))[9]])[0]["top"][0]["label"] in {c.name for c in chars}
+
+
+def test_eval_of_an_exported_variant_runs_the_board_sequence_graphs(snail_exported, sample_dir):
+    from edgemeta.host.model_eval import evaluate_model_dir
+
+    results, context, _, _ = evaluate_model_dir(str(snail_exported), folder=str(sample_dir), settings=((5, 1), (5, 5)),
+                                                episodes=5, variant="int8_static")
+    assert "int8 sequence graphs" in context["backend"]
+    assert results[0].episodes == 5 and 0 <= results[0].accuracy <= 100
+    assert results[1].episodes == 0 and "at most 5 classes x 2 shots" in results[1].note  # 5-shot: past the graphs
+    host, context, _, _ = evaluate_model_dir(str(snail_exported), folder=str(sample_dir), settings=((5, 1),), episodes=5)
+    assert context["backend"] == "keras (float32)" and host[0].episodes == 5

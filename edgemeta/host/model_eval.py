@@ -78,7 +78,15 @@ def evaluate_model_dir(model_dir: str, data: str = "", folder: str = "", split: 
         embedder, backend, board_head = keras_embedder(model), "keras (float32)", None
     head_only = head_only or bool(variant)  # an exported variant is the board's body: frozen
     classify, inputs = episode_inputs(method, embedder, data_split, head_only)
-    if board_head == "prototype" and method.head_spec()["kind"] == "linear":  # export chose it on validation
+    if board_head == "sequence":  # the board's sequence graphs of this variant's quantisation
+        from edgemeta.runtime.manifest import sequence_quantization
+        from edgemeta.runtime.sequence_head import SequenceGraphs
+
+        spec = manifest.head.sequence
+        classify = SequenceGraphs(*manifest.sequence_paths(variant), info.embedding_dim, spec.max_way, spec.max_shot,
+                                  threads=os.cpu_count() or 1).scores
+        backend += f", the {sequence_quantization(manifest.variant(variant).quantization)} sequence graphs"
+    elif board_head == "prototype" and method.head_spec()["kind"] == "linear":  # export chose it on validation
         from edgemeta.host.methods import get_method
 
         classify = get_method("protonet").classify

@@ -69,3 +69,85 @@ def build_backbone(name: str, input_shape: tuple[int, int, int], batch_size: int
     if name not in BACKBONES:
         raise EdgemetaError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}")
     return BACKBONES[name](input_shape, batch_size=batch_size, **kwargs)
+
+
+def fused_training_forward(model) -> Callable | None:
+    """The training-mode forward pass of a plain chain of Conv2D (no bias), BatchNormalization, ReLU,
+    MaxPool2D and Flatten layers (Conv-4) with TensorFlow's fused batch-norm kernel; None for any
+    other model (ResNet-12's shortcuts), which then runs as Keras runs it.
+
+    Keras 3's BatchNormalization computes its moments and the normalisation as separate ops, each a
+    pass over the whole activation (for a 60-way 5-shot 5-query Omniglot episode, 600 x 28 x 28 x 64
+    floats = 120 MB after the first conv), forward and backward: on a CPU those memory-bound passes
+    cost more than the convolutions. `tf.compat.v1.nn.fused_batch_norm` does the same arithmetic in
+    one kernel each way. The result is the Keras layer's: the batch statistics normalise with the
+    biased variance, the moving statistics get Keras's update (the kernel returns the unbiased
+    variance, rescaled here to Keras's biased one), from the same variables. Compare
+    `model(x, training=True)` in `tests/test_backbones.py`.
+    """
+    import keras
+    import tensorflow as tf
+
+    if any(v.dtype != "float32" for v in model.weights):
+        return None
+    plan, previous = [], None
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            previous = layer
+            continue
+        try:  # a chain: each layer reads the one before it
+            if previous is None or layer.input is not previous.output:
+                return None
+        except (AttributeError, ValueError):
+            return None
+        cfg = layer.get_config()
+        if isinstance(layer, keras.layers.Conv2D) and not isinstance(layer, keras.layers.Conv2DTranspose):
+            if (layer.use_bias or cfg["activation"] != "linear" or tuple(cfg["strides"]) != (1, 1)
+                    or tuple(cfg["dilation_rate"]) != (1, 1) or cfg.get("groups", 1) != 1
+                    or cfg["data_format"] != "channels_last"):
+                return None
+            plan.append(("conv", layer))
+        elif isinstance(layer, keras.layers.BatchNormalization):
+            if (cfg["axis"] not in (-1, 3, [-1], [3]) or not (cfg["center"] and cfg["scale"]) or cfg.get("renorm")
+                    or cfg.get("synchronized")):
+                return None
+            plan.append(("bn", layer))
+        elif isinstance(layer, keras.layers.ReLU):
+            if cfg.get("max_value") is not None or cfg.get("negative_slope", 0) or cfg.get("threshold", 0):
+                return None
+            plan.append(("relu", layer))
+        elif isinstance(layer, keras.layers.MaxPooling2D):
+            if cfg["data_format"] != "channels_last":
+                return None
+            plan.append(("pool", layer))
+        elif isinstance(layer, keras.layers.Flatten):
+            plan.append(("flatten", layer))
+        else:
+            return None
+        previous = layer
+    if previous is None or previous.output is not model.outputs[0] or not plan:
+        return None
+
+    def forward(x):
+        if not model.trainable or not all(layer.trainable for _, layer in plan):
+            return model(x, training=True)  # frozen layers: Keras's own rules
+        for kind, layer in plan:
+            if kind == "conv":
+                x = tf.nn.conv2d(x, layer.kernel.value, strides=1, padding=layer.padding.upper())
+            elif kind == "bn":
+                x, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+                    x, layer.gamma.value, layer.beta.value, epsilon=layer.epsilon, data_format="NHWC", is_training=True)
+                n = tf.cast(tf.reduce_prod(tf.shape(x)[:3]), variance.dtype)
+                mean, variance = tf.stop_gradient(mean), tf.stop_gradient(variance * (n - 1.0) / n)
+                m = layer.momentum
+                layer.moving_mean.assign(layer.moving_mean * m + mean * (1.0 - m))
+                layer.moving_variance.assign(layer.moving_variance * m + variance * (1.0 - m))
+            elif kind == "relu":
+                x = tf.nn.relu(x)
+            elif kind == "pool":
+                x = tf.nn.max_pool2d(x, layer.pool_size, layer.strides, layer.padding.upper())
+            else:
+                x = tf.reshape(x, [tf.shape(x)[0], -1])
+        return x
+
+    return forward

@@ -33,7 +33,12 @@ class ProtoNet:
         self.params = params or ProtoNetParams()
 
     def build(self, backbone, way: int) -> None:
+        from edgemeta.host.backbones import fused_training_forward
+
         self.backbone = backbone
+        # Conv-4's training pass with fused batch-norm kernels (the same arithmetic, about 1.5-2x
+        # faster on a CPU); None for other backbones, which run as Keras runs them
+        self.training_forward = fused_training_forward(backbone)
 
     @property
     def variables(self) -> list:
@@ -45,7 +50,9 @@ class ProtoNet:
         n_support = tf.shape(episode.support)[0]
         # One forward pass over support and query together, as in the reference implementation,
         # so batch-norm statistics are computed over the whole episode.
-        emb = self.backbone(tf.concat([episode.support, episode.query], axis=0), training=training)
+        images = tf.concat([episode.support, episode.query], axis=0)
+        fast = getattr(self, "training_forward", None) if training else None
+        emb = fast(images) if fast is not None else self.backbone(images, training=training)
         emb_s, emb_q = emb[:n_support], emb[n_support:]
         onehot = tf.one_hot(episode.support_labels, episode.way, dtype=emb.dtype)
         protos = tf.matmul(onehot, emb_s, transpose_a=True) / tf.reduce_sum(onehot, axis=0)[:, None]

@@ -1,0 +1,150 @@
+"""MAML meta-training, edgemeta beside learn2learn (its Omniglot example), in one run on this machine.
+
+    python benchmarks/maml_side_by_side.py --data ../shared/data/omniglot [--way 5 --shot 1 --meta-batch 32
+        --steps 1 --rounds 3 --per-round 2 --threads 2] [--orders second,first]
+
+The episodes are those of learn2learn's `examples/vision/maml_omniglot.py` and of edgemeta's
+`benchmarks/configs/maml-vinyals-5w1s.toml` (Finn et al.): 5-way, 1 sample per class to adapt on and 1
+to score, 32 tasks per meta-batch, one inner step at 0.4, Adam 1e-3. The network is each side's
+Conv-4 for Omniglot (learn2learn's `OmniglotCNN`: the example's default is a fully connected net).
+Each side runs in its own process (peak memory is per process) on the same Vinyals train images; the
+processes take turns, `--per-round` meta-batches each per round. Memory: the peak RSS of the process,
+and the peak above its RSS once its libraries and data were loaded (the two sides hold the images
+differently: uint8 in edgemeta, float32 tensors in learn2learn's dataset).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import sidebyside as sbs  # noqa: E402
+
+
+def child(argv: list[str]) -> None:
+    """edgemeta's side: one process, one MAML trainer, answering JSON lines like benchmarks/l2l_worker.py."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data")
+    ap.add_argument("--sample")
+    ap.add_argument("--threads", type=int)
+    a = ap.parse_args(argv)
+    proto_out = os.fdopen(os.dup(1), "w", buffering=1)
+    sys.stdout = sys.stderr
+    sbs.set_tf_threads(a.threads)
+    cfg, splits = sbs.load_splits(a.data, ("train",), a.sample)
+    state: dict = {"base": _rss_mb()}
+    for line in sys.stdin:
+        msg = json.loads(line)
+        if msg["cmd"] == "quit":
+            break
+        key = (msg["way"], msg["shot"], msg["first_order"], msg["steps"], msg["meta_batch"])
+        if key not in state:
+            params = {"inner_lr": 0.4, "inner_steps": msg["steps"], "first_order": msg["first_order"]}
+            state[key] = [sbs.trainer_for(cfg, splits["train"], msg["way"], msg["shot"], msg["shot"], method="maml",
+                                          params=params, meta_batch=msg["meta_batch"]), 0]
+        trainer, done = state[key]
+        ms = []
+        for _ in range(msg["iterations"]):
+            t = time.perf_counter()
+            trainer.step(done)
+            ms.append(1000 * (time.perf_counter() - t))
+            done += trainer.episodes_per_step
+        state[key][1] = done
+        proto_out.write(json.dumps({"ms": ms, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                                    "base_rss_mb": round(state["base"], 1)}) + "\n")
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class EdgemetaWorker(sbs.PeerWorker):
+    def __init__(self, data: str, sample: str | None, threads: int):
+        cmd = [sys.executable, __file__, "--child", "--data", data, "--threads", str(threads)] + (["--sample", sample] if sample else [])
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+
+def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        child(argv[1:])
+        return {}
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=os.environ.get("EDGEMETA_OMNIGLOT", "../shared/data/omniglot"))
+    ap.add_argument("--sample", help=argparse.SUPPRESS)
+    ap.add_argument("--way", type=int, default=5)
+    ap.add_argument("--shot", type=int, default=1)
+    ap.add_argument("--meta-batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=1, help="inner steps")
+    ap.add_argument("--orders", default="second,first")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--per-round", type=int, default=2, help="meta-batches per side and round")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--peers")
+    ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args(argv)
+    root = sbs.peers.peers_dir(a.peers)
+    peer, reason = (None, "--no-peer") if a.no_peer else sbs.peer_or_reason(root)
+    print(f"# {sbs.machine()}; {a.threads} threads each; MAML {a.way}-way {a.shot}-shot, {a.shot} query per class, "
+          f"meta-batch {a.meta_batch}, {a.steps} inner step(s); each side in its own process")
+    print(f"# peer: learn2learn {peer['learn2learn']}, torch {peer['torch']}" if peer else f"# peer: none ({reason})")
+    out = {"rows": [], "peer": peer, "peer_missing": reason}
+    with tempfile.TemporaryDirectory() as tmp:
+        npz = None
+        if peer:
+            _, splits = sbs.load_splits(a.data, ("train",), a.sample)
+            npz = sbs.write_arrays(Path(tmp) / "data.npz", train=splits["train"])
+        for order in a.orders.split(","):
+            first = order.strip().startswith("first")
+            workers = {"edgemeta": EdgemetaWorker(a.data, a.sample, a.threads)}
+            if peer:
+                workers["learn2learn"] = sbs.PeerWorker(root, npz, a.threads)
+            msg = {"cmd": "maml", "way": a.way, "shot": a.shot, "meta_batch": a.meta_batch, "steps": a.steps,
+                   "first_order": first}
+            times, last = {n: [] for n in workers}, {}
+            for w in workers.values():
+                w.ask({**msg, "iterations": 1})  # compile / warm up
+            names = list(workers)
+            for r in range(a.rounds):
+                for n in names[r % len(names):] + names[:r % len(names)]:
+                    last[n] = workers[n].ask({**msg, "iterations": a.per_round})
+                    times[n].extend(last[n]["ms"])
+            for w in workers.values():
+                w.close()
+            label = "first order" if first else "second order"
+            for n in names:
+                med, p10, p90 = sbs.median_p(times[n])
+                out["rows"].append({"order": label, "side": n, "median_ms": round(med, 1), "p10_ms": round(p10, 1),
+                                    "p90_ms": round(p90, 1), "peak_rss_mb": last[n]["peak_rss_mb"],
+                                    "above_base_mb": round(last[n]["peak_rss_mb"] - last[n]["base_rss_mb"], 1)})
+    print("\n| MAML | side | ms per meta-batch (median, p10-p90) | peak RSS (MB) | peak above loaded (MB) |")
+    print("|---|---|---|---|---|")
+    for r in out["rows"]:
+        print(f"| {r['order']} | {r['side']} | {r['median_ms']:.0f} ({r['p10_ms']:.0f}-{r['p90_ms']:.0f}) | "
+              f"{r['peak_rss_mb']:.0f} | {r['above_base_mb']:.0f} |")
+    if peer:
+        for order in ("second order", "first order"):
+            rows = {r["side"]: r for r in out["rows"] if r["order"] == order}
+            if len(rows) == 2:
+                print(f"{order}: learn2learn / edgemeta time {rows['learn2learn']['median_ms'] / rows['edgemeta']['median_ms']:.2f}x")
+    if a.json:
+        print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""The benchmark suite runs end to end on tiny settings, so that it cannot rot (no timing is asserted).
+
+`python -m benchmarks --smoke`: every script of the suite on the shipped sample characters and the
+shipped model, edgemeta's side alone (no peer, no network). The peer's side runs in the same scripts
+when learn2learn is installed (benchmarks/peers.py); that path is checked by
+`test_the_peer_worker_answers` only where the peer is already set up, since setting it up needs the
+package registry.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_suite_runs_every_script_on_tiny_settings(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--out", str(tmp_path)], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    names = ["protonet_side_by_side", "maml_side_by_side", "protonet_budget", "runtime_latency", "accuracy_plots",
+             "head_scale", "mac_peak"]
+    for name in names:
+        assert f"{name}: ok" in p.stdout, name
+        assert (tmp_path / f"{name}.txt").read_text().strip(), name
+    text = {n: (tmp_path / f"{n}.txt").read_text() for n in names}
+    assert "| 5w1s2q |" in text["protonet_side_by_side"] and "numerics" in text["protonet_side_by_side"]
+    assert "| first order | edgemeta |" in text["maml_side_by_side"]
+    assert "| edgemeta |" in text["protonet_budget"]
+    assert "| 100 |" in text["head_scale"] and "| conv4 | 28x28x1 |" in text["mac_peak"]
+    for png in ("accuracy_vs_shots.png", "accuracy_vs_ways.png", "protonet_budget.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+
+
+def test_the_peer_worker_answers(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import peers
+    import sidebyside
+
+    root = peers.peers_dir()
+    if not peers.l2l_versions(root):
+        pytest.skip(f"learn2learn is not set up under {root} (python benchmarks/peers.py needs the package registry)")
+    _, splits = sidebyside.load_splits("", ("train",), str(REPO / "samples" / "omniglot"))
+    worker = sidebyside.PeerWorker(root, sidebyside.write_arrays(tmp_path / "d.npz", train=splits["train"]), 1)
+    try:
+        r = worker.ask({"cmd": "protonet", "key": "t", "way": 5, "shot": 1, "query": 2, "episodes": 2})
+        assert len(r["ms"]) == 2 and all(x > 0 for x in r["loss"])
+        m = worker.ask({"cmd": "maml", "way": 5, "shot": 1, "meta_batch": 2, "steps": 1, "first_order": True,
+                        "iterations": 1})
+        assert len(m["ms"]) == 1 and m["peak_rss_mb"] > 0
+    finally:
+        worker.close()
+    assert json.dumps(worker.info) and os.path.isdir(peers.l2l_examples(root))

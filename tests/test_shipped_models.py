@@ -56,3 +56,29 @@ def test_the_readme_demo_on_the_default_model():
     assert p.returncode == 0, p.stderr
     s = json.loads(p.stdout)
     assert s["model"] == "omniglot-conv4" and s["way"] == 20 and s["shot"] == 1 and s["accuracy"] > 85
+
+
+def test_the_shipped_snail_model_answers_on_the_board_as_recorded(omniglot_dir):
+    """The model-based family's shipped model: its board files are all there (the float32 sequence graphs are
+    left out of git: `edgemeta export` writes them), and its int8 board path gives the recorded figures."""
+    from edgemeta.host.data import DatasetSpec, load_dataset
+    from edgemeta.host.evaluate import evaluate
+    from edgemeta.runtime.interpreter import Embedder
+    from edgemeta.runtime.sequence_head import SequenceGraphs
+
+    d = MODELS / "omniglot-vinyals-snail"
+    m = read_manifest(d)
+    assert m.head.kind == "sequence" and (m.head.sequence.max_way, m.head.sequence.max_shot) == (20, 5)
+    for name in ("int8_static", "int8"):
+        assert sha256_file(d / m.variants[name].file) == m.variants[name].sha256
+    graphs = SequenceGraphs(*m.sequence_paths("int8_static"), m.embedding_dim, 20, 5, threads=2)  # checksums checked
+    info = json.loads((d / "model.json").read_text())
+    assert info["training"]["episodes"] > 10000 and info["algorithm"] == "snail"
+    src = m.raw["source"]["data"]
+    split = load_dataset(DatasetSpec(root=str(omniglot_dir), split=src["split"], rotations=src["rotations"]), m.preprocess,
+                         ("test",))["test"]
+    results = evaluate(Embedder(m.model_path("int8_static"), threads=2), graphs.scores, split, ((5, 1), (20, 1)),
+                       episodes=1000, seed=0)
+    recorded = {r["setting"]: r for r in m.raw["variants"]["int8_static"]["evaluation"]}
+    for r in results:
+        assert r.accuracy == pytest.approx(recorded[f"{r.way}w{r.shot}s"]["accuracy"], abs=0.01)

@@ -24,6 +24,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runtime_latency import SAMPLE, child_run, median_ms  # noqa: E402
 
 
+def setting_times(graphs, support: np.ndarray, labels: np.ndarray, query: np.ndarray, way: int, repeat: int) -> list[str]:
+    """Median ms of the support pass, one query after it, a classify that runs it, and the prototype head."""
+    from edgemeta.runtime.head import PrototypeHead
+
+    def prefix():
+        graphs._cached = None  # forget the kept support pass
+        graphs.features(support, labels)
+
+    def cold():
+        graphs._cached = None
+        graphs.scores(support, labels, query, way)
+
+    protos = PrototypeHead.from_embeddings(support, labels, [str(i) for i in range(way)])
+    return [f"{median_ms(prefix, repeat):.2f}", f"{median_ms(lambda: graphs.scores(support, labels, query, way), repeat):.2f}",
+            f"{median_ms(cold, repeat):.2f}", f"{median_ms(lambda: protos.classify(query), repeat):.3f}"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
@@ -33,7 +50,6 @@ def main() -> None:
     args = ap.parse_args()
 
     from edgemeta.runtime.classifier import FewShotRuntime
-    from edgemeta.runtime.head import PrototypeHead
     from edgemeta.runtime.interpreter import runtime_version
     from edgemeta.runtime.sequence_head import SequenceGraphs
 
@@ -54,18 +70,7 @@ def main() -> None:
         labels = np.repeat(np.arange(way), shot)
         query = rt.embedder(rt.images([files[0][-1]])[0])
 
-        def prefix():
-            graphs._cached = None
-            graphs.features(support, labels)
-
-        def cold():
-            graphs._cached = None
-            graphs.scores(support, labels, query, way)
-
-        protos = PrototypeHead.from_embeddings(support, labels, [str(i) for i in range(way)])
-        print(f"| {way}-way {shot}-shot | {median_ms(prefix, args.repeat):.2f} | "
-              f"{median_ms(lambda: graphs.scores(support, labels, query, way), args.repeat):.2f} | "
-              f"{median_ms(cold, args.repeat):.2f} | {median_ms(lambda: protos.classify(query), args.repeat):.3f} |")
+        print(f"| {way}-way {shot}-shot | " + " | ".join(setting_times(graphs, support, labels, query, way, args.repeat)) + " |")
 
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ}

@@ -484,7 +484,7 @@ def test_damaged_or_mismatched_heads_are_one_line_errors(tmp_path):
     one_line_error(enroll(linear_model(tmp_path / "m4", init="random")), "head.init must be one of")
     one_line_error(enroll(linear_model(tmp_path / "m5", per_parameter_rates=True)), "per-parameter")
     one_line_error(enroll(linear_model(tmp_path / "m6", file="../head.npz")), "file name beside the manifest")
-    one_line_error(enroll(linear_model(tmp_path / "m7", kind="sequence")), "unknown head kind 'sequence'")
+    one_line_error(enroll(linear_model(tmp_path / "m7", kind="memory")), "unknown head kind 'memory'")
     m8 = linear_model(tmp_path / "m8")
     man = json.loads((m8 / "manifest.json").read_text())
     man["head"] = {"kind": "prototype", "distance": "cosine"}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -125,15 +124,10 @@ def peer_or_reason(peers_root: Path) -> tuple[dict | None, str]:
 
 
 def machine() -> str:
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, Python {platform.python_version()}"
+    """train.py's machine description with the load average: these figures are taken beside other work."""
+    from edgemeta.host.train import machine_description
+
+    return f"{machine_description()}, load average {os.getloadavg()[0]:.1f}"
 
 
 def median_p(values, q=(10, 90)) -> tuple[float, float, float]:

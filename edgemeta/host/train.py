@@ -607,7 +607,8 @@ def _save_model(model, method, out: Path) -> None:
     tmp.replace(out / MODEL_FILE)
 
 
-def _machine() -> str:
+def machine_description() -> str:
+    """CPU model, cores, OS, architecture and Python: where a figure was measured."""
     import os
 
     cpu = platform.processor() or platform.machine()
@@ -644,7 +645,7 @@ def _write_summary(cfg: Config, out: Path, model, method, result: TrainResult, h
                   "wall_time_s": round(result.elapsed_s, 1), "stopped_by": result.stopped_by,
                   **({"init_from": cfg.train.init_from, "init_training": _init_training(cfg.train.init_from)}
                      if cfg.train.init_from else {}),
-                  "machine": _machine(), "tensorflow": tf.__version__,
+                  "machine": machine_description(), "tensorflow": tf.__version__,
                   # where it ran (strategy, replicas, this process's devices, GPU names) and how fast the training
                   # steps of the last run went (validation and the first, compiling step left out)
                   **({"placement": placement} if placement else {}),

@@ -76,6 +76,25 @@ def added(block: tuple[str, int, int]) -> int:
     return block[2]
 
 
+def _gated(x, earlier, w: dict, width: int):
+    """A dense block's new channels: the kernel-2 causal convolution of a position and its earlier one,
+    through the gated activation tanh * sigmoid."""
+    import tensorflow as tf
+
+    h = tf.matmul(x, w["wc"]) + tf.matmul(earlier, w["wp"]) + w["b"]
+    return tf.tanh(h[:, :width]) * tf.sigmoid(h[:, width:])
+
+
+def _masked(logits, readable, mask: float, record):
+    """Attention logits with `mask` where `readable` is 0; `record` (a list, or None) gets the smallest
+    readable logit."""
+    import tensorflow as tf
+
+    if record is not None:
+        record.append(tf.reduce_min(tf.where(readable > 0, logits, tf.reduce_max(logits))))
+    return logits * readable + (1.0 - readable) * mask
+
+
 class SNAIL:
     name = "snail"
     family = "model"
@@ -151,15 +170,10 @@ class SNAIL:
         x, a = x * keep, 0
         for (kind, d, width), w in zip(self.blocks, self.weights, strict=True):
             if kind == "dense":
-                earlier = tf.pad(x, [[d, 0], [0, 0]])[:n]  # position t - d (zero before the start)
-                h = tf.matmul(x, w["wc"]) + tf.matmul(earlier, w["wp"]) + w["b"]
-                new = tf.tanh(h[:, :width]) * tf.sigmoid(h[:, width:])
+                new = _gated(x, tf.pad(x, [[d, 0], [0, 0]])[:n], w, width)  # and position t - d (zero before the start)
             else:
                 q, k, v = (tf.matmul(x, w[f"w{c}"]) + w[f"b{c}"] for c in "qkv")
-                logits = tf.matmul(q, k, transpose_b=True) * (1.0 / math.sqrt(d))
-                if record is not None:
-                    record.append(tf.reduce_min(tf.where(readable > 0, logits, tf.reduce_max(logits))))
-                logits = logits * readable + (1.0 - readable) * masks[a]
+                logits = _masked(tf.matmul(q, k, transpose_b=True) * (1.0 / math.sqrt(d)), readable, masks[a], record)
                 new = tf.matmul(tf.nn.softmax(logits, axis=-1), v)
                 a += 1
             x = tf.concat([x, new], axis=1) * keep
@@ -174,18 +188,13 @@ class SNAIL:
         for (kind, d, width), w in zip(self.blocks, self.weights, strict=True):
             f = features[:, :c]  # the support's input to this block
             if kind == "dense":
-                earlier = tf.pad(f, [[d, 0], [0, 0]])[n:n + 1]  # support position n - d (zero before the start)
-                h = tf.matmul(xq, w["wc"]) + tf.matmul(earlier, w["wp"]) + w["b"]
-                new = tf.tanh(h[:, :width]) * tf.sigmoid(h[:, width:])
+                new = _gated(xq, tf.pad(f, [[d, 0], [0, 0]])[n:n + 1], w, width)  # support position n - d (zero before the start)
             else:
                 q = tf.matmul(xq, w["wq"]) + w["bq"]
                 k, v = tf.matmul(f, w["wk"]) + w["bk"], tf.matmul(f, w["wv"]) + w["bv"]
                 own_k, own_v = tf.matmul(xq, w["wk"]) + w["bk"], tf.matmul(xq, w["wv"]) + w["bv"]
                 scale = 1.0 / math.sqrt(d)
-                logits = tf.matmul(q, k, transpose_b=True) * scale
-                if record is not None:
-                    record.append(tf.reduce_min(tf.where(valid[None, :] > 0, logits, tf.reduce_max(logits))))
-                logits = logits * valid[None, :] + (1.0 - valid[None, :]) * masks[a]
+                logits = _masked(tf.matmul(q, k, transpose_b=True) * scale, valid[None, :], masks[a], record)
                 own = tf.reduce_sum(q * own_k, axis=1, keepdims=True) * scale
                 weights = tf.nn.softmax(tf.concat([logits, own], axis=1), axis=-1)
                 new = tf.matmul(weights[:, :-1], v) + weights[:, -1:] * own_v

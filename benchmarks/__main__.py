@@ -23,17 +23,22 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 SAMPLE = REPO / "samples" / "omniglot"
+sys.path.insert(0, str(HERE))
+import peers  # noqa: E402
+
+# the board-path figures run in a venv with that interpreter and no TensorFlow (benchmarks/peers.py sets them up)
+BOARD_VENV = {"runtime_latency": "ai_edge_litert", "runtime_latency_tflite": "tflite_runtime"}
 
 
 def steps(a, out: Path) -> list[tuple[str, list[str], bool]]:
     """(name, arguments after the script, needs the peer) for each script, as the mode asks."""
-    data, peers = ["--data", a.data], (["--peers", a.peers] if a.peers else [])
-    peer = ["--no-peer"] if a.no_peer or a.smoke else peers
+    data, peer_dir = ["--data", a.data], (["--peers", a.peers] if a.peers else [])
+    peer = ["--no-peer"] if a.no_peer or a.smoke else peer_dir
     sample = ["--sample", str(SAMPLE)]
     model = ["--model", a.model]
     mode = "smoke" if a.smoke else "quick" if a.quick else "full"
     table = {
-        "peers": {"full": peers, "quick": peers, "smoke": None},
+        "peers": {"full": peer_dir, "quick": peer_dir, "smoke": None},
         "protonet_side_by_side": {
             "full": [*data, *peer, "--check-numerics", "30"],
             "quick": [*data, *peer, "--episodes", "60w5s5q,20w5s15q", "--rounds", "2", "--per-round", "2",
@@ -49,9 +54,14 @@ def steps(a, out: Path) -> list[tuple[str, list[str], bool]]:
             "quick": [*data, *peer, "--quick", "--plot", str(out / "protonet_budget.png")],
             "smoke": [*sample, *peer, "--episode", "5w1s2q", "--minutes", "0.04", "--slice-s", "1", "--val-way", "5",
                       "--val-episodes", "5", "--plot", str(out / "protonet_budget.png")]},
-        "runtime_latency": {"full": model, "quick": [*model, "--repeat", "30"], "smoke": [*model, "--repeat", "2"]},
+        "runtime_latency": {"full": model, "quick": [*model, "--repeat", "30"], "smoke": [*model, "--repeat", "2", "--cold", "1"]},
+        "runtime_latency_tflite": {"full": [*model, "--runtime", "tflite_runtime"],
+                                   "quick": [*model, "--runtime", "tflite_runtime", "--repeat", "30"], "smoke": None},
         "runtime_latency_tf": {"full": [*model, "--runtime", "tensorflow"],
                                "quick": [*model, "--runtime", "tensorflow", "--repeat", "30"], "smoke": None},
+        "runtime_latency_keras": {"full": [*model, "--runtime", "keras"],
+                                  "quick": [*model, "--runtime", "keras", "--repeat", "30"],
+                                  "smoke": [*model, "--runtime", "keras", "--repeat", "2", "--cold", "1"]},
         "accuracy_plots": {
             "full": [*model, *data, "--episodes", "200", "--out", str(out)],
             "quick": [*model, *data, "--episodes", "30", "--out", str(out)],
@@ -68,7 +78,8 @@ def steps(a, out: Path) -> list[tuple[str, list[str], bool]]:
     out_steps = []
     for name in chosen:
         args = table[name][mode]
-        if args is None or (name == "peers" and a.no_peer):
+        # without peers the ai-edge-litert figures come from this Python; tflite-runtime needs its own venv
+        if args is None or (a.no_peer and name in ("peers", "runtime_latency_tflite")):
             continue
         out_steps.append((name, args, name == "peers"))
     return out_steps
@@ -93,8 +104,16 @@ def main(argv=None) -> int:
     failed, summary = [], []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))}
     for name, args, _ in steps(a, out):
-        script = HERE / ("runtime_latency.py" if name == "runtime_latency_tf" else f"{name}.py")
-        cmd = [sys.executable, str(script), *args]
+        script = HERE / ("runtime_latency.py" if name.startswith("runtime_latency") else f"{name}.py")
+        python = Path(sys.executable)
+        if name in BOARD_VENV and not a.no_peer and not a.smoke:
+            python = peers.board_python(peers.peers_dir(a.peers), BOARD_VENV[name])
+            if not python.exists():
+                print(f"!! {name} failed: no {BOARD_VENV[name]} venv at {python.parent.parent} (the peers step sets it up)", flush=True)
+                failed.append(name)
+                summary.append(f"{name}: failed, 0 s")
+                continue
+        cmd = [str(python), str(script), *args]
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.perf_counter()
         p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)

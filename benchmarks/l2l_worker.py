@@ -6,16 +6,19 @@ edgemeta. It answers one JSON line per JSON command line on stdin:
     {"cmd": "protonet", "key": "60w5s5q", "way": 60, "shot": 5, "query": 5, "episodes": 3, "lr": 0.001}
         -> {"ms": [...per episode, sampling included], "sample_ms": [...], "loss": [...]}
     {"cmd": "embed", "key": "...", "out": "val_embeddings.npy"}      (eval mode, the model of "key")
-    {"cmd": "maml", "way": 5, "shot": 1, "meta_batch": 32, "steps": 1, "first_order": false, "iterations": 2}
+    {"cmd": "maml", "way": 5, "shot": 1, "meta_batch": 32, "steps": 1, "first_order": false, "iterations": 2,
+     "net": "cnn4" | "omniglot_cnn"}
         (the model of those settings is kept across calls)
-        -> {"ms": [...per meta-batch], "peak_rss_mb": ..., "base_rss_mb": ...}
+        -> {"ms": [...per meta-batch, sampling included], "sample_ms": [...its task sampling], "peak_rss_mb": ...,
+            "base_rss_mb": ...}
     {"cmd": "quit"}
 
 ProtoNet is learn2learn's `examples/vision/protonet_miniimagenet.py`: its `Convnet` (CNN4Backbone, here
 with 1 input channel for Omniglot) and its `fast_adapt` episode loss, tasks drawn by learn2learn's own
 `Taskset` (NWays, KShots, LoadData, RemapLabels) over the same images edgemeta trains on. MAML is
-`examples/vision/maml_omniglot.py`'s `fast_adapt` with `l2l.algorithms.MAML` around learn2learn's
-`OmniglotCNN` (its Conv-4 for Omniglot; the example's default model is the fully connected OmniglotFC).
+`examples/vision/maml_omniglot.py`'s `fast_adapt` with `l2l.algorithms.MAML` around learn2learn's `CNN4`
+with max-pooling, 1 channel and a 64-d embedding (the Conv-4 edgemeta trains), or around its `OmniglotCNN`
+(Finn et al.'s strided Conv-4; the example's default model is the fully connected OmniglotFC).
 """
 
 from __future__ import annotations
@@ -138,30 +141,38 @@ def embed(state: dict, msg: dict) -> dict:
 def maml(state: dict, msg: dict) -> dict:
     torch, l2l, example = state["torch"], state["l2l"], state["maml"]
     way, shot, meta_batch = msg["way"], msg["shot"], msg["meta_batch"]
-    key = ("maml", way, shot, msg["first_order"], msg["steps"])
+    net = msg.get("net", "cnn4")
+    key = ("maml", way, shot, msg["first_order"], msg["steps"], net)
     if key not in state["models"]:
         torch.manual_seed(msg.get("seed", 0))
-        model = l2l.vision.models.OmniglotCNN(way)
+        if net == "cnn4":  # the max-pooled Conv-4 (28 -> 14 -> 7 -> 3 -> 1, 64-d), the network edgemeta trains
+            model = l2l.vision.models.CNN4(way, hidden_size=64, layers=4, channels=1, max_pool=True, embedding_size=64)
+        else:  # "omniglot_cnn": the example's, Finn et al.'s strided convolutions (about 4x fewer multiply-adds)
+            model = l2l.vision.models.OmniglotCNN(way)
         wrapped = l2l.algorithms.MAML(model, lr=msg.get("fast_lr", 0.4), first_order=msg["first_order"])
         state["models"][key] = (wrapped, torch.optim.Adam(wrapped.parameters(), msg.get("meta_lr", 0.001)))
     wrapped, opt = state["models"][key]
     loss = torch.nn.CrossEntropyLoss(reduction="mean")
     tasks = taskset(state, way, 2 * shot)  # the example: 2 * shots samples per class, half to adapt
     device = torch.device("cpu")
-    ms = []
+    ms, sample_ms = [], []
     for _ in range(msg["iterations"]):
         t0 = time.perf_counter()
+        sampling = 0.0
         opt.zero_grad()
         for _task in range(meta_batch):
             learner = wrapped.clone()
+            ts = time.perf_counter()
             data, labels = tasks.sample()
+            sampling += time.perf_counter() - ts
             error, _ = example.fast_adapt((data, labels), learner, loss, msg["steps"], shot, way, device)
             error.backward()
         for p in wrapped.parameters():
             p.grad.data.mul_(1.0 / meta_batch)
         opt.step()
         ms.append(1000 * (time.perf_counter() - t0))
-    return {"ms": ms, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        sample_ms.append(1000 * sampling)
+    return {"ms": ms, "sample_ms": sample_ms, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "base_rss_mb": round(state["base_rss_mb"], 1)}
 
 

@@ -10,7 +10,12 @@ the three ``.c`` files are generated again from the shipped ``.pyx`` with Cython
 install. The sdist is kept unpacked beside the venv: its ``examples/`` are the peer's own example
 code, which the benchmarks import from there (nothing of the peer is copied into this repository).
 
-``--check`` only says whether the peer is there and which versions it has (exit 1 if not).
+The board runtimes the board-path figures compare go beside it, each in a venv without TensorFlow
+holding only edgemeta's core dependencies and the interpreter (edgemeta itself runs from the
+checkout, on PYTHONPATH): ``board-ai_edge_litert-venv`` (the ``device`` extra) and
+``board-tflite_runtime-venv`` (tflite-runtime 2.14, the 32-bit Pi's runtime, with numpy < 2).
+
+``--check`` only says whether the peers are there and which versions they have (exit 1 if not).
 """
 
 from __future__ import annotations
@@ -22,6 +27,13 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+REPO = Path(__file__).resolve().parents[1]
 
 L2L_VERSION = "0.2.0"
 # PyTorch's CPU build from PyTorch's own index (the registry's default Linux wheels are CUDA builds and
@@ -36,6 +48,10 @@ TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 # what learn2learn 0.2.0 imports at `import learn2learn` (gym, torchvision) and what its build needs
 L2L_DEPS = ["numpy", "scipy", "requests", "tqdm", "gym", "pillow", "cython>=0.29,<3",
             "setuptools", "wheel"]
+
+
+# interpreter requirements per board runtime, besides edgemeta's own core dependencies (pyproject.toml)
+BOARD_RUNTIMES = {"ai_edge_litert": ["extra:device"], "tflite_runtime": ["tflite-runtime==2.14.0", "numpy<2"]}
 
 
 def peers_dir(given: str | None = None) -> Path:
@@ -84,6 +100,44 @@ def _answers(url: str) -> bool:
 
 def _imports(py: Path, module: str) -> bool:
     return subprocess.run([str(py), "-c", f"import {module}"], capture_output=True).returncode == 0
+
+
+def board_python(root: Path, runtime: str) -> Path:
+    return root / f"board-{runtime}-venv" / "bin" / "python"
+
+
+def board_requirements(runtime: str) -> list[str]:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    reqs = list(project["dependencies"])
+    for r in BOARD_RUNTIMES[runtime]:
+        reqs += project["optional-dependencies"][r[6:]] if r.startswith("extra:") else [r]
+    return reqs
+
+
+def board_version(root: Path, runtime: str) -> str | None:
+    """The interpreter's version in that board venv, or None when it is not set up."""
+    py = board_python(root, runtime)
+    if not py.exists():
+        return None
+    out = subprocess.run([str(py), "-c", f"import importlib.metadata as m; print(m.version({runtime.replace('_', '-')!r}))"],
+                         capture_output=True, text=True)
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def install_board_runtime(root: Path, runtime: str) -> str:
+    """A venv under ROOT with RUNTIME's interpreter and edgemeta's core dependencies, no TensorFlow (idempotent)."""
+    found = board_version(root, runtime)
+    if found:
+        return found
+    root.mkdir(parents=True, exist_ok=True)
+    py = board_python(root, runtime)
+    if not py.exists():
+        _run([sys.executable, "-m", "venv", py.parent.parent])
+    _run([py, "-m", "pip", "--disable-pip-version-check", "install", "--quiet", *board_requirements(runtime)])
+    found = board_version(root, runtime)
+    if not found:
+        raise SystemExit(f"{runtime} was installed into {py.parent.parent} but is not there; see the output above")
+    return found
 
 
 def install_learn2learn(root: Path, torch: list[str] = TORCH, torch_index: str = TORCH_CPU_INDEX) -> dict:
@@ -136,11 +190,18 @@ def main() -> None:
     a = ap.parse_args()
     root = peers_dir(a.peers)
     found = l2l_versions(root) if a.check else install_learn2learn(root, a.torch.split(), a.torch_index)
-    if not found:
+    missing = not found
+    if found:
+        build = f"CUDA {found['cuda_build']} build, run on the CPU" if found.get("cuda_build") else "CPU build"
+        print(f"learn2learn {found['learn2learn']} with torch {found['torch']} ({build}), Python {found['python']}, in {root}")
+    else:
         print(f"learn2learn {L2L_VERSION}: not installed under {root} (run: python benchmarks/peers.py)")
+    for runtime in BOARD_RUNTIMES:
+        version = board_version(root, runtime) if a.check else install_board_runtime(root, runtime)
+        missing = missing or not version
+        print(f"board runtime {runtime}: {version or 'not installed'} in {board_python(root, runtime).parent.parent}")
+    if missing:
         raise SystemExit(1)
-    build = f"CUDA {found['cuda_build']} build, run on the CPU" if found.get("cuda_build") else "CPU build"
-    print(f"learn2learn {found['learn2learn']} with torch {found['torch']} ({build}), Python {found['python']}, in {root}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,15 @@
 """Board-side figures on this machine: embedding latency, enrollment, head cost, cold start, memory.
 
-    python benchmarks/runtime_latency.py --model models/omniglot-conv4 [--runtime ai_edge_litert|tensorflow]
+    python benchmarks/runtime_latency.py --model models/omniglot-conv4 [--runtime ai_edge_litert|tflite_runtime|tensorflow|keras]
 
 Uses the exported variants of MODEL (int8_static, int8, float32) and the Omniglot sample in
 samples/omniglot for real images. Times are medians over repeated runs, one interpreter thread.
 Cold start and peak memory are measured on `edgemeta classify` in a new process each time.
+
+`--runtime keras` is what a user would do without edgemeta's runtime: TensorFlow, the float Keras
+backbone (MODEL/model.keras) and `model.predict` (and the compiled call beside it); its cold start is
+a new process that loads the Keras model, decodes the PNG, embeds it and takes the nearest of the
+same 1000 prototypes. Run it from a venv with TensorFlow; the others from one with that interpreter.
 """
 
 from __future__ import annotations
@@ -44,12 +49,85 @@ def child_run(cmd: list[str], env: dict) -> tuple[float, float]:
     return tuple(json.loads(out.stdout))
 
 
+def keras_classify(model_dir: str, png: str, prototypes: str) -> None:
+    """The cold-start job of the Keras path (a child process): load, decode, embed, nearest prototype."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    from edgemeta.host.modeldir import MODEL_FILE, load_keras
+    from edgemeta.preprocess import load_images
+    from edgemeta.runtime.manifest import read_manifest
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    model = load_keras(Path(model_dir) / MODEL_FILE)
+    images, _ = load_images([png], read_manifest(model_dir).preprocess)
+    emb = model.predict(images.astype(np.float32) / 255.0, verbose=0)
+    print(int(np.argmin(((np.load(prototypes) - emb) ** 2).sum(axis=1))))
+
+
+def keras_embed(model_dir: str, threads: str, repeat: str) -> None:
+    """Embedding latency of the Keras path (a child process: TensorFlow's thread count is fixed at start)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    from edgemeta.host.model_eval import keras_embedder
+    from edgemeta.host.modeldir import MODEL_FILE, load_keras
+    from edgemeta.preprocess import load_images
+    from edgemeta.runtime.manifest import read_manifest
+
+    tf.config.threading.set_intra_op_parallelism_threads(int(threads))
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    chars = sorted(p for p in SAMPLE.iterdir() if p.is_dir())
+    images, _ = load_images([str(p) for c in chars[:5] for p in sorted(c.glob("*.png"))[:5]], read_manifest(model_dir).preprocess)
+    model = load_keras(Path(model_dir) / MODEL_FILE)
+    compiled, x = keras_embedder(model), images.astype(np.float32) / 255.0
+    if threads == "1":
+        print(f"  (TensorFlow {tf.__version__})")
+    for name, fn in (("model.predict", lambda b: model.predict(x[:b], verbose=0)), ("compiled call", lambda b: compiled(images[:b]))):
+        one = median_ms(lambda f=fn: f(1), int(repeat))
+        b25 = median_ms(lambda f=fn: f(25), max(20, int(repeat) // 10))
+        print(f"  {threads} thread(s) float32 {name:14s} batch 1: {one:.3f} ms/image   batch 25: {b25:.2f} ms "
+              f"({b25 / 25:.3f} ms/image)", flush=True)
+
+
+def keras_main(args) -> None:
+    from edgemeta.runtime.manifest import read_manifest
+
+    print(f"runtime: keras (TensorFlow's Keras), float32 model.keras; machine {os.uname().machine}, {os.cpu_count()} cores; "
+          f"median of {args.repeat}")
+    print("\nembedding latency")
+    for threads in (1, 2):
+        out = subprocess.run([sys.executable, __file__, "--keras-embed", args.model, str(threads), str(args.repeat)],
+                             capture_output=True, text=True, check=True)
+        print(out.stdout, end="")
+    with tempfile.TemporaryDirectory() as tmp:
+        # the head's cost does not depend on the values: random prototypes of the model's embedding size
+        protos = Path(tmp) / "prototypes.npy"
+        dim = read_manifest(args.model).embedding_dim
+        np.save(protos, np.random.default_rng(0).normal(size=(1000, dim)).astype(np.float32))
+        print("\ncold start (new process: TensorFlow, load model.keras, decode 1 PNG, predict, nearest of 1000 prototypes; "
+              "1 thread) and peak memory")
+        chars = sorted(p for p in SAMPLE.iterdir() if p.is_dir())
+        query = str(sorted(chars[1].glob("*.png"))[-1])
+        runs = [child_run([sys.executable, __file__, "--keras-classify", args.model, query, str(protos)], dict(os.environ))
+                for _ in range(args.cold)]
+        wall, rss = np.median([r[0] for r in runs]), max(r[1] for r in runs)
+        print(f"  wall {1000 * wall:.0f} ms (median of {args.cold}), peak RSS {rss:.0f} MiB")
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--keras-classify"]:
+        return keras_classify(*sys.argv[2:5])
+    if sys.argv[1:2] == ["--keras-embed"]:
+        return keras_embed(*sys.argv[2:5])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(REPO / "models" / "omniglot-conv4"))
-    ap.add_argument("--runtime", default="ai_edge_litert", choices=["ai_edge_litert", "tflite_runtime", "tensorflow"])
+    ap.add_argument("--runtime", default="ai_edge_litert", choices=["ai_edge_litert", "tflite_runtime", "tensorflow", "keras"])
     ap.add_argument("--repeat", type=int, default=200)
+    ap.add_argument("--cold", type=int, default=5, help="cold-start runs (new processes)")
     args = ap.parse_args()
+    if args.runtime == "keras":
+        return keras_main(args)
     os.environ["EDGEMETA_RUNTIME"] = args.runtime
 
     from edgemeta.runtime.classifier import FewShotRuntime
@@ -62,17 +140,18 @@ def main() -> None:
     rt = FewShotRuntime(args.model)
     images, _ = rt.images([str(p) for c in chars[:5] for p in sorted(c.glob("*.png"))[:5]])
     print(f"runtime: {args.runtime} {runtime_version(args.runtime)}; model {manifest.name}; machine {os.uname().machine}, "
-          f"{os.cpu_count()} cores; 1 thread; median of {args.repeat}")
+          f"{os.cpu_count()} cores; 1 interpreter thread unless said; median of {args.repeat}")
 
     print("\nembedding latency")
-    for variant in ("int8_static", "int8", "float32"):
-        emb = Embedder(manifest.model_path(variant), threads=1)
-        one = median_ms(lambda e=emb: e(images[:1]), args.repeat)
-        line = f"  {variant:12s} batch 1: {one:.3f} ms/image"
-        if not emb.static_batch:
-            b25 = median_ms(lambda e=emb: e(images[:25], batch=25), max(20, args.repeat // 10))
-            line += f"   batch 25: {b25:.2f} ms ({b25 / 25:.3f} ms/image)"
-        print(line)
+    for threads in (1, 2):
+        for variant in ("int8_static", "int8", "float32"):
+            emb = Embedder(manifest.model_path(variant), threads=threads)
+            one = median_ms(lambda e=emb: e(images[:1]), args.repeat)
+            line = f"  {threads} thread(s) {variant:12s} batch 1: {one:.3f} ms/image"
+            if not emb.static_batch:
+                b25 = median_ms(lambda e=emb: e(images[:25], batch=25), max(20, args.repeat // 10))
+                line += f"   batch 25: {b25:.2f} ms ({b25 / 25:.3f} ms/image)"
+            print(line)
 
     with tempfile.TemporaryDirectory() as tmp:
         files = [str(p) for p in sorted(chars[0].glob("*.png"))[:5]]
@@ -103,12 +182,13 @@ def main() -> None:
                   f"classify 1 PNG incl. store load {full_ms:.2f} ms")
 
         print("\ncold start (new process: edgemeta classify, 1000-class store, 1 PNG) and peak memory")
-        exe = str(Path(sys.executable).parent / "edgemeta")
+        # `python -m edgemeta`: the same CLI as the console script, also where edgemeta runs from PYTHONPATH
         env = {**os.environ, "EDGEMETA_RUNTIME": args.runtime}
-        runs = [child_run([exe, "classify", "--store", str(Path(tmp) / "store1000"), "--model", args.model, *query_file], env)
-                for _ in range(5)]
+        cmd = [sys.executable, "-m", "edgemeta", "classify", "--store", str(Path(tmp) / "store1000"), "--model", args.model]
+        runs = [child_run([*cmd, *query_file], env)
+                for _ in range(args.cold)]
         wall, rss = np.median([r[0] for r in runs]), max(r[1] for r in runs)
-        print(f"  wall {1000 * wall:.0f} ms (median of 5), peak RSS {rss:.0f} MiB")
+        print(f"  wall {1000 * wall:.0f} ms (median of {args.cold}), peak RSS {rss:.0f} MiB")
 
 
 if __name__ == "__main__":

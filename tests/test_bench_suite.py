@@ -22,8 +22,8 @@ def test_the_suite_runs_every_script_on_tiny_settings(tmp_path):
     p = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--out", str(tmp_path)], cwd=REPO,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    names = ["protonet_side_by_side", "maml_side_by_side", "protonet_budget", "runtime_latency", "accuracy_plots",
-             "head_scale", "mac_peak"]
+    names = ["protonet_side_by_side", "maml_side_by_side", "protonet_budget", "runtime_latency", "runtime_latency_keras",
+             "accuracy_plots", "head_scale", "mac_peak"]
     for name in names:
         assert f"{name}: ok" in p.stdout, name
         assert (tmp_path / f"{name}.txt").read_text().strip(), name
@@ -31,6 +31,7 @@ def test_the_suite_runs_every_script_on_tiny_settings(tmp_path):
     assert "| 5w1s2q |" in text["protonet_side_by_side"] and "numerics" in text["protonet_side_by_side"]
     assert "| first order | edgemeta |" in text["maml_side_by_side"]
     assert "| edgemeta |" in text["protonet_budget"]
+    assert "model.predict" in text["runtime_latency_keras"] and "peak RSS" in text["runtime_latency_keras"]
     assert "| 100 |" in text["head_scale"] and "| conv4 | 28x28x1 |" in text["mac_peak"]
     for png in ("accuracy_vs_shots.png", "accuracy_vs_ways.png", "protonet_budget.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png

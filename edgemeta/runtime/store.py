@@ -182,14 +182,16 @@ def read_store(doc: Doc, arrays: dict[str, np.ndarray]) -> tuple[dict, np.ndarra
     emb = array(doc, "embeddings", arrays.get("embeddings"), "float", (None, dim), finite=True)
     labels = array(doc, "labels", arrays.get("labels"), "int", (len(emb),))
     names = [str(n) for n in array(doc, "class_names", arrays.get("class_names"), "str", (None,))]
+    seen: set[str] = set()  # a set: scanning the earlier names made a 10000-class store take 0.8 s to open
     for i, name in enumerate(names):
         try:
             ok = check_label(name) == name
         except EdgemetaError:
             ok = False
-        if not ok or name in names[:i]:
+        if not ok or name in seen:
             why = "repeats an earlier class" if ok else "is not a valid label"
             raise doc.error(f"class_names[{i}]", f"{why}, got {show(name)}")
+        seen.add(name)
     # range before the cast to int32, which would wrap a large index into range
     if len(labels) and (labels.min() < 0 or labels.max() >= len(names)):
         raise doc.error("labels", f"must be class indices from 0 to {len(names) - 1}, got {labels.min()} to {labels.max()}")

@@ -621,6 +621,16 @@ def test_a_label_that_is_not_unicode_text_is_refused(tmp_path):
     assert check_label("\U0001f469\u200d\U0001f52c") == "\U0001f469\u200d\U0001f52c"
 
 
+def test_check_labels_fast_path_accepts_no_character_the_full_test_refuses():
+    """check_label takes str.isprintable as a fast yes; over every code point it never says yes where
+    the per-character test says no."""
+    import sys
+
+    from edgemeta.runtime.store import _printable
+
+    assert not [hex(i) for i in range(sys.maxunicode + 1) if chr(i).isprintable() and not _printable(chr(i))]
+
+
 @pytest.mark.parametrize("limit", [40, 1000, 5000])
 def test_serve_lines_answers_each_request_line_once(agent, limit):
     from edgemeta.runtime.agent import serve_lines

@@ -80,7 +80,9 @@ def check_label(label: str) -> str:
     label = label.strip() if isinstance(label, str) else ""
     if not label:
         raise EdgemetaError("a label must not be empty")
-    if len(label) > MAX_LABEL or not all(_printable(c) for c in label):
+    # str.isprintable (C speed) implies _printable for every character; only a label it refuses (ZWJ,
+    # no-break spaces, private use) needs the per-character test
+    if len(label) > MAX_LABEL or not (label.isprintable() or all(_printable(c) for c in label)):
         raise EdgemetaError(f"label {label[:40]!r} is not allowed: at most {MAX_LABEL} printable characters")
     return label
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runtime_latency import REPO, SAMPLE, median_ms  # noqa: E402
+from runtime_latency import REPO, median_ms, query_file, sample_files  # noqa: E402
 
 
 def main(argv=None) -> list[dict]:
@@ -37,11 +37,10 @@ def main(argv=None) -> list[dict]:
     from edgemeta.runtime.store import EnrollmentStore
 
     rt = FewShotRuntime(a.model)
-    chars = sorted(p for p in SAMPLE.iterdir() if p.is_dir())
-    images, _ = rt.images([str(p) for c in chars[:10] for p in sorted(c.glob("*.png"))[:5]])
+    images, _ = rt.images(sample_files(classes=10))
     real = rt.embedder(images)
-    query_file = [str(sorted(chars[1].glob("*.png"))[-1])]
-    query = rt.embedder(rt.images(query_file)[0])
+    queries = [query_file()]
+    query = rt.embedder(rt.images(queries)[0])
     rng = np.random.default_rng(0)
     print(f"# {rt.manifest.name}, {rt.variant.name}, {rt.embedder.runtime} {runtime_version(rt.embedder.runtime)}; "
           f"{a.shots} samples per class, {real.shape[1]}-d; medians of {a.repeat}")
@@ -65,7 +64,7 @@ def main(argv=None) -> list[dict]:
                               repeat)
             head = PrototypeHead.from_embeddings(emb, labels, store.class_names, threshold=rt.threshold_of_model)
             classify = median_ms(lambda h=head: h.classify(query, top_k=5), repeat)
-            full = median_ms(lambda f=folder: rt.classify(f, query_file, top_k=5), repeat)
+            full = median_ms(lambda f=folder: rt.classify(f, queries, top_k=5), repeat)
             head_mb = head.prototypes.nbytes / 2**20  # the float32 prototype matrix a query is compared with
             disk_mb = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
             row = {"classes": n, "save_ms": save, "load_ms": load, "build_ms": build, "classify_ms": classify,

@@ -23,7 +23,7 @@ import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runtime_latency import REPO, SAMPLE, median_ms  # noqa: E402
+from runtime_latency import REPO, median_ms, sample_files  # noqa: E402
 
 
 def macs_per_image(model) -> int:
@@ -78,8 +78,7 @@ def main(argv=None) -> list[dict]:
         print(f"| {name} | {'x'.join(map(str, shape))} | {macs_per_image(build_backbone(name, shape)) / 1e6:.2f} M |")
     manifest = read_manifest(a.model)
     rt = FewShotRuntime(a.model)
-    chars = sorted(p for p in SAMPLE.iterdir() if p.is_dir())
-    images, _ = rt.images([str(p) for c in chars[:5] for p in sorted(c.glob("*.png"))[:5]])
+    images, _ = rt.images(sample_files())
     from edgemeta.host.modeldir import load_backbone
 
     macs = macs_per_image(load_backbone(a.model)[0])

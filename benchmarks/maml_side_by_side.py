@@ -75,6 +75,7 @@ def _rss_mb() -> float:
 
 
 STRIDED = "learn2learn, its example's strided OmniglotCNN"
+NETS = {"edgemeta": "cnn4", "learn2learn": "cnn4", STRIDED: "omniglot_cnn"}  # l2l_worker's network per arm
 
 
 class EdgemetaWorker(sbs.PeerWorker):
@@ -118,7 +119,6 @@ def main(argv=None) -> dict:
         for order in a.orders.split(","):
             first = order.strip().startswith("first")
             workers = {"edgemeta": EdgemetaWorker(a.data, a.sample, a.threads)}
-            nets = {"edgemeta": "cnn4", "learn2learn": "cnn4", STRIDED: "omniglot_cnn"}
             if peer:
                 workers["learn2learn"] = sbs.PeerWorker(root, npz, a.threads)
                 if not a.no_strided:
@@ -127,11 +127,11 @@ def main(argv=None) -> dict:
                     "first_order": first}
             times, sampling, last = {n: [] for n in workers}, {n: [] for n in workers}, {}
             for n, w in workers.items():
-                w.ask({**base, "net": nets[n], "iterations": 1})  # compile / warm up
+                w.ask({**base, "net": NETS[n], "iterations": 1})  # compile / warm up
             names = list(workers)
             for r in range(a.rounds):
                 for n in names[r % len(names):] + names[:r % len(names)]:
-                    last[n] = workers[n].ask({**base, "net": nets[n], "iterations": a.per_round})
+                    last[n] = workers[n].ask({**base, "net": NETS[n], "iterations": a.per_round})
                     times[n].extend(last[n]["ms"])
                     sampling[n].extend(last[n].get("sample_ms", []))
             for w in workers.values():

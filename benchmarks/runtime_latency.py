@@ -39,6 +39,25 @@ def median_ms(fn, repeat: int) -> float:
     return 1000 * float(np.median(times))
 
 
+def sample_files(classes: int = 5, per_class: int = 5) -> list[str]:
+    """The first `per_class` drawings of the first `classes` characters of samples/omniglot."""
+    chars = sorted(p for p in SAMPLE.iterdir() if p.is_dir())
+    return [str(p) for c in chars[:classes] for p in sorted(c.glob("*.png"))[:per_class]]
+
+
+def query_file() -> str:
+    """One drawing none of sample_files' enrolment shots use: the second character's last."""
+    chars = sorted(p for p in SAMPLE.iterdir() if p.is_dir())
+    return str(sorted(chars[1].glob("*.png"))[-1])
+
+
+def cold_start(cmd: list[str], env: dict, runs: int) -> str:
+    """Median wall time and largest peak RSS of `runs` fresh processes running `cmd`, as a report line."""
+    results = [child_run(cmd, env) for _ in range(runs)]
+    wall, rss = np.median([r[0] for r in results]), max(r[1] for r in results)
+    return f"  wall {1000 * wall:.0f} ms (median of {runs}), peak RSS {rss:.0f} MiB"
+
+
 def child_run(cmd: list[str], env: dict) -> tuple[float, float]:
     """Wall time (s) and peak RSS (MiB) of one command, measured from a fresh watcher process."""
     watcher = ("import resource, subprocess, sys, time, json; t = time.perf_counter(); "
@@ -77,8 +96,7 @@ def keras_embed(model_dir: str, threads: str, repeat: str) -> None:
 
     tf.config.threading.set_intra_op_parallelism_threads(int(threads))
     tf.config.threading.set_inter_op_parallelism_threads(1)
-    chars = sorted(p for p in SAMPLE.iterdir() if p.is_dir())
-    images, _ = load_images([str(p) for c in chars[:5] for p in sorted(c.glob("*.png"))[:5]], read_manifest(model_dir).preprocess)
+    images, _ = load_images(sample_files(), read_manifest(model_dir).preprocess)
     model = load_keras(Path(model_dir) / MODEL_FILE)
     compiled, x = keras_embedder(model), images.astype(np.float32) / 255.0
     if threads == "1":
@@ -107,12 +125,8 @@ def keras_main(args) -> None:
         np.save(protos, np.random.default_rng(0).normal(size=(1000, dim)).astype(np.float32))
         print("\ncold start (new process: TensorFlow, load model.keras, decode 1 PNG, predict, nearest of 1000 prototypes; "
               "1 thread) and peak memory")
-        chars = sorted(p for p in SAMPLE.iterdir() if p.is_dir())
-        query = str(sorted(chars[1].glob("*.png"))[-1])
-        runs = [child_run([sys.executable, __file__, "--keras-classify", args.model, query, str(protos)], dict(os.environ))
-                for _ in range(args.cold)]
-        wall, rss = np.median([r[0] for r in runs]), max(r[1] for r in runs)
-        print(f"  wall {1000 * wall:.0f} ms (median of {args.cold}), peak RSS {rss:.0f} MiB")
+        print(cold_start([sys.executable, __file__, "--keras-classify", args.model, query_file(), str(protos)],
+                         dict(os.environ), args.cold))
 
 
 def main() -> None:
@@ -136,9 +150,8 @@ def main() -> None:
     from edgemeta.runtime.manifest import read_manifest
 
     manifest = read_manifest(args.model)
-    chars = sorted(p for p in SAMPLE.iterdir() if p.is_dir())
     rt = FewShotRuntime(args.model)
-    images, _ = rt.images([str(p) for c in chars[:5] for p in sorted(c.glob("*.png"))[:5]])
+    images, _ = rt.images(sample_files())
     print(f"runtime: {args.runtime} {runtime_version(args.runtime)}; model {manifest.name}; machine {os.uname().machine}, "
           f"{os.cpu_count()} cores; 1 interpreter thread unless said; median of {args.repeat}")
 
@@ -154,7 +167,7 @@ def main() -> None:
             print(line)
 
     with tempfile.TemporaryDirectory() as tmp:
-        files = [str(p) for p in sorted(chars[0].glob("*.png"))[:5]]
+        files = sample_files(classes=1)
         counter = iter(range(10**6))
         enroll = median_ms(lambda: rt.enroll(Path(tmp) / "s", f"class{next(counter)}", files, allow_duplicates=True), 30)
         print(f"\nenroll a 5-shot class (decode 5 PNGs, preprocess, embed, atomic store write): {enroll:.2f} ms")
@@ -162,7 +175,7 @@ def main() -> None:
         print("\nhead cost for one query (prototypes kept; distances, top-5, open-set) and full classify")
         rng = np.random.default_rng(0)
         query_emb = rt.embedder(images[:1])
-        query_file = [str(sorted(chars[1].glob("*.png"))[-1])]
+        query = [query_file()]
         real = rt.embedder(images)
         for n in (10, 100, 1000):
             emb = real[rng.integers(0, len(real), 5 * n)] + rng.normal(0, 0.05, (5 * n, real.shape[1])).astype(np.float32)
@@ -177,7 +190,7 @@ def main() -> None:
             s.class_names = list(head.names)
             s.embeddings, s.labels = emb.astype(np.float32), labels.astype(np.int32)
             s.save()
-            full_ms = median_ms(lambda st=store: rt.classify(st, query_file, top_k=5), 50)
+            full_ms = median_ms(lambda st=store: rt.classify(st, query, top_k=5), 50)
             print(f"  {n:5d} classes: head {head_ms:.3f} ms; head build from store {build_ms:.3f} ms; "
                   f"classify 1 PNG incl. store load {full_ms:.2f} ms")
 
@@ -185,10 +198,7 @@ def main() -> None:
         # `python -m edgemeta`: the same CLI as the console script, also where edgemeta runs from PYTHONPATH
         env = {**os.environ, "EDGEMETA_RUNTIME": args.runtime}
         cmd = [sys.executable, "-m", "edgemeta", "classify", "--store", str(Path(tmp) / "store1000"), "--model", args.model]
-        runs = [child_run([*cmd, *query_file], env)
-                for _ in range(args.cold)]
-        wall, rss = np.median([r[0] for r in runs]), max(r[1] for r in runs)
-        print(f"  wall {1000 * wall:.0f} ms (median of {args.cold}), peak RSS {rss:.0f} MiB")
+        print(cold_start([*cmd, *query], env, args.cold))
 
 
 if __name__ == "__main__":

@@ -30,8 +30,8 @@ import peers  # noqa: E402
 BOARD_VENV = {"runtime_latency": "ai_edge_litert", "runtime_latency_tflite": "tflite_runtime"}
 
 
-def steps(a, out: Path) -> list[tuple[str, list[str], bool]]:
-    """(name, arguments after the script, needs the peer) for each script, as the mode asks."""
+def steps(a, out: Path) -> list[tuple[str, list[str]]]:
+    """(name, arguments after the script) for each script, as the mode asks."""
     data, peer_dir = ["--data", a.data], (["--peers", a.peers] if a.peers else [])
     peer = ["--no-peer"] if a.no_peer or a.smoke else peer_dir
     sample = ["--sample", str(SAMPLE)]
@@ -81,7 +81,7 @@ def steps(a, out: Path) -> list[tuple[str, list[str], bool]]:
         # without peers the ai-edge-litert figures come from this Python; tflite-runtime needs its own venv
         if args is None or (a.no_peer and name in ("peers", "runtime_latency_tflite")):
             continue
-        out_steps.append((name, args, name == "peers"))
+        out_steps.append((name, args))
     return out_steps
 
 
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     failed, summary = [], []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))}
-    for name, args, _ in steps(a, out):
+    for name, args in steps(a, out):
         script = HERE / ("runtime_latency.py" if name.startswith("runtime_latency") else f"{name}.py")
         python = Path(sys.executable)
         if name in BOARD_VENV and not a.no_peer and not a.smoke:

@@ -1,5 +1,7 @@
 """Every registered method through the one protocol, and the optimization family's inner loop."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -275,3 +277,94 @@ def test_the_board_head_is_chosen_on_validation_by_accuracy(sample_dir):
     assert scores["own"] == pytest.approx(np.mean([100 / w for w, _ in ((5, 1), (5, 5), (20, 1), (20, 5)) if w <= split.num_classes]))
     chosen, _ = choose_board_head(get_method("protonet"), emb, split, episodes=20)
     assert chosen == "own"  # a tie keeps the method's own head
+
+
+def test_distillation_loss_is_the_weighted_labels_and_softened_teacher_terms(episode, exported):
+    """ProtoNet's distillation: (1 - w) * cross-entropy + w * T^2 * KL(teacher_T || student_T), the
+    teacher frozen and in inference mode, checked against the same formula in numpy."""
+    import tensorflow as tf
+
+    w, t = 0.3, 2.5
+    method, backbone = built("protonet", teacher=str(exported), distill=w, temperature=t)
+    method.start_training()
+    teacher_before = [v.numpy().copy() for v in method.teacher.variables]
+    ep = tf_episode(episode)
+    images = tf.concat([ep.support, ep.query], axis=0)
+
+    def logits(emb):
+        protos = np.stack([emb[:WAY * SHOT][episode.support_labels == c].mean(axis=0) for c in range(WAY)])
+        return -((emb[WAY * SHOT:, None, :] - protos[None]) ** 2).sum(axis=2)
+
+    def log_softmax(x):
+        x = x - x.max(axis=1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+
+    with tf.GradientTape() as tape:
+        loss, _ = method.episode_loss(ep, training=True)
+    student = logits(method.training_forward(images).numpy().astype(np.float64))
+    teacher = logits(method.teacher(images, training=False).numpy().astype(np.float64))
+    ce = -log_softmax(student)[np.arange(WAY * QUERY), episode.query_labels].mean()
+    p = np.exp(log_softmax(teacher / t))
+    kl = (p * (log_softmax(teacher / t) - log_softmax(student / t))).sum(axis=1).mean()
+    assert kl > 1e-4  # a real second term: the student is not the teacher
+    assert float(loss) == pytest.approx((1 - w) * ce + w * t * t * kl, rel=1e-4)
+    grads = tape.gradient(loss, backbone.trainable_variables + method.teacher.trainable_variables)
+    assert all(g is not None for g in grads) and not method.teacher.trainable_variables
+    assert all(np.array_equal(a, b.numpy()) for a, b in zip(teacher_before, method.teacher.variables, strict=True))
+
+
+def test_a_distilled_model_trains_and_loads_without_its_teacher(tmp_path, sample_dir, exported):
+    import shutil
+
+    from test_train import tiny_config
+
+    from edgemeta.host.modeldir import load_backbone
+    from edgemeta.host.train import train
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(exported, teacher)
+    cfg = tiny_config(sample_dir, episodes=20)
+    cfg = type(cfg)(**{**cfg.__dict__, "method": type(cfg.method)("protonet", {"teacher": str(teacher), "distill": 0.5})})
+    out = tmp_path / "student"
+    result = train(cfg, out, progress=False)
+    assert result.episodes == 20
+    shutil.rmtree(teacher)  # evaluating, exporting or deploying the student never reads its teacher
+    backbone, info = load_backbone(out)
+    assert info.method["teacher"] == str(teacher) and info.method["distill"] == 0.5
+    method = info.make_method(out, backbone, 5)
+    assert method.teacher is None
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"teacher": "no/such/model"}, "is not a folder"),
+    ({"distill": 1.5}, "distill must be in [0, 1]"),
+    ({"temperature": 0}, "temperature must be above 0"),
+    ({"teacher": 3}, "must be str"),
+])
+def test_bad_distillation_settings_are_refused_with_one_line_and_nothing_written(tmp_path, sample_dir, params, message):
+    from test_train import tiny_config
+
+    from edgemeta.errors import EdgemetaError
+    from edgemeta.host.train import train
+
+    out = tmp_path / "run"
+    with pytest.raises(EdgemetaError, match=re.escape(message)) as e:
+        cfg = tiny_config(sample_dir, episodes=5)
+        train(type(cfg)(**{**cfg.__dict__, "method": type(cfg.method)("protonet", params)}), out, progress=False)
+    assert "\n" not in str(e.value)
+    assert not out.exists()
+
+
+def test_a_teacher_that_reads_other_images_is_refused(tmp_path, sample_dir, exported):
+    from test_train import tiny_config
+
+    from edgemeta.errors import EdgemetaError
+    from edgemeta.host.train import train
+
+    cfg = tiny_config(sample_dir, episodes=5)
+    cfg = type(cfg)(**{**cfg.__dict__,
+                       "model": type(cfg.model)(**{**cfg.model.__dict__, "image_size": 32}),
+                       "method": type(cfg.method)("protonet", {"teacher": str(exported)})})
+    with pytest.raises(EdgemetaError, match="reads images of shape"):
+        train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

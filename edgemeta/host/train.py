@@ -207,6 +207,8 @@ class EpisodicTrainer:
         with self.strategy.scope():
             self.model = build_backbone(cfg.model.backbone, cfg.model.preprocess.input_shape)
             self.method.build(self.model, tc.way)
+            if hasattr(self.method, "start_training"):
+                self.method.start_training()
             self.variables = self.model.trainable_variables + self.method.variables
             steps = max(1, tc.episodes // per_step)
             if tc.lr_schedule == "cosine":
@@ -369,10 +371,10 @@ def train(cfg: Config, out: str | Path, progress: bool = True, fresh: bool = Fal
              "images": {"train": len(train_split.images), "val": len(splits["val"].images)}}
     sampler = EpisodeSampler(train_split, tc.way, tc.shot, tc.query, seed=tc.seed)
     val_sampler = EpisodeSampler(splits["val"], vc.way, vc.shot, vc.query, seed=vc.seed)
-    if chief:  # only once the data fits: a refused run leaves nothing; the other workers write nothing here
-        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     tf.keras.utils.set_random_seed(tc.seed)
     trainer = EpisodicTrainer(cfg, sampler, strategy)
+    if chief:  # only once the data fits and the method is built: a refused run leaves nothing; the other workers write nothing here
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     model, method, replicas = trainer.model, trainer.method, trainer.episodes_per_step
     placement = device_summary(trainer.strategy, cluster)
     ckpt = trainer.checkpoint()

@@ -41,6 +41,9 @@ class Method(Protocol):
     def build(self, backbone, way: int) -> None:
         """Create the method's own variables (under the caller's strategy scope)."""
 
+    # Optional: ``start_training()``, called by the trainer alone after ``build`` (same scope), loads
+    # what only training needs (ProtoNet's distillation teacher); raises EdgemetaError on bad input.
+
     @property
     def variables(self) -> list:
         """Trainable variables the method owns, besides the backbone's."""

@@ -5,21 +5,37 @@ Each class is represented by the mean of its support embeddings (its prototype);
 classified by a softmax over negative squared Euclidean distances to the prototypes. Training
 episodes use more classes than test episodes (e.g. 60-way for Omniglot), which the paper found
 to help. The method has no variables of its own: its head is the numpy prototype head.
+
+Optionally the episode loss also distils a trained teacher model (Hinton, Vinyals and Dean 2015;
+"born-again" self-distillation of a few-shot embedding as in Tian et al. 2020, "Rethinking Few-Shot
+Image Classification"): the teacher's prototype softmax over the same episode, softened by a
+temperature, is a second target besides the labels. The student keeps the configured backbone, so
+the board model's size and latency do not change; the teacher is only read during training.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from edgemeta.errors import EdgemetaError
 from edgemeta.host.methods.base import TaskEpisode, accuracy, cross_entropy
 from edgemeta.runtime.head import prototypes, squared_euclidean
 
 
 @dataclass(frozen=True)
 class ProtoNetParams:
-    pass
+    teacher: str = ""          # a trained model folder to distil (empty: plain ProtoNet)
+    distill: float = 0.5       # weight of the teacher's soft targets; the labels get 1 - distill
+    temperature: float = 4.0   # softens both distributions (the distillation term is scaled by its square)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.distill <= 1.0:
+            raise ValueError("distill must be in [0, 1]")
+        if not self.temperature > 0.0:
+            raise ValueError("temperature must be above 0")
 
 
 class ProtoNet:
@@ -39,6 +55,22 @@ class ProtoNet:
         # Conv-4's training pass with fused batch-norm kernels (the same arithmetic, about 1.5-2x
         # faster on a CPU); None for other backbones, which run as Keras runs them
         self.training_forward = fused_training_forward(backbone)
+        self.teacher = None
+
+    def start_training(self) -> None:
+        """Load the teacher (training only: evaluating or exporting a distilled model never needs it)."""
+        from edgemeta.host.modeldir import load_backbone
+
+        if not self.params.teacher:
+            return
+        if not Path(self.params.teacher).is_dir():
+            raise EdgemetaError(f"[method] teacher {self.params.teacher} is not a folder; give a trained model folder")
+        teacher, _ = load_backbone(self.params.teacher)
+        if tuple(teacher.input_shape[1:]) != tuple(self.backbone.input_shape[1:]):
+            raise EdgemetaError(f"[method] teacher {self.params.teacher} reads images of shape {teacher.input_shape[1:]}, "
+                                f"this model {self.backbone.input_shape[1:]}; give a teacher with the same [model] preprocessing")
+        teacher.trainable = False  # frozen: its batch norm runs on its moving statistics
+        self.teacher = teacher
 
     @property
     def variables(self) -> list:
@@ -53,12 +85,16 @@ class ProtoNet:
         images = tf.concat([episode.support, episode.query], axis=0)
         fast = getattr(self, "training_forward", None) if training else None
         emb = fast(images) if fast is not None else self.backbone(images, training=training)
-        emb_s, emb_q = emb[:n_support], emb[n_support:]
         onehot = tf.one_hot(episode.support_labels, episode.way, dtype=emb.dtype)
-        protos = tf.matmul(onehot, emb_s, transpose_a=True) / tf.reduce_sum(onehot, axis=0)[:, None]
-        dist = (tf.reduce_sum(emb_q**2, axis=1, keepdims=True) + tf.reduce_sum(protos**2, axis=1)[None, :]
-                - 2.0 * tf.matmul(emb_q, protos, transpose_b=True))
-        return cross_entropy(-dist, episode.query_labels), accuracy(-dist, episode.query_labels)
+        logits = _prototype_logits(emb, n_support, onehot)
+        loss = cross_entropy(logits, episode.query_labels)
+        if self.teacher is not None and training:
+            t = self.params.temperature
+            soft = tf.nn.softmax(tf.stop_gradient(_prototype_logits(self.teacher(images, training=False), n_support, onehot)) / t)
+            # KL(teacher || student) at temperature t, times t^2 so its gradients keep the labels' scale
+            kl = tf.reduce_mean(tf.reduce_sum(soft * (tf.math.log(soft + 1e-12) - tf.nn.log_softmax(logits / t)), axis=1))
+            loss = (1.0 - self.params.distill) * loss + self.params.distill * t * t * kl
+        return loss, accuracy(logits, episode.query_labels)
 
     def classify(self, support_emb: np.ndarray, support_labels: np.ndarray, query_emb: np.ndarray, way: int) -> np.ndarray:
         return -squared_euclidean(query_emb, prototypes(support_emb, support_labels, way))
@@ -71,3 +107,13 @@ class ProtoNet:
 
     def load_head(self, arrays: dict[str, np.ndarray]) -> None:
         pass
+
+
+def _prototype_logits(emb, n_support, onehot):
+    """Negative squared Euclidean distances of the query embeddings (after the first n_support) to the class means."""
+    import tensorflow as tf
+
+    emb_s, emb_q = emb[:n_support], emb[n_support:]
+    protos = tf.matmul(onehot, emb_s, transpose_a=True) / tf.reduce_sum(onehot, axis=0)[:, None]
+    return -(tf.reduce_sum(emb_q**2, axis=1, keepdims=True) + tf.reduce_sum(protos**2, axis=1)[None, :]
+             - 2.0 * tf.matmul(emb_q, protos, transpose_b=True))

@@ -10,7 +10,7 @@ edgemeta. It answers one JSON line per JSON command line on stdin:
      "net": "cnn4" | "omniglot_cnn"}
         (the model of those settings is kept across calls)
         -> {"ms": [...per meta-batch, sampling included], "sample_ms": [...its task sampling], "peak_rss_mb": ...,
-            "base_rss_mb": ...}
+            "base_rss_mb": ..., "call_peak_mb": peak above the RSS when this call started, "rss_mb": RSS at its end}
     {"cmd": "quit"}
 
 ProtoNet is learn2learn's `examples/vision/protonet_miniimagenet.py`: its `Convnet` (CNN4Backbone, here
@@ -30,12 +30,20 @@ import sys
 import time
 
 
-def rss_mb() -> float:
+def rss_mb(field: str = "VmRSS") -> float:
+    """This process's resident memory (VmRSS), or its peak since start or the last reset_peak (VmHWM), in MB."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+def reset_peak() -> float:
+    """Restart this process's peak-RSS count (Linux: 5 into /proc/self/clear_refs); returns the RSS now."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return rss_mb()
 
 
 def main() -> None:
@@ -156,6 +164,7 @@ def maml(state: dict, msg: dict) -> dict:
     tasks = taskset(state, way, 2 * shot)  # the example: 2 * shots samples per class, half to adapt
     device = torch.device("cpu")
     ms, sample_ms = [], []
+    start_rss = reset_peak()
     for _ in range(msg["iterations"]):
         t0 = time.perf_counter()
         sampling = 0.0
@@ -173,7 +182,8 @@ def maml(state: dict, msg: dict) -> dict:
         ms.append(1000 * (time.perf_counter() - t0))
         sample_ms.append(1000 * sampling)
     return {"ms": ms, "sample_ms": sample_ms, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "base_rss_mb": round(state["base_rss_mb"], 1)}
+            "base_rss_mb": round(state["base_rss_mb"], 1), "call_peak_mb": round(rss_mb("VmHWM") - start_rss, 1),
+            "rss_mb": round(rss_mb(), 1)}
 
 
 COMMANDS = {"setup": setup, "protonet": protonet, "embed": embed, "maml": maml}

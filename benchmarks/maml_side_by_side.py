@@ -13,7 +13,9 @@ about a quarter of the multiply-adds: a different network, shown for what the ex
 Each side runs in its own process (peak memory is per process) on the same Vinyals train images; the
 processes take turns, `--per-round` meta-batches each per round. Memory: the peak RSS of the process,
 and the peak above its RSS once its libraries and data were loaded (the two sides hold the images
-differently: uint8 in edgemeta, float32 tensors in learn2learn's dataset).
+differently: uint8 in edgemeta, float32 tensors in learn2learn's dataset), split into what the first
+meta-batch leaves resident (edgemeta: the traced and compiled step) and the most any later meta-batch
+rises above the RSS it started from (the meta-gradient's own working memory).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sidebyside as sbs  # noqa: E402
+from l2l_worker import reset_peak, rss_mb  # noqa: E402  (standard library only)
 
 
 def child(argv: list[str]) -> None:
@@ -44,7 +47,7 @@ def child(argv: list[str]) -> None:
     sys.stdout = sys.stderr
     sbs.set_tf_threads(a.threads)
     cfg, splits = sbs.load_splits(a.data, ("train",), a.sample)
-    state: dict = {"base": _rss_mb()}
+    state: dict = {"base": rss_mb()}
     for line in sys.stdin:
         msg = json.loads(line)
         if msg["cmd"] == "quit":
@@ -56,6 +59,7 @@ def child(argv: list[str]) -> None:
                                           params=params, meta_batch=msg["meta_batch"]), 0]
         trainer, done = state[key]
         ms = []
+        start_rss = reset_peak()
         for _ in range(msg["iterations"]):
             t = time.perf_counter()
             trainer.step(done)
@@ -63,15 +67,8 @@ def child(argv: list[str]) -> None:
             done += trainer.episodes_per_step
         state[key][1] = done
         proto_out.write(json.dumps({"ms": ms, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                                    "base_rss_mb": round(state["base"], 1)}) + "\n")
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+                                    "base_rss_mb": round(state["base"], 1),
+                                    "call_peak_mb": round(rss_mb("VmHWM") - start_rss, 1), "rss_mb": round(rss_mb(), 1)}) + "\n")
 
 
 STRIDED = "learn2learn, its example's strided OmniglotCNN"
@@ -125,14 +122,16 @@ def main(argv=None) -> dict:
                     workers[STRIDED] = sbs.PeerWorker(root, npz, a.threads)
             base = {"cmd": "maml", "way": a.way, "shot": a.shot, "meta_batch": a.meta_batch, "steps": a.steps,
                     "first_order": first}
-            times, sampling, last = {n: [] for n in workers}, {n: [] for n in workers}, {}
+            times, sampling, last, first_left, later_peak = {n: [] for n in workers}, {n: [] for n in workers}, {}, {}, {}
             for n, w in workers.items():
-                w.ask({**base, "net": NETS[n], "iterations": 1})  # compile / warm up
+                warm = w.ask({**base, "net": NETS[n], "iterations": 1})  # compile / warm up
+                first_left[n] = warm["rss_mb"] - warm["base_rss_mb"]
             names = list(workers)
             for r in range(a.rounds):
                 for n in names[r % len(names):] + names[:r % len(names)]:
                     last[n] = workers[n].ask({**base, "net": NETS[n], "iterations": a.per_round})
                     times[n].extend(last[n]["ms"])
+                    later_peak[n] = max(later_peak.get(n, 0.0), last[n]["call_peak_mb"])
                     sampling[n].extend(last[n].get("sample_ms", []))
             for w in workers.values():
                 w.close()
@@ -144,13 +143,15 @@ def main(argv=None) -> dict:
                 out["rows"].append({"order": label, "side": n, "median_ms": round(med, 1), "p10_ms": round(p10, 1),
                                     "p90_ms": round(p90, 1), "sampling_ms": None if sample is None else round(sample, 1),
                                     "peak_rss_mb": last[n]["peak_rss_mb"],
-                                    "above_base_mb": round(last[n]["peak_rss_mb"] - last[n]["base_rss_mb"], 1)})
-    print("\n| MAML | side | ms per meta-batch (median, p10-p90) | of which task sampling | peak RSS (MB) | peak above loaded (MB) |")
-    print("|---|---|---|---|---|---|")
+                                    "above_base_mb": round(last[n]["peak_rss_mb"] - last[n]["base_rss_mb"], 1),
+                                    "first_left_mb": round(first_left[n], 1), "later_peak_mb": round(later_peak[n], 1)})
+    print("\n| MAML | side | ms per meta-batch (median, p10-p90) | of which task sampling | peak RSS (MB) | peak above loaded (MB) "
+          "| left resident by the first meta-batch (MB) | later meta-batches: peak above their start (MB) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in out["rows"]:
         samp = "in the step" if r["sampling_ms"] is None else f"{r['sampling_ms']:.0f}"
         print(f"| {r['order']} | {r['side']} | {r['median_ms']:.0f} ({r['p10_ms']:.0f}-{r['p90_ms']:.0f}) | {samp} | "
-              f"{r['peak_rss_mb']:.0f} | {r['above_base_mb']:.0f} |")
+              f"{r['peak_rss_mb']:.0f} | {r['above_base_mb']:.0f} | {r['first_left_mb']:.0f} | {r['later_peak_mb']:.0f} |")
     if peer:
         for order in ("second order", "first order"):
             rows = {r["side"]: r for r in out["rows"] if r["order"] == order}

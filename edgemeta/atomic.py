@@ -40,11 +40,24 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def default_mode() -> int:
+    """The permission bits `open()` gives a new file: 0o666 less this process's umask."""
+    try:  # Linux: read without changing it (os.umask can only be read by setting it, racing other threads)
+        with open("/proc/self/status") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_atomic(path: str | Path, data: bytes | str | Callable[[BinaryIO], None], mode: int | None = None,
                  prefix: str | None = None, suffix: str = ".tmp") -> None:
     """Replace `path` with `data` (bytes, text, or a function that writes to the open file).
 
-    `mode` sets permission bits where the file system has them (FAT has none); `prefix`/`suffix`
+    `mode` sets permission bits where the file system has them (FAT has none); by default the file
+    gets what `open()` would give it (0o666 less the umask), not the temporary file's 0o600, so an
+    exported model is readable where a copied one would be; `prefix`/`suffix`
     name the temporary file (a reader that cleans up leftovers of killed writers matches them).
     A full disk is an EdgemetaError, and `path` and its folder are left as they were."""
     path = Path(path)
@@ -70,11 +83,10 @@ def _write(path: Path, data: bytes | str | Callable[[BinaryIO], None], mode: int
             else:
                 f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
-            if mode is not None:
-                try:
-                    os.fchmod(f.fileno(), mode)
-                except OSError:
-                    pass
+            try:
+                os.fchmod(f.fileno(), default_mode() if mode is None else mode)
+            except OSError:
+                pass
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -113,6 +113,25 @@ def test_npy_inputs_match_images(exported, tmp_path):
     assert names[1].endswith("stack.npy[1]")
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_get_the_umask_modes_and_the_store_stays_private(exported, tmp_path, umask):
+    """write_atomic's files are what open() would make (a temporary file's 0o600 would leave an exported
+    model unreadable to the agent's user); the enrolled samples are the one exception, 0o600 always."""
+    import os
+    import stat
+
+    from edgemeta.atomic import write_atomic
+
+    old = os.umask(umask)
+    try:
+        write_atomic(tmp_path / "manifest.json", "{}")
+        FewShotRuntime(exported).enroll(tmp_path / "s", "a", drawings("Keble_character01", [1]))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "manifest.json").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE((tmp_path / "s" / STORE_FILE).stat().st_mode) == 0o600
+
+
 def test_a_failed_write_leaves_the_last_good_store(exported, tmp_path, monkeypatch):
     rt = FewShotRuntime(exported)
     store = tmp_path / "s"

@@ -502,7 +502,8 @@ class EnrollmentStore:
         # what is written must open again: the same checks as open(), so a bug cannot leave an unreadable store
         read_store(Doc(f"{self.folder / STORE_FILE} (not written)", "this is a bug in edgemeta; please report it"), arrays)
         # temporary names TMP_PREFIX + 8 characters + TMP_SUFFIX: what TMP_NAME cleans up after a kill
-        write_atomic(self.folder / STORE_FILE, lambda f: np.savez(f, **arrays), prefix=TMP_PREFIX, suffix=TMP_SUFFIX)
+        # 0o600: the enrolled samples are the operator's data, readable by the agent's user alone
+        write_atomic(self.folder / STORE_FILE, lambda f: np.savez(f, **arrays), mode=0o600, prefix=TMP_PREFIX, suffix=TMP_SUFFIX)
 
     def _adapt_head(self) -> None:
         """Recompute the adapted head (on every save, so it always matches the samples), and its meta."""

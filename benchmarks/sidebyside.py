@@ -51,7 +51,7 @@ def load_splits(data: str, splits=("train",), sample: str | None = None):
 
 
 def trainer_for(cfg_base, split, way: int, shot: int, query: int, method: str = "protonet", params: dict | None = None,
-                meta_batch: int = 1, seed: int = 0, fused: bool = True):
+                meta_batch: int = 1, seed: int = 0, fused: bool = True, parallel_tasks: int = 1):
     """edgemeta's EpisodicTrainer (the compiled step `edgemeta train` runs) for one episode shape.
     fused=False: ProtoNet's Keras batch-norm pass instead of the fused one (the state before the change)."""
     import tensorflow as tf
@@ -59,7 +59,7 @@ def trainer_for(cfg_base, split, way: int, shot: int, query: int, method: str = 
     from edgemeta.host.data import EpisodeSampler
     from edgemeta.host.train import EpisodicTrainer
 
-    cfg = _config(cfg_base, way, shot, query, method, params, meta_batch, seed)
+    cfg = _config(cfg_base, way, shot, query, method, params, meta_batch, seed, parallel_tasks)
     tf.keras.utils.set_random_seed(seed)
     trainer = EpisodicTrainer(cfg, EpisodeSampler(split, way, shot, query, seed=seed))
     if not fused and hasattr(trainer.method, "training_forward"):
@@ -67,7 +67,7 @@ def trainer_for(cfg_base, split, way: int, shot: int, query: int, method: str = 
     return trainer
 
 
-def _config(cfg_base, way, shot, query, method, params, meta_batch, seed):
+def _config(cfg_base, way, shot, query, method, params, meta_batch, seed, parallel_tasks):
     import dataclasses
 
     from edgemeta.host.config import config_from_dict
@@ -75,7 +75,8 @@ def _config(cfg_base, way, shot, query, method, params, meta_batch, seed):
     data = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg_base.data).items()}
     return config_from_dict({
         "data": data, "model": {"backbone": "conv4"}, "method": {"name": method, **(params or {})},
-        "train": {"way": way, "shot": shot, "query": query, "meta_batch": meta_batch, "seed": seed, "lr_schedule": "constant"},
+        "train": {"way": way, "shot": shot, "query": query, "meta_batch": meta_batch, "seed": seed, "lr_schedule": "constant",
+                  "parallel_tasks": parallel_tasks},
     })
 
 

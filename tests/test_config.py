@@ -47,6 +47,7 @@ def test_method_table_round_trips_and_the_old_spelling_still_reads(tmp_path):
     ({"method": {"name": "maml"}, "model": {"algorithm": "protonet"}}, "disagree"),
     ({"train": {"lr_schedule": "linear"}}, "lr_schedule must be one of"),
     ({"train": {"meta_batch": 0}}, "meta_batch"),
+    ({"train": {"parallel_tasks": 0}}, "parallel_tasks"),
     ({"train": {"wya": 5}}, "unknown key 'wya' in \\[train\\]"),
     ({"trian": {}}, "unknown section \\[trian\\]"),
     ({"train": {"way": "five"}}, "way must be a number"),

@@ -163,3 +163,25 @@ def test_trainval_trains_on_the_val_classes_and_keeps_the_last_weights(tmp_path,
     result = train(cfg, tmp_path, progress=False)
     info = json.loads((tmp_path / "model.json").read_text())["training"]
     assert result.best_episode == 40 and info["classes"] == "trainval" and "not held out" in info["validation"]
+
+
+def test_tasks_computed_one_at_a_time_or_together_give_the_same_step(sample_dir):
+    """[train] parallel_tasks only bounds how many tasks of a meta-batch are in memory at once."""
+    import keras
+    import numpy as np
+
+    from edgemeta.host.data import EpisodeSampler, load_dataset
+
+    weights = []
+    for parallel in (1, 3):
+        cfg = tiny_config(sample_dir, meta_batch=3, parallel_tasks=parallel)
+        split = load_dataset(cfg.data, cfg.model.preprocess, ("train",))["train"]
+        keras.utils.set_random_seed(0)
+        trainer = EpisodicTrainer(cfg, EpisodeSampler(split, 5, 1, 3, seed=0))
+        trainer.step(0)
+        weights.append([w.copy() for w in trainer.model.get_weights()])
+    keras.utils.set_random_seed(0)
+    before = EpisodicTrainer(cfg, EpisodeSampler(split, 5, 1, 3, seed=0)).model.get_weights()
+    assert any(not np.allclose(a, b) for a, b in zip(before, weights[0], strict=True))  # the step changed something
+    for a, b in zip(*weights, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

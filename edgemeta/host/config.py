@@ -66,6 +66,11 @@ class TrainConfig:
     max_minutes: float = 0.0       # and/or after this much wall time (0: no limit)
     meta_batch: int = 1            # episodes (tasks) averaged per optimizer step, split across the replicas (MAML: 32);
                                    # each replica takes at least one, so a step is max(meta_batch, replicas) rounded up
+    # Tasks of a meta-batch computed at once. Each holds its own inner-loop activations, so memory grows
+    # with this, not with meta_batch: 1 (default) bounds a step to one task's memory (20-way 5-shot 5-step
+    # MAML, 4 tasks: 1.4 GB above the loaded process, against 2.6 GB at 10 and the same time); more can
+    # be faster for small tasks on many cores (BENCHMARKS.md, "Peak memory of one meta-gradient").
+    parallel_tasks: int = 1
     learning_rate: float = 1e-3
     lr_schedule: str = "step"      # step (below), cosine (to 0 over `episodes`, MAML++) or constant
     lr_decay_every: int = 2000     # episodes between learning-rate steps (Snell et al.: halve every 2000)
@@ -85,8 +90,9 @@ class TrainConfig:
     augment_scale: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.episodes < 1 or self.lr_decay_every < 1 or self.learning_rate <= 0 or self.meta_batch < 1:
-            raise EdgemetaError("[train] episodes, meta_batch, lr_decay_every and learning_rate must be positive")
+        if (self.episodes < 1 or self.lr_decay_every < 1 or self.learning_rate <= 0 or self.meta_batch < 1
+                or self.parallel_tasks < 1):
+            raise EdgemetaError("[train] episodes, meta_batch, parallel_tasks, lr_decay_every and learning_rate must be positive")
         if self.lr_schedule not in LR_SCHEDULES:
             raise EdgemetaError(f"[train] lr_schedule must be one of {', '.join(LR_SCHEDULES)}, not {self.lr_schedule!r}")
         if self.classes not in ("train", "trainval"):

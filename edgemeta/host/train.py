@@ -241,7 +241,8 @@ class EpisodicTrainer:
 
             zeros = [tf.zeros_like(v) for v in variables]
             _, loss, acc, grads = tf.while_loop(lambda t, *_: t < meta_batch, body,
-                                                (tf.constant(0), tf.constant(0.0), tf.constant(0.0), zeros))
+                                                (tf.constant(0), tf.constant(0.0), tf.constant(0.0), zeros),
+                                                parallel_iterations=tc.parallel_tasks)
             # the optimizer sums the replicas' gradients (an all-reduce across the cluster): the sum over
             # every episode of the step, divided here by their number
             optimizer.apply_gradients(zip([g / per_step for g in grads], variables, strict=True))

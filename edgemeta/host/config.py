@@ -130,7 +130,9 @@ class MethodConfig:
     def __post_init__(self) -> None:
         from edgemeta.host.methods import method_params
 
-        method_params(self.name, self.params)  # raises on an unknown method, key, type or range
+        resolved = method_params(self.name, self.params)  # raises on an unknown method, key, type or range
+        # every key written out, so a config equals its own dump whatever defaults it left unsaid
+        object.__setattr__(self, "params", dataclasses.asdict(resolved))
 
     @property
     def resolved(self):

@@ -1,10 +1,12 @@
 """Every registered method through the one protocol, and the optimization family's inner loop."""
 
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
+from edgemeta.host.config import MethodConfig
 from edgemeta.host.methods import METHODS, TaskEpisode, get_method
 from edgemeta.runtime.linear_head import LinearHeadSpec, linear_scores, spec_arrays, spec_from_manifest
 
@@ -323,8 +325,7 @@ def test_a_distilled_model_trains_and_loads_without_its_teacher(tmp_path, sample
 
     teacher = tmp_path / "teacher"
     shutil.copytree(exported, teacher)
-    cfg = tiny_config(sample_dir, episodes=20)
-    cfg = type(cfg)(**{**cfg.__dict__, "method": type(cfg.method)("protonet", {"teacher": str(teacher), "distill": 0.5})})
+    cfg = replace(tiny_config(sample_dir, episodes=20), method=MethodConfig("protonet", {"teacher": str(teacher), "distill": 0.5}))
     out = tmp_path / "student"
     result = train(cfg, out, progress=False)
     assert result.episodes == 20
@@ -349,8 +350,7 @@ def test_bad_distillation_settings_are_refused_with_one_line_and_nothing_written
 
     out = tmp_path / "run"
     with pytest.raises(EdgemetaError, match=re.escape(message)) as e:
-        cfg = tiny_config(sample_dir, episodes=5)
-        train(type(cfg)(**{**cfg.__dict__, "method": type(cfg.method)("protonet", params)}), out, progress=False)
+        train(replace(tiny_config(sample_dir, episodes=5), method=MethodConfig("protonet", params)), out, progress=False)
     assert "\n" not in str(e.value)
     assert not out.exists()
 
@@ -362,9 +362,7 @@ def test_a_teacher_that_reads_other_images_is_refused(tmp_path, sample_dir, expo
     from edgemeta.host.train import train
 
     cfg = tiny_config(sample_dir, episodes=5)
-    cfg = type(cfg)(**{**cfg.__dict__,
-                       "model": type(cfg.model)(**{**cfg.model.__dict__, "image_size": 32}),
-                       "method": type(cfg.method)("protonet", {"teacher": str(exported)})})
+    cfg = replace(cfg, model=replace(cfg.model, image_size=32), method=MethodConfig("protonet", {"teacher": str(exported)}))
     with pytest.raises(EdgemetaError, match="reads images of shape"):
         train(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()

@@ -173,9 +173,10 @@ def test_tasks_computed_one_at_a_time_or_together_give_the_same_step(sample_dir)
     from edgemeta.host.data import EpisodeSampler, load_dataset
 
     weights = []
+    cfg = tiny_config(sample_dir, meta_batch=3)
+    split = load_dataset(cfg.data, cfg.model.preprocess, ("train",))["train"]
     for parallel in (1, 3):
         cfg = tiny_config(sample_dir, meta_batch=3, parallel_tasks=parallel)
-        split = load_dataset(cfg.data, cfg.model.preprocess, ("train",))["train"]
         keras.utils.set_random_seed(0)
         trainer = EpisodicTrainer(cfg, EpisodeSampler(split, 5, 1, 3, seed=0))
         trainer.step(0)

@@ -141,7 +141,7 @@ class MethodConfig:
         return method_params(self.name, self.params)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, **dataclasses.asdict(self.resolved)}
+        return {"name": self.name, **self.params}
 
 
 @dataclass(frozen=True)

@@ -90,9 +90,9 @@ class ProtoNet:
         loss = cross_entropy(logits, episode.query_labels)
         if self.teacher is not None and training:
             t = self.params.temperature
-            soft = tf.nn.softmax(tf.stop_gradient(_prototype_logits(self.teacher(images, training=False), n_support, onehot)) / t)
+            log_soft = tf.nn.log_softmax(tf.stop_gradient(_prototype_logits(self.teacher(images, training=False), n_support, onehot)) / t)
             # KL(teacher || student) at temperature t, times t^2 so its gradients keep the labels' scale
-            kl = tf.reduce_mean(tf.reduce_sum(soft * (tf.math.log(soft + 1e-12) - tf.nn.log_softmax(logits / t)), axis=1))
+            kl = tf.reduce_mean(tf.reduce_sum(tf.exp(log_soft) * (log_soft - tf.nn.log_softmax(logits / t)), axis=1))
             loss = (1.0 - self.params.distill) * loss + self.params.distill * t * t * kl
         return loss, accuracy(logits, episode.query_labels)
 

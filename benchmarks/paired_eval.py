@@ -1,0 +1,63 @@
+"""Two model folders on the same seeded test episodes: each one's accuracy and their paired difference.
+
+Two models' intervals overlap long before their difference is noise: the same episodes make the
+per-episode difference far less spread than either accuracy, so its interval says whether B beats A.
+Keras float32 backbones through each method's numpy head (non-transductive batch norm).
+
+    .venv/bin/python benchmarks/paired_eval.py benchmarks/runs/lake-trainval-teacher models/omniglot-conv4 \\
+        --data ../shared/data/omniglot
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("a", help="model folder A (the reference)")
+    ap.add_argument("b", help="model folder B")
+    ap.add_argument("--data", default="", help="Omniglot location (else $EDGEMETA_OMNIGLOT)")
+    ap.add_argument("--settings", default="5w1s,5w5s,20w1s,20w5s")
+    ap.add_argument("--episodes", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--within-alphabet", action="store_true", help="every episode's classes from one alphabet")
+    a = ap.parse_args()
+
+    from edgemeta.host.data import EpisodeSampler, load_dataset
+    from edgemeta.host.data.episodes import alphabets
+    from edgemeta.host.evaluate import episode_accuracies, episode_inputs, mean_ci95, parse_setting
+    from edgemeta.host.model_eval import keras_embedder, training_dataset
+    from edgemeta.host.modeldir import load_backbone
+
+    inputs = {}
+    for folder in (a.a, a.b):
+        model, info = load_backbone(folder)
+        spec = training_dataset(info, a.data)
+        split = load_dataset(spec, info.preprocess, ("test",))["test"]
+        method = info.make_method(folder, model, overrides={})
+        inputs[folder] = (*episode_inputs(method, keras_embedder(model), split, head_only=True), split, spec)
+    (_, _, split_a, spec_a), (_, _, split_b, spec_b) = inputs[a.a], inputs[a.b]
+    if (spec_a.split, spec_a.rotations) != (spec_b.split, spec_b.rotations) or split_a.class_names != split_b.class_names:
+        raise SystemExit("error: the two models were trained on different splits; their test episodes differ")
+    if a.within_alphabet:
+        alphabets(split_a)  # refuses a split without alphabets
+    print(f"A = {a.a}, B = {a.b}; {a.episodes} seeded episodes (seed {a.seed}) per setting, 15 queries, "
+          f"{'within one alphabet' if a.within_alphabet else 'classes from the whole split'}, Keras float32")
+    print("| setting | A | B | B - A (paired) |\n|---|---|---|---|")
+    for text in a.settings.split(","):
+        way, shot = parse_setting(text)
+        accs = {}
+        for folder, (classify, emb, split, _) in inputs.items():
+            sampler = EpisodeSampler(split, way, shot, 15, seed=a.seed, within_groups=a.within_alphabet)
+            accs[folder] = np.asarray(episode_accuracies(classify, emb, sampler, a.episodes, None))
+        (ma, ca), (mb, cb) = mean_ci95(accs[a.a]), mean_ci95(accs[a.b])
+        md, cd = mean_ci95(accs[a.b] - accs[a.a])
+        print(f"| {text} | {100 * ma:.2f} +/- {100 * ca:.2f} | {100 * mb:.2f} +/- {100 * cb:.2f} | "
+              f"{100 * md:+.2f} +/- {100 * cd:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

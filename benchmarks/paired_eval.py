@@ -11,6 +11,7 @@ Keras float32 backbones through each method's numpy head (non-transductive batch
 from __future__ import annotations
 
 import argparse
+import sys
 
 import numpy as np
 
@@ -41,7 +42,8 @@ def main() -> None:
         inputs[folder] = (*episode_inputs(method, keras_embedder(model), split, head_only=True), split, spec)
     (_, _, split_a, spec_a), (_, _, split_b, spec_b) = inputs[a.a], inputs[a.b]
     if (spec_a.split, spec_a.rotations) != (spec_b.split, spec_b.rotations) or split_a.class_names != split_b.class_names:
-        raise SystemExit("error: the two models were trained on different splits; their test episodes differ")
+        print("error: the two models were trained on different splits; their test episodes differ", file=sys.stderr)
+        raise SystemExit(2)
     if a.within_alphabet:
         alphabets(split_a)  # refuses a split without alphabets
     print(f"A = {a.a}, B = {a.b}; {a.episodes} seeded episodes (seed {a.seed}) per setting, 15 queries, "

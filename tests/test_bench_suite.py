@@ -56,3 +56,15 @@ def test_the_peer_worker_answers(tmp_path):
     finally:
         worker.close()
     assert json.dumps(worker.info) and os.path.isdir(peers.l2l_examples(root))
+
+
+def test_paired_eval_of_a_model_against_itself_is_a_zero_difference(omniglot_dir):
+    p = subprocess.run([sys.executable, "benchmarks/paired_eval.py", "models/omniglot-conv4", "models/omniglot-conv4",
+                        "--data", str(omniglot_dir), "--episodes", "20", "--settings", "5w1s,20w1s"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [line.split(" | ") for line in p.stdout.splitlines() if line.startswith(("| 5w1s", "| 20w1s"))]
+    assert len(rows) == 2
+    for _, acc_a, acc_b, diff in rows:
+        assert acc_a == acc_b and 50 < float(acc_a.split()[0]) <= 100
+        assert diff.strip(" |") == "+0.00 +/- 0.00"

@@ -27,32 +27,36 @@ def main() -> None:
     ap.add_argument("--within-alphabet", action="store_true", help="every episode's classes from one alphabet")
     a = ap.parse_args()
 
+    from edgemeta.errors import EdgemetaError
     from edgemeta.host.data import EpisodeSampler, load_dataset
     from edgemeta.host.data.episodes import alphabets
     from edgemeta.host.evaluate import episode_accuracies, episode_inputs, mean_ci95, parse_setting
     from edgemeta.host.model_eval import keras_embedder, training_dataset
     from edgemeta.host.modeldir import load_backbone
 
-    inputs = {}
-    for folder in (a.a, a.b):
-        model, info = load_backbone(folder)
-        spec = training_dataset(info, a.data)
-        split = load_dataset(spec, info.preprocess, ("test",))["test"]
-        method = info.make_method(folder, model, overrides={})
-        inputs[folder] = (*episode_inputs(method, keras_embedder(model), split, head_only=True), split, spec)
-    (_, _, split_a, spec_a), (_, _, split_b, spec_b) = inputs[a.a], inputs[a.b]
-    if (spec_a.split, spec_a.rotations) != (spec_b.split, spec_b.rotations) or split_a.class_names != split_b.class_names:
-        print("error: the two models were trained on different splits; their test episodes differ", file=sys.stderr)
-        raise SystemExit(2)
-    if a.within_alphabet:
-        alphabets(split_a)  # refuses a split without alphabets
+    try:
+        splits, inputs = {}, {}
+        for folder in (a.a, a.b):
+            model, info = load_backbone(folder)
+            key = (training_dataset(info, a.data), info.preprocess)
+            if key not in splits:  # two models of one dataset and preprocessing share its loaded split
+                splits[key] = load_dataset(*key, ("test",))["test"]
+            method = info.make_method(folder, model, overrides={})
+            inputs[folder] = (*episode_inputs(method, keras_embedder(model), splits[key], head_only=True), splits[key])
+        if inputs[a.a][2].class_names != inputs[a.b][2].class_names:
+            raise EdgemetaError("the two models were trained on different splits; their test episodes differ")
+        if a.within_alphabet:
+            alphabets(inputs[a.a][2])  # refuses a split without alphabets
+    except EdgemetaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(f"A = {a.a}, B = {a.b}; {a.episodes} seeded episodes (seed {a.seed}) per setting, 15 queries, "
           f"{'within one alphabet' if a.within_alphabet else 'classes from the whole split'}, Keras float32")
     print("| setting | A | B | B - A (paired) |\n|---|---|---|---|")
     for text in a.settings.split(","):
         way, shot = parse_setting(text)
         accs = {}
-        for folder, (classify, emb, split, _) in inputs.items():
+        for folder, (classify, emb, split) in inputs.items():
             sampler = EpisodeSampler(split, way, shot, 15, seed=a.seed, within_groups=a.within_alphabet)
             accs[folder] = np.asarray(episode_accuracies(classify, emb, sampler, a.episodes, None))
         (ma, ca), (mb, cb) = mean_ci95(accs[a.a]), mean_ci95(accs[a.b])

@@ -56,7 +56,7 @@ def speech_folder(src: Path, dst: Path) -> Path:
     return dst
 
 
-def run(split: FewShotSplit, emb: np.ndarray, rt: FewShotRuntime, args) -> dict[str, dict]:
+def run(split: FewShotSplit, emb: np.ndarray, sup: np.ndarray, rt: FewShotRuntime, args) -> dict[str, dict]:
     distance = rt.manifest.distance
     index = split.class_indices()
     rng_rows = {name: {"known": [], "correct": [], "stranger": [], "expected": []} for name in ROWS}
@@ -73,17 +73,17 @@ def run(split: FewShotSplit, emb: np.ndarray, rt: FewShotRuntime, args) -> dict[
         known_labels = np.repeat(np.arange(args.way), args.query)
         stranger = np.concatenate([rng.choice(index[c], args.query, replace=False) for c in strangers])
         neg = np.concatenate([rng.choice(index[c], args.negative_shots, replace=False) for c in negative]) if args.negatives else []
-        protos = prototypes(emb[support], labels, args.way)
+        protos = prototypes(sup[support], labels, args.way)
         d_known = DISTANCES[distance](emb[known], protos)
         d_stranger = DISTANCES[distance](emb[stranger], protos).min(axis=1)
-        _, proxies = leave_one_out(emb[support], labels, args.way, distance)
+        _, proxies = leave_one_out(sup[support], labels, args.way, distance)
         warned += domain_warning(float(np.median(proxies)), reference) is not None
         settings = {
             "model's threshold (export, validation classes)": (rt.threshold_of_model, None),
-            "store, --accept 0.95": calibrate(emb[support], labels, args.way, distance, accept=0.95),
-            "store, --false-accept 0.05": calibrate(emb[support], labels, args.way, distance, accept=None, false_accept=0.05),
+            "store, --accept 0.95": calibrate(sup[support], labels, args.way, distance, accept=0.95),
+            "store, --false-accept 0.05": calibrate(sup[support], labels, args.way, distance, accept=None, false_accept=0.05),
             f"store, --false-accept 0.05, {args.negatives}x{args.negative_shots} negatives":
-                calibrate(emb[support], labels, args.way, distance, emb[neg] if len(neg) else None, accept=None,
+                calibrate(sup[support], labels, args.way, distance, emb[neg] if len(neg) else None, accept=None,
                           false_accept=0.05),
         }
         for name, s in settings.items():
@@ -136,7 +136,10 @@ def main() -> None:
                 folder = speech_folder(data / "speech_commands_v0.01_subset", Path(tmp) / "speech")
                 split = load_dataset(DatasetSpec(kind="folder", root=str(folder), fractions=(0, 0, 1)), pre, ("test",))["test"]
             emb = np.concatenate([rt.embedder(split.images[i:i + 256]) for i in range(0, len(split.images), 256)])
-        res = run(split, emb, rt, args)
+            # enrolled samples as the store holds them (the mean over the head's support views, if it has them)
+            sup = (np.concatenate([rt.embed_support(split.images[i:i + 256]) for i in range(0, len(split.images), 256)])
+                   if rt.support_shift else emb)
+        res = run(split, emb, sup, rt, args)
         for row in ROWS:
             r = res[row]
 

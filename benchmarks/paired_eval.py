@@ -43,10 +43,10 @@ def main() -> None:
                 splits[key] = load_dataset(*key, ("test",))["test"]
             method = info.make_method(folder, model, overrides={})
             inputs[folder] = (*episode_inputs(method, keras_embedder(model), splits[key], head_only=True), splits[key])
-        if inputs[a.a][2].class_names != inputs[a.b][2].class_names:
+        if inputs[a.a][3].class_names != inputs[a.b][3].class_names:
             raise EdgemetaError("the two models were trained on different splits; their test episodes differ")
         if a.within_alphabet:
-            alphabets(inputs[a.a][2])  # refuses a split without alphabets
+            alphabets(inputs[a.a][3])  # refuses a split without alphabets
     except EdgemetaError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -56,9 +56,9 @@ def main() -> None:
     for text in a.settings.split(","):
         way, shot = parse_setting(text)
         accs = {}
-        for folder, (classify, emb, split) in inputs.items():
+        for folder, (classify, emb, support, split) in inputs.items():
             sampler = EpisodeSampler(split, way, shot, 15, seed=a.seed, within_groups=a.within_alphabet)
-            accs[folder] = np.asarray(episode_accuracies(classify, emb, sampler, a.episodes, None))
+            accs[folder] = np.asarray(episode_accuracies(classify, emb, sampler, a.episodes, None, support))
         (ma, ca), (mb, cb) = mean_ci95(accs[a.a]), mean_ci95(accs[a.b])
         md, cd = mean_ci95(accs[a.b] - accs[a.a])
         print(f"| {text} | {100 * ma:.2f} +/- {100 * ca:.2f} | {100 * mb:.2f} +/- {100 * cb:.2f} | "

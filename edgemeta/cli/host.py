@@ -138,9 +138,12 @@ def launch(hosts: str, port: int, remote_dir: str, remote_edgemeta: str, train_a
                    "(default: the whole network adapts on each support set, host only).")
 @click.option("--within-alphabet", is_flag=True,
               help="Omniglot: draw all classes of an episode from one alphabet (look-alike classes, the harder case).")
+@click.option("--support-shift", type=int, default=None,
+              help="ProtoNet models: enroll each support sample as the mean of itself and 4 copies moved N pixels "
+                   "([method] support_shift; 0: off). Default: the model's. Choose it with --split val.")
 def eval_cmd(model_dir: str, data: str, folder: str, split: str, settings: tuple[str, ...], episodes: int, query: int,
              seed: int, as_json: bool, report: str | None, variant: str | None, confusions: int, head_only: bool,
-             transductive: bool | None, within_alphabet: bool) -> None:
+             transductive: bool | None, within_alphabet: bool, support_shift: int | None) -> None:
     """Mean accuracy with 95% confidence intervals over seeded test episodes.
 
     \b
@@ -150,6 +153,7 @@ def eval_cmd(model_dir: str, data: str, folder: str, split: str, settings: tuple
       edgemeta eval --model models/omniglot-conv4 --data ../shared/data/omniglot --variant int8_static
       edgemeta eval --model models/omniglot-conv4 --data ../shared/data/omniglot --split val --confusions 10
       edgemeta eval --model models/omniglot-conv4 --data ../shared/data/omniglot --within-alphabet
+      edgemeta eval --model runs/lake --data ../shared/data/omniglot --split val --support-shift 0
     """
     from edgemeta.host.evaluate import STANDARD_SETTINGS, parse_setting
 
@@ -164,7 +168,8 @@ def eval_cmd(model_dir: str, data: str, folder: str, split: str, settings: tuple
     results, context, text, md = evaluate_model_dir(model_dir, data=data, folder=folder, split=split,
                                                     settings=parsed, episodes=episodes, query=query, seed=seed,
                                                     variant=variant, confusions=confusions, head_only=head_only,
-                                                    transductive=transductive, within_alphabet=within_alphabet)
+                                                    transductive=transductive, within_alphabet=within_alphabet,
+                                                    support_shift=support_shift)
     if report:
         from edgemeta.host.evaluate import results_json
         from edgemeta.host.modeldir import write_atomic, write_json

@@ -22,6 +22,7 @@ import numpy as np
 from edgemeta.errors import EdgemetaError
 from edgemeta.host.data import EpisodeSampler, FewShotSplit
 from edgemeta.host.data.episodes import alphabets
+from edgemeta.runtime.head import embed_support
 
 STANDARD_SETTINGS = ((5, 1), (5, 5), (20, 1), (20, 5))
 EmbedFn = Callable[[np.ndarray], np.ndarray]
@@ -73,17 +74,27 @@ def parse_setting(text: str) -> tuple[int, int]:
         raise EdgemetaError(f"cannot read setting {text!r}; write it as 5w1s (5-way 1-shot)") from None
 
 
-def embed_split(embed: EmbedFn, split: FewShotSplit, batch: int = 1024) -> np.ndarray:
-    return np.concatenate([embed(split.images[i:i + batch]) for i in range(0, len(split.images), batch)])
+def embed_split(embed: EmbedFn, split: FewShotSplit, batch: int = 1024, support_shift: int = 0) -> np.ndarray:
+    """Every image's embedding; with `support_shift`, as a support sample: the mean over its support views."""
+    return np.concatenate([embed_support(embed, split.images[i:i + batch], support_shift)
+                           for i in range(0, len(split.images), batch)])
 
 
-def episode_inputs(method, embed: EmbedFn, split: FewShotSplit, head_only: bool = False) -> tuple[ClassifyFn, np.ndarray]:
-    """What a method classifies episodes from: the split's images for a method that adapts the whole
-    network on each support set (host only), else (or with `head_only`: the board's path, body
-    frozen) the split's embeddings through its numpy head."""
+def head_support_shift(method) -> int:
+    """The pixel shift of the support views a method's board head enrolls with (0: one plain view)."""
+    return int(method.head_spec().get("support_shift", 0))
+
+
+def episode_inputs(method, embed: EmbedFn, split: FewShotSplit, head_only: bool = False
+                   ) -> tuple[ClassifyFn, np.ndarray, np.ndarray]:
+    """What a method classifies episodes from, (classify, query inputs, support inputs): the split's
+    images for a method that adapts the whole network on each support set (host only), else (or with
+    `head_only`: the board's path, body frozen) the split's embeddings through its numpy head, the
+    support ones averaged over the head's support views as the board enrolls them."""
     if method.adapts_body and not head_only:
-        return method.adapt_classify, split.images
-    return method.classify, embed_split(embed, split)
+        return method.adapt_classify, split.images, split.images
+    emb, shift = embed_split(embed, split), head_support_shift(method)
+    return method.classify, emb, (embed_split(embed, split, support_shift=shift) if shift else emb)
 
 
 def choose_board_head(method, val_embeddings: np.ndarray, val_split: FewShotSplit, episodes: int = 200,
@@ -102,18 +113,20 @@ def choose_board_head(method, val_embeddings: np.ndarray, val_split: FewShotSpli
 
 
 def episode_accuracies(classify: ClassifyFn, embeddings: np.ndarray, sampler: EpisodeSampler, episodes: int,
-                       confusions: Counter | None = None) -> np.ndarray:
-    """Per-episode accuracy (fraction) of `episodes` seeded episodes over precomputed embeddings.
+                       confusions: Counter | None = None, support_embeddings: np.ndarray | None = None) -> np.ndarray:
+    """Per-episode accuracy (fraction) of `episodes` seeded episodes over precomputed embeddings
+    (`support_embeddings`, if given, for the support samples: see `episode_inputs`).
 
     With a `confusions` counter, every wrong query adds one to (true class, predicted class),
     both as indices into the split's classes."""
+    support = embeddings if support_embeddings is None else support_embeddings
     way, shot, query = sampler.way, sampler.shot, sampler.query
     support_labels = np.repeat(np.arange(way), shot)
     query_labels = np.repeat(np.arange(way), query)
     accs = np.empty(episodes)
     for i in range(episodes):
         classes, s, q = sampler.indices(i)
-        pred = np.argmax(classify(embeddings[s], support_labels, embeddings[q], way), axis=1)
+        pred = np.argmax(classify(support[s], support_labels, embeddings[q], way), axis=1)
         accs[i] = np.mean(pred == query_labels)
         if confusions is not None:
             wrong = pred != query_labels
@@ -124,13 +137,14 @@ def episode_accuracies(classify: ClassifyFn, embeddings: np.ndarray, sampler: Ep
 def evaluate(embed: EmbedFn, classify: ClassifyFn, split: FewShotSplit,
              settings=STANDARD_SETTINGS, episodes: int = 1000, query: int = 15, seed: int = 0,
              embeddings: np.ndarray | None = None, confusions: int = 0, within_groups: bool = False,
-             limits: tuple[int, int] | None = None) -> list[SettingResult]:
+             limits: tuple[int, int] | None = None, support_embeddings: np.ndarray | None = None) -> list[SettingResult]:
     """Run the protocol on one split. A setting whose way exceeds the split's classes is skipped
     with a note; when classes have fewer than shot + query images, fewer queries are used and
     the note says so. `confusions` > 0 also lists that many most frequent (true -> predicted)
     class pairs among the wrong queries: which classes the embedding cannot tell apart. With
     `within_groups`, every episode's classes come from one alphabet (see EpisodeSampler). `limits`
-    (most ways, most shots) of a head that reads a bounded support set skips the settings beyond it."""
+    (most ways, most shots) of a head that reads a bounded support set skips the settings beyond it.
+    `support_embeddings`: the support samples' own embeddings (support views), else `embeddings`."""
     if embeddings is None:
         embeddings = embed_split(embed, split)
     groups = alphabets(split) if within_groups else None
@@ -156,7 +170,7 @@ def evaluate(embed: EmbedFn, classify: ClassifyFn, split: FewShotSplit,
             note = f"{q} queries per class instead of {query}: the smallest class has {split.min_class_size()} images"
         sampler = EpisodeSampler(split, way, shot, q, seed=seed, within_groups=within_groups)
         counts = Counter() if confusions > 0 else None
-        mean, ci = mean_ci95(episode_accuracies(classify, embeddings, sampler, episodes, counts))
+        mean, ci = mean_ci95(episode_accuracies(classify, embeddings, sampler, episodes, counts, support_embeddings))
         result = SettingResult(way, shot, q, episodes, 100 * mean, 100 * ci, note)
         if counts is not None:
             result.errors = sum(counts.values())
@@ -212,13 +226,15 @@ def results_json(results: list[SettingResult]) -> list[dict]:
 
 
 def calibrate_open_set(embeddings: np.ndarray, split: FewShotSplit, distance: str, way: int = 5, shot: int = 1,
-                       query: int = 5, episodes: int = 500, accept_rate: float = 0.95, seed: int = 0) -> dict:
+                       query: int = 5, episodes: int = 500, accept_rate: float = 0.95, seed: int = 0,
+                       support_embeddings: np.ndarray | None = None) -> dict:
     """Choose the open-set threshold on a (validation) split.
 
     Each episode enrolls `way` classes from `shot` samples and asks queries from those classes
     (known) and from `way` other classes (unknown). The threshold is the `accept_rate` quantile of
     the known queries' distance to their nearest prototype, so that share of known queries is
     still answered; the share of unknown queries wrongly accepted at that threshold is reported.
+    `support_embeddings`: the enrolled samples' embeddings (support views), else `embeddings`.
     """
     from edgemeta.runtime.head import DISTANCES, prototypes
 
@@ -234,7 +250,8 @@ def calibrate_open_set(embeddings: np.ndarray, split: FewShotSplit, distance: st
     for i in range(episodes):
         _, s, q = sampler.indices(i)
         s, q = s.reshape(2 * way, shot)[:way].ravel(), q.reshape(2 * way, query)
-        protos = prototypes(embeddings[s], np.repeat(np.arange(way), shot), way)
+        protos = prototypes((embeddings if support_embeddings is None else support_embeddings)[s],
+                            np.repeat(np.arange(way), shot), way)
         known.append(dist_fn(embeddings[q[:way].ravel()], protos).min(axis=1))
         unknown.append(dist_fn(embeddings[q[way:].ravel()], protos).min(axis=1))
     known, unknown = np.concatenate(known), np.concatenate(unknown)

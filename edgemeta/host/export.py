@@ -156,6 +156,7 @@ def _export_into(model_dir: Path, out: Path, data: str, folder: str, episodes: i
         head.update(_export_sequence(method, float_embed, splits["train"], out, seed, log))
     settings = fitting_settings(splits["test"])
     limits = getattr(method, "limits", None)
+    shift = int(head.get("support_shift", 0))  # enrolled samples are embedded as the mean of their support views
     runtime, _ = interpreter_module()
     variants, evaluations = {}, {}
     static = _static_copy(model, info)
@@ -169,7 +170,9 @@ def _export_into(model_dir: Path, out: Path, data: str, folder: str, episodes: i
         embedder = Embedder(path, threads=os.cpu_count() or 1)
         val_emb = embed_split(embedder, splits["val"])
         test_emb = embed_split(embedder, splits["test"])
-        open_set = calibrate_open_set(val_emb, splits["val"], distance, seed=seed)
+        val_sup, test_sup = ((embed_split(embedder, splits[k], support_shift=shift) for k in ("val", "test")) if shift
+                             else (val_emb, test_emb))
+        open_set = calibrate_open_set(val_emb, splits["val"], distance, seed=seed, support_embeddings=val_sup)
         if info.training.get("classes") == "trainval":  # no held-out classes are left to calibrate on
             open_set["calibration"] += "; the model also trained on these classes, so new classes may sit farther out"
         if head["kind"] == "sequence":  # an int8 body runs with the int8 sequence graphs, a float one with float
@@ -177,7 +180,7 @@ def _export_into(model_dir: Path, out: Path, data: str, folder: str, episodes: i
             classify = SequenceGraphs(out / graphs["prefix"]["file"], out / graphs["query"]["file"], info.embedding_dim,
                                       head["max_way"], head["max_shot"], threads=os.cpu_count() or 1).scores
         results = evaluate(embedder, classify, splits["test"], settings, episodes, seed=seed, embeddings=test_emb,
-                           limits=limits)
+                           limits=limits, support_embeddings=test_sup)
         evaluations[name] = results
         variants[name] = {
             "file": path.name, "sha256": sha256_file(path), "size": len(data_bytes), "quantization": quant,
@@ -191,10 +194,13 @@ def _export_into(model_dir: Path, out: Path, data: str, folder: str, episodes: i
 
     if head["kind"] == "sequence":
         classify = method.classify  # the Keras body with the TensorFlow sequence model
-    float_results = evaluate(float_embed, classify, splits["test"], settings, episodes, seed=seed, limits=limits)
+    float_emb = embed_split(float_embed, splits["test"])
+    float_results = evaluate(float_embed, classify, splits["test"], settings, episodes, seed=seed, limits=limits,
+                             embeddings=float_emb, support_embeddings=(embed_split(float_embed, splits["test"], support_shift=shift)
+                                                                      if shift else float_emb))
     evaluation = {"keras_float32": results_json(float_results)}
     if method.adapts_body:  # the host-only figure: every layer adapted on each support set
-        classify, images = episode_inputs(method, None, splits["test"])
+        classify, images, _ = episode_inputs(method, None, splits["test"])
         evaluation["keras_float32_whole_network"] = results_json(
             evaluate(None, classify, splits["test"], settings, episodes, seed=seed, embeddings=images))
     if head["kind"] == "linear":

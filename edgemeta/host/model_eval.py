@@ -13,6 +13,7 @@ from edgemeta.host.evaluate import (
     episode_inputs,
     evaluate,
     fitting_settings,
+    head_support_shift,
     results_markdown,
     results_table,
 )
@@ -45,13 +46,16 @@ def evaluate_model_dir(model_dir: str, data: str = "", folder: str = "", split: 
                        settings=STANDARD_SETTINGS, episodes: int = 1000, query: int = 15, seed: int = 0,
                        variant: str | None = None, confusions: int = 0,
                        head_only: bool = False, transductive: bool | None = None,
-                       within_alphabet: bool = False) -> tuple[list[SettingResult], dict, str, str]:
+                       within_alphabet: bool = False, support_shift: int | None = None
+                       ) -> tuple[list[SettingResult], dict, str, str]:
     """Evaluate a trained model folder on its dataset's test split (or every class of `folder`).
 
     With `variant` (e.g. "int8_static"), the backbone is that exported .tflite run through the
     board runtime's interpreter instead of the Keras model; the head is the same numpy code. A method
     that adapts the whole network (MAML, Meta-SGD) does so on the host; with a `variant` or
     `head_only` it takes the board's path instead: the body frozen, only the numpy head adapted.
+    `support_shift` overrides a ProtoNet head's support views (default: the model's, or with a `variant`
+    the manifest's, as the board enrolls).
     Returns the results, their context (what was measured), a text table and a Markdown report."""
     model, info = load_backbone(model_dir)
     if folder:
@@ -65,19 +69,25 @@ def evaluate_model_dir(model_dir: str, data: str = "", folder: str = "", split: 
     if model.input_shape[1:] != info.preprocess.input_shape:
         raise EdgemetaError(f"{model_dir}: model input {model.input_shape[1:]} does not match model.json "
                             f"preprocessing {info.preprocess.input_shape}; the folder is inconsistent")
-    method = info.make_method(model_dir, model, overrides={} if transductive is None else {"transductive": transductive})
     if variant:
         from edgemeta.runtime.interpreter import Embedder, runtime_version
         from edgemeta.runtime.manifest import read_manifest
 
         manifest = read_manifest(model_dir)
+        if support_shift is None and manifest.head.support_shift:
+            support_shift = manifest.head.support_shift
+    overrides = {} if transductive is None else {"transductive": transductive}
+    if support_shift is not None:
+        overrides["support_shift"] = support_shift
+    method = info.make_method(model_dir, model, overrides=overrides)
+    if variant:
         embedder = Embedder(manifest.model_path(variant), threads=os.cpu_count() or 1)
         backend = f"{variant}.tflite through {embedder.runtime} {runtime_version(embedder.runtime)}"
         board_head = manifest.head.kind
     else:
         embedder, backend, board_head = keras_embedder(model), "keras (float32)", None
     head_only = head_only or bool(variant)  # an exported variant is the board's body: frozen
-    classify, inputs = episode_inputs(method, embedder, data_split, head_only)
+    classify, inputs, support = episode_inputs(method, embedder, data_split, head_only)
     if board_head == "sequence":  # the board's sequence graphs of this variant's quantisation
         from edgemeta.runtime.manifest import sequence_quantization
         from edgemeta.runtime.sequence_head import SequenceGraphs
@@ -95,10 +105,14 @@ def evaluate_model_dir(model_dir: str, data: str = "", folder: str = "", split: 
         backend += (f", body frozen, head adapted ({method.params.test_steps} steps, the board's path)" if head_only else
                     f", whole network adapted ({method.params.test_steps} steps, "
                     f"{'transductive' if method.params.transductive else 'non-transductive'} batch norm)")
+    if head_support_shift(method):
+        backend += (f", support views: each enrolled sample the mean of itself and 4 copies moved "
+                    f"{head_support_shift(method)} px")
     if settings == STANDARD_SETTINGS:  # the defaults: a small dataset also gets the largest setting it fits
         settings = fitting_settings(data_split)
     results = evaluate(embedder, classify, data_split, settings, episodes, query, seed, embeddings=inputs,
-                       confusions=confusions, within_groups=within_alphabet, limits=getattr(method, "limits", None))
+                       confusions=confusions, within_groups=within_alphabet, limits=getattr(method, "limits", None),
+                       support_embeddings=support)
     context = {"model": Path(model_dir).name, "algorithm": info.algorithm, "backbone": info.backbone,
                "backend": backend, "data": source, "classes": data_split.num_classes,
                "images": len(data_split.images), "episodes per setting": episodes, "seed": seed,

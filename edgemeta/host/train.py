@@ -399,8 +399,8 @@ def train(cfg: Config, out: str | Path, progress: bool = True, fresh: bool = Fal
     embed = keras_embedder(model)
 
     def validate() -> tuple[float, float]:
-        classify, inputs = episode_inputs(method, embed, splits["val"])
-        return mean_ci95(episode_accuracies(classify, inputs, val_sampler, vc.episodes))
+        classify, inputs, support = episode_inputs(method, embed, splits["val"])
+        return mean_ci95(episode_accuracies(classify, inputs, val_sampler, vc.episodes, support_embeddings=support))
 
     def save_checkpoint() -> None:
         if chief:

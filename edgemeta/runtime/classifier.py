@@ -22,7 +22,7 @@ import numpy as np
 from edgemeta.boards import Board, load_board_file
 from edgemeta.errors import EdgemetaError
 from edgemeta.preprocess import ImageLimits, load_images
-from edgemeta.runtime.head import LinearHead, PrototypeHead
+from edgemeta.runtime.head import LinearHead, PrototypeHead, embed_support
 from edgemeta.runtime.interpreter import Embedder
 from edgemeta.runtime.linear_head import LinearHeadSpec
 from edgemeta.runtime.manifest import read_manifest
@@ -81,11 +81,16 @@ class FewShotRuntime:
             spec = self.manifest.head.sequence
             self.sequence = SequenceGraphs(*self.manifest.sequence_paths(self.variant.name, verify), self.manifest.embedding_dim,
                                            spec.max_way, spec.max_shot, threads=threads)
+        self.support_shift = self.manifest.head.support_shift
         self.backbone = {"model": self.manifest.name, "variant": self.variant.name, "sha256": self.variant.sha256,
                          "embedding_dim": self.manifest.embedding_dim, "model_path": str(Path(model))}
 
     def images(self, files: list[str | Path]) -> tuple[np.ndarray, list[str]]:
         return load_images(files, self.manifest.preprocess, limits=self.limits)
+
+    def embed_support(self, images: np.ndarray) -> np.ndarray:
+        """Enrolled samples' embeddings: the mean over each one's support views when the head has them."""
+        return embed_support(self.embedder, images, self.support_shift)
 
     def open_store(self, folder: str | Path) -> EnrollmentStore:
         store = EnrollmentStore.open(folder)
@@ -144,7 +149,7 @@ class FewShotRuntime:
             adapt = self._resolve_adapt(*adapt)
         for label, _, _ in classes:
             check_label(label)
-        embedded = [(self.embedder(images), sample_ids(images)) for _, images, _ in classes]
+        embedded = [(self.embed_support(images), sample_ids(images)) for _, images, _ in classes]
         EnrollmentStore.check_folder(Path(folder))
         with EnrollmentStore.locked(folder):
             if EnrollmentStore.exists(folder):
@@ -265,7 +270,7 @@ class FewShotRuntime:
                                     f"{self.manifest.preprocess.input_shape}; enroll the classes again instead")
             negatives = None if store.negative_samples is None or not len(store.negative_samples) else \
                 self.embedder(store.negative_samples)
-            store.replace_embeddings(self.embedder(store.samples), self.backbone, negatives)
+            store.replace_embeddings(self.embed_support(store.samples), self.backbone, negatives)
             self.save(store)
         return len(store.labels)
 

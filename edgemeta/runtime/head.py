@@ -31,6 +31,37 @@ def prototypes(embeddings: np.ndarray, labels: np.ndarray, num_classes: int) -> 
     return (sums / counts[:, None]).astype(np.float32)
 
 
+# A support view moves the image by `shift` pixels along one axis: up, down, left, right.
+VIEW_DIRECTIONS = ((1, 0), (-1, 0), (0, 1), (0, -1))
+
+
+def support_views(images: np.ndarray, shift: int) -> list[np.ndarray]:
+    """The images (n, h, w, c) and, for a shift above 0, four copies moved by `shift` pixels, the
+    uncovered border filled with the background (each image's top-left pixel)."""
+    views = [images]
+    if shift <= 0:
+        return views
+    h, w = images.shape[1:3]
+    for dy, dx in VIEW_DIRECTIONS:
+        dy, dx = dy * shift, dx * shift
+        out = np.broadcast_to(images[:, :1, :1, :], images.shape).copy()
+        out[:, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = images[:, max(-dy, 0):h - max(dy, 0),
+                                                                              max(-dx, 0):w - max(dx, 0)]
+        views.append(out)
+    return views
+
+
+def embed_support(embed, images: np.ndarray, shift: int) -> np.ndarray:
+    """An enrolled sample's embedding: the mean over its support views (`shift` 0: the plain embedding).
+
+    A 1-shot prototype is one drawing's embedding; averaging it over small moves of the drawing makes
+    it less tied to where that drawing sat on the page (test-time augmentation of the support set
+    only: queries keep one pass, so classifying costs the same)."""
+    if shift <= 0:
+        return embed(images)
+    return np.mean([embed(v) for v in support_views(images, shift)], axis=0, dtype=np.float64).astype(np.float32)
+
+
 def squared_euclidean(queries: np.ndarray, protos: np.ndarray) -> np.ndarray:
     """(n, dim) x (c, dim) -> (n, c) squared Euclidean distances, as ProtoNets are trained."""
     q2 = np.einsum("ij,ij->i", queries, queries)[:, None]

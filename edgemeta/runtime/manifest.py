@@ -89,6 +89,7 @@ class Head:
     distance: str  # the prototype distance: the prototype head's, and the open-set test's in every kind
     linear: LinearHeadSpec | None = None
     sequence: SequenceSpec | None = None
+    support_shift: int = 0  # a prototype head's support views: enrolled samples are embedded as their mean
 
 
 @dataclass
@@ -171,11 +172,11 @@ def read_manifest(folder_or_file: str | Path) -> Manifest:
         raise doc.error("variants", "must name at least one variant")
     variants = {k: Variant.from_dict(k, section.obj(k)) for k in section.raw}
     default = top.get("default_variant", str, choices=tuple(variants))
-    head = Head("prototype", distance) if raw["format"] == 1 else _read_head(path, top.obj("head"), distance, dim)
+    head = Head("prototype", distance) if raw["format"] == 1 else _read_head(path, top.obj("head"), distance, dim, pre)
     return Manifest(path.parent, raw, pre, distance, dim, variants, default, head)
 
 
-def _read_head(path: Path, section: Obj, distance: str, dim: int) -> Head:
+def _read_head(path: Path, section: Obj, distance: str, dim: int, pre: Preprocess) -> Head:
     """A format-2 head section; a linear head's arrays are read from its checksummed file."""
     kind = section.raw.get("kind")
     if kind not in HEAD_KINDS or not isinstance(kind, str):
@@ -185,7 +186,8 @@ def _read_head(path: Path, section: Obj, distance: str, dim: int) -> Head:
         if section.get("distance", str, default=distance) != distance:
             raise EdgemetaError(f"{path}: head distance {section.raw['distance']!r} disagrees with the manifest's "
                                 f"{distance!r}; re-export the model")
-        return Head("prototype", distance)
+        return Head("prototype", distance, support_shift=section.get("support_shift", int, default=0, min=0,
+                                                                     max=pre.image_size // 4))
     if kind == "sequence":
         return Head("sequence", distance, sequence=_read_sequence(section))
     name, sha = section.file_name("file"), section.get("sha256", str)

@@ -11,6 +11,10 @@ Optionally the episode loss also distils a trained teacher model (Hinton, Vinyal
 Image Classification"): the teacher's prototype softmax over the same episode, softened by a
 temperature, is a second target besides the labels. The student keeps the configured backbone, so
 the board model's size and latency do not change; the teacher is only read during training.
+
+`support_shift` enrolls each support sample as the mean embedding of itself and four copies moved by
+that many pixels (test-time augmentation of the support set, chosen on validation): classifying costs
+the same, enrolling a sample five backbone passes instead of one.
 """
 
 from __future__ import annotations
@@ -30,8 +34,13 @@ class ProtoNetParams:
     teacher: str = ""          # a trained model folder to distil (empty: plain ProtoNet)
     distill: float = 0.5       # weight of the teacher's soft targets; the labels get 1 - distill
     temperature: float = 4.0   # softens both distributions (the distillation term is scaled by its square)
+    # the board head's support views: an enrolled sample's embedding is the mean over it and four copies
+    # moved by this many pixels (0: none); queries keep one view. Evaluation only: training ignores it.
+    support_shift: int = 0
 
     def __post_init__(self) -> None:
+        if self.support_shift < 0:
+            raise ValueError("support_shift must be 0 or more pixels")
         if not 0.0 <= self.distill <= 1.0:
             raise ValueError("distill must be in [0, 1]")
         if not self.temperature > 0.0:
@@ -52,6 +61,10 @@ class ProtoNet:
         from edgemeta.host.backbones import fused_training_forward
 
         self.backbone = backbone
+        side = min(backbone.input_shape[1:3])
+        if self.params.support_shift > side // 4:
+            raise EdgemetaError(f"[method] support_shift {self.params.support_shift} moves a {side}-pixel image too far; "
+                                f"at most {side // 4} pixels")
         # Conv-4's training pass with fused batch-norm kernels (the same arithmetic, about 1.5-2x
         # faster on a CPU); None for other backbones, which run as Keras runs them
         self.training_forward = fused_training_forward(backbone)
@@ -100,7 +113,8 @@ class ProtoNet:
         return -squared_euclidean(query_emb, prototypes(support_emb, support_labels, way))
 
     def head_spec(self) -> dict:
-        return {"kind": "prototype", "distance": self.distance, "method": self.name}
+        spec = {"kind": "prototype", "distance": self.distance, "method": self.name}
+        return spec | ({"support_shift": self.params.support_shift} if self.params.support_shift else {})
 
     def head_arrays(self) -> dict[str, np.ndarray]:
         return {}

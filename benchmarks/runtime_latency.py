@@ -171,6 +171,15 @@ def main() -> None:
         counter = iter(range(10**6))
         enroll = median_ms(lambda: rt.enroll(Path(tmp) / "s", f"class{next(counter)}", files, allow_duplicates=True), 30)
         print(f"\nenroll a 5-shot class (decode 5 PNGs, preprocess, embed, atomic store write): {enroll:.2f} ms")
+        if rt.support_shift:  # the head's support views embed each sample 5 times: the same enroll without them
+            plain = FewShotRuntime(args.model)
+            plain.support_shift = 0
+            off = median_ms(lambda: plain.enroll(Path(tmp) / "p", f"class{next(counter)}", files, allow_duplicates=True), 30)
+            one = [median_ms(lambda r=r: r.enroll(Path(tmp) / f"one{r.support_shift}", f"class{next(counter)}", files[:1],
+                                                  allow_duplicates=True), 30) for r in (rt, plain)]
+            print(f"  with the head's support views ({rt.support_shift} px, 5 passes per sample) against none, "
+                  f"one after the other: 5-shot {enroll:.2f} / {off:.2f} ms ({enroll / off:.2f}x), "
+                  f"1-shot {one[0]:.2f} / {one[1]:.2f} ms ({one[0] / one[1]:.2f}x)")
 
         print("\nhead cost for one query (prototypes kept; distances, top-5, open-set) and full classify")
         rng = np.random.default_rng(0)

@@ -76,15 +76,17 @@ def run(split: FewShotSplit, emb: np.ndarray, sup: np.ndarray, rt: FewShotRuntim
         protos = prototypes(sup[support], labels, args.way)
         d_known = DISTANCES[distance](emb[known], protos)
         d_stranger = DISTANCES[distance](emb[stranger], protos).min(axis=1)
-        _, proxies = leave_one_out(sup[support], labels, args.way, distance)
+        qs = emb[support] if rt.support_shift else None  # the one-view embeddings the store keeps beside the views'
+        _, proxies = leave_one_out(sup[support], labels, args.way, distance, queries=qs)
         warned += domain_warning(float(np.median(proxies)), reference) is not None
         settings = {
             "model's threshold (export, validation classes)": (rt.threshold_of_model, None),
-            "store, --accept 0.95": calibrate(sup[support], labels, args.way, distance, accept=0.95),
-            "store, --false-accept 0.05": calibrate(sup[support], labels, args.way, distance, accept=None, false_accept=0.05),
+            "store, --accept 0.95": calibrate(sup[support], labels, args.way, distance, accept=0.95, queries=qs),
+            "store, --false-accept 0.05": calibrate(sup[support], labels, args.way, distance, accept=None, false_accept=0.05,
+                                                    queries=qs),
             f"store, --false-accept 0.05, {args.negatives}x{args.negative_shots} negatives":
                 calibrate(sup[support], labels, args.way, distance, emb[neg] if len(neg) else None, accept=None,
-                          false_accept=0.05),
+                          false_accept=0.05, queries=qs),
         }
         for name, s in settings.items():
             t, expected = s if isinstance(s, tuple) else (s["threshold"], s["false_accept"])
@@ -137,7 +139,7 @@ def main() -> None:
                 split = load_dataset(DatasetSpec(kind="folder", root=str(folder), fractions=(0, 0, 1)), pre, ("test",))["test"]
             emb = np.concatenate([rt.embedder(split.images[i:i + 256]) for i in range(0, len(split.images), 256)])
             # enrolled samples as the store holds them (the mean over the head's support views, if it has them)
-            sup = (np.concatenate([rt.embed_support(split.images[i:i + 256]) for i in range(0, len(split.images), 256)])
+            sup = (np.concatenate([rt.embed_support(split.images[i:i + 256])[0] for i in range(0, len(split.images), 256)])
                    if rt.support_shift else emb)
         res = run(split, emb, sup, rt, args)
         for row in ROWS:

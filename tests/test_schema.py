@@ -137,6 +137,15 @@ BAD_STORES = [
     ("adapted head NaN", setitem("head_w", lambda w: w * np.nan), "head_w must be finite"),
     ("head rate NaN", setitem("head_rates_w", lambda r: r * np.nan), "head_rates_w must be finite"),
     ("head rates of another length", setitem("head_rates_b", lambda r: np.concatenate([r, r])), "one rate per step"),
+    # the shipped model enrolls with support views: its stores keep one-view embeddings beside them
+    ("query embeddings missing", lambda a: a.pop("query_embeddings"), "query_embeddings is missing"),
+    ("query embeddings of fewer samples", setitem("query_embeddings", lambda e: e[:3]),
+     "query_embeddings must be a float array of shape (4, 64)"),
+    ("NaN query embedding", setitem("query_embeddings", _nan_row), "query_embeddings must be finite"),
+    ("query embeddings without views", meta_change(lambda m: m["backbone"].pop("support_shift")),
+     "query_embeddings is there, but the store's model enrolls without support views"),
+    ("support_shift a string", meta_change(lambda m: m["backbone"].update(support_shift="3")),
+     "meta.backbone.support_shift must be an integer"),
 ]
 
 
@@ -171,7 +180,7 @@ def test_the_good_store_and_optional_keys_still_load(good_store, tmp_path):
     s = EnrollmentStore.open(write_store(tmp_path / "old", older))
     assert s.head_spec is None and s.adapt is None
     empty = dict(older, embeddings=np.zeros((0, 64), np.float32), labels=np.zeros(0, np.int32),
-                 class_names=np.zeros(0, "<U1"))
+                 class_names=np.zeros(0, "<U1"), query_embeddings=np.zeros((0, 64), np.float32))
     assert EnrollmentStore.open(write_store(tmp_path / "empty", empty)).counts() == {}
 
 
@@ -182,7 +191,8 @@ def test_a_store_whose_dimension_disagrees_with_its_model_is_refused(rt, good_st
     meta["backbone"]["embedding_dim"] = 32
     meta.pop("adapt")
     meta.pop("head")
-    arrays.update(meta=np.array(json.dumps(meta)), embeddings=arrays["embeddings"][:, :32])
+    arrays.update(meta=np.array(json.dumps(meta)), embeddings=arrays["embeddings"][:, :32],
+                  query_embeddings=arrays["query_embeddings"][:, :32])
     folder = write_store(tmp_path / "s", arrays)
     with pytest.raises(EdgemetaError) as e:
         rt.classify(folder, [IMG])

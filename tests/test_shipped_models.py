@@ -31,9 +31,10 @@ def test_model_folder_is_complete(name):
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_recorded_int8_figures_are_reproduced(name, omniglot_dir):
-    """Re-measure 5-way 1-shot and 20-way 1-shot through the int8 model: the manifest must say the same."""
+    """Re-measure 5-way 1-shot and 20-way 1-shot through the int8 model and the manifest's head: the manifest
+    must say the same."""
     from edgemeta.host.data import DatasetSpec, load_dataset
-    from edgemeta.host.evaluate import evaluate
+    from edgemeta.host.evaluate import embed_split, evaluate
     from edgemeta.host.methods.protonet import ProtoNet
     from edgemeta.runtime.interpreter import Embedder
 
@@ -41,7 +42,10 @@ def test_recorded_int8_figures_are_reproduced(name, omniglot_dir):
     d = m.raw["source"]["data"]
     split = load_dataset(DatasetSpec(root=str(omniglot_dir), split=d["split"], rotations=d["rotations"]), m.preprocess, ("test",))["test"]
     embed = Embedder(m.model_path("int8_static"), threads=2)
-    results = evaluate(embed, ProtoNet().classify, split, ((5, 1), (20, 1)), episodes=1000, seed=0)
+    emb, shift = embed_split(embed, split), m.head.support_shift  # enrolled as the board enrolls: with its support views
+    support = embed_split(embed, split, support_shift=shift) if shift else emb
+    results = evaluate(embed, ProtoNet().classify, split, ((5, 1), (20, 1)), episodes=1000, seed=0, embeddings=emb,
+                       support_embeddings=support)
     recorded = {r["setting"]: r for r in m.raw["variants"]["int8_static"]["evaluation"]}
     for r in results:
         assert r.accuracy == pytest.approx(recorded[f"{r.way}w{r.shot}s"]["accuracy"], abs=0.01)
@@ -62,7 +66,7 @@ def test_the_shipped_snail_model_answers_on_the_board_as_recorded(omniglot_dir):
     """The model-based family's shipped model: its board files are all there (the float32 sequence graphs are
     left out of git: `edgemeta export` writes them), and its int8 board path gives the recorded 5w1s figure."""
     from edgemeta.host.data import DatasetSpec, load_dataset
-    from edgemeta.host.evaluate import evaluate
+    from edgemeta.host.evaluate import embed_split, evaluate
     from edgemeta.runtime.interpreter import Embedder
     from edgemeta.runtime.sequence_head import SequenceGraphs
 

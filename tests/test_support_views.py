@@ -70,8 +70,50 @@ def test_the_board_enrolls_and_reenrolls_the_mean_over_the_views(tmp_path):
     # queries keep one view: the other drawings of the enrolled character are still found
     top = [r["top"][0]["label"] for r in views.classify(tmp_path / "s", drawings("Keble_character01", [3, 4, 5]))]
     assert top == ["a", "a", "a"]
+    # the store keeps each sample's one-view embedding too: the open-set calibration asks it as a query
+    kept = EnrollmentStore.open(tmp_path / "s")
+    assert np.allclose(kept.query_embeddings[:2], views.embedder(images), atol=1e-6) and kept.backbone["support_shift"] == 3
     plain.enroll(tmp_path / "p", "a", files)
-    assert np.allclose(EnrollmentStore.open(tmp_path / "p").embeddings, views.embedder(images), atol=1e-6)
+    p = EnrollmentStore.open(tmp_path / "p")
+    assert np.allclose(p.embeddings, views.embedder(images), atol=1e-6) and p.query_embeddings is None
+    assert "support_shift" not in p.backbone
+
+
+def test_stores_of_views_and_of_plain_embeddings_never_mix(tmp_path):
+    plain = FewShotRuntime(with_support_shift(tmp_path / "plain", 0))
+    views = FewShotRuntime(with_support_shift(tmp_path / "views", 2))
+    a, b = drawings("Keble_character01", [1, 2]), drawings("Keble_character05", [1, 2])
+    views.enroll(tmp_path / "v", "a", a, keep_samples=True)
+    plain.enroll(tmp_path / "p", "a", a)
+    before = {k: (tmp_path / k / "store.npz").read_bytes() for k in ("v", "p")}
+    with pytest.raises(EdgemetaError, match="enrolled with support views of 2 px.*no support views.*reenroll"):
+        plain.enroll(tmp_path / "v", "b", b)
+    with pytest.raises(EdgemetaError, match="enrolled with no support views.*support views of 2 px.*new store"):
+        views.enroll(tmp_path / "p", "b", b)
+    assert {k: (tmp_path / k / "store.npz").read_bytes() for k in ("v", "p")} == before
+    assert plain.reenroll(tmp_path / "v") == 2  # the kept samples move to the plain model
+    s = EnrollmentStore.open(tmp_path / "v")
+    assert s.query_embeddings is None and "support_shift" not in s.backbone
+    plain.enroll(tmp_path / "v", "b", b)
+
+
+def test_calibration_asks_the_held_out_sample_as_a_query_would_be(tmp_path):
+    from edgemeta.runtime.open_set import leave_one_out
+
+    views = FewShotRuntime(with_support_shift(tmp_path / "views", 3))
+    store = tmp_path / "s"
+    for c in ("Keble_character01", "Keble_character05", "Tengwar_character03"):
+        views.enroll(store, c, drawings(c, range(1, 6)))
+    views.set_open_set(store, "calibrated", accept=0.95)
+    s = EnrollmentStore.open(store)
+    known, _ = leave_one_out(s.embeddings, s.labels, 3, "squared_euclidean", queries=s.query_embeddings)
+    tight, _ = leave_one_out(s.embeddings, s.labels, 3, "squared_euclidean")
+    assert s.open_set["report"]["threshold"] == pytest.approx(float(np.quantile(known, 0.95)), rel=1e-4)
+    assert np.median(known) > np.median(tight)  # one view sits farther from a prototype than a mean of views
+    damaged = dict(np.load(store / "store.npz"))
+    del damaged["query_embeddings"]
+    np.savez(store / "store.npz", **damaged)
+    one_line_error(run("classes", "--store", str(store)), "query_embeddings")
 
 
 @pytest.mark.parametrize("bad", [-1, 8, "2", 2.5, True])

@@ -84,13 +84,20 @@ class FewShotRuntime:
         self.support_shift = self.manifest.head.support_shift
         self.backbone = {"model": self.manifest.name, "variant": self.variant.name, "sha256": self.variant.sha256,
                          "embedding_dim": self.manifest.embedding_dim, "model_path": str(Path(model))}
+        if self.support_shift:  # a store's prototypes must not mix samples embedded with and without views
+            self.backbone["support_shift"] = self.support_shift
 
     def images(self, files: list[str | Path]) -> tuple[np.ndarray, list[str]]:
         return load_images(files, self.manifest.preprocess, limits=self.limits)
 
-    def embed_support(self, images: np.ndarray) -> np.ndarray:
-        """Enrolled samples' embeddings: the mean over each one's support views when the head has them."""
-        return embed_support(self.embedder, images, self.support_shift)
+    def embed_support(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Enrolled samples' (support embeddings, one-view embeddings or None): with the head's support
+        views, the mean over each sample's views and, for the store's open-set calibration, its plain
+        embedding (what a query of it would give); without them, the plain embedding and None."""
+        plain = self.embedder(images)
+        if not self.support_shift:
+            return plain, None
+        return embed_support(self.embedder, images, self.support_shift, plain), plain
 
     def open_store(self, folder: str | Path) -> EnrollmentStore:
         store = EnrollmentStore.open(folder)
@@ -149,7 +156,7 @@ class FewShotRuntime:
             adapt = self._resolve_adapt(*adapt)
         for label, _, _ in classes:
             check_label(label)
-        embedded = [(self.embed_support(images), sample_ids(images)) for _, images, _ in classes]
+        embedded = [(*self.embed_support(images), sample_ids(images)) for _, images, _ in classes]
         EnrollmentStore.check_folder(Path(folder))
         with EnrollmentStore.locked(folder):
             if EnrollmentStore.exists(folder):
@@ -157,12 +164,13 @@ class FewShotRuntime:
             else:
                 store = EnrollmentStore.create(folder, self.backbone, keep_samples, self.manifest.preprocess.input_shape)
             done = []
-            for (label, images, names), (embeddings, ids) in zip(classes, embedded, strict=True):
+            for (label, images, names), (embeddings, queries, ids) in zip(classes, embedded, strict=True):
                 dups = [] if allow_duplicates else store.duplicates(ids)
                 skipped = [(names[i] if names else f"sample {i + 1}")
                            + (f" (already enrolled as {known!r})" if known is not None else " (given twice)") for i, known in dups]
                 fresh = np.setdiff1d(np.arange(len(images)), [i for i, _ in dups]).astype(np.intp)
-                count = (store.add(label, embeddings[fresh], images[fresh] if store.samples is not None else None, ids[fresh])
+                count = (store.add(label, embeddings[fresh], images[fresh] if store.samples is not None else None, ids[fresh],
+                                   None if queries is None else queries[fresh])
                          if len(fresh) else store.counts().get(check_label(label), 0))
                 done.append(Enrolled(count, len(fresh), skipped))
             if adapt is not None:
@@ -206,7 +214,7 @@ class FewShotRuntime:
             store = self.open_store(folder)
             if mode == "calibrated":  # refuse now what would only leave a note in the store
                 calibrate(store.embeddings, store.labels, len(store.class_names), self.manifest.distance,
-                          store.negatives, accept=accept, false_accept=false_accept)
+                          store.negatives, accept=accept, false_accept=false_accept, queries=store.query_embeddings)
             store.set_open_set(setting)
             self.save(store)
         return self.describe_open_set(store)
@@ -222,7 +230,8 @@ class FewShotRuntime:
             out["calibration"] = "the model's, from its validation classes at export"
         if len(store.class_names) >= 2:  # a median: a seeded sample of at most DOMAIN_SAMPLES samples will do
             pick = np.random.default_rng(0).permutation(len(store.labels))[:DOMAIN_SAMPLES]
-            strangers = nearest(store.embeddings[pick], PrototypeHead.from_embeddings(
+            asked = store.embeddings if store.query_embeddings is None else store.query_embeddings  # as queries are
+            strangers = nearest(asked[pick], PrototypeHead.from_embeddings(
                 store.embeddings, store.labels, store.class_names).prototypes, self.manifest.distance, exclude=store.labels[pick])
             reference = self.variant.open_set_stranger_median or self.threshold_of_model
             out["warning"] = domain_warning(float(np.median(strangers)), reference)
@@ -270,7 +279,8 @@ class FewShotRuntime:
                                     f"{self.manifest.preprocess.input_shape}; enroll the classes again instead")
             negatives = None if store.negative_samples is None or not len(store.negative_samples) else \
                 self.embedder(store.negative_samples)
-            store.replace_embeddings(self.embed_support(store.samples), self.backbone, negatives)
+            support, queries = self.embed_support(store.samples)
+            store.replace_embeddings(support, self.backbone, negatives, queries)
             self.save(store)
         return len(store.labels)
 

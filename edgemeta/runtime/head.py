@@ -51,15 +51,18 @@ def support_views(images: np.ndarray, shift: int) -> list[np.ndarray]:
     return views
 
 
-def embed_support(embed, images: np.ndarray, shift: int) -> np.ndarray:
-    """An enrolled sample's embedding: the mean over its support views (`shift` 0: the plain embedding).
+def embed_support(embed, images: np.ndarray, shift: int, plain: np.ndarray | None = None) -> np.ndarray:
+    """An enrolled sample's embedding: the mean over its support views (`shift` 0: the plain embedding,
+    `embed(images)`, which `plain` gives when it is already computed).
 
     A 1-shot prototype is one drawing's embedding; averaging it over small moves of the drawing makes
     it less tied to where that drawing sat on the page (test-time augmentation of the support set
     only: queries keep one pass, so classifying costs the same)."""
+    plain = embed(images) if plain is None else plain
     if shift <= 0:
-        return embed(images)
-    return np.mean([embed(v) for v in support_views(images, shift)], axis=0, dtype=np.float64).astype(np.float32)
+        return plain
+    moved = [embed(v) for v in support_views(images, shift)[1:]]
+    return np.mean([plain, *moved], axis=0, dtype=np.float64).astype(np.float32)
 
 
 def squared_euclidean(queries: np.ndarray, protos: np.ndarray) -> np.ndarray:

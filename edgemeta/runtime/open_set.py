@@ -48,17 +48,20 @@ def paired_distances(a: np.ndarray, b: np.ndarray, distance: str) -> np.ndarray:
 
 
 def leave_one_out(embeddings: np.ndarray, labels: np.ndarray, num_classes: int, distance: str,
-                  negatives: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(known distances, stranger distances) of an enrolled set, as the module docstring says."""
+                  negatives: np.ndarray | None = None, queries: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(known distances, stranger distances) of an enrolled set, as the module docstring says. `queries`:
+    each sample embedded as a query is (one view), when the prototypes average support views: the
+    held-out sample is asked as a query would be, or the threshold would be tighter than the queries."""
+    q = embeddings if queries is None else queries
     sums, counts = class_sums(embeddings, labels, num_classes)
     protos = (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
     many = counts[labels] >= 2
     own = labels[many]
     loo = (sums[own] - embeddings[many]) / (counts[own] - 1)[:, None]
-    known = paired_distances(embeddings[many], loo, distance)
+    known = paired_distances(q[many], loo, distance)
     strangers = []
     if num_classes >= 2:
-        strangers.append(nearest(embeddings, protos, distance, exclude=labels))
+        strangers.append(nearest(q, protos, distance, exclude=labels))
     if negatives is not None and len(negatives):
         strangers.append(nearest(negatives, protos, distance))
     return known, np.concatenate(strangers) if strangers else np.zeros(0)
@@ -79,10 +82,11 @@ def nearest(queries: np.ndarray, protos: np.ndarray, distance: str, exclude: np.
 
 def calibrate(embeddings: np.ndarray, labels: np.ndarray, num_classes: int, distance: str,
               negatives: np.ndarray | None = None, accept: float | None = DEFAULT_ACCEPT,
-              false_accept: float | None = None) -> dict:
+              false_accept: float | None = None, queries: np.ndarray | None = None) -> dict:
     """The store's threshold and what it is expected to do (JSON-ready); EdgemetaError when the enrolled
-    set cannot tell: no class with two samples (accept), or no strangers at all (false_accept)."""
-    known, strangers = leave_one_out(embeddings, labels, num_classes, distance, negatives)
+    set cannot tell: no class with two samples (accept), or no strangers at all (false_accept).
+    `queries`: the samples' one-view embeddings under support views (`leave_one_out`)."""
+    known, strangers = leave_one_out(embeddings, labels, num_classes, distance, negatives, queries)
     n_neg = 0 if negatives is None else len(negatives)
     if false_accept is not None:
         if not len(strangers):

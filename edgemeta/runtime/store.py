@@ -11,6 +11,9 @@ One folder holding one ``store.npz`` (arrays only, read with allow_pickle=False)
                  and "open_set" (the store's own unknown test: OPEN_SET_MODES, runtime/open_set.py)
     sample_ids   (n, 16) uint8, optional: the first 16 bytes of each sample's pixels' sha256 (zeros: not
                  known, an older store), so the same image is not enrolled twice
+    query_embeddings (n, dim) float32, when the model's head enrolls with support views (backbone
+                 "support_shift" above 0): each sample's one-view embedding, as a query's; the open-set
+                 calibration asks these, the prototypes average the support views in `embeddings`
     negatives    (m, dim) float32, optional: "none of these" samples, never a class: they only teach
                  the open-set calibration what a stranger looks like (negative_samples: their pixels,
                  kept when the store keeps samples)
@@ -44,6 +47,7 @@ import numpy as np
 
 from edgemeta.atomic import write_atomic
 from edgemeta.errors import EdgemetaError
+from edgemeta.preprocess import IMAGE_SIZES
 from edgemeta.runtime.linear_head import LinearHeadSpec, adapt_linear, spec_arrays, spec_from_manifest
 from edgemeta.runtime.schema import MAX_ABS_VALUE, MAX_EMBEDDING_DIM, Doc, Obj, array, show
 
@@ -63,6 +67,7 @@ STORE_FIX = "restore it from a backup or start a new store"
 # "off" (never "unknown"). No open_set key: the model's threshold.
 OPEN_SET_MODES = ("calibrated", "manual", "off")
 SAMPLE_ID_BYTES = 16
+MAX_SUPPORT_SHIFT = IMAGE_SIZES[1] // 4  # as the manifest allows: a quarter of the image side
 
 
 def sample_ids(images: np.ndarray) -> np.ndarray:
@@ -139,10 +144,11 @@ def _now() -> str:
 
 def read_store(doc: Doc, arrays: dict[str, np.ndarray]) -> tuple[dict, np.ndarray, np.ndarray, list[str], np.ndarray | None,
                                                            LinearHeadSpec | None, dict[str, np.ndarray],
-                                                           tuple[np.ndarray, np.ndarray | None] | None]:
+                                                           tuple[np.ndarray, np.ndarray | None] | None,
+                                                           np.ndarray | None]:
     """A store's arrays checked against the format above (the module docstring): (meta, embeddings float32,
-    labels int32, class_names, samples, head spec, head arrays, (negatives, their samples) or None). Every
-    failure names the file and the key."""
+    labels int32, class_names, samples, head spec, head arrays, (negatives, their samples) or None, query
+    embeddings or None). Every failure names the file and the key."""
     text = array(doc, "meta", arrays.get("meta"), "str", ())
     try:
         meta = json.loads(str(text))
@@ -157,6 +163,7 @@ def read_store(doc: Doc, arrays: dict[str, np.ndarray]) -> tuple[dict, np.ndarra
         backbone.get(key, str)
     backbone.get("model_path", str, default=None)
     dim = backbone.get("embedding_dim", int, min=1, max=MAX_EMBEDDING_DIM)
+    views = backbone.get("support_shift", int, default=0, min=0, max=MAX_SUPPORT_SHIFT) > 0
     top.get("created", str, default=None)
     top.get("updated", str, default=None)
     if meta.get("adapt") is not None:  # absent or null: no adaptation
@@ -203,6 +210,13 @@ def read_store(doc: Doc, arrays: dict[str, np.ndarray]) -> tuple[dict, np.ndarra
     samples = arrays.get("samples")
     if samples is not None:
         array(doc, "samples", samples, "uint8", (len(emb), None, None, None))
+    queries = arrays.get("query_embeddings")
+    if views and queries is None:
+        raise doc.error("query_embeddings", "is missing (the store's model enrolls with support views)")
+    if queries is not None:
+        if not views:
+            raise doc.error("query_embeddings", "is there, but the store's model enrolls without support views")
+        queries = array(doc, "query_embeddings", queries, "float", (len(emb), dim), finite=True).astype(np.float32)
     head = {k[len(HEAD_PREFIX):]: v for k, v in arrays.items() if k.startswith(HEAD_PREFIX)}
     for key, ndim in (("w", 2), ("b", 1)):  # shapes that no longer fit are stale, recomputed (linear_head)
         if key in head:
@@ -220,7 +234,7 @@ def read_store(doc: Doc, arrays: dict[str, np.ndarray]) -> tuple[dict, np.ndarra
             shape = (len(neg), *samples.shape[1:]) if samples is not None else (len(neg), None, None, None)
             array(doc, "negative_samples", neg_samples, "uint8", shape)
         negatives = (neg.astype(np.float32), neg_samples)
-    return meta, emb.astype(np.float32), labels.astype(np.int32), names, samples, spec, head, negatives
+    return meta, emb.astype(np.float32), labels.astype(np.int32), names, samples, spec, head, negatives, queries
 
 
 class EnrollmentStore:
@@ -237,6 +251,9 @@ class EnrollmentStore:
         self.sample_ids = np.zeros((len(embeddings), SAMPLE_ID_BYTES), np.uint8)
         self.negatives = np.zeros((0, embeddings.shape[1]), np.float32)
         self.negative_samples: np.ndarray | None = None if samples is None else np.zeros((0, *samples.shape[1:]), np.uint8)
+        # each sample's one-view (query) embedding, kept when the backbone enrolls with support views
+        self.query_embeddings: np.ndarray | None = (np.zeros((0, embeddings.shape[1]), np.float32)
+                                                    if meta["backbone"].get("support_shift", 0) else None)
 
     # --- opening --------------------------------------------------------------------------
 
@@ -283,8 +300,9 @@ class EnrollmentStore:
                 arrays = {k: z[k] for k in z.files}
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
             raise EdgemetaError(f"{path} is damaged ({type(e).__name__}); {STORE_FIX}") from None
-        meta, emb, labels, names, samples, spec, head, negatives = read_store(Doc(str(path), STORE_FIX), arrays)
+        meta, emb, labels, names, samples, spec, head, negatives, queries = read_store(Doc(str(path), STORE_FIX), arrays)
         store = cls(folder, meta, emb, labels, names, samples)
+        store.query_embeddings = queries
         store.head_spec, store.head_w, store.head_b = spec, head.get("w"), head.get("b")
         if "sample_ids" in arrays:
             store.sample_ids = arrays["sample_ids"]
@@ -342,6 +360,14 @@ class EnrollmentStore:
                 f"(sha256 {str(backbone.get('sha256'))[:12]}): embeddings of different backbones do not mix; "
                 + ("re-enroll the kept samples with `edgemeta reenroll`" if self.samples is not None
                    else "use the matching model or enroll into a new store"))
+        if mine.get("support_shift", 0) != backbone.get("support_shift", 0):
+            def views(shift):
+                return f"support views of {shift} px" if shift else "no support views"
+            raise EdgemetaError(
+                f"store {self.folder} was enrolled with {views(mine.get('support_shift', 0))}, model "
+                f"{backbone.get('model')}'s head enrolls with {views(backbone.get('support_shift', 0))}: its prototypes "
+                "would mix the two; " + ("re-enroll the kept samples with `edgemeta reenroll`" if self.samples is not None
+                                         else "use the matching model or enroll into a new store"))
 
     def counts(self) -> dict[str, int]:
         c = np.bincount(self.labels, minlength=len(self.class_names))
@@ -382,15 +408,24 @@ class EnrollmentStore:
             seen.add(key)
         return out
 
-    def add(self, label: str, embeddings: np.ndarray, samples: np.ndarray | None = None, ids: np.ndarray | None = None) -> int:
+    def add(self, label: str, embeddings: np.ndarray, samples: np.ndarray | None = None, ids: np.ndarray | None = None,
+            queries: np.ndarray | None = None) -> int:
         """Add support samples to a class (created when new); returns the class's sample count. `ids`
-        (`sample_ids` of the samples) let later enrollments find duplicates."""
+        (`sample_ids` of the samples) let later enrollments find duplicates; `queries`: their one-view
+        embeddings, given exactly when the store's backbone enrolls with support views."""
         label = check_label(label)
         if embeddings.ndim != 2 or embeddings.shape[1] != self.embeddings.shape[1]:
             raise EdgemetaError(f"embeddings of shape {embeddings.shape} do not fit this store (dim {self.embeddings.shape[1]})")
         if not len(embeddings):  # a class without samples has no prototype
             raise EdgemetaError(f"no samples to enroll as {label!r}; give at least one")
         _check_finite(embeddings)
+        if (queries is None) != (self.query_embeddings is None) or (queries is not None and queries.shape != embeddings.shape):
+            raise EdgemetaError("this store's backbone enrolls with support views: give each sample's one-view embedding "
+                                "along with its support embedding" if self.query_embeddings is not None else
+                                "this store's backbone enrolls without support views: give no one-view embeddings")
+        if queries is not None:
+            _check_finite(queries)
+            self.query_embeddings = np.concatenate([self.query_embeddings, queries.astype(np.float32)])
         if label not in self.class_names:
             self.class_names.append(label)
         idx = self.class_names.index(label)
@@ -412,6 +447,8 @@ class EnrollmentStore:
         self.embeddings, self.labels, self.sample_ids = self.embeddings[keep], self.labels[keep], self.sample_ids[keep]
         if self.samples is not None:
             self.samples = self.samples[keep]
+        if self.query_embeddings is not None:
+            self.query_embeddings = self.query_embeddings[keep]
         self.labels = np.where(self.labels > idx, self.labels - 1, self.labels).astype(np.int32)
         del self.class_names[idx]
         return removed
@@ -465,7 +502,7 @@ class EnrollmentStore:
             return
         try:
             o["report"] = calibrate(self.embeddings, self.labels, len(self.class_names), o["distance"], self.negatives,
-                                    accept=o.get("accept"), false_accept=o.get("false_accept"))
+                                    accept=o.get("accept"), false_accept=o.get("false_accept"), queries=self.query_embeddings)
         except EdgemetaError as e:
             o["report"] = {"threshold": None, "note": f"{e}; the model's threshold applies meanwhile"}
 
@@ -473,9 +510,14 @@ class EnrollmentStore:
         """The linear head to classify with (None: nearest prototype); adapted by save()."""
         self.head_spec = spec
 
-    def replace_embeddings(self, embeddings: np.ndarray, backbone: dict, negatives: np.ndarray | None = None) -> None:
-        """After re-embedding the kept samples (and negative samples) with another backbone."""
+    def replace_embeddings(self, embeddings: np.ndarray, backbone: dict, negatives: np.ndarray | None = None,
+                           queries: np.ndarray | None = None) -> None:
+        """After re-embedding the kept samples (and negative samples) with another backbone; `queries`: the
+        samples' one-view embeddings when that backbone enrolls with support views, else None."""
         _check_finite(embeddings)
+        if queries is not None:
+            _check_finite(queries)
+        self.query_embeddings = None if queries is None else queries.astype(np.float32)
         self.embeddings = embeddings.astype(np.float32)
         if negatives is not None:
             _check_finite(negatives)
@@ -494,6 +536,8 @@ class EnrollmentStore:
             arrays["samples"] = self.samples
         if self.sample_ids.any():
             arrays["sample_ids"] = self.sample_ids
+        if self.query_embeddings is not None:
+            arrays["query_embeddings"] = self.query_embeddings
         if len(self.negatives):
             arrays["negatives"] = self.negatives
             if self.negative_samples is not None:

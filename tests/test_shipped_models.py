@@ -66,7 +66,7 @@ def test_the_shipped_snail_model_answers_on_the_board_as_recorded(omniglot_dir):
     """The model-based family's shipped model: its board files are all there (the float32 sequence graphs are
     left out of git: `edgemeta export` writes them), and its int8 board path gives the recorded 5w1s figure."""
     from edgemeta.host.data import DatasetSpec, load_dataset
-    from edgemeta.host.evaluate import embed_split, evaluate
+    from edgemeta.host.evaluate import evaluate
     from edgemeta.runtime.interpreter import Embedder
     from edgemeta.runtime.sequence_head import SequenceGraphs
 

@@ -42,7 +42,7 @@ def main(argv=None) -> dict:
 
     from edgemeta.host.config import config_from_dict
     from edgemeta.host.data import load_dataset
-    from edgemeta.host.evaluate import embed_split, evaluate
+    from edgemeta.host.evaluate import evaluate, query_and_support
     from edgemeta.host.methods import get_method
     from edgemeta.host.model_eval import keras_embedder, training_dataset
     from edgemeta.host.modeldir import load_backbone
@@ -63,8 +63,11 @@ def main(argv=None) -> dict:
     def adapted(s, labels, q, way):
         return linear_scores(spec, s, labels, q, way)
 
-    board = Embedder(read_manifest(a.model).model_path(a.variant), threads=os.cpu_count() or 1)
-    emb = {"float32": embed_split(keras_embedder(model), split), a.variant: embed_split(board, split)}
+    manifest = read_manifest(a.model)
+    board = Embedder(manifest.model_path(a.variant), threads=os.cpu_count() or 1)
+    embedders = {"float32": keras_embedder(model), a.variant: board}
+    shift = manifest.head.support_shift  # enrolled as the board enrolls: (query, support) embeddings
+    emb = {k: query_and_support(f, split, shift) for k, f in embedders.items()}
     lines = {"Keras float32, prototype": (emb["float32"], proto), f"{a.variant}, prototype": (emb[a.variant], proto),
              f"{a.variant}, adapted linear ({a.steps} steps)": (emb[a.variant], adapted)}
     size = split.min_class_size()
@@ -73,12 +76,13 @@ def main(argv=None) -> dict:
     ways = [w for w in ways if w >= 2]
     out = {"model": a.model, "split": f"{split.name} ({split.num_classes} classes)", "episodes": a.episodes,
            "shots": {}, "ways": {}}
-    for name, (e, head) in lines.items():
+    for name, ((e, sup), head) in lines.items():
         out["shots"][name] = [r.__dict__ for r in evaluate(None, head, split, [(5 if split.num_classes >= 5 else 2, s)
                                                                                  for s in shots],
-                                                             a.episodes, query=min(15, size - max(shots)), embeddings=e)]
+                                                             a.episodes, query=min(15, size - max(shots)), embeddings=e,
+                                                             support_embeddings=sup)]
         out["ways"][name] = [r.__dict__ for r in evaluate(None, head, split, [(w, 1) for w in ways], a.episodes,
-                                                            query=min(15, size - 1), embeddings=e)]
+                                                            query=min(15, size - 1), embeddings=e, support_embeddings=sup)]
     Path(a.out).mkdir(parents=True, exist_ok=True)
     for axis, values, label, fname in (("shots", shots, "shots (5-way)", "accuracy_vs_shots.png"),
                                        ("ways", ways, "ways (1-shot)", "accuracy_vs_ways.png")):

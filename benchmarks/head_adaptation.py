@@ -34,7 +34,7 @@ def main() -> None:
     a = ap.parse_args()
 
     from edgemeta.host.data import load_dataset
-    from edgemeta.host.evaluate import embed_split, evaluate
+    from edgemeta.host.evaluate import evaluate, query_and_support
     from edgemeta.host.methods import get_method
     from edgemeta.host.model_eval import keras_embedder, training_dataset
     from edgemeta.host.modeldir import load_backbone
@@ -51,20 +51,24 @@ def main() -> None:
     def proto_linear(s, labels, q, way):
         return linear_scores(spec, s, labels, q, way)
 
-    board = Embedder(read_manifest(a.model).model_path(a.variant), threads=os.cpu_count() or 1)
-    paths = {f"board ({a.variant})": embed_split(board, split), "host (keras float32)": embed_split(keras_embedder(model), split)}
+    manifest = read_manifest(a.model)
+    board = Embedder(manifest.model_path(a.variant), threads=os.cpu_count() or 1)
+    shift = manifest.head.support_shift  # enrolled as the board enrolls: (query, support) embeddings
+    paths = {f"board ({a.variant})": query_and_support(board, split, shift),
+             "host (keras float32)": query_and_support(keras_embedder(model), split, shift)}
     heads = {"prototype": proto.classify, f"proto-init linear, {a.steps} steps at {a.lr}": proto_linear}
     if info.algorithm != "protonet":
         heads[f"{info.algorithm} head, {method.params.test_steps} steps"] = method.classify
     print(f"{a.model}, {a.split} split ({split.num_classes} classes), {a.way}-way, {a.episodes} seeded episodes, accuracy %")
     shots = [int(s) for s in a.shots.split(",")]
     print(f"{'path':<24} {'head':<40} " + " ".join(f"{s:>2}-shot       " for s in shots))
-    for path, emb in paths.items():
+    for path, (emb, sup) in paths.items():
         for head, fn in heads.items():
             cells = []
             for shot in shots:
                 query = min(15, split.min_class_size() - shot)
-                r = evaluate(None, fn, split, [(a.way, shot)], a.episodes, query=query, embeddings=emb)[0]
+                r = evaluate(None, fn, split, [(a.way, shot)], a.episodes, query=query, embeddings=emb,
+                             support_embeddings=sup)[0]
                 cells.append(f"{r.accuracy:6.2f} +/- {r.ci95:.2f}")
             print(f"{path:<24} {head:<40} " + " ".join(cells))
     if method.adapts_body:

@@ -57,6 +57,8 @@ def main(argv=None) -> list[dict]:
             store = EnrollmentStore.create(folder, rt.backbone, False, rt.manifest.preprocess.input_shape)
             store.class_names = [f"class{i:05d}" for i in range(n)]
             store.embeddings, store.labels = emb, labels
+            if store.query_embeddings is not None:  # a support-view model's store keeps one-view embeddings too
+                store.query_embeddings = emb
             repeat = max(3, a.repeat if n <= 1000 else a.repeat // 4)
             save = median_ms(store.save, repeat)
             load = median_ms(lambda f=folder: EnrollmentStore.open(f), repeat)

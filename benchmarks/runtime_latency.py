@@ -173,7 +173,8 @@ def main() -> None:
         print(f"\nenroll a 5-shot class (decode 5 PNGs, preprocess, embed, atomic store write): {enroll:.2f} ms")
         if rt.support_shift:  # the head's support views embed each sample 5 times: the same enroll without them
             plain = FewShotRuntime(args.model)
-            plain.support_shift = 0
+            plain.support_shift = 0  # the same runtime enrolling without views, into stores that say so
+            plain.backbone.pop("support_shift")
             off = median_ms(lambda: plain.enroll(Path(tmp) / "p", f"class{next(counter)}", files, allow_duplicates=True), 30)
             one = [median_ms(lambda r=r: r.enroll(Path(tmp) / f"one{r.support_shift}", f"class{next(counter)}", files[:1],
                                                   allow_duplicates=True), 30) for r in (rt, plain)]
@@ -198,6 +199,8 @@ def main() -> None:
             s = EnrollmentStore.create(store, rt.backbone, False, rt.manifest.preprocess.input_shape)
             s.class_names = list(head.names)
             s.embeddings, s.labels = emb.astype(np.float32), labels.astype(np.int32)
+            if s.query_embeddings is not None:  # a support-view model's store keeps one-view embeddings too
+                s.query_embeddings = s.embeddings
             s.save()
             full_ms = median_ms(lambda st=store: rt.classify(st, query, top_k=5), 50)
             print(f"  {n:5d} classes: head {head_ms:.3f} ms; head build from store {build_ms:.3f} ms; "

@@ -34,7 +34,7 @@ def test_recorded_int8_figures_are_reproduced(name, omniglot_dir):
     """Re-measure 5-way 1-shot and 20-way 1-shot through the int8 model and the manifest's head: the manifest
     must say the same."""
     from edgemeta.host.data import DatasetSpec, load_dataset
-    from edgemeta.host.evaluate import embed_split, evaluate
+    from edgemeta.host.evaluate import evaluate, query_and_support
     from edgemeta.host.methods.protonet import ProtoNet
     from edgemeta.runtime.interpreter import Embedder
 
@@ -42,8 +42,7 @@ def test_recorded_int8_figures_are_reproduced(name, omniglot_dir):
     d = m.raw["source"]["data"]
     split = load_dataset(DatasetSpec(root=str(omniglot_dir), split=d["split"], rotations=d["rotations"]), m.preprocess, ("test",))["test"]
     embed = Embedder(m.model_path("int8_static"), threads=2)
-    emb, shift = embed_split(embed, split), m.head.support_shift  # enrolled as the board enrolls: with its support views
-    support = embed_split(embed, split, support_shift=shift) if shift else emb
+    emb, support = query_and_support(embed, split, m.head.support_shift)  # enrolled as the board enrolls them
     results = evaluate(embed, ProtoNet().classify, split, ((5, 1), (20, 1)), episodes=1000, seed=0, embeddings=emb,
                        support_embeddings=support)
     recorded = {r["setting"]: r for r in m.raw["variants"]["int8_static"]["evaluation"]}

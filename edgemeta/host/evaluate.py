@@ -80,6 +80,13 @@ def embed_split(embed: EmbedFn, split: FewShotSplit, batch: int = 1024, support_
                            for i in range(0, len(split.images), batch)])
 
 
+def query_and_support(embed: EmbedFn, split: FewShotSplit, shift: int) -> tuple[np.ndarray, np.ndarray]:
+    """A split's embeddings as queries (one view) and as enrolled samples (the mean over `shift`-pixel
+    support views; the same array when `shift` is 0), as the board embeds them."""
+    emb = embed_split(embed, split)
+    return emb, (embed_split(embed, split, support_shift=shift) if shift else emb)
+
+
 def head_support_shift(method) -> int:
     """The pixel shift of the support views a method's board head enrolls with (0: one plain view)."""
     return int(method.head_spec().get("support_shift", 0))
@@ -93,8 +100,7 @@ def episode_inputs(method, embed: EmbedFn, split: FewShotSplit, head_only: bool 
     support ones averaged over the head's support views as the board enrolls them."""
     if method.adapts_body and not head_only:
         return method.adapt_classify, split.images, split.images
-    emb, shift = embed_split(embed, split), head_support_shift(method)
-    return method.classify, emb, (embed_split(embed, split, support_shift=shift) if shift else emb)
+    return method.classify, *query_and_support(embed, split, head_support_shift(method))
 
 
 def choose_board_head(method, val_embeddings: np.ndarray, val_split: FewShotSplit, episodes: int = 200,

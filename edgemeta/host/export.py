@@ -32,6 +32,7 @@ from edgemeta.host.evaluate import (
     episode_inputs,
     evaluate,
     fitting_settings,
+    query_and_support,
     results_json,
 )
 from edgemeta.host.methods import get_method
@@ -168,10 +169,8 @@ def _export_into(model_dir: Path, out: Path, data: str, folder: str, episodes: i
         write_atomic(path, data_bytes)
         structure = read_structure(path, data_bytes)
         embedder = Embedder(path, threads=os.cpu_count() or 1)
-        val_emb = embed_split(embedder, splits["val"])
-        test_emb = embed_split(embedder, splits["test"])
-        val_sup, test_sup = ((embed_split(embedder, splits[k], support_shift=shift) for k in ("val", "test")) if shift
-                             else (val_emb, test_emb))
+        val_emb, val_sup = query_and_support(embedder, splits["val"], shift)
+        test_emb, test_sup = query_and_support(embedder, splits["test"], shift)
         open_set = calibrate_open_set(val_emb, splits["val"], distance, seed=seed, support_embeddings=val_sup)
         if info.training.get("classes") == "trainval":  # no held-out classes are left to calibrate on
             open_set["calibration"] += "; the model also trained on these classes, so new classes may sit farther out"
@@ -194,10 +193,9 @@ def _export_into(model_dir: Path, out: Path, data: str, folder: str, episodes: i
 
     if head["kind"] == "sequence":
         classify = method.classify  # the Keras body with the TensorFlow sequence model
-    float_emb = embed_split(float_embed, splits["test"])
+    float_emb, float_sup = query_and_support(float_embed, splits["test"], shift)
     float_results = evaluate(float_embed, classify, splits["test"], settings, episodes, seed=seed, limits=limits,
-                             embeddings=float_emb, support_embeddings=(embed_split(float_embed, splits["test"], support_shift=shift)
-                                                                      if shift else float_emb))
+                             embeddings=float_emb, support_embeddings=float_sup)
     evaluation = {"keras_float32": results_json(float_results)}
     if method.adapts_body:  # the host-only figure: every layer adapted on each support set
         classify, images, _ = episode_inputs(method, None, splits["test"])

@@ -35,7 +35,8 @@ class ProtoNetParams:
     distill: float = 0.5       # weight of the teacher's soft targets; the labels get 1 - distill
     temperature: float = 4.0   # softens both distributions (the distillation term is scaled by its square)
     # the board head's support views: an enrolled sample's embedding is the mean over it and four copies
-    # moved by this many pixels (0: none); queries keep one view. Evaluation only: training ignores it.
+    # moved by this many pixels (0: none); queries keep one view. The training loss ignores it (its
+    # validation episodes enroll this way, as evaluation and the board do).
     support_shift: int = 0
 
     def __post_init__(self) -> None:

@@ -137,10 +137,11 @@ def main() -> None:
             else:
                 folder = speech_folder(data / "speech_commands_v0.01_subset", Path(tmp) / "speech")
                 split = load_dataset(DatasetSpec(kind="folder", root=str(folder), fractions=(0, 0, 1)), pre, ("test",))["test"]
-            emb = np.concatenate([rt.embedder(split.images[i:i + 256]) for i in range(0, len(split.images), 256)])
             # enrolled samples as the store holds them (the mean over the head's support views, if it has them)
-            sup = (np.concatenate([rt.embed_support(split.images[i:i + 256])[0] for i in range(0, len(split.images), 256)])
-                   if rt.support_shift else emb)
+            # and as queries (one view): one pass of each
+            pairs = [rt.embed_support(split.images[i:i + 256]) for i in range(0, len(split.images), 256)]
+            sup = np.concatenate([p[0] for p in pairs])
+            emb = sup if not rt.support_shift else np.concatenate([p[1] for p in pairs])
         res = run(split, emb, sup, rt, args)
         for row in ROWS:
             r = res[row]

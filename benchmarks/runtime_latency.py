@@ -173,8 +173,7 @@ def main() -> None:
         print(f"\nenroll a 5-shot class (decode 5 PNGs, preprocess, embed, atomic store write): {enroll:.2f} ms")
         if rt.support_shift:  # the head's support views embed each sample 5 times: the same enroll without them
             plain = FewShotRuntime(args.model)
-            plain.support_shift = 0  # the same runtime enrolling without views, into stores that say so
-            plain.backbone.pop("support_shift")
+            plain.backbone.pop("support_shift")  # the same runtime enrolling without views, into stores that say so
             off = median_ms(lambda: plain.enroll(Path(tmp) / "p", f"class{next(counter)}", files, allow_duplicates=True), 30)
             one = [median_ms(lambda r=r: r.enroll(Path(tmp) / f"one{r.support_shift}", f"class{next(counter)}", files[:1],
                                                   allow_duplicates=True), 30) for r in (rt, plain)]

@@ -74,17 +74,18 @@ def parse_setting(text: str) -> tuple[int, int]:
         raise EdgemetaError(f"cannot read setting {text!r}; write it as 5w1s (5-way 1-shot)") from None
 
 
-def embed_split(embed: EmbedFn, split: FewShotSplit, batch: int = 1024, support_shift: int = 0) -> np.ndarray:
-    """Every image's embedding; with `support_shift`, as a support sample: the mean over its support views."""
-    return np.concatenate([embed_support(embed, split.images[i:i + batch], support_shift)
-                           for i in range(0, len(split.images), batch)])
+def embed_split(embed: EmbedFn, split: FewShotSplit, batch: int = 1024) -> np.ndarray:
+    return np.concatenate([embed(split.images[i:i + batch]) for i in range(0, len(split.images), batch)])
 
 
-def query_and_support(embed: EmbedFn, split: FewShotSplit, shift: int) -> tuple[np.ndarray, np.ndarray]:
+def query_and_support(embed: EmbedFn, split: FewShotSplit, shift: int, batch: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """A split's embeddings as queries (one view) and as enrolled samples (the mean over `shift`-pixel
-    support views; the same array when `shift` is 0), as the board embeds them."""
-    emb = embed_split(embed, split)
-    return emb, (embed_split(embed, split, support_shift=shift) if shift else emb)
+    support views, reusing the one-view pass; the same array when `shift` is 0), as the board embeds them."""
+    emb = embed_split(embed, split, batch)
+    if not shift:
+        return emb, emb
+    return emb, np.concatenate([embed_support(embed, split.images[i:i + batch], shift, emb[i:i + batch])
+                                for i in range(0, len(split.images), batch)])
 
 
 def head_support_shift(method) -> int:

@@ -81,11 +81,15 @@ class FewShotRuntime:
             spec = self.manifest.head.sequence
             self.sequence = SequenceGraphs(*self.manifest.sequence_paths(self.variant.name, verify), self.manifest.embedding_dim,
                                            spec.max_way, spec.max_shot, threads=threads)
-        self.support_shift = self.manifest.head.support_shift
         self.backbone = {"model": self.manifest.name, "variant": self.variant.name, "sha256": self.variant.sha256,
                          "embedding_dim": self.manifest.embedding_dim, "model_path": str(Path(model))}
-        if self.support_shift:  # a store's prototypes must not mix samples embedded with and without views
-            self.backbone["support_shift"] = self.support_shift
+        if self.manifest.head.support_shift:  # a store's prototypes must not mix samples embedded with and without views
+            self.backbone["support_shift"] = self.manifest.head.support_shift
+
+    @property
+    def support_shift(self) -> int:
+        """The support views this runtime enrolls with: its store identity's (`backbone`), one source of truth."""
+        return int(self.backbone.get("support_shift", 0))
 
     def images(self, files: list[str | Path]) -> tuple[np.ndarray, list[str]]:
         return load_images(files, self.manifest.preprocess, limits=self.limits)

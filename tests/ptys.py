@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import select
 import threading
+import time
 import tty
 
 
@@ -13,9 +14,21 @@ class NullModem:
 
     `NullModem()` makes two raw pty pairs and exposes their slave device names in `.names`, to be
     opened with pyserial at each end. `NullModem(master_a, master_b)` joins masters the caller made
-    (e.g. one whose slave is a shell's controlling terminal)."""
+    (e.g. one whose slave is a shell's controlling terminal).
 
-    def __init__(self, master_a: int | None = None, master_b: int | None = None) -> None:
+    A pty moves bytes as fast as the processes do and ignores the baud rate it is set to.
+    `NullModem(baud=9600)` paces each direction like a UART at that rate: at most `baud / 10` bytes
+    a second (a start bit, 8 data bits, a stop bit), on a clock, so a burst waits for the wire.
+    The relay then holds at most `tx_buffer` bytes per direction (about a UART driver's transmit
+    buffer), so a sender's blocking write() returns once its bytes are that close to the wire,
+    as on a real port, and not as soon as the relay has swallowed them."""
+
+    TICK = 0.005  # seconds of wire time handed to a master per write when paced
+
+    def __init__(self, master_a: int | None = None, master_b: int | None = None, *, baud: int | None = None,
+                 tx_buffer: int = 4096) -> None:
+        if baud is not None and baud <= 0:
+            raise ValueError(f"baud must be positive, not {baud}")
         self._own: list[int] = []
         if master_a is None or master_b is None:
             (master_a, sa), (master_b, sb) = os.openpty(), os.openpty()
@@ -24,6 +37,9 @@ class NullModem:
             self.names = os.ttyname(sa), os.ttyname(sb)
             self._own = [master_a, sa, master_b, sb]
         self._a, self._b = master_a, master_b
+        self.baud = baud
+        self._rate = baud / 10 if baud else None  # bytes per second on the wire
+        self._hold = tx_buffer if baud else 1 << 20
         os.set_blocking(self._a, False)
         os.set_blocking(self._b, False)
         self._wake_r, self._wake_w = os.pipe()
@@ -33,25 +49,44 @@ class NullModem:
     def _pump(self) -> None:
         peer = {self._a: self._b, self._b: self._a}
         pending = {self._a: bytearray(), self._b: bytearray()}  # bytes waiting to go INTO that master
+        wire_free = {self._a: 0.0, self._b: 0.0}  # paced: when the last byte sent toward that master is through
         while True:
-            readable = [self._wake_r] + [fd for fd in peer if len(pending[peer[fd]]) < 1 << 20]
-            r, w, _ = select.select(readable, [fd for fd in peer if pending[fd]], [])
+            now = time.monotonic()
+            writable, wait = [], None
+            for fd in peer:
+                if not pending[fd]:
+                    continue
+                if self._rate is None or wire_free[fd] <= now:
+                    writable.append(fd)
+                else:
+                    wait = min(wait if wait is not None else 1.0, wire_free[fd] - now)
+            readable = [self._wake_r] + [fd for fd in peer if len(pending[peer[fd]]) < self._hold]
+            r, w, _ = select.select(readable, writable, [], wait)
             if self._wake_r in r:
                 return
             for fd in r:
                 try:
-                    pending[peer[fd]] += os.read(fd, 65536)
+                    pending[peer[fd]] += os.read(fd, max(1, min(65536, self._hold - len(pending[peer[fd]]))))
                 except BlockingIOError:
                     pass
                 except OSError:  # EIO: a side hung up
                     return
             for fd in w:
+                data = pending[fd]
+                if self._rate is not None:
+                    # The bytes one tick of wire time carries; the clock runs on from when the wire was
+                    # last free (or now, after an idle spell), so the average rate is exact.
+                    start = max(wire_free[fd], time.monotonic() - self.TICK)
+                    data = data[: max(1, int(self._rate * self.TICK))]
                 try:
-                    del pending[fd][: os.write(fd, pending[fd])]
+                    sent = os.write(fd, data)
                 except BlockingIOError:
-                    pass
+                    continue
                 except OSError:
                     return
+                del pending[fd][:sent]
+                if self._rate is not None:
+                    wire_free[fd] = start + sent / self._rate
 
     def close(self) -> None:
         os.write(self._wake_w, b"x")

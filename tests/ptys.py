@@ -23,7 +23,7 @@ class NullModem:
     buffer), so a sender's blocking write() returns once its bytes are that close to the wire,
     as on a real port, and not as soon as the relay has swallowed them."""
 
-    TICK = 0.005  # seconds of wire time handed to a master per write when paced
+    TICK = 0.005  # paced: seconds of wire time handed to a master per write
 
     def __init__(self, master_a: int | None = None, master_b: int | None = None, *, baud: int | None = None,
                  tx_buffer: int = 4096) -> None:
@@ -49,44 +49,46 @@ class NullModem:
     def _pump(self) -> None:
         peer = {self._a: self._b, self._b: self._a}
         pending = {self._a: bytearray(), self._b: bytearray()}  # bytes waiting to go INTO that master
-        wire_free = {self._a: 0.0, self._b: 0.0}  # paced: when the last byte sent toward that master is through
+        # Paced: the time the last byte handed to that master had finished on the wire. A batch of k
+        # bytes is handed over once its last bit is through (wire_free + k/rate), never earlier.
+        wire_free = {self._a: 0.0, self._b: 0.0}
+        batch = max(1, int(self._rate * self.TICK)) if self._rate else 65536
         while True:
             now = time.monotonic()
             writable, wait = [], None
             for fd in peer:
                 if not pending[fd]:
                     continue
-                if self._rate is None or wire_free[fd] <= now:
+                due = wire_free[fd] + min(len(pending[fd]), batch) / self._rate if self._rate else now
+                if due <= now:
                     writable.append(fd)
                 else:
-                    wait = min(wait if wait is not None else 1.0, wire_free[fd] - now)
+                    wait = due - now if wait is None else min(wait, due - now)
             readable = [self._wake_r] + [fd for fd in peer if len(pending[peer[fd]]) < self._hold]
             r, w, _ = select.select(readable, writable, [], wait)
             if self._wake_r in r:
                 return
             for fd in r:
+                into = peer[fd]
                 try:
-                    pending[peer[fd]] += os.read(fd, max(1, min(65536, self._hold - len(pending[peer[fd]]))))
+                    data = os.read(fd, min(65536, self._hold - len(pending[into])))
                 except BlockingIOError:
-                    pass
+                    continue
                 except OSError:  # EIO: a side hung up
                     return
+                if not pending[into]:  # an idle wire: these bytes start on it now
+                    wire_free[into] = max(wire_free[into], time.monotonic())
+                pending[into] += data
             for fd in w:
-                data = pending[fd]
-                if self._rate is not None:
-                    # The bytes one tick of wire time carries; the clock runs on from when the wire was
-                    # last free (or now, after an idle spell), so the average rate is exact.
-                    start = max(wire_free[fd], time.monotonic() - self.TICK)
-                    data = data[: max(1, int(self._rate * self.TICK))]
                 try:
-                    sent = os.write(fd, data)
+                    sent = os.write(fd, pending[fd][:batch])
                 except BlockingIOError:
                     continue
                 except OSError:
                     return
                 del pending[fd][:sent]
-                if self._rate is not None:
-                    wire_free[fd] = start + sent / self._rate
+                if self._rate:
+                    wire_free[fd] += sent / self._rate
 
     def close(self) -> None:
         os.write(self._wake_w, b"x")

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from edgemeta.errors import EdgemetaError
+from edgemeta.errors import EdgemetaError, denied
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
@@ -63,6 +63,8 @@ def write_atomic(path: str | Path, data: bytes | str | Callable[[BinaryIO], None
     path = Path(path)
     try:
         _write(path, data, mode, prefix, suffix)
+    except PermissionError:
+        raise denied(path, "write") from None
     except OSError as e:
         if e.errno not in NO_SPACE:
             raise

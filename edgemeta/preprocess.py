@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from edgemeta.arrays import load_npy
 from edgemeta.errors import EdgemetaError
 from edgemeta.runtime.schema import Doc, Obj
 
@@ -431,7 +432,7 @@ def _npy_images(path: Path, pre: Preprocess, limits: ImageLimits) -> list[np.nda
     if size > limits.max_bytes:
         raise _too_many_bytes(str(path), size, limits)
     try:
-        arr = np.load(path, allow_pickle=False)
+        arr = load_npy(path, limits.max_bytes)
     except (OSError, ValueError) as e:
         raise EdgemetaError(f"cannot read {path} as a numpy array ({e})") from None
     if arr.dtype != np.uint8 or arr.ndim not in (2, 3, 4):

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import click
 
-from edgemeta.cli import adapt_setting, describe_head, main, print_classes, print_results
+from edgemeta.cli import adapt_setting, describe_head, main, print_classes, print_results, seconds, whole
 from edgemeta.errors import EdgemetaError
+from edgemeta.limits import BAUD_RANGE, MAX_THREADS, MAX_TOP_K
 
 
 def _runtime(model: str | None, store: str, variant: str | None, threads: int, edgetpu: str | None, xnnpack: bool = True):
@@ -31,7 +32,7 @@ def _runtime_options(f):
     f = click.option("--xnnpack/--no-xnnpack", default=True, show_default=True, help="Use LiteRT's XNNPACK CPU delegate.")(f)
     f = click.option("--edgetpu", default=None, metavar="DEVICE",
                      help="Run on the Edge TPU delegate: usb, usb:0, pci, or '' for the first.")(f)
-    f = click.option("--threads", type=int, default=1, show_default=True, help="Interpreter threads.")(f)
+    f = click.option("--threads", type=whole(1, MAX_THREADS), default=1, show_default=True, help="Interpreter threads.")(f)
     f = click.option("--variant", default=None, help="Model variant (default: the manifest's, int8_static).")(f)
     f = click.option("--model", default=None, type=click.Path(file_okay=False),
                      help="Exported model folder (default: $EDGEMETA_MODEL or the store's).")(f)
@@ -205,7 +206,7 @@ def describe_open_set(info: dict) -> str:
 
 @main.command()
 @_runtime_options
-@click.option("--top-k", type=int, default=1, show_default=True, help="How many nearest classes to list.")
+@click.option("--top-k", type=whole(1, MAX_TOP_K), default=1, show_default=True, help="How many nearest classes to list.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.argument("files", nargs=-1, required=True, type=click.Path())
 def classify(store: str, model: str | None, variant: str | None, threads: int, edgetpu: str | None, xnnpack: bool, top_k: int,
@@ -296,9 +297,9 @@ def reenroll(store: str, model: str | None, variant: str | None, threads: int, e
               help="Exported model folder.")
 @click.option("--samples", default="samples/omniglot", show_default=True, type=click.Path(file_okay=False),
               help="Folder with one sub-folder of images per class.")
-@click.option("--way", type=int, default=20, show_default=True, help="Classes enrolled per episode.")
-@click.option("--shot", type=int, default=1, show_default=True, help="Samples enrolled per class.")
-@click.option("--episodes", type=int, default=10, show_default=True, help="Seeded episodes.")
+@click.option("--way", type=whole(2, 1000), default=20, show_default=True, help="Classes enrolled per episode.")
+@click.option("--shot", type=whole(1, 100), default=1, show_default=True, help="Samples enrolled per class.")
+@click.option("--episodes", type=whole(1, 10_000), default=10, show_default=True, help="Seeded episodes.")
 @click.option("--variant", default=None, help="Model variant (default: the manifest's, int8_static).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
 def demo(model: str, samples: str, way: int, shot: int, episodes: int, variant: str | None, as_json: bool) -> None:
@@ -361,19 +362,19 @@ def health(model: str, store: str | None, as_json: bool) -> None:
 @click.option("--token-file", default=None, type=click.Path(dir_okay=False),
               help="File holding the token TCP clients must send (mode 600; default: $EDGEMETA_TOKEN).")
 @click.option("--serial", "serial_device", default=None, help="Also answer framed requests on this serial port.")
-@click.option("--baud", type=int, default=115200, show_default=True, help="Serial speed.")
-@click.option("--serial-reopen-for", type=click.FloatRange(min=0), default=300.0, show_default=True, metavar="SECONDS",
+@click.option("--baud", type=whole(*BAUD_RANGE), default=115200, show_default=True, help="Serial speed.")
+@click.option("--serial-reopen-for", type=seconds(0, 7 * 86400), default=300.0, show_default=True, metavar="SECONDS",
               help="When the serial port goes away, keep reopening it this long, then exit non-zero (for systemd).")
 @click.option("--stdio", is_flag=True, help="Answer JSON lines on stdin/stdout (what `remote --via ssh:` uses).")
-@click.option("--idle-timeout", type=click.FloatRange(min=0), default=60.0, show_default=True, metavar="SECONDS",
+@click.option("--idle-timeout", type=seconds(0, 86400), default=60.0, show_default=True, metavar="SECONDS",
               help="Close a connection that sends nothing for this long (0: never).")
-@click.option("--max-connections", type=click.IntRange(min=1), default=32, show_default=True,
+@click.option("--max-connections", type=whole(1, 4096), default=32, show_default=True,
               help="Connections served at once (socket and TCP together); one more gets a 'busy' answer.")
-@click.option("--max-request-bytes", type=click.IntRange(min=1), default=64 * 2**20, show_default=True,
+@click.option("--max-request-bytes", type=whole(1, 2**31), default=64 * 2**20, show_default=True,
               help="Longest request line (images travel base64-encoded inside it).")
-@click.option("--decode-slots", type=click.IntRange(min=1), default=None,
+@click.option("--decode-slots", type=whole(1, 64), default=None,
               help="Large images decoded at once (default: 1, or 2 on boards with 2 GB or more).")
-@click.option("--threads", type=int, default=1, show_default=True, help="Interpreter threads.")
+@click.option("--threads", type=whole(1, MAX_THREADS), default=1, show_default=True, help="Interpreter threads.")
 @click.option("--edgetpu", default=None, metavar="DEVICE", help="Run on the Edge TPU delegate.")
 def serve(model: str, store: str, unix_path: str | None, tcp: str | None, allow_remote: bool, token_file: str | None,
           serial_device: str | None, baud: int, serial_reopen_for: float, stdio: bool, idle_timeout: float,

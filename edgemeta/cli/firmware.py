@@ -9,8 +9,9 @@ from pathlib import Path
 
 import click
 
-from edgemeta.cli import main
+from edgemeta.cli import main, seconds, whole
 from edgemeta.errors import EdgemetaError
+from edgemeta.limits import BAUD_RANGE
 
 
 @main.command()
@@ -48,10 +49,10 @@ def provision(boot: str, hostname: str, user: str, password_env: str | None, ssh
 
 @main.command()
 @click.option("--device", required=True, help="Serial device of the board's console, e.g. /dev/ttyUSB0.")
-@click.option("--baud", type=int, default=115200, show_default=True)
+@click.option("--baud", type=whole(*BAUD_RANGE), default=115200, show_default=True)
 @click.option("--user", required=True, help="Login user.")
 @click.option("--password-env", required=True, metavar="VAR", help="Environment variable holding the password.")
-@click.option("--timeout", type=float, default=30.0, show_default=True)
+@click.option("--timeout", type=seconds(0.1, 3600), default=30.0, show_default=True)
 @click.argument("command")
 def console(device: str, baud: int, user: str, password_env: str, timeout: float, command: str) -> None:
     """Log in on a board's UART console (no network needed) and run one command; exits with its status.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from edgemeta.cli import main
+from edgemeta.cli import main, seconds, whole
 from edgemeta.errors import EdgemetaError
 
 
@@ -35,14 +35,15 @@ def _require_tensorflow() -> None:
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="Training configuration (TOML).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Model folder to write (and resume from).")
 @click.option("--data", default="", help="Dataset location; overrides [data] root (Omniglot: also $EDGEMETA_OMNIGLOT).")
-@click.option("--episodes", type=int, default=None, help="Override [train] episodes.")
-@click.option("--max-minutes", type=float, default=None, help="Override [train] max_minutes (wall-time budget).")
+@click.option("--episodes", type=whole(1, 10**8), default=None, help="Override [train] episodes.")
+@click.option("--max-minutes", type=seconds(0, 10**6), default=None, help="Override [train] max_minutes (wall-time budget).")
 @click.option("--fresh", is_flag=True, help="Ignore an existing checkpoint in --out and start over.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @click.option("--cluster", "cluster_spec", default=None, metavar="HOST:PORT,...",
               help="Train as one worker of this cluster (every worker's host:port, the chief first; writes TF_CONFIG). "
                    "Without it, a TF_CONFIG in the environment is used; without either, one host.")
-@click.option("--task-index", type=int, default=None, help="With --cluster: this worker's place in the list, from 0 (the chief).")
+@click.option("--task-index", type=whole(0, 1023), default=None,
+              help="With --cluster: this worker's place in the list, from 0 (the chief).")
 def train(config_path: str, out: str, data: str, episodes: int | None, max_minutes: float | None, fresh: bool, quiet: bool,
           cluster_spec: str | None, task_index: int | None) -> None:
     """Meta-train a backbone episodically; resumes from --out's checkpoint when there is one.
@@ -90,7 +91,8 @@ def train(config_path: str, out: str, data: str, episodes: int | None, max_minut
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.option("--hosts", required=True, help="Comma-separated workers, the chief first: localhost or ssh destinations ([user@]host).")
-@click.option("--port", type=int, default=23456, show_default=True, help="First port; workers on one host take consecutive ports.")
+@click.option("--port", type=whole(1, 65535), default=23456, show_default=True,
+              help="First port; workers on one host take consecutive ports.")
 @click.option("--remote-dir", default="", help="Folder to cd into on ssh hosts (the repository or working folder there).")
 @click.option("--remote-edgemeta", default="edgemeta", show_default=True,
               help="The edgemeta command on ssh hosts (e.g. .venv/bin/edgemeta).")
@@ -121,14 +123,15 @@ def launch(hosts: str, port: int, remote_dir: str, remote_edgemeta: str, train_a
 @click.option("--folder", default="", help="Evaluate on every class of this folder (one sub-folder of images per class) instead.")
 @click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True, help="Which split of the model's dataset.")
 @click.option("--setting", "settings", multiple=True, help="N-way K-shot setting like 5w1s (repeatable). Default: 5w1s 5w5s 20w1s 20w5s.")
-@click.option("--episodes", type=int, default=1000, show_default=True, help="Seeded episodes per setting.")
-@click.option("--query", type=int, default=15, show_default=True, help="Query images per class (fewer if a class is too small).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Episode seed; the same seed gives the same episodes.")
+@click.option("--episodes", type=whole(1, 10**6), default=1000, show_default=True, help="Seeded episodes per setting.")
+@click.option("--query", type=whole(1, 10_000), default=15, show_default=True,
+              help="Query images per class (fewer if a class is too small).")
+@click.option("--seed", type=whole(0, 2**32 - 1), default=0, show_default=True, help="Episode seed; the same seed gives the same episodes.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of a table.")
 @click.option("--report", type=click.Path(dir_okay=False), default=None, help="Also write a Markdown report here (and .json beside it).")
 @click.option("--variant", default=None,
               help="Evaluate an exported .tflite variant (e.g. int8_static) through the runtime instead of Keras.")
-@click.option("--confusions", type=int, default=0, show_default=True,
+@click.option("--confusions", type=whole(0, 10_000), default=0, show_default=True,
               help="Also list the N class pairs (true -> predicted) most often confused in each setting.")
 @click.option("--transductive/--non-transductive", default=None,
               help="MAML-style models: normalise queries with their own batch's statistics (the papers' code) or "
@@ -138,7 +141,7 @@ def launch(hosts: str, port: int, remote_dir: str, remote_edgemeta: str, train_a
                    "(default: the whole network adapts on each support set, host only).")
 @click.option("--within-alphabet", is_flag=True,
               help="Omniglot: draw all classes of an episode from one alphabet (look-alike classes, the harder case).")
-@click.option("--support-shift", type=int, default=None,
+@click.option("--support-shift", type=whole(0, 1024), default=None,
               help="ProtoNet models: enroll each support sample as the mean of itself and 4 copies moved N pixels "
                    "([method] support_shift; 0: off). Default: the model's. Choose it with --split val.")
 def eval_cmd(model_dir: str, data: str, folder: str, split: str, settings: tuple[str, ...], episodes: int, query: int,
@@ -190,7 +193,7 @@ def eval_cmd(model_dir: str, data: str, folder: str, split: str, settings: tuple
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Where to write the variants (default: MODEL_DIR).")
 @click.option("--data", default="", help="Omniglot location (else $EDGEMETA_OMNIGLOT), for calibration and evaluation.")
 @click.option("--folder", default="", help="The folder dataset a folder-trained model was trained on.")
-@click.option("--episodes", type=int, default=1000, show_default=True, help="Evaluation episodes per setting and variant.")
+@click.option("--episodes", type=whole(1, 10**6), default=1000, show_default=True, help="Evaluation episodes per setting and variant.")
 @click.option("--board-head", type=click.Choice(["auto", "own", "prototype"]), default="auto", show_default=True,
               help="Optimization-family models: the board's head, the method's own or the nearest prototype "
                    "(auto: the better on validation episodes).")

@@ -72,11 +72,10 @@ def write_npz(path: Path, arrays: dict) -> None:
 
 
 def read_npz(path: Path) -> dict:
-    import numpy as np
+    from edgemeta.arrays import load_npz  # numpy, only when a model's arrays are read
 
     try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+        return load_npz(path)
     except (OSError, ValueError) as e:
         raise EdgemetaError(f"{path} is damaged ({e}); retrain or restore the model folder") from None
 

@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from edgemeta.errors import EdgemetaError
+from edgemeta.limits import MAX_TOP_K
 from edgemeta.preprocess import ImageLimits
 from edgemeta.runtime.classifier import UNKNOWN, FewShotRuntime
 from edgemeta.runtime.store import STORE_FILE, EnrollmentStore, check_adapt
@@ -62,7 +63,6 @@ LARGE_LINE = 2**20  # request lines longer than this are read within the decode 
 # decode slot: each costs a few MB at most, so they never wait behind a large image.
 SMALL_IMAGE_BYTES = 2**20
 SMALL_IMAGE_PIXELS = 640 * 480
-MAX_TOP_K = 1000
 DEFAULT_IDLE_TIMEOUT = 60.0
 DEFAULT_MAX_CONNECTIONS = 32
 DEFAULT_SERIAL_REOPEN_FOR = 300.0

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from edgemeta.errors import EdgemetaError
+from edgemeta.limits import MAX_THREADS
 from edgemeta.quiet import native_stderr_silenced
 
 EDGETPU_LIB = "libedgetpu.so.1"
@@ -122,8 +123,8 @@ def open_interpreter(path: str | Path, threads: int = 1, edgetpu: str | None = N
                      runtime: str | None = None):
     """(runtime name, a loaded interpreter with its tensors allocated), or one error line saying why
     the file cannot be loaded."""
-    if threads < 1:
-        raise EdgemetaError(f"threads must be at least 1, got {threads}")
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
+        raise EdgemetaError(f"threads must be a whole number from 1 to {MAX_THREADS}, got {threads!r}")
     path = Path(path)
     if not path.is_file():
         raise EdgemetaError(f"model file {path} does not exist")

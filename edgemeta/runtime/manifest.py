@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgemeta.arrays import load_npz
 from edgemeta.errors import EdgemetaError
 from edgemeta.preprocess import Preprocess
 from edgemeta.runtime.head import DISTANCES
@@ -198,8 +199,7 @@ def _read_head(path: Path, section: Obj, distance: str, dim: int, pre: Preproces
     if sha256_file(file) != sha:
         raise EdgemetaError(f"{file} does not match its manifest checksum (damaged or replaced); re-export or copy it again")
     try:
-        with np.load(file, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+        arrays = load_npz(file)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         raise EdgemetaError(f"{file} is not a readable head ({type(e).__name__}); re-export the model") from None
     spec = spec_from_manifest(section, arrays, dim, arrays_doc=Doc(str(file), "re-export the model"))

@@ -45,8 +45,9 @@ from typing import TypeVar
 
 import numpy as np
 
+from edgemeta.arrays import load_npz
 from edgemeta.atomic import write_atomic
-from edgemeta.errors import EdgemetaError
+from edgemeta.errors import EdgemetaError, denied
 from edgemeta.preprocess import IMAGE_SIZES
 from edgemeta.runtime.linear_head import LinearHeadSpec, adapt_linear, spec_arrays, spec_from_manifest
 from edgemeta.runtime.schema import MAX_ABS_VALUE, MAX_EMBEDDING_DIM, Doc, Obj, array, show
@@ -296,10 +297,12 @@ class EnrollmentStore:
             what = "does not exist" if not folder.exists() else f"is not an enrollment store (no {STORE_FILE})"
             raise EdgemetaError(f"{folder} {what}; enroll a class first (`edgemeta enroll --store {folder} ...`)")
         try:
-            with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
+            arrays = load_npz(path)
+        except PermissionError:  # someone else's store: theirs to share, never "damaged"
+            raise denied(path, "read") from None
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
-            raise EdgemetaError(f"{path} is damaged ({type(e).__name__}); {STORE_FIX}") from None
+            why = str(e)[:160] if isinstance(e, ValueError) else type(e).__name__
+            raise EdgemetaError(f"{path} is damaged ({why}); {STORE_FIX}") from None
         meta, emb, labels, names, samples, spec, head, negatives, queries = read_store(Doc(str(path), STORE_FIX), arrays)
         store = cls(folder, meta, emb, labels, names, samples)
         store.query_embeddings = queries
@@ -319,8 +322,13 @@ class EnrollmentStore:
     def locked(folder: str | Path) -> Iterator[None]:
         """Exclusive writer lock on the store folder (blocks until free); removes killed writers' leftovers."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / LOCK_FILE, "a+") as f:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            lock = open(folder / LOCK_FILE, "a+")  # noqa: SIM115 - closed by the with below
+        except PermissionError:
+            lock_file = folder / LOCK_FILE
+            raise denied(lock_file if lock_file.exists() else folder, "change the store at") from None
+        with lock as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 # Every writer saves under this lock, so any temporary file of save()'s form now is

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgemeta.arrays import load_npz
 from edgemeta.atomic import write_atomic
 
 CACHE_FORMAT = 1
@@ -42,8 +43,7 @@ def cached_arrays(name: str, key: str, build: Callable[[], dict[str, np.ndarray]
     path = cache_dir() / f"{name}-{key}.npz"
     if path.exists():
         try:
-            with np.load(path, allow_pickle=False) as z:
-                return {k: z[k] for k in z.files}
+            return load_npz(path)
         except (OSError, ValueError, zipfile.BadZipFile, EOFError):
             pass  # a damaged cache file is rebuilt below
     arrays = build()

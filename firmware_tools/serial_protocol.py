@@ -36,10 +36,21 @@ other exchanges are stale (e.g. the answer to a request that had timed out) and 
 Receiving: a reader scans for the magic (bytes before it are garbage, dropped), checks the
 version and the length limit as soon as the header is in (no waiting for a bogus 4 GB payload),
 then the CRC. On any bad frame it drops only the first magic byte and scans again, so a valid
-frame that was swallowed by a corrupt header is still found. A frame that stops arriving for
-``stall_timeout`` seconds is truncated. Each failure is a :class:`FrameError` subclass carrying
-the header's ``request_id`` when the header was read; the board answers those with an ERROR
-frame, so the host fails fast instead of waiting for its timeout. No retries at this layer.
+frame that was swallowed by a corrupt header is still found. Each failure is a
+:class:`FrameError` subclass carrying the header's ``request_id`` when the header was read; the
+board answers those with an ERROR frame, so the host fails fast instead of waiting for its
+timeout. No retries at this layer.
+
+Timers measure progress, never whole frames, so they hold at any baud rate. A frame is truncated
+when no byte of it has arrived for ``stall_timeout`` seconds (default 1 s; a healthy UART sender
+never pauses that long between bytes, and at 9600 baud a byte takes about 1 ms, while a full
+CHUNK frame takes 4.3 s). The board drops a request whose attachments stop arriving: no byte of a
+frame has arrived for ``stall_timeout`` since its last complete frame. The host's ``timeout`` runs
+from when the request can have reached the board (its bytes' wire time at ``port.baudrate``,
+or when the last write returned if that was later) to the first byte of the answer; an answer
+whose bytes are still arriving is waited for, so a large answer on a slow line is not taken for
+a lost one. Hence chunk sizes do not depend on the baud rate: a smaller chunk would only add
+24 bytes of framing per piece.
 
 >>> import serial                                                          # doctest: +SKIP
 >>> port = serial.Serial("/dev/ttyUSB0", baudrate=115200, timeout=0.1)     # doctest: +SKIP
@@ -78,7 +89,7 @@ MAX_PAYLOAD = 64 * 1024
 CHUNK_PAYLOAD_MAX = 4096
 CHUNK_DATA_MAX = CHUNK_PAYLOAD_MAX - _CHUNK.size  # 4086
 MAX_ATTACHMENT_BYTES = 16 * 1024 * 1024  # board-side memory bound per request
-STALL_TIMEOUT = 1.0  # at 115200 baud a healthy sender never pauses this long inside a frame
+STALL_TIMEOUT = 1.0  # seconds without a byte of the frame in flight; no healthy sender pauses this long
 _U32 = 0xFFFFFFFF
 
 _log = logging.getLogger(__name__)
@@ -246,7 +257,10 @@ class FrameReader:
 
     ``read_frame(timeout)`` returns the next valid frame, returns None when none completed before
     the deadline (a partial frame stays buffered for the next call), or raises a FrameError for a
-    rejected frame (the reader has already moved past it; call again to continue).
+    rejected frame (the reader has already moved past it; call again to continue). A partial frame
+    is reported as TruncatedFrame once no byte has arrived for ``stall_timeout`` seconds.
+    ``in_flight`` and ``last_progress`` tell a caller whether a frame is arriving and when its
+    last byte came, so its own timers can count progress rather than complete frames.
     """
 
     def __init__(self, port: Port, *, max_payload: int = MAX_PAYLOAD, stall_timeout: float = STALL_TIMEOUT) -> None:
@@ -258,6 +272,18 @@ class FrameReader:
         self._stall_timeout = stall_timeout
         self._buf = bytearray()
         self._last_rx = time.monotonic()
+        self._frame_rx = self._last_rx
+
+    @property
+    def in_flight(self) -> bool:
+        """True when the start of a frame is buffered and the rest has not arrived yet."""
+        return self._buf.startswith(MAGIC)
+
+    @property
+    def last_progress(self) -> float:
+        """``time.monotonic()`` when the last byte that belongs to a frame (one starting with the magic,
+        complete or not) arrived; bytes outside frames (noise, boot messages) do not count."""
+        return self._frame_rx
 
     def read_frame(self, timeout: float) -> Frame | None:
         # Overshoot past the deadline is bounded by one port.read(), i.e. by port.timeout.
@@ -280,6 +306,7 @@ class FrameReader:
         if start:
             _log.debug("skipped %d garbage bytes", start)
             del buf[:start]
+        self._frame_rx = self._last_rx  # what is buffered from here on is (the start of) a frame
         if len(buf) < HEADER_SIZE:
             return None
         try:
@@ -331,7 +358,10 @@ class FrameReader:
 class SerialClient:
     """The host end: one request at a time, answered by the board's :func:`serve` loop.
 
-    ``timeout`` is how long to wait for the answer after the request has been written.
+    ``timeout`` is how long to wait for the answer to begin once the request can have reached the
+    board: after its wire time at ``port.baudrate`` (when the port has one) or after the last
+    write returned, whichever is later. It covers the board's work; an answer whose bytes are still
+    arriving is waited for, until it is complete or stops for ``stall_timeout``.
     """
 
     def __init__(self, port: Port, *, timeout: float = 10.0, max_payload: int = MAX_PAYLOAD,
@@ -366,24 +396,31 @@ class SerialClient:
                                    self._max_payload)
             except ValueError as exc:
                 raise ValueError(f"request '{op}' cannot be sent: {exc} (send large data as attachments)") from None
+            started, sent = time.monotonic(), len(head)
             self._port.write(head)
             for index, blob in enumerate(blobs):
                 for chunk in _chunk_frames(rid, index, blob, CHUNK_DATA_MAX):
                     self._port.write(chunk)
-            return self._await(op, rid, self._timeout if timeout is None else timeout)
+                    sent += len(chunk)
+            wire = _wire_seconds(self._port, sent)
+            arrived = max(started + wire, time.monotonic())  # a write may return before its bytes are out
+            return self._await(op, rid, self._timeout if timeout is None else timeout, arrived, wire)
 
-    def _await(self, op: str, rid: int, timeout: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
+    def _await(self, op: str, rid: int, timeout: float, arrived: float, wire: float) -> dict[str, Any]:
+        deadline = arrived + timeout
         rejected = 0
-        while (left := deadline - time.monotonic()) > 0:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 and not self._reader.in_flight:
+                break  # past the deadline only while a frame's bytes are arriving (its stall timer ends it)
             try:
-                frame = self._reader.read_frame(left)
+                frame = self._reader.read_frame(max(left, 0.1))
             except FrameError as exc:
                 rejected += 1
                 _log.warning("ignored a bad frame from the board: %s", exc)
                 continue
             if frame is None:
-                break
+                continue
             if frame.request_id != rid or frame.type not in (FrameType.RESPONSE, FrameType.ERROR):
                 _log.debug("skipped stale %s frame for request %d", frame.type.name, frame.request_id)
                 continue
@@ -396,8 +433,20 @@ class SerialClient:
                 raise RemoteError(f"board error for '{op}': {message}", str(body.get("type", "")))
             return body
         extra = f"; {rejected} corrupt frame(s) were dropped" if rejected else ""
+        if wire >= 0.5:
+            extra = f" after the request's {wire:.1f} s on the wire at {self._port.baudrate} baud" + extra
         raise ProtocolError(f"no answer from the board to '{op}' within {timeout:g} s{extra} "
                             "(check the cable, the baud rate and that `edgemeta serve --serial` runs on the board)")
+
+
+def _wire_seconds(port: Port, nbytes: int) -> float:
+    """How long ``nbytes`` take on the line at the port's settings (0 when it has no baud rate)."""
+    try:
+        baud = float(port.baudrate)  # type: ignore[attr-defined]
+        bits = 1 + int(getattr(port, "bytesize", 8)) + (getattr(port, "parity", "N") != "N") + float(getattr(port, "stopbits", 1))
+    except (AttributeError, TypeError, ValueError):
+        return 0.0
+    return nbytes * bits / baud if baud > 0 else 0.0
 
 
 # --- board side ---------------------------------------------------------------------------------
@@ -482,7 +531,9 @@ def serve(port: Port, handler: Handler, stop: threading.Event | None = None, *, 
 
     ``handler(op, args, attachments)`` returns a JSON-able dict; an exception it raises becomes an
     ERROR frame with the exception's message. Bad frames are answered with ERROR when their request
-    id could be read, else skipped. Errors of the port itself (unplugged, closed) propagate.
+    id could be read, else skipped. A request whose attachments stop arriving (no byte of a frame
+    for ``stall_timeout`` seconds, however long each chunk takes) is answered with a TruncatedFrame
+    ERROR. Errors of the port itself (unplugged, closed) propagate.
     ``stop`` is checked every ``poll_interval`` seconds plus at most one ``port.timeout``.
     """
     reader = FrameReader(port, max_payload=max_payload, stall_timeout=stall_timeout)
@@ -504,9 +555,14 @@ def serve(port: Port, handler: Handler, stop: threading.Event | None = None, *, 
             else:
                 _log.warning("skipped a bad frame: %s", exc)
             continue
-        if pending is not None and time.monotonic() - pending.last_progress > stall_timeout:
+        # Progress is any byte of a frame, not only a complete chunk: at 38400 baud and below one chunk
+        # frame takes longer than stall_timeout to arrive. While a frame is arriving the reader's own
+        # stall timer decides (and reports the frame as truncated, with its request id).
+        if (pending is not None and not reader.in_flight
+                and time.monotonic() - max(pending.last_progress, reader.last_progress) > stall_timeout):
             got, want = sum(map(len, pending.parts)), sum(pending.sizes)
-            fail(pending.request_id, f"attachments stopped arriving ({got} of {want} bytes received)", "TruncatedFrame")
+            fail(pending.request_id, f"attachments stopped arriving ({got} of {want} bytes received, then nothing for "
+                 f"{stall_timeout:g} s)", "TruncatedFrame")
         if frame is None:
             continue
         if frame.type is FrameType.REQUEST:

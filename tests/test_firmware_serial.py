@@ -28,6 +28,7 @@ from firmware_tools.serial_protocol import (
     HEADER_SIZE,
     MAGIC,
     MAX_PAYLOAD,
+    STALL_TIMEOUT,
     VERSION,
     BadCrc,
     Frame,
@@ -397,6 +398,149 @@ def test_decode_frame_takes_any_bytes():
             assert encode_frame(frame) == data  # only an exact frame decodes
 
     prop()
+
+
+# --- slow links: a NullModem paced like a UART -----------------------------------------------------
+
+
+def wire_seconds(nbytes: int, baud: int) -> float:
+    return nbytes * 10 / baud  # 10 bits a character: start, 8 data, stop
+
+
+def request_wire_bytes(sizes: list[int], args: dict | None = None) -> int:
+    chunks = sum(-(-s // CHUNK_DATA_MAX) for s in sizes)
+    return len(request_frame(1, "slow_echo", args, sizes)) + sum(sizes) + chunks * (HEADER_SIZE + 10 + 4)
+
+
+@pytest.fixture
+def slow_link(request) -> Iterator[tuple[Any, Any, int]]:
+    """A host and a board port joined by a NullModem paced at ``request.param`` baud (both ports set to it)."""
+    baud = request.param
+    modem = NullModem(baud=baud)
+    host = serial.Serial(modem.names[0], baudrate=baud, timeout=PORT_TIMEOUT)
+    board_port = serial.Serial(modem.names[1], baudrate=baud, timeout=PORT_TIMEOUT)
+    try:
+        yield host, board_port, baud
+    finally:
+        host.close()
+        board_port.close()
+        modem.close()
+
+
+def slow_handler(calls: list) -> Any:
+    """Like handler_for, plus ``args["sleep"]`` seconds of work and an answer padded by ``args["pad"]`` bytes."""
+    plain = handler_for(calls)
+
+    def handler(op: str, args: dict, attachments: list[bytes]) -> dict:
+        time.sleep(args.get("sleep", 0))
+        return {**plain(op, args, attachments), "pad": "p" * args.get("pad", 0)}
+    return handler
+
+
+@pytest.fixture
+def slow_board(slow_link) -> Iterator[tuple[Any, Any, int, list]]:
+    """serve() on the board end of a slow link with the agent's defaults (stall timeout, poll interval)."""
+    host, board_port, baud = slow_link
+    calls: list = []
+    stop = threading.Event()
+    thread = threading.Thread(target=serve, args=(board_port, slow_handler(calls), stop), daemon=True)
+    thread.start()
+    try:
+        yield host, board_port, baud, calls
+    finally:
+        stop.set()
+        thread.join(3)
+        assert not thread.is_alive(), "serve() did not return after stop was set"
+
+
+def test_null_modem_paces_bytes_at_a_uart_character_time():
+    modem = NullModem(baud=19200)
+    a = serial.Serial(modem.names[0], timeout=PORT_TIMEOUT)
+    b = serial.Serial(modem.names[1], timeout=PORT_TIMEOUT)
+    try:
+        data = random.Random(1).randbytes(960)  # 0.5 s at 1920 bytes a second
+        t0 = time.monotonic()
+        a.write(data)
+        got = bytearray()
+        while len(got) < len(data) and time.monotonic() - t0 < 5:
+            got += b.read(len(data) - len(got))
+        took = time.monotonic() - t0
+    finally:
+        a.close()
+        b.close()
+        modem.close()
+    assert got == data
+    assert 0.49 <= took < 1.0, took
+
+
+@pytest.mark.parametrize(("slow_link", "size", "sleep", "pad", "timeout"), [
+    (9600, 6_500, 0, 0, 1.5),  # one and a half chunks; a chunk frame alone takes 4.3 s at 9600 baud
+    (38400, 6_500, 1.0, 0, 1.5),  # the handler's second would be eaten by the request's 1.7 s on the wire
+    (38400, 20_000, 0, 3_000, 0.5),  # five chunks, and an answer that takes 0.8 s to arrive
+], indirect=["slow_link"], ids=["9600-6.5KB", "38400-6.5KB-slow-handler", "38400-20KB-3KB-answer"])
+def test_an_image_crosses_a_slow_link(slow_board, size, sleep, pad, timeout):
+    """At 38400 baud and below a chunk frame takes longer than the stall timeout to arrive: the
+    board and the client must time progress (bytes arriving), not whole frames, and the client's
+    answer timeout must not run while its own request is still on the wire."""
+    host, _, baud, calls = slow_board
+    image = random.Random(size).randbytes(size)
+    args = {"label": "cup", "sleep": sleep, "pad": pad}
+    assert wire_seconds(request_wire_bytes([size], args), baud) + sleep > timeout  # the request alone outlasts it
+    t0 = time.monotonic()
+    result = SerialClient(host, timeout=timeout).request("slow_echo", args, [image])
+    took = time.monotonic() - t0
+    assert calls[-1][2] == [image]
+    assert result["sha256"] == [hashlib.sha256(image).hexdigest()] and result["pad"] == "p" * pad
+    want = wire_seconds(request_wire_bytes([size], args) + pad, baud) + sleep
+    assert want * 0.9 < took < want + 3, (took, want)  # paced like the baud rate, and no long stall
+
+
+@pytest.mark.parametrize("slow_link", [19200], indirect=True)
+def test_a_frame_cut_on_a_slow_link_is_reported_once_the_line_goes_quiet(slow_board):
+    """The cut frame takes longer than the stall timeout to arrive: no error while its bytes still
+    come, one TruncatedFrame error about a stall timeout after the last byte, and the board serves on."""
+    host, _, baud, calls = slow_board
+    head = request_frame(515, "slow_echo", sizes=[6_500])
+    cut = encode_frame(Frame(FrameType.CHUNK, 515, struct.pack(">HII", 0, 0, 6_500) + bytes(CHUNK_DATA_MAX)))[:2_500]
+    t0 = time.monotonic()
+    host.write(head + cut)
+    on_wire = wire_seconds(len(head) + len(cut), baud)
+    assert on_wire > STALL_TIMEOUT
+    frame, body = answer_for(host, 515, timeout=on_wire + STALL_TIMEOUT + 3)
+    took = time.monotonic() - t0
+    assert frame.type is FrameType.ERROR and body["type"] == "TruncatedFrame", body
+    assert "truncated frame for request 515" in body["message"], body
+    assert on_wire + STALL_TIMEOUT * 0.9 < took < on_wire + STALL_TIMEOUT + 1.5, (took, on_wire)
+    assert calls == []
+    assert SerialClient(host, timeout=2).request("ping", {})["op"] == "ping"
+
+
+@pytest.mark.parametrize("slow_link", [38400], indirect=True)
+def test_the_client_waits_for_an_answer_still_arriving_and_reports_one_cut_off(slow_link):
+    """A broken board sends half of a 6 KB answer: the client waits past its timeout while the
+    bytes come (0.8 s of them against a 0.3 s timeout), then reports the cut frame once they stop."""
+    host, board_port, baud = slow_link
+    payload = json.dumps({"pad": "p" * 6_000}).encode()
+    cut = (HEADER_SIZE + len(payload) + 4) // 2
+
+    def half_answer() -> None:
+        request = None
+        reader, deadline = FrameReader(board_port), time.monotonic() + 3
+        while request is None and time.monotonic() < deadline:
+            request = reader.read_frame(0.2)
+        if request is not None:
+            board_port.write(encode_frame(Frame(FrameType.RESPONSE, request.request_id, payload))[:cut])
+
+    thread = threading.Thread(target=half_answer, daemon=True)
+    thread.start()
+    client = SerialClient(host, timeout=0.3, stall_timeout=0.3)
+    t0 = time.monotonic()
+    with pytest.raises(ProtocolError, match=r"no answer from the board to 'ping' within 0.3 s; 1 corrupt frame"):
+        client.request("ping", {})
+    took = time.monotonic() - t0
+    on_wire = wire_seconds(cut, baud)
+    assert on_wire * 0.9 < took < on_wire + 0.3 + 1.5, (took, on_wire)
+    thread.join(3)
 
 
 SENTINEL = 0xFFFFFFFF  # the request id of the last, valid request; the fuzzed frames use others

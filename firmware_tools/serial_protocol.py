@@ -41,16 +41,17 @@ frame that was swallowed by a corrupt header is still found. Each failure is a
 board answers those with an ERROR frame, so the host fails fast instead of waiting for its
 timeout. No retries at this layer.
 
-Timers measure progress, never whole frames, so they hold at any baud rate. A frame is truncated
-when no byte of it has arrived for ``stall_timeout`` seconds (default 1 s; a healthy UART sender
-never pauses that long between bytes, and at 9600 baud a byte takes about 1 ms, while a full
-CHUNK frame takes 4.3 s). The board drops a request whose attachments stop arriving: no byte of a
-frame has arrived for ``stall_timeout`` since its last complete frame. The host's ``timeout`` runs
-from when the request can have reached the board (its bytes' wire time at ``port.baudrate``,
-or when the last write returned if that was later) to the first byte of the answer; an answer
-whose bytes are still arriving is waited for, so a large answer on a slow line is not taken for
-a lost one. Hence chunk sizes do not depend on the baud rate: a smaller chunk would only add
-24 bytes of framing per piece.
+Timers measure progress, never whole frames, so they hold at any baud rate (at 9600 baud a byte
+takes about 1 ms, a full CHUNK frame 4.3 s); chunk sizes therefore do not depend on the baud
+rate (a smaller chunk would only add 30 bytes of framing per piece). A frame is truncated when no
+byte of it has arrived for ``stall_timeout`` seconds (default 1 s; a healthy UART sender never
+pauses that long between bytes). The board drops a request whose attachments stop arriving, with
+a TruncatedFrame ERROR, when no byte of any frame has arrived for ``stall_timeout`` after its
+last complete frame. The host's ``timeout`` runs from when the request can have reached the board
+(its bytes' wire time at ``port.baudrate``, or when the last write returned if that was later)
+to the first byte of the answer; an answer whose bytes are still arriving is waited for, so a
+large answer on a slow line is not taken for a lost one. A cut-off sender is still reported a
+``stall_timeout`` after its last byte.
 
 >>> import serial                                                          # doctest: +SKIP
 >>> port = serial.Serial("/dev/ttyUSB0", baudrate=115200, timeout=0.1)     # doctest: +SKIP

@@ -415,7 +415,7 @@ class SerialClient:
             if left <= 0 and not self._reader.in_flight:
                 break  # past the deadline only while a frame's bytes are arriving (its stall timer ends it)
             try:
-                frame = self._reader.read_frame(max(left, 0.1))
+                frame = self._reader.read_frame(left if left > 0 else 0.1)
             except FrameError as exc:
                 rejected += 1
                 _log.warning("ignored a bad frame from the board: %s", exc)

@@ -10,11 +10,14 @@ failure is a ValueError whose message says what is wrong; callers add which file
 from __future__ import annotations
 
 import math
+import os
 import zipfile
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+
+from edgemeta.files import open_regular
 
 MAX_ARRAY_BYTES = 2**30  # no file edgemeta reads holds more; far above a store of 100 000 samples
 
@@ -55,8 +58,8 @@ def _read(f: BinaryIO, name: str, available: int, max_bytes: int) -> np.ndarray:
 def load_npy(path: str | Path, max_bytes: int = MAX_ARRAY_BYTES) -> np.ndarray:
     """The array of a .npy file, its declared size checked first. OSError for an unreadable file."""
     path = Path(path)
-    with open(path, "rb") as f:
-        return _read(f, path.name, path.stat().st_size, max_bytes)
+    with open_regular(path, "array file") as f:
+        return _read(f, path.name, os.fstat(f.fileno()).st_size, max_bytes)
 
 
 def load_npz(path: str | Path, max_bytes: int = MAX_ARRAY_BYTES) -> dict[str, np.ndarray]:
@@ -66,7 +69,7 @@ def load_npz(path: str | Path, max_bytes: int = MAX_ARRAY_BYTES) -> dict[str, np
     out: dict[str, np.ndarray] = {}
     left = max_bytes
     try:
-        with zipfile.ZipFile(path) as z:
+        with open_regular(path, "array file") as raw, zipfile.ZipFile(raw) as z:
             for info in z.infolist():
                 name = info.filename
                 if not name.endswith(".npy"):

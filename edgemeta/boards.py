@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgemeta.errors import EdgemetaError
+from edgemeta.files import read_regular
 
 if TYPE_CHECKING:
     from edgemeta.preprocess import ImageLimits
@@ -103,10 +104,10 @@ def load_board_file(path: str | Path, name: str | None = None) -> Board:
     """A profile from a file (a release's board.toml on the board), named by its file unless told."""
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(read_regular(path, 2**20, "board profile").decode())
         for key in ("title", "arch", "python", "runtime", "model"):
             raw[key]  # noqa: B018 - presence check
-    except (OSError, tomllib.TOMLDecodeError, KeyError) as e:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError) as e:
         raise EdgemetaError(f"board profile {path} is broken ({type(e).__name__}: {e})") from None
     for key in POSITIVE_INT_KEYS:
         v = raw.get(key, 1)

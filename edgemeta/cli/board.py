@@ -369,7 +369,12 @@ def health(model: str, store: str | None, as_json: bool) -> None:
 @click.option("--idle-timeout", type=seconds(0, 86400), default=60.0, show_default=True, metavar="SECONDS",
               help="Close a connection that sends nothing for this long (0: never).")
 @click.option("--max-connections", type=whole(1, 4096), default=32, show_default=True,
-              help="Connections served at once (socket and TCP together); one more gets a 'busy' answer.")
+              help="Connections served at once on each listener (the socket has its own); one more gets a 'busy' answer.")
+@click.option("--auth-timeout", type=seconds(0.1, 3600), default=10.0, show_default=True, metavar="SECONDS",
+              help="With a token: a TCP connection that has not sent it this long is closed (at most 8 wait at once, "
+                   "2 per address).")
+@click.option("--drain-timeout", type=seconds(0, 3600), default=30.0, show_default=True, metavar="SECONDS",
+              help="On SIGTERM: how long requests already started may take to be answered before the agent exits.")
 @click.option("--max-request-bytes", type=whole(1, 2**31), default=64 * 2**20, show_default=True,
               help="Longest request line (images travel base64-encoded inside it).")
 @click.option("--decode-slots", type=whole(1, 64), default=None,
@@ -378,7 +383,8 @@ def health(model: str, store: str | None, as_json: bool) -> None:
 @click.option("--edgetpu", default=None, metavar="DEVICE", help="Run on the Edge TPU delegate.")
 def serve(model: str, store: str, unix_path: str | None, tcp: str | None, allow_remote: bool, token_file: str | None,
           serial_device: str | None, baud: int, serial_reopen_for: float, stdio: bool, idle_timeout: float,
-          max_connections: int, max_request_bytes: int, decode_slots: int | None, threads: int, edgetpu: str | None) -> None:
+          max_connections: int, auth_timeout: float, drain_timeout: float, max_request_bytes: int, decode_slots: int | None,
+          threads: int, edgetpu: str | None) -> None:
     """The board agent: keeps the model and store loaded and answers enroll, classify, classes,
     forget, rename, adapt and status requests (JSON lines on a socket or stdio; framed on a serial port).
 
@@ -392,4 +398,5 @@ def serve(model: str, store: str, unix_path: str | None, tcp: str | None, allow_
     run_agent(model, store, threads=threads, edgetpu=edgetpu, unix_path=unix_path, tcp=tcp, serial_device=serial_device,
               baud=baud, stdio=stdio, allow_remote=allow_remote, token_file=token_file, idle_timeout=idle_timeout,
               max_connections=max_connections, decode_slots=decode_slots, max_request_bytes=max_request_bytes,
-              serial_reopen_for=serial_reopen_for, log=lambda m: click.echo(m, err=True))
+              serial_reopen_for=serial_reopen_for, auth_seconds=auth_timeout, drain_seconds=drain_timeout,
+              log=lambda m: click.echo(m, err=True))

@@ -21,8 +21,12 @@ token travels in clear: use it on a network you trust, or reach the board with `
 
 Bounds (`Agent` arguments, `edgemeta serve` options): a request line is at most
 `max_request_bytes` (an over-long line gets one error and the rest of it is discarded); at most
-`max_connections` connections are served at once (one more gets a one-line "busy" answer); a
-connection idle for `idle_timeout` seconds is closed. Images are decoded outside the store lock,
+`max_connections` connections are served at once on each listener (one more gets a one-line "busy"
+answer; the local socket has its own count, so TCP clients never crowd it out); a connection idle
+for `idle_timeout` seconds is closed. Before a TCP connection has sent its token it may hold its
+slot for `auth_seconds` at most, and at most 8 such connections wait at once, 2 per address (a
+ninth pushes the oldest out). SIGTERM stops gracefully: no new connection, every request already
+started answered, later ones refused with an answer, then exit. Images are decoded outside the store lock,
 within the board's image limits; decodes of large images (and reads of large request lines) take
 one of `decode_slots` (1 on boards under 2 GB), so small requests are never queued behind them.
 
@@ -45,12 +49,14 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edgemeta.errors import EdgemetaError
+from edgemeta.files import open_regular
 from edgemeta.limits import MAX_TOP_K
 from edgemeta.preprocess import ImageLimits
 from edgemeta.runtime.classifier import UNKNOWN, FewShotRuntime
@@ -66,6 +72,14 @@ SMALL_IMAGE_PIXELS = 640 * 480
 DEFAULT_IDLE_TIMEOUT = 60.0
 DEFAULT_MAX_CONNECTIONS = 32
 DEFAULT_SERIAL_REOPEN_FOR = 300.0
+# Before a TCP connection has sent its token it holds a thread and a slot; so at most this many are
+# held in all and per address, each for at most AUTH_SECONDS. A new one past either bound pushes out
+# the oldest waiting one (so a flood cannot keep a real client out: it authenticates in milliseconds).
+DEFAULT_AUTH_SECONDS = 10.0
+PREAUTH_TOTAL = 8
+PREAUTH_PER_PEER = 2
+DRAIN_SECONDS = 30.0  # on SIGTERM: how long requests already started may take to be answered
+STOPPING = "the agent is stopping (a restart or shutdown); send the request again in a moment"
 TOKEN_ENV = "EDGEMETA_TOKEN"
 MIN_TOKEN_LENGTH = 16
 MAX_TOKEN_LENGTH = 1024  # the auth line is at most AUTH_LINE bytes
@@ -122,6 +136,29 @@ class Agent:
         self._store: EnrollmentStore | None = None
         self._stamp: float | None = None
         self._head = None
+        self._active, self._quiet, self.stopping = 0, threading.Condition(), False
+
+    # --- requests in flight (a graceful stop answers each of them) ----------------------------
+
+    def begin(self) -> bool:
+        """Count a request as started; False once the agent is stopping (refuse it with STOPPING)."""
+        with self._quiet:
+            if self.stopping:
+                return False
+            self._active += 1
+            return True
+
+    def end(self) -> None:
+        with self._quiet:
+            self._active -= 1
+            self._quiet.notify_all()
+
+    def drain(self, seconds: float) -> int:
+        """Take no new request; wait up to `seconds` for those started; how many are still running."""
+        with self._quiet:
+            self.stopping = True
+            self._quiet.wait_for(lambda: self._active == 0, timeout=seconds)
+            return self._active
 
     # --- images -----------------------------------------------------------------------------
 
@@ -239,6 +276,8 @@ class Agent:
     def call(self, op: str, args: dict[str, Any], attachments: list[bytes | str]) -> dict:
         """`handle` for a transport: every failure is an EdgemetaError of one sentence for a person;
         an unexpected one is logged (one line) and answered without Python internals."""
+        if not self.begin():
+            raise EdgemetaError(STOPPING)
         try:
             return self.handle(op, args, attachments)
         except EdgemetaError:
@@ -248,6 +287,8 @@ class Agent:
         except Exception as e:  # keep serving: one bad request must not take the agent down
             self.log(f"internal error answering {_show(op)}: {type(e).__name__}: {str(e)[:200]}")
             raise EdgemetaError("internal error: the agent could not answer this request (the agent's log has the details)") from None
+        finally:
+            self.end()
 
     # --- JSON lines -------------------------------------------------------------------------
 
@@ -381,10 +422,14 @@ def _authenticate(line: bytes, token: str) -> bool | None:
     return hmac.compare_digest(args["token"].encode("utf-8", "replace"), token.encode())
 
 
-def serve_lines(agent: Agent, rfile, wfile, token: str | None = None, peer: str = "a client") -> None:
+def serve_lines(agent: Agent, rfile, wfile, token: str | None = None, peer: str = "a client",
+                on_auth: Callable[[], None] = lambda: None, end_on_stop: bool = False) -> None:
     """Answer JSON request lines from `rfile` on `wfile` until the end of input: exactly one answer
     per request line (blank lines are skipped). With `token`, the first line must be the auth
-    request carrying it; anything else gets one refusal and the connection is done."""
+    request carrying it (`on_auth` is called once it did); anything else gets one refusal and the
+    connection is done. Once the agent is stopping, a request that starts gets a refusal and the
+    connection ends; one already started is answered first (then, with `end_on_stop`, this returns:
+    a stream that nobody else can close, stdin)."""
 
     def send(data: bytes) -> None:
         wfile.write(data)
@@ -392,20 +437,21 @@ def serve_lines(agent: Agent, rfile, wfile, token: str | None = None, peer: str 
 
     limit = agent.max_request_bytes
     authenticated = token is None
-    while True:
+
+    def one(first: bytes) -> bool:
+        """Answer the request line that begins with `first`; whether the connection goes on."""
+        nonlocal authenticated
         size = min(LARGE_LINE, limit) if authenticated else AUTH_LINE
-        first = rfile.readline(size + 1)
-        if not first:
-            return
         complete = first.endswith(b"\n") or len(first) <= size
         if not authenticated:
             if complete and not first.strip():
-                continue
+                return True
             verdict = _authenticate(first, token) if complete else None
             if verdict:
                 authenticated = True
+                on_auth()
                 send(_ok_line(first, {"token": "accepted"}))
-                continue
+                return True
             agent.log(f"refused {peer}: {'wrong token' if verdict is False else 'no token'}")
             time.sleep(0.2)  # a refusal costs the guesser time
             send(_error_line(None, "not authorised: wrong token" if verdict is False else
@@ -413,19 +459,19 @@ def serve_lines(agent: Agent, rfile, wfile, token: str | None = None, peer: str 
                              f"or ${TOKEN_ENV})"))
             if not complete:
                 _discard_line(rfile, limit)
-            return
+            return False
         if complete:
             if first.strip():
                 send(agent.answer_line(first))
-            continue
+            return True
         if len(first) > limit:
             send(_too_long(limit))
             _discard_line(rfile, sys.maxsize)
-            continue
+            return True
         if not agent.large_lines.acquire(timeout=agent.idle_timeout):
             send(_error_line(None, "the agent is busy with other large requests; try again in a moment"))
             _discard_line(rfile, sys.maxsize)
-            continue
+            return True
         try:
             answer = _answer_large(agent, _read_rest(rfile, first, limit))
         finally:
@@ -435,6 +481,22 @@ def serve_lines(agent: Agent, rfile, wfile, token: str | None = None, peer: str 
             _discard_line(rfile, sys.maxsize)
         else:
             send(answer)
+        return True
+
+    while True:  # even when stopping: a request already on its way is read and refused, never reset
+        first = rfile.readline((min(LARGE_LINE, limit) if authenticated else AUTH_LINE) + 1)
+        if not first:
+            return
+        if not agent.begin():  # stopping: this request is refused with an answer, not dropped
+            send(_error_line(None, STOPPING))
+            return
+        try:
+            if not one(first):
+                return
+        finally:
+            agent.end()
+        if end_on_stop and agent.stopping:
+            return
 
 
 def _ok_line(line: bytes, result: dict) -> bytes:
@@ -448,8 +510,10 @@ def _stream_handler(agent: Agent, token: str | None):
 
         def handle(self) -> None:
             peer = f"{self.client_address[0]}:{self.client_address[1]}" if isinstance(self.client_address, tuple) else "a client"
+            preauth = getattr(self.server, "preauth", None)
             try:
-                serve_lines(agent, self.rfile, self.wfile, token, peer)
+                serve_lines(agent, self.rfile, self.wfile, token, peer,
+                            on_auth=(lambda: preauth.done(self.request)) if preauth else (lambda: None))
             except (OSError, ValueError):
                 pass  # the client hung up, reset the connection or went idle: nobody to answer
 
@@ -462,16 +526,87 @@ def _stream_handler(agent: Agent, token: str | None):
     return Handler
 
 
+def _cut(sock: socket.socket, why: str, gently: bool = False) -> None:
+    """End a connection from another thread: one answer line if it fits the send buffer, then the end
+    of the stream. Gently: only our side is closed, so a request the client sends meanwhile is still
+    read (and refused by its thread) instead of being answered by a reset that would also discard
+    our line; otherwise both sides, which ends the connection's thread at once."""
+    try:
+        sock.send(_error_line(None, why), socket.MSG_DONTWAIT)
+    except OSError:
+        pass
+    try:
+        sock.shutdown(socket.SHUT_WR if gently else socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class _PreAuth:
+    """TCP connections that have not sent their token yet: at most `total` in all and `per_peer` from
+    one address, each for at most `seconds` (whatever it sends meanwhile). Past a bound, the oldest
+    waiting connection (of that address, else of all) is cut to make room: a flood of idle or
+    trickling connections cannot keep a client out, since a real one authenticates at once."""
+
+    def __init__(self, seconds: float = DEFAULT_AUTH_SECONDS, total: int = PREAUTH_TOTAL, per_peer: int = PREAUTH_PER_PEER):
+        self.seconds, self.total, self.per_peer = seconds, total, per_peer
+        self._waiting: dict[socket.socket, tuple[str, float]] = {}  # insertion order: oldest first
+        self._lock = threading.Lock()
+        self._reaper: threading.Thread | None = None
+        self.cut = 0  # connections ended for holding a slot too long or being pushed out
+
+    def admit(self, sock: socket.socket, peer: str) -> None:
+        with self._lock:
+            out = []
+            mine = [s for s, (p, _) in self._waiting.items() if p == peer]
+            if len(mine) >= self.per_peer:
+                out.append(mine[0])
+            elif len(self._waiting) >= self.total:
+                out.append(next(iter(self._waiting)))
+            for s in out:
+                del self._waiting[s]
+            self._waiting[sock] = (peer, time.monotonic() + self.seconds)
+            if self._reaper is None:
+                self._reaper = threading.Thread(target=self._reap, daemon=True, name="edgemeta-preauth")
+                self._reaper.start()
+            self.cut += len(out)
+        for s in out:
+            _cut(s, "not authorised: too many connections from your address are waiting to send their token")
+
+    def done(self, sock: socket.socket) -> None:
+        """The connection authenticated, or ended."""
+        with self._lock:
+            self._waiting.pop(sock, None)
+
+    def _reap(self) -> None:
+        while True:
+            time.sleep(min(0.25, self.seconds / 4))
+            now = time.monotonic()
+            with self._lock:
+                late = [s for s, (_, deadline) in self._waiting.items() if deadline <= now]
+                for s in late:
+                    del self._waiting[s]
+                self.cut += len(late)
+            for s in late:
+                _cut(s, f"not authorised: no token within {self.seconds:g} s")
+
+
 class _Serving(socketserver.ThreadingMixIn):
-    """A thread per connection, at most `gate`'s count at once (shared by the agent's listeners)."""
+    """A thread per connection, at most `gate`'s count at once (each listener has its own, so TCP
+    clients never crowd out the local socket); over TCP with a token, `preauth` bounds the
+    connections that have not authenticated yet."""
 
     daemon_threads = True
     block_on_close = False
     gate: threading.BoundedSemaphore
     most: int
+    connections: set  # open ones, so that a stop can end the idle ones
+    preauth: _PreAuth | None = None
     log = staticmethod(lambda msg: None)
 
     def process_request(self, request, client_address) -> None:
+        self.connections.add(request)
+        if self.preauth is not None:
+            self.preauth.admit(request, client_address[0] if isinstance(client_address, tuple) else "")
         if not self.gate.acquire(blocking=False):
             try:
                 request.settimeout(0.5)
@@ -479,11 +614,17 @@ class _Serving(socketserver.ThreadingMixIn):
                                                   "at once; try again in a moment"))
             except OSError:
                 pass
+            if self.preauth is not None:
+                self.preauth.done(request)
+            self.connections.discard(request)
             self.shutdown_request(request)
             return
         try:
             super().process_request(request, client_address)
         except BaseException:
+            if self.preauth is not None:
+                self.preauth.done(request)
+            self.connections.discard(request)
             self.gate.release()
             raise
 
@@ -491,6 +632,9 @@ class _Serving(socketserver.ThreadingMixIn):
         try:
             super().process_request_thread(request, client_address)
         finally:
+            if self.preauth is not None:
+                self.preauth.done(request)
+            self.connections.discard(request)
             self.gate.release()
 
     def handle_error(self, request, client_address) -> None:
@@ -551,10 +695,8 @@ def load_token(token_file: str | Path | None = None, environ=None) -> str | None
         path = Path(token_file)
         source = f"token file {path}"
         try:
-            with open(path, "rb") as f:
+            with open_regular(path, "token file") as f:  # a FIFO there would block serve forever
                 mode = os.fstat(f.fileno()).st_mode  # of the file read, not of what the path named a moment before
-                if not stat.S_ISREG(mode):
-                    raise EdgemetaError(f"{source} is not a regular file")
                 if mode & 0o077:
                     raise EdgemetaError(f"{source} can be read or written by group or others (mode {stat.S_IMODE(mode):o}); "
                                         f"make it private: chmod 600 {path}")
@@ -620,10 +762,11 @@ def _claim_socket_path(p: Path):
 
 def make_server(agent: Agent, unix_path: str | None = None, tcp: str | None = None, *, token: str | None = None,
                 allow_remote: bool = False, max_connections: int = DEFAULT_MAX_CONNECTIONS,
-                gate: threading.BoundedSemaphore | None = None):
+                auth_seconds: float = DEFAULT_AUTH_SECONDS):
     """A socket server for the agent: a Unix socket, or TCP on host:port (loopback unless
-    allow_remote and a token). `gate` (a semaphore of max_connections) may be shared by servers."""
-    gate = gate or threading.BoundedSemaphore(max_connections)
+    allow_remote and a token), serving at most `max_connections` at once; with a token, a
+    connection has `auth_seconds` to send it (see _PreAuth)."""
+    gate = threading.BoundedSemaphore(max_connections)
     if unix_path:
         p = Path(unix_path)
         lock = _claim_socket_path(p)
@@ -642,12 +785,27 @@ def make_server(agent: Agent, unix_path: str | None = None, tcp: str | None = No
         except OSError as e:
             raise EdgemetaError(f"cannot listen on {tcp!r}: {e.strerror or e}") from None
     server.gate, server.most, server.log = gate, max_connections, agent.log
+    if token is not None and not unix_path:
+        server.preauth = _PreAuth(auth_seconds)
+    server.connections = set()
     return server
 
 
-def _close_server(server) -> None:
-    server.shutdown()
+def _stop_accepting(server) -> None:
+    if getattr(server, "serving", False):  # shutdown() waits for serve_forever, forever if it never ran
+        server.shutdown()
+        server.serving = False
     server.server_close()
+
+
+def _close_server(server) -> None:
+    """Stop accepting, end the connections still open (idle ones: run after Agent.drain), remove the socket file."""
+    _stop_accepting(server)
+    for sock in list(server.connections):
+        _cut(sock, STOPPING, gently=True)
+    deadline = time.monotonic() + 1.0  # their threads read what is on the way, refuse it, and close
+    while server.connections and time.monotonic() < deadline:
+        time.sleep(0.02)
     if isinstance(server, _UnixServer):
         p = Path(server.server_address)
         try:
@@ -767,7 +925,7 @@ class _SerialAdapter:
 
 def serve_stdio(agent: Agent, stdin, stdout) -> None:
     try:
-        serve_lines(agent, stdin, stdout)
+        serve_lines(agent, stdin, stdout, end_on_stop=True)
     except (BrokenPipeError, ConnectionResetError):
         pass  # the other end (ssh) went away
 
@@ -851,15 +1009,18 @@ def run_agent(model: str | Path, store: str | Path, *, threads: int = 1, edgetpu
               stdio: bool = False, allow_remote: bool = False, token_file: str | None = None,
               idle_timeout: float = DEFAULT_IDLE_TIMEOUT, max_connections: int = DEFAULT_MAX_CONNECTIONS,
               decode_slots: int | None = None, max_request_bytes: int = MAX_LINE,
-              serial_reopen_for: float = DEFAULT_SERIAL_REOPEN_FOR, log=lambda msg: None) -> None:
+              serial_reopen_for: float = DEFAULT_SERIAL_REOPEN_FOR, auth_seconds: float = DEFAULT_AUTH_SECONDS,
+              drain_seconds: float = DRAIN_SECONDS, log=lambda msg: None) -> None:
     """Load an agent and answer requests until stopped.
 
     With `stdio`, JSON lines on stdin/stdout until stdin ends (the other listeners are ignored).
     Otherwise on a Unix socket and/or TCP (JSON lines) and/or a serial port (framed), each in its
-    own thread, until SIGTERM or Ctrl-C; then the servers are shut down and the socket file
-    removed. A serial port that stays gone for `serial_reopen_for` seconds ends it with
-    EdgemetaError. `log` gets one line once the agent listens, and one per event worth an
-    operator's attention (never a token). Call it from the main thread (signals).
+    own thread, until SIGTERM or Ctrl-C. A stop is graceful: the listeners close first, every
+    request already started is answered (for up to `drain_seconds`), one that starts meanwhile is
+    refused with an answer, then idle connections are ended and the socket file removed. A serial
+    port that stays gone for `serial_reopen_for` seconds ends it with EdgemetaError. `log` gets one
+    line once the agent listens, and one per event worth an operator's attention (never a token).
+    Call it from the main thread (signals).
     """
     import signal
 
@@ -872,17 +1033,23 @@ def run_agent(model: str | Path, store: str | Path, *, threads: int = 1, edgetpu
     agent = Agent(model, store, threads=threads, edgetpu=edgetpu, decode_slots=decode_slots,
                   max_request_bytes=max_request_bytes, idle_timeout=idle_timeout if not stdio else None, log=log)
     if stdio:
+        def stop_between_requests(*_):
+            if agent.drain(0) == 0:  # between requests: nothing to finish
+                raise SystemExit(0)
+            # else the request in progress is answered and serve_lines returns before the next one
+
+        signal.signal(signal.SIGTERM, stop_between_requests)
         serve_stdio(agent, sys.stdin.buffer, sys.stdout.buffer)
         return
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    gate = threading.BoundedSemaphore(max_connections)
     servers, workers, failures = [], [], []
     try:
         for kind in ("unix", "tcp"):
             if kind == "unix" and unix_path or kind == "tcp" and tcp:
                 servers.append(make_server(agent, unix_path if kind == "unix" else None, tcp if kind == "tcp" else None,
-                                           token=token, allow_remote=allow_remote, max_connections=max_connections, gate=gate))
+                                           token=token, allow_remote=allow_remote, max_connections=max_connections,
+                                           auth_seconds=auth_seconds))
         port = open_serial(serial_device, baud) if serial_device else None
     except BaseException:
         for s in servers:
@@ -897,9 +1064,10 @@ def run_agent(model: str | Path, store: str | Path, *, threads: int = 1, edgetpu
             stop.set()
 
     workers = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
-    if serial_device:
-        workers.append(threading.Thread(target=serial_worker, daemon=True))
-    for t in workers:
+    for s in servers:
+        s.serving = True
+    serial_thread = threading.Thread(target=serial_worker, daemon=True) if serial_device else None
+    for t in workers + ([serial_thread] if serial_thread else []):
         t.start()
     where = ", ".join(x for x in (unix_path, tcp, serial_device and f"{serial_device}@{baud}") if x)
     log(f"serving {agent.rt.manifest.name}/{agent.rt.variant.name} on {where}")
@@ -910,8 +1078,16 @@ def run_agent(model: str | Path, store: str | Path, *, threads: int = 1, edgetpu
         while not stop.wait(0.5):
             pass
     except KeyboardInterrupt:
-        pass
+        stop.set()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the drain short
+    for s in servers:
+        _stop_accepting(s)
+    left = agent.drain(drain_seconds)
+    if serial_thread is not None:
+        serial_thread.join(max(1.0, drain_seconds))  # it answers the request in hand, then sees `stop`
     for s in servers:
         _close_server(s)
+    if left:
+        log(f"stopped with {left} request(s) still running after {drain_seconds:g} s; they got no answer")
     if failures:
         raise failures[0]

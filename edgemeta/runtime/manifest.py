@@ -22,6 +22,7 @@ import numpy as np
 
 from edgemeta.arrays import load_npz
 from edgemeta.errors import EdgemetaError
+from edgemeta.files import open_regular, read_regular
 from edgemeta.preprocess import Preprocess
 from edgemeta.runtime.head import DISTANCES
 from edgemeta.runtime.linear_head import LinearHeadSpec, spec_from_manifest
@@ -32,12 +33,13 @@ MANIFEST_FORMAT = 2  # the newest; every format in READ_FORMATS is read
 READ_FORMATS = (1, 2)
 HEAD_KINDS = ("prototype", "linear", "sequence")
 SEQUENCE_QUANTIZATIONS = ("float32", "int8")
+MAX_MANIFEST_BYTES = 16 * 2**20  # a manifest is a few KB
 MAX_SEQUENCE = 4096  # support positions a sequence graph may have (host/methods/snail.py allows as many)
 
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path, "model file") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -119,7 +121,7 @@ class Manifest:
         v = self.variant(variant)
         path = self.folder / v.file
         if not path.is_file():
-            raise EdgemetaError(f"{path} is missing; the manifest lists it as variant {v.name}: re-export or copy it again")
+            raise EdgemetaError(f"{path} is missing or not a file; the manifest lists it as variant {v.name}: re-export or copy it again")
         if verify and sha256_file(path) != v.sha256:
             raise EdgemetaError(f"{path} does not match its manifest checksum (damaged or replaced); re-export or copy it again")
         return path
@@ -136,7 +138,7 @@ class Manifest:
             name, sha = spec.graphs[quant][part]
             path = self.folder / name
             if not path.is_file():
-                raise EdgemetaError(f"{path} is missing; the manifest lists it as the {quant} sequence {part} graph: "
+                raise EdgemetaError(f"{path} is missing or not a file; the manifest lists it as the {quant} sequence {part} graph: "
                                     "re-export or copy it again")
             if verify and sha256_file(path) != sha:
                 raise EdgemetaError(f"{path} does not match its manifest checksum (damaged or replaced); re-export or copy it again")
@@ -154,7 +156,7 @@ def read_manifest(folder_or_file: str | Path) -> Manifest:
     if not path.is_file():
         raise EdgemetaError(f"no {MANIFEST_FILE} in {p}; export the model with `edgemeta export` first")
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(read_regular(path, MAX_MANIFEST_BYTES, "manifest").decode())
     except (OSError, UnicodeDecodeError, RecursionError, ValueError) as e:  # JSONDecodeError is a ValueError
         raise EdgemetaError(f"{path} is not a valid edgemeta manifest ({type(e).__name__}: {str(e)[:100]}); "
                             "re-export the model") from None
@@ -195,7 +197,7 @@ def _read_head(path: Path, section: Obj, distance: str, dim: int, pre: Preproces
     per_param_said = section.get("per_parameter_rates", bool, default=False)
     file = path.parent / name
     if not file.is_file():
-        raise EdgemetaError(f"{file} is missing; the manifest lists it as the model's head: re-export or copy it again")
+        raise EdgemetaError(f"{file} is missing or not a file; the manifest lists it as the model's head: re-export or copy it again")
     if sha256_file(file) != sha:
         raise EdgemetaError(f"{file} does not match its manifest checksum (damaged or replaced); re-export or copy it again")
     try:

@@ -278,3 +278,14 @@ def test_what_ran_out_is_named_when_threads_cannot_start(one_task_cgroup, tmp_pa
     assert not (tmp_path / "s" / "store.npz").exists()
     p = edgemeta("serve", "--model", MODEL, "--store", tmp_path / "s", "--socket", tmp_path / "a.sock", preexec_fn=one_task_cgroup)
     one_line_error(p, "the system refused a new thread")
+
+
+def test_devices_and_fifos_where_files_belong_are_one_line_not_a_hang(tmp_path):
+    one_line_error(edgemeta("inspect", "/dev/zero", timeout=30), "is a character device, not a regular file")
+    model = tmp_path / "model"
+    shutil.copytree(MODEL, model)
+    (model / "manifest.json").unlink()
+    os.mkfifo(model / "manifest.json")
+    one_line_error(edgemeta("enroll", "--model", model, "--store", tmp_path / "s", "--label", "a", FIRST, timeout=30),
+                   "no manifest.json")  # is_file() is false for a FIFO: never opened
+    assert not (tmp_path / "s").exists()

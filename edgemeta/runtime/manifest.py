@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from edgemeta.arrays import load_npz
-from edgemeta.errors import EdgemetaError
+from edgemeta.errors import EdgemetaError, denied
 from edgemeta.files import open_regular, read_regular
 from edgemeta.preprocess import Preprocess
 from edgemeta.runtime.head import DISTANCES
@@ -157,6 +157,8 @@ def read_manifest(folder_or_file: str | Path) -> Manifest:
         raise EdgemetaError(f"no {MANIFEST_FILE} in {p}; export the model with `edgemeta export` first")
     try:
         raw = json.loads(read_regular(path, MAX_MANIFEST_BYTES, "manifest").decode())
+    except PermissionError:
+        raise denied(path, "read") from None
     except (OSError, UnicodeDecodeError, RecursionError, ValueError) as e:  # JSONDecodeError is a ValueError
         raise EdgemetaError(f"{path} is not a valid edgemeta manifest ({type(e).__name__}: {str(e)[:100]}); "
                             "re-export the model") from None

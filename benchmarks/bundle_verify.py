@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,7 +53,11 @@ def main() -> None:
     print(f"ed25519 verify, 8 KiB message (invalid): {median_ms(lambda: verify(PUBLIC, manifest, SIGNATURE), args.repeat):7.2f} ms")
     if args.bundle:
         folder = Path(args.bundle)
-        os.environ["EDGEMETA_ROOT"] = str(Path(os.environ.get("TMPDIR", "/tmp")) / f"bundle-verify-{os.getpid()}")  # no trusted key
+        root = Path(tempfile.mkdtemp(prefix="bundle-verify-"))  # a board root that trusts the bundle's key, as `trust` leaves one
+        os.environ["EDGEMETA_ROOT"] = str(root)
+        key = bytes.fromhex(json.loads((folder / board_ops.SIGNATURE_FILE).read_text())["public_key"])
+        (root / board_ops.KEYS_DIR).mkdir()
+        (root / board_ops.KEYS_DIR / f"{board_ops.fingerprint(key)}.pub").write_text(key.hex() + "\n")
         info = json.loads((folder / board_ops.BUNDLE_FILE).read_text())
         size = sum((folder / n).stat().st_size for n in info["files"]) / 2**20
 
@@ -64,6 +70,7 @@ def main() -> None:
 
         ms = median_ms(check, max(3, args.repeat // 10))
         print(f"whole check of {folder} ({len(info['files'])} files, {size:.1f} MiB): {ms:.1f} ms ({check()})")
+        shutil.rmtree(root)
 
 
 if __name__ == "__main__":

@@ -163,8 +163,10 @@ class Bench:
         self.durations = {"new": 15.0, "on board": 4.0}
 
     def deploy(self, bundle: Path) -> subprocess.Popen:
+        # --trust-key: the board's first deploy trusts the bundle's key (a step before the upload); later ones
+        # find it trusted and skip that step
         return subprocess.Popen([sys.executable, "-m", "edgemeta", "deploy", "--ssh-config", str(self.lab.ssh_config),
-                                 "--bundle", str(bundle), "--host", self.board.alias], stdout=subprocess.PIPE,
+                                 "--bundle", str(bundle), "--host", self.board.alias, "--trust-key"], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True)
 
     def current(self) -> str:

@@ -63,7 +63,8 @@ def round_on(board_alias: str, lab, bundles: tuple[Path, Path], times: dict[str,
             raise RuntimeError(f"{command!r} on {board_alias}: {p.stderr}")
 
     host = ["--host", board_alias]
-    timed("first deploy", [*cli, "deploy", "--bundle", str(first), *host, *ssh], "runtime installed in a new venv")
+    # (--trust-key: the board trusts the bundle's key first, one more ssh call, as every first deploy does)
+    timed("first deploy", [*cli, "deploy", "--bundle", str(first), *host, *ssh, "--trust-key"], "runtime installed in a new venv")
     timed("model-only upgrade (venv reused)", [*cli, "deploy", "--bundle", str(upgrade), *host, *ssh], "reused: same runtime")
     timed("redeploy of the active release", [*cli, "deploy", "--bundle", str(upgrade), *host, *ssh], "nothing to do")
     timed("rollback", [*cli, "rollback", *host, *ssh], f"active: {rid_of(first)}")

@@ -73,8 +73,9 @@ class EmulatedPi:
         self.arch, self.machine = arch, QEMU[arch][1]
         self.root = build_rootfs(arch)
         # The OS image is cached between runs, the board's edgemeta state is not: every session
-        # starts as a never-deployed board (releases, store, trusted signing keys from an earlier
-        # run's throwaway key would otherwise make the first deploy a key change, and refused).
+        # starts as a never-deployed board that trusts no signing key (an earlier run's throwaway
+        # key would otherwise make the first deploy a key change, and refused); tests trust the
+        # session's key with `deploy --trust-key`.
         shutil.rmtree(self.root / "root" / ".edgemeta", ignore_errors=True)
         self.mounts = []
         for sub in ("proc", "dev"):

@@ -74,7 +74,7 @@ def one_failed_row(p: subprocess.CompletedProcess) -> str:
 
 def test_deploy_enroll_classify_and_upgrade(lab, bundle, tmp_path):
     board = lab.add_board()
-    p = deploy(lab, "--bundle", str(bundle), "--host", board.alias)
+    p = deploy(lab, "--bundle", str(bundle), "--host", board.alias, "--trust-key")
     assert p.returncode == 0, p.stdout + p.stderr
     assert "ok" in p.stdout and "checksums of" in p.stderr and "files verified on the board" in p.stderr
     first = status(lab, board)["current"]
@@ -114,7 +114,7 @@ def test_deploy_enroll_classify_and_upgrade(lab, bundle, tmp_path):
 
 def test_a_release_that_fails_its_health_check_never_becomes_current(lab, bundle, tmp_path):
     board = lab.add_board()
-    assert deploy(lab, "--bundle", str(bundle), "--host", board.alias).returncode == 0
+    assert deploy(lab, "--bundle", str(bundle), "--host", board.alias, "--trust-key").returncode == 0
     good = status(lab, board)["current"]
 
     def break_manifest(d):
@@ -134,7 +134,7 @@ def test_a_release_that_fails_its_health_check_never_becomes_current(lab, bundle
 
 def test_tampered_bundle_is_refused(lab, bundle, tmp_path):
     board = lab.add_board()
-    assert deploy(lab, "--bundle", str(bundle), "--host", board.alias).returncode == 0
+    assert deploy(lab, "--bundle", str(bundle), "--host", board.alias, "--trust-key").returncode == 0
     good = status(lab, board)["current"]
     bad = rebundle(bundle, tmp_path / "tampered")
     with open(bad / "model" / "int8_static.tflite", "r+b") as f:  # changed after signing
@@ -164,14 +164,14 @@ def smuggle(marker: Path):
 def test_a_smuggled_file_is_refused_before_anything_of_it_runs(lab, bundle, tmp_path):
     board = lab.add_board()
     marker = tmp_path / "the-smuggled-program-ran"
-    p = deploy(lab, "--bundle", str(rebundle(bundle, tmp_path / "smuggled", smuggle(marker))), "--host", board.alias)
+    p = deploy(lab, "--bundle", str(rebundle(bundle, tmp_path / "smuggled", smuggle(marker))), "--host", board.alias, "--trust-key")
     assert not marker.exists(), p.stdout + p.stderr
     assert "checksum mismatch: unexpected venv/" in one_failed_row(p)
-    st = status(lab, board)
-    assert st["current"] == "" and st["releases"] == [] and st["trusted_keys"] == []  # trusted only once all checked out
+    st = status(lab, board)  # the key was trusted as asked (a step of its own, before the upload), the bundle refused
+    assert st["current"] == "" and st["releases"] == [] and st["trusted_keys"] == [session_key_fingerprint()]
     assert not list((board.root / "releases").iterdir())  # no partial folder left either
     # anywhere else too, and after a good deploy
-    assert deploy(lab, "--bundle", str(bundle), "--host", board.alias).returncode == 0
+    assert deploy(lab, "--bundle", str(bundle), "--host", board.alias, "--trust-key").returncode == 0
     good = status(lab, board)["current"]
 
     def extra(d: Path) -> None:
@@ -191,15 +191,22 @@ def test_only_bundles_signed_by_the_trusted_key_are_taken(lab, bundle, tmp_path)
 
     board = lab.add_board()
     mine = session_key_fingerprint()
-    p = deploy(lab, "--bundle", str(bundle), "--host", board.alias)
-    assert p.returncode == 0 and f"signature (key {mine}, trusted from now on: first deploy)" in p.stderr, p.stdout + p.stderr
+    p = deploy(lab, "--bundle", str(bundle), "--host", board.alias, "--trust-key")
+    assert p.returncode == 0 and f"{board.alias}: trusted signing key {mine} (the bundle's, sent over ssh)" in p.stderr, p.stderr
+    assert f"signature (key {mine}, trusted)" in p.stderr and f"(now trusts key {mine})" in p.stdout, p.stdout + p.stderr
     assert sorted(x.name for x in (board.root / "trusted_keys").iterdir()) == [f"{mine}.pub"]
     good = status(lab, board)["current"]
-    # a new build signed by another key
+    # a new build signed by another key: refused before the upload (preflight), and by the board itself
     theirs = create_key(tmp_path / "other.pem")
     other = load_key(tmp_path / "other.pem")
-    row = one_failed_row(deploy(lab, "--bundle", str(rebundle(bundle, tmp_path / "other", key=other)), "--host", board.alias))
-    assert f"signed by key {theirs}, which this board does not trust (it trusts {mine})" in row
+    for flags in ((), ("--trust-key",)):  # --trust-key alone adds no key beside the one the board trusts
+        row = one_failed_row(deploy(lab, "--bundle", str(rebundle(bundle, tmp_path / f"other{len(flags)}", key=other)), "--host",
+                                    board.alias, *flags))
+        assert f"signed by key {theirs}, which {board.alias} does not trust (it trusts {mine})" in row, row
+        assert "--trust-key --add-key" in row and "nothing was uploaded" in row, row
+    refused = receive_over_ssh(lab, board, rebundle(bundle, tmp_path / "other-direct", key=other))
+    assert refused.returncode == 3, refused
+    assert f"signed by key {theirs}, which this board does not trust (it trusts {mine})" in json.loads(refused.stdout)["error"]
     # the active release itself, re-signed by another key (same BUNDLE.json, same release id): already active,
     # so nothing of it is taken (nothing is uploaded) and the board's keys stay as they were
     same = tmp_path / "same"
@@ -229,8 +236,36 @@ def test_only_bundles_signed_by_the_trusted_key_are_taken(lab, bundle, tmp_path)
     st = status(lab, board)
     assert st["current"] == good and st["releases"] == [good] and st["trusted_keys"] == [mine]
     # the trusted key still works: a new build signed by it goes in
-    p = deploy(lab, "--bundle", str(rebundle(bundle, tmp_path / "next")), "--host", board.alias)
-    assert p.returncode == 0 and f"signature (key {mine}, trusted)" in p.stderr, p.stdout + p.stderr
+    p = deploy(lab, "--bundle", str(rebundle(bundle, tmp_path / "next")), "--host", board.alias, "--trust-key")
+    assert p.returncode == 0 and f"signature (key {mine}, trusted)" in p.stderr and "trusted signing key" not in p.stderr, p.stderr
+    # and another key goes in beside it only when told so: --trust-key --add-key
+    p = deploy(lab, "--bundle", str(rebundle(bundle, tmp_path / "theirs", key=other)), "--host", board.alias, "--trust-key",
+               "--add-key")
+    assert p.returncode == 0 and f"trusted signing key {theirs} (the bundle's, sent over ssh) on this board from now on, beside {mine}" \
+        in p.stderr, p.stdout + p.stderr
+    assert status(lab, board)["trusted_keys"] == sorted([mine, theirs])
+    p = deploy(lab, "--bundle", str(bundle), "--host", board.alias, "--add-key")
+    assert p.returncode == 2 and "give it with --trust-key" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def tar_stream(bundle: Path) -> bytes:
+    """The tar stream deploy sends (as ssh.Remote.transact writes it)."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w|") as tar:
+        for path in sorted(bundle.rglob("*")):
+            tar.add(path, arcname=path.relative_to(bundle).as_posix(), recursive=False)
+    return buf.getvalue()
+
+
+def receive_over_ssh(lab, board, bundle: Path) -> subprocess.CompletedProcess:
+    """`board_ops.py receive` fed the bundle's tar stream over ssh, as deploy feeds it, but with none of
+    the host's checks before it: what the board itself takes."""
+    rid = json.loads((bundle / "BUNDLE.json").read_text())["release"]
+    return subprocess.run(["ssh", "-F", str(lab.ssh_config), "--", board.alias, f"python3 $HOME/.edgemeta-ops.py receive {rid}"],
+                          input=tar_stream(bundle), capture_output=True, timeout=300, text=False)
 
 
 def test_a_bad_release_id_is_refused_in_one_line(lab, bundle, tmp_path):
@@ -515,6 +550,107 @@ def test_ed25519_verify_agrees_with_the_cryptography_package(seed, message, flip
     assert board_ops.ed25519_verify(bad_pub, message, bad_sig) is theirs is False
 
 
+def ops(root: Path, *args: str, stdin: bytes = b"") -> tuple[int, dict]:
+    """board_ops.py ARGS on a board root here: (exit status, its one JSON line)."""
+    p = subprocess.run([sys.executable, board_ops.__file__, *args], input=stdin, capture_output=True, timeout=120,
+                       env={**os.environ, "EDGEMETA_ROOT": str(root)})
+    lines = p.stdout.decode().strip().splitlines()
+    assert p.stderr == b"" and len(lines) == 1, (args, p.stdout, p.stderr)  # one line, no traceback
+    return p.returncode, json.loads(lines[0])
+
+
+def test_trust_is_an_explicit_step_and_refuses_keys_no_signer_can_have(tmp_path):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from edgemeta.deploy.signing import public_bytes
+
+    root = tmp_path / "board"
+    one, two = (public_bytes(Ed25519PrivateKey.generate()) for _ in range(2))
+    cases = [(k, "small order") for k in SMALL_ORDER] + [(mixed_order(one), "mixed order")] + [
+        (k, "canonical encoding") for k in NON_CANONICAL]
+    for key, why in cases:
+        rc, answer = ops(root, "trust", key.hex())
+        assert rc == 3 and why in answer["error"] and "not trusted" in answer["error"], (key.hex(), answer)
+    for args in (["trust", "xyz" * 21 + "x"], ["trust", "ab" * 31], ["trust", "ab" * 33], ["trust", one.hex(), "--please"], ["trust"]):
+        rc, answer = ops(root, *args)
+        assert rc == 2 and answer["error"].startswith("usage: board_ops.py trust KEYHEX [--add]"), (args, answer)
+    assert not root.exists()  # refused before anything was touched
+    rc, answer = ops(root, "trust", one.hex())
+    assert rc == 0 and answer == {"trusted": board_ops.fingerprint(one), "keys": [board_ops.fingerprint(one)]}, answer
+    keys = root / "trusted_keys"
+    assert [p.name for p in keys.iterdir()] == [f"{board_ops.fingerprint(one)}.pub"]
+    assert (keys / f"{board_ops.fingerprint(one)}.pub").read_text() == one.hex() + "\n"
+    assert ops(root, "trust", one.hex())[1]["note"] == "trusted already"
+    # another key beside it only with --add
+    rc, answer = ops(root, "trust", two.hex())
+    assert rc == 3 and "--add" in answer["error"] and board_ops.fingerprint(one) in answer["error"], answer
+    assert len(list(keys.iterdir())) == 1
+    rc, answer = ops(root, "trust", two.hex(), "--add")
+    assert rc == 0 and answer["keys"] == sorted(board_ops.fingerprint(k) for k in (one, two)), answer
+    assert sorted(p.name for p in keys.iterdir()) == sorted(f"{board_ops.fingerprint(k)}.pub" for k in (one, two))  # no temp file
+
+
+def test_a_forged_bundle_is_refused_by_a_fresh_board_and_by_one_that_trusts_the_identity_key(small_bundle, tmp_path):
+    forged = tmp_path / "forged"
+    shutil.copytree(small_bundle, forged)
+    (forged / "BUNDLE.sig").write_text(json.dumps({"format": 1, "algorithm": "ed25519", "public_key": IDENTITY.hex(),
+                                                   "signature": FORGED.hex()}))
+    release = rid(forged)
+    fresh = tmp_path / "fresh"  # trusts no key: takes no bundle (no trust on first use)
+    rc, answer = ops(fresh, "receive", release, stdin=tar_stream(forged))
+    assert rc == 3 and answer["error"].startswith("this board trusts no signing key yet: deploy with `edgemeta deploy --trust-key`")
+    assert board_ops.fingerprint(IDENTITY) in answer["error"]
+    assert os.listdir(fresh / "releases") == [] and not (fresh / "trusted_keys").exists()
+    told = tmp_path / "told"  # the identity key put in trusted_keys/ by hand (`trust` refuses it): still no forgery
+    (told / "trusted_keys").mkdir(parents=True)
+    (told / "trusted_keys" / f"{board_ops.fingerprint(IDENTITY)}.pub").write_text(IDENTITY.hex() + "\n")
+    rc, answer = ops(told, "receive", release, stdin=tar_stream(forged))
+    assert rc == 3 and answer["error"].startswith("bad signature"), answer
+    assert os.listdir(told / "releases") == []
+
+
+def snapshot(folder: Path) -> dict:
+    """Every entry under `folder` (itself included): its mode and its bytes or link target."""
+    if not folder.exists():
+        return {}
+    out = {}
+    for p in [folder, *sorted(folder.rglob("*"))]:
+        st = p.lstat()
+        out[str(p.relative_to(folder))] = (st.st_mode, os.readlink(p) if p.is_symlink() else p.read_bytes() if p.is_file() else None)
+    return out
+
+
+def test_a_board_that_trusts_no_key_refuses_a_deploy_until_told_to_trust_one(lab, bundle, tmp_path):
+    board = lab.add_board()
+    (board.root / "store").mkdir(parents=True)  # a board with something on it, which a refusal leaves as it is
+    (board.root / "store" / "notes.txt").write_text("kept")
+    before = snapshot(board.root)
+    mine = session_key_fingerprint()
+    p = deploy(lab, "--bundle", str(bundle), "--host", board.alias)
+    row = one_failed_row(p)
+    assert f"{board.alias} trusts no signing key yet: deploy with --trust-key to trust the bundle's key {mine}" in row, row
+    assert "nothing was uploaded" in row and "uploaded;" not in p.stderr and "doctor:" not in p.stderr, p.stderr
+    assert snapshot(board.root) == before  # byte for byte
+    # the board itself refuses it too, when the host's check is skipped
+    r = receive_over_ssh(lab, board, bundle)
+    error = json.loads(r.stdout)["error"]
+    assert r.returncode == 3 and error.startswith("this board trusts no signing key yet") and mine in error, r
+    assert not list((board.root / "releases").iterdir()) and not (board.root / "trusted_keys").exists()
+    # told to: --trust-key trusts the bundle's key (printed) before the upload, then the deploy goes in
+    p = deploy(lab, "--bundle", str(bundle), "--host", board.alias, "--trust-key")
+    assert p.returncode == 0 and f"{board.alias}: trusted signing key {mine} (the bundle's, sent over ssh)" in p.stderr, p.stderr
+    assert p.stderr.index("trusted signing key") < p.stderr.index("uploaded;") and "health check through current passed" in p.stderr
+    st = status(lab, board)
+    assert st["trusted_keys"] == [mine] and st["current"] == rid(bundle)
+    # a bundle whose signature does not check out is no reason to trust its key: refused here, before any board
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle, broken)
+    (broken / "BUNDLE.json").write_text((broken / "BUNDLE.json").read_text() + " ")
+    other = lab.add_board()
+    p = deploy(lab, "--bundle", str(broken), "--host", other.alias, "--trust-key")
+    assert p.returncode == 2 and "does not check out" in p.stderr and "no key was trusted" in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and not other.root.exists()
+
 
 def test_keygen_makes_one_private_key(tmp_path, exported):
     env = {**os.environ, "EDGEMETA_CONFIG": str(tmp_path / "cfg")}
@@ -565,7 +701,7 @@ def test_fleet_with_bad_hosts_and_a_cut_transfer(lab, bundle, exported, tmp_path
     (ok1.root / "releases" / ".killed.partial" / "model").mkdir(parents=True)
     hosts = tmp_path / "fleet.txt"
     hosts.write_text(f"# the fleet\n{ok1.alias}\n{refused.alias}\ngone\n{ok2.alias}\n")
-    p = deploy(lab, "--bundle", str(bundle), "--hosts", str(hosts), "--parallel", "2", "--json")
+    p = deploy(lab, "--bundle", str(bundle), "--hosts", str(hosts), "--trust-key", "--parallel", "2", "--json")
     assert p.returncode == 1
     results = {r["host"]: r for r in json.loads(p.stdout)}
     assert results[ok1.alias]["ok"] and results[ok2.alias]["ok"]
@@ -580,9 +716,11 @@ def test_fleet_with_bad_hosts_and_a_cut_transfer(lab, bundle, exported, tmp_path
 
 def test_dry_run_changes_nothing(lab, bundle):
     board = lab.add_board()
-    p = deploy(lab, "--bundle", str(bundle), "--host", board.alias, "--dry-run")
+    p = deploy(lab, "--bundle", str(bundle), "--host", board.alias, "--dry-run", "--trust-key")
     assert p.returncode == 0 and "dry run: would upload" in p.stderr
-    assert not (board.root / "releases").exists()
+    assert f"dry run: would trust signing key {session_key_fingerprint()} (the bundle's)" in p.stderr, p.stderr
+    assert not board.root.exists()  # no release, no trusted key
+    assert "dry run: would fail: " in one_failed_row(deploy(lab, "--bundle", str(bundle), "--host", board.alias, "--dry-run"))
 
 
 def test_release_ids_name_the_content(exported, bundle, tmp_path):
@@ -598,9 +736,9 @@ def test_release_ids_name_the_content(exported, bundle, tmp_path):
 def test_redeploy_is_a_no_op_and_a_release_on_the_board_is_activated_without_upload(lab, bundle, tmp_path):
     board = lab.add_board()
     rid = json.loads((bundle / "BUNDLE.json").read_text())["release"]
-    p = deploy(lab, "--bundle", str(bundle), "--host", board.alias, "--dry-run")
+    p = deploy(lab, "--bundle", str(bundle), "--host", board.alias, "--dry-run", "--trust-key")
     assert p.returncode == 0 and f"dry run: would upload {rid} " in p.stderr and rid in p.stdout, p.stderr  # the real run's id
-    assert deploy(lab, "--bundle", str(bundle), "--host", board.alias).returncode == 0
+    assert deploy(lab, "--bundle", str(bundle), "--host", board.alias, "--trust-key").returncode == 0
     assert status(lab, board)["current"] == rid
     venv = board.root / "releases" / rid / "venv" / "bin" / "python"
     made = venv.lstat().st_ino
@@ -623,7 +761,7 @@ def test_redeploy_is_a_no_op_and_a_release_on_the_board_is_activated_without_upl
 
 def test_a_failed_install_removes_its_release_at_once(lab, bundle, tmp_path):
     board = lab.add_board()
-    assert deploy(lab, "--bundle", str(bundle), "--host", board.alias).returncode == 0
+    assert deploy(lab, "--bundle", str(bundle), "--host", board.alias, "--trust-key").returncode == 0
     good = status(lab, board)["current"]
 
     def unknown_requirement(d: Path) -> None:  # pip cannot find it in the wheelhouse: as on a board without internet
@@ -730,7 +868,7 @@ def test_doctor_over_ssh_before_and_after_deploy(lab, bundle):
     assert checks["architecture"]["status"] == "pass" and checks["python"]["status"] == "pass"
     assert checks["venv"]["status"] == "pass" and checks["package index"]["status"] == "info"  # (--wheelhouse: no index needed)
     assert checks["write access"]["status"] == "pass" and str(board.root) in checks["write access"]["detail"]
-    assert deploy(lab, "--bundle", str(bundle), "--host", board.alias).returncode == 0
+    assert deploy(lab, "--bundle", str(bundle), "--host", board.alias, "--trust-key").returncode == 0
     after = subprocess.run(doctor, capture_output=True, text=True)
     checks = {c["check"]: c for c in json.loads(after.stdout)}
     assert after.returncode == 0 and checks["interpreter"]["detail"] == "ai_edge_litert 2.3.0", after.stdout
@@ -765,9 +903,12 @@ def test_an_upload_cut_short_is_refused_in_one_line_and_leaves_no_release(tmp_pa
     last = members[-1]  # the wheel, the largest file
     assert last.size > 2048
 
+    key = json.loads((bundle / "BUNDLE.sig").read_text())["public_key"]
+
     def receive(stream: bytes, root: Path, rid: str = "r1") -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(OPS), "receive", rid], input=stream, capture_output=True, timeout=120,
-                              env={**os.environ, "EDGEMETA_ROOT": str(root)})
+        env = {**os.environ, "EDGEMETA_ROOT": str(root)}
+        subprocess.run([sys.executable, str(OPS), "trust", key], capture_output=True, timeout=120, env=env, check=True)
+        return subprocess.run([sys.executable, str(OPS), "receive", rid], input=stream, capture_output=True, timeout=120, env=env)
 
     cuts = {"nothing": 0, "inside the first header": 100, "inside a file's data": members[1].offset_data + 10,
             "at a block boundary inside data": last.offset_data + 1024, "at a member boundary": members[2].offset,
@@ -809,7 +950,7 @@ def unreachable_alias(lab, name: str) -> str:
 def test_model_only_upgrades_share_a_venv_and_status_rollback_and_roll_forward(lab, bundle, tmp_path):
     board = lab.add_board()
     a, b, c = bundle, rebundle(bundle, tmp_path / "b"), rebundle(bundle, tmp_path / "c")
-    assert deploy(lab, "--bundle", str(a), "--host", board.alias).returncode == 0
+    assert deploy(lab, "--bundle", str(a), "--host", board.alias, "--trust-key").returncode == 0
     # a model-only upgrade links the venv the board has: no pip, the same venv
     p = deploy(lab, "--bundle", str(b), "--host", board.alias)
     assert p.returncode == 0 and "reused: same runtime, no install" in p.stderr and "doctor:" not in p.stderr, p.stderr
@@ -873,7 +1014,7 @@ def test_remote_over_ssh_shares_one_connection_and_uses_the_running_agent(lab, b
     from edgemeta.deploy.ssh import control_dir
 
     board = lab.add_board()
-    p = deploy(lab, "--bundle", str(bundle), "--host", board.alias, "--service")
+    p = deploy(lab, "--bundle", str(bundle), "--host", board.alias, "--trust-key", "--service")
     # no systemd here: said, with the command that starts the agent (the unit is written all the same)
     assert p.returncode == 0 and f"warning: no systemd on {board.alias}" in p.stderr, p.stderr
     exe, model, store, sock = (board.root / "current/venv/bin/edgemeta", board.root / "current/model", board.root / "store",
@@ -916,15 +1057,15 @@ def test_an_offline_board_is_told_to_use_a_wheelhouse_before_anything_changes(la
     p = edgemeta(lab, "doctor", "--board", "generic-x86_64", "--host", board.alias)
     assert p.returncode == 1 and "FAIL  package index" in p.stdout and "127.0.0.1:9/simple/ unreachable" in p.stdout, p.stdout
     assert "fix: deploy with --wheelhouse" in p.stdout
-    p = deploy(lab, "--bundle", str(small_bundle), "--host", board.alias, "--dry-run")
+    p = deploy(lab, "--bundle", str(small_bundle), "--host", board.alias, "--trust-key", "--dry-run")
     row = one_failed_row(p)
     assert "dry run: would fail: package index:" in row and "(fix: deploy with --wheelhouse" in row, row
-    row = one_failed_row(deploy(lab, "--bundle", str(small_bundle), "--host", board.alias))
+    row = one_failed_row(deploy(lab, "--bundle", str(small_bundle), "--host", board.alias, "--trust-key"))
     assert "not ready: package index:" in row and "uploaded" not in p.stderr, row
     assert not (board.root / "releases").exists() or not list((board.root / "releases").iterdir())
     p = edgemeta(lab, "doctor", "--host", unreachable_alias(lab, "nowhere"))
     assert p.returncode == 2 and p.stderr.startswith("error: ssh to nowhere failed: ssh: connect to host") and "['" not in p.stderr
-    p = deploy(lab, "--bundle", str(bundle), "--host", board.alias, "--dry-run")  # with a wheelhouse: fine
+    p = deploy(lab, "--bundle", str(bundle), "--host", board.alias, "--trust-key", "--dry-run")  # with a wheelhouse: fine
     assert p.returncode == 0 and "(offline, from the wheelhouse)" in p.stderr and "dry run: would upload" in p.stderr, p.stderr
 
 

@@ -51,9 +51,10 @@ def test_deploy_enroll_classify_on_an_emulated_pi(pi, lab, exported, tmp_path):
     assert doctor.returncode == 0 and checks["venv"]["status"] == "pass", doctor.stdout + doctor.stderr
     if pi.arch == "armhf":
         assert checks["system packages"]["status"] == "pass" and "python3-numpy" in checks["system packages"]["detail"]
-    p = subprocess.run([sys.executable, "-m", "edgemeta", "deploy", "--bundle", str(bundle), "--host", pi.alias, *ssh],
+    p = subprocess.run([sys.executable, "-m", "edgemeta", "deploy", "--bundle", str(bundle), "--host", pi.alias, *ssh, "--trust-key"],
                        capture_output=True, text=True, timeout=1200)
     assert p.returncode == 0, p.stdout + p.stderr
+    assert f"{pi.alias}: trusted signing key " in p.stderr, p.stderr  # a fresh board trusts no key until told
     assert "health check through current passed" in p.stderr
     doctor = subprocess.run([sys.executable, "-m", "edgemeta", "doctor", "--board", profile, "--host", pi.alias, *ssh, "--json"],
                             capture_output=True, text=True, timeout=300)

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import click
 
-from edgemeta.cli import adapt_setting, describe_head, main, print_classes, print_results
+from edgemeta.cli import adapt_setting, describe_head, main, print_classes, print_results, seconds, whole
 from edgemeta.errors import EdgemetaError
+from edgemeta.limits import MAX_PARALLEL, MAX_TOP_K
 
 
 @main.group(invoke_without_command=True)
@@ -71,8 +72,9 @@ def _note(msg: str) -> None:
 @click.option("--key", "key_path", default=None, type=click.Path(dir_okay=False),
               help="Where to write it (default: signing_key.pem in $EDGEMETA_CONFIG, else ~/.config/edgemeta).")
 def keygen(key_path: str | None) -> None:
-    """Make your bundle signing key (ed25519), once. Boards trust the key of their first deploy and then
-    refuse bundles signed by any other; the private key stays in a file only you can read, never printed.
+    """Make your bundle signing key (ed25519), once. A board trusts a key only when told (`edgemeta deploy
+    --trust-key`, at its first deploy) and refuses bundles signed by any other; the private key stays in a
+    file only you can read, never printed.
 
     \b
     Example:
@@ -82,7 +84,8 @@ def keygen(key_path: str | None) -> None:
 
     path = key_path or default_key_path()
     fp = create_key(path)
-    click.echo(f"signing key {fp} written to {path} (readable by you alone); boards trust it at their first deploy: back it up")
+    click.echo(f"signing key {fp} written to {path} (readable by you alone); boards trust it once told to (edgemeta deploy "
+               "--trust-key): back it up")
 
 
 @main.command()
@@ -113,25 +116,30 @@ def bundle(board: str, model: str, out: str, wheelhouse: bool, sign_key: str | N
 @click.option("--host", "hosts", multiple=True, help="user@host or an ~/.ssh/config alias (repeatable).")
 @click.option("--hosts", "hosts_file", default=None, type=click.Path(dir_okay=False), help="File with one host per line.")
 @click.option("--ssh-config", default=None, type=click.Path(dir_okay=False), help="ssh -F FILE (default: ~/.ssh/config).")
-@click.option("--parallel", type=int, default=4, show_default=True, help="Hosts deployed at once.")
+@click.option("--parallel", type=whole(1, MAX_PARALLEL), default=4, show_default=True, help="Hosts deployed at once.")
 @click.option("--wheelhouse", is_flag=True, help="Ship every wheel with the bundle: boards install offline.")
 @click.option("--dry-run", is_flag=True, help="Check the hosts and say what would happen; change nothing.")
 @click.option("--sign-key", default=None, type=click.Path(dir_okay=False), help=SIGN_KEY_HELP + " With --board/--model.")
 @click.option("--service", is_flag=True,
               help="Then install and start the agent's systemd unit (as the deploying user; sudo -n on the board).")
+@click.option("--trust-key", is_flag=True,
+              help="A board that trusts no signing key yet trusts the bundle's from now on (sent over your ssh login; "
+                   "its fingerprint is printed). Needed for a board's first deploy.")
+@click.option("--add-key", is_flag=True, help="With --trust-key: a board that trusts other keys trusts the bundle's beside them.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable per-host results.")
 def deploy(board: str | None, model: str | None, bundle_dir: str | None, hosts: tuple[str, ...], hosts_file: str | None,
            ssh_config: str | None, parallel: int, wheelhouse: bool, dry_run: bool, sign_key: str | None, service: bool,
-           as_json: bool) -> None:
+           trust_key: bool, add_key: bool, as_json: bool) -> None:
     """Deploy a model to boards over SSH: verify, install, health-check, then activate atomically; each board
     finishes on its own once it has the bundle. A release already active is left alone, one on the board is
     activated without upload, one whose runtime the board has reuses its venv (a model-only upgrade: no pip);
     the release id names the content, so --dry-run names what a deploy would run. Before a board makes a venv,
-    the checks of `edgemeta doctor` run there; a failure stops that board's deploy with its fix.
+    the checks of `edgemeta doctor` run there; a failure stops that board's deploy with its fix. A board takes
+    only bundles signed by a key it trusts, and trusts none until told: --trust-key at its first deploy.
 
     \b
     Example:
-      edgemeta deploy --board rpi5 --model models/omniglot-conv4 --host pi@kitchen --host pi@garage --service
+      edgemeta deploy --board rpi5 --model models/omniglot-conv4 --host pi@kitchen --host pi@garage --trust-key --service
       edgemeta deploy --bundle dist/rpi5 --hosts fleet.txt --parallel 8
     """
     from edgemeta.deploy.ssh import Stopped, deploy_release, stop_on_signals
@@ -142,7 +150,7 @@ def deploy(board: str | None, model: str | None, bundle_dir: str | None, hosts: 
     stop_on_signals()
     try:
         results = deploy_release(targets, bundle_dir, board, model, wheelhouse, ssh_config, dry_run, parallel,
-                                 log=_progress(as_json), sign_key=sign_key, service=service)
+                                 log=_progress(as_json), sign_key=sign_key, service=service, trust_key=trust_key, add_key=add_key)
     except Stopped as e:
         click.echo(f"error: deploy stopped by {e}: a board that had received the whole bundle finishes the deploy on its "
                    "own (health check first), every other keeps its active release; `edgemeta deploy --dry-run` shows "
@@ -169,7 +177,8 @@ def _print_results(results: list, as_json: bool) -> None:
         width = max(len(r.host) for r in results)
         click.echo(f"{'host':{width}}  result  release / error")
         for r in results:
-            shown = (r.release + (f" ({r.note})" if r.note else "")) if r.ok else r.error
+            shown = (r.release + (f" ({r.note})" if r.note else "") + (f" (now trusts key {r.trusted_key})" if r.trusted_key else "")
+                     if r.ok else r.error)
             click.echo(f"{r.host:{width}}  {'ok' if r.ok else 'FAILED':6}  {shown}")
     if not all(r.ok for r in results):
         sys.exit(1)
@@ -185,7 +194,7 @@ HOSTS_FILE_HELP = "File with one host per line (# comments)."
 @click.option("--to", "to", default=None, metavar="ID",
               help="The release to switch to, older or newer (roll forward), if it is on the board (see `edgemeta status`).")
 @click.option("--ssh-config", default=None, type=click.Path(dir_okay=False), help="ssh -F FILE.")
-@click.option("--parallel", type=int, default=4, show_default=True, help="Hosts at once.")
+@click.option("--parallel", type=whole(1, MAX_PARALLEL), default=4, show_default=True, help="Hosts at once.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable per-host results.")
 def rollback(hosts: tuple[str, ...], hosts_file: str | None, to: str | None, ssh_config: str | None, parallel: int,
              as_json: bool) -> None:
@@ -215,7 +224,7 @@ def _mb(n: int) -> str:
 @click.option("--host", "hosts", multiple=True, help=HOSTS_HELP)
 @click.option("--hosts", "hosts_file", default=None, type=click.Path(dir_okay=False), help=HOSTS_FILE_HELP)
 @click.option("--ssh-config", default=None, type=click.Path(dir_okay=False), help="ssh -F FILE.")
-@click.option("--parallel", type=int, default=4, show_default=True, help="Hosts at once.")
+@click.option("--parallel", type=whole(1, MAX_PARALLEL), default=4, show_default=True, help="Hosts at once.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable, one object per host.")
 def status(hosts: tuple[str, ...], hosts_file: str | None, ssh_config: str | None, parallel: int, as_json: bool) -> None:
     """What boards run: the active release (model, algorithm, variant, runtime), its health (checked now,
@@ -265,7 +274,7 @@ def _describe_status(a: dict) -> str:
 @main.group()
 @click.option("--via", required=True, help="unix:PATH, tcp:HOST:PORT, ssh:USER@HOST (the deployed release) or serial:DEVICE[@BAUD].")
 @click.option("--ssh-config", default=None, type=click.Path(dir_okay=False), help="ssh -F FILE.")
-@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds to wait for an answer.")
+@click.option("--timeout", type=seconds(0.1, 86400), default=30.0, show_default=True, help="Seconds to wait for an answer.")
 @click.option("--token-file", default=None, type=click.Path(dir_okay=False),
               help="With tcp: the agent's token, from this file (mode 600; default: $EDGEMETA_TOKEN).")
 @click.pass_context
@@ -307,7 +316,7 @@ def remote_enroll(label: str, files: tuple[str, ...]) -> None:
 
 
 @remote.command("classify")
-@click.option("--top-k", type=int, default=1, show_default=True, help="How many nearest classes to list.")
+@click.option("--top-k", type=whole(1, MAX_TOP_K), default=1, show_default=True, help="How many nearest classes to list.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.argument("files", nargs=-1, required=True, type=click.Path())
 def remote_classify(top_k: int, as_json: bool, files: tuple[str, ...]) -> None:

@@ -13,8 +13,10 @@ so it works before edgemeta is installed there). Deploy copies this file to the 
                                back through it, `rollback --to ID` jumps to any release on the board;
                                an activation drops the entries after current and appends its release)
     ROOT/store/                the enrollment store, shared by all releases
-    ROOT/trusted_keys/<fingerprint>.pub   ed25519 public keys (hex) that may sign bundles: the key
-                               of the first deploy (trust on first use); add others by hand
+    ROOT/trusted_keys/<fingerprint>.pub   ed25519 public keys (hex) that may sign bundles, each put
+                               there by `trust KEYHEX` (over the host's ssh login, which is what
+                               authenticates it: `edgemeta deploy --trust-key`); none at first, and
+                               a board that trusts no key takes no bundle (no trust on first use)
     ROOT/edgemeta-agent.service  the agent's systemd unit (`service` installs it where systemd runs)
     ROOT/.lock                 held by the one command changing the board (deploy, activate, rollback, ...)
 
@@ -28,7 +30,14 @@ check failed is removed at once. `activate ID [KEEP]` does the same for a releas
 `receive` checks a bundle before it becomes a release folder, so nothing of it runs unchecked: its
 BUNDLE.sig must be an ed25519 signature, by a trusted key, over SIGNED_PREFIX + BUNDLE.json (strict
 verification: see ed25519_verify), and the folder must hold exactly the files BUNDLE.json lists (no
-more, none missing), each with its sha256. Release ids match RELEASE_ID; a bundle that names its release in BUNDLE.json must be that one.
+more, none missing), each with its sha256. Release ids match RELEASE_ID; a bundle that names its
+release in BUNDLE.json must be that one. A board that trusts no key yet refuses every bundle, saying
+how to trust yours.
+
+`trust KEYHEX [--add]` trusts an ed25519 public key (64 hex digits) from now on, under the lock, in
+one atomic write. It refuses a key no signer can have (not a canonical point, of small order, not in
+the prime-order subgroup: public_key_problem), and, on a board that trusts other keys already, any
+key unless --add says to trust it beside them. A key trusted already is no change.
 
 Exit status: 0 ok, 3 refused (signature, checksum, an upload cut short, install, health, a full disk,
 another deploy running, nothing to roll back), 2 usage. The last line of output is JSON for the host
@@ -244,23 +253,12 @@ def trusted_keys() -> dict[bytes, str]:
     return keys
 
 
-def trust_first_key(key: bytes) -> None:
-    """Trust on first use: the first key becomes the trusted one, in one rename (a concurrent first
-    deploy with another key loses)."""
-    final, tmp = root() / KEYS_DIR, root() / f".{KEYS_DIR}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(mode=0o755)
-    write_atomic(tmp / f"{fingerprint(key)}.pub", key.hex() + "\n")
-    try:
-        os.rename(tmp, final)  # fails if trusted_keys/ exists and is not empty
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if key not in trusted_keys():
-            raise Refused(f"another deploy trusted a different signing key just now ({final}); deploy again") from None
+NO_TRUSTED_KEY = ("this board trusts no signing key yet: deploy with `edgemeta deploy --trust-key` (it sends the "
+                  "bundle's key {fp} over your ssh login to be trusted), or run `python3 board_ops.py trust KEYHEX` on the board")
 
 
-def check_signature(folder: Path, manifest: bytes) -> tuple[bytes, bool]:
-    """(signing key, whether it is trusted already) once BUNDLE.sig checks out against `manifest`."""
+def check_signature(folder: Path, manifest: bytes) -> bytes:
+    """The signing key, once BUNDLE.sig checks out against `manifest` and its key is trusted here."""
     try:
         sig = json.loads((folder / SIGNATURE_FILE).read_text())
     except FileNotFoundError:
@@ -274,12 +272,15 @@ def check_signature(folder: Path, manifest: bytes) -> tuple[bytes, bool]:
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         raise Refused(f"{SIGNATURE_FILE} is not an edgemeta bundle signature: {e}") from None
     trusted = trusted_keys()
-    if trusted and key not in trusted:
+    if not trusted:
+        raise Refused(NO_TRUSTED_KEY.format(fp=fingerprint(key)))
+    if key not in trusted:
         raise Refused(f"the bundle is signed by key {fingerprint(key)}, which this board does not trust (it trusts "
-                      f"{', '.join(sorted(trusted.values()))}): sign it with that key, or add the new key to {root() / KEYS_DIR}/")
+                      f"{', '.join(sorted(trusted.values()))}): sign it with that key, or trust this one beside it "
+                      "(edgemeta deploy --trust-key --add-key)")
     if not ed25519_verify(key, SIGNED_PREFIX + manifest, signature):
         raise Refused(f"bad signature: {BUNDLE_FILE} was changed after it was signed with key {fingerprint(key)}")
-    return key, bool(trusted)
+    return key
 
 
 def sha256_path(path: Path) -> str:
@@ -321,20 +322,20 @@ def check_files(folder: Path, files: dict) -> None:
         raise Refused("checksum mismatch: " + ", ".join(shown[:5]) + (f" and {len(shown) - 5} more" if len(shown) > 5 else ""))
 
 
-def check_bundle(folder: Path) -> tuple[dict, bytes, bool]:
-    """(BUNDLE.json, signing key, key already trusted) of a received bundle that may become a release."""
+def check_bundle(folder: Path) -> tuple[dict, bytes]:
+    """(BUNDLE.json, signing key) of a received bundle that may become a release."""
     try:
         manifest = (folder / BUNDLE_FILE).read_bytes()
         info = json.loads(manifest)
     except (OSError, ValueError) as e:
         raise Refused(f"{BUNDLE_FILE} unreadable: {e}") from None
-    key, known = check_signature(folder, manifest)  # first: what follows trusts BUNDLE.json
+    key = check_signature(folder, manifest)  # first: what follows trusts BUNDLE.json
     if not isinstance(info, dict) or not isinstance(info.get("files"), dict):
         raise Refused(f"{BUNDLE_FILE} is not an edgemeta bundle manifest")
     check_files(folder, info["files"])
     if platform.machine() != info.get("arch"):
         raise Refused(f"bundle is for {info.get('arch')}, this board is {platform.machine()}")
-    return info, key, known
+    return info, key
 
 
 # --- commands -------------------------------------------------------------------------------------
@@ -343,7 +344,8 @@ LOCK_FILE = ".lock"  # ROOT/.lock: held (flock) by whatever changes releases, cu
 INSTALLED = "venv/.installed"  # in a release: its venv is complete (pip succeeded; through the venv link)
 VENVS = "venvs"  # ROOT/venvs/<runtime key>/: the venvs, shared by releases with the same runtime
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
-TEMP_NAMES = re.compile(r"\.(current|history\.json|edgemeta-agent\.service|trusted_keys)\..+\.tmp")  # what this file writes in ROOT
+# what this file writes in ROOT (.trusted_keys.PID.tmp: left by the trust on first use of older versions)
+TEMP_NAMES = re.compile(r"\.(current|history\.json|edgemeta-agent\.service|trusted_keys)\..+\.tmp")
 _lock_fd = -1
 
 
@@ -362,6 +364,8 @@ def lock_board() -> None:
     for p in r.iterdir():  # nobody else writes here while the lock is held: these are a killed writer's
         if TEMP_NAMES.fullmatch(p.name):
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    for p in (r / KEYS_DIR).glob(".*.tmp"):  # a killed `trust`'s write_atomic
+        p.unlink()
 
 
 def outlive_the_host() -> None:
@@ -475,7 +479,8 @@ def cmd_preflight(rid: str = "", key: str = "") -> None:
     r = root()
     st = shutil.disk_usage(r if r.exists() else Path.home())
     answer = {"arch": platform.machine(), "python": platform.python_version(), "glibc": " ".join(platform.libc_ver()),
-              "root": str(r), "free_mb": st.free // 2**20, "current": current(), "releases": on_board()}
+              "root": str(r), "free_mb": st.free // 2**20, "current": current(), "releases": on_board(),
+              "trusted_keys": sorted(trusted_keys().values())}  # fingerprints: the host stops an upload they refuse
     if rid:
         answer["release"] = release_state(release_arg(rid))  # active, installed (on the board, ready) or absent
     if key:
@@ -514,15 +519,13 @@ def receive(rid: str) -> dict:
     part.mkdir()
     try:
         unpack(sys.stdin.buffer, part)
-        info, key, known = check_bundle(part)
+        info, key = check_bundle(part)
         if info.get("release", rid) != rid:
             raise Refused(f"the bundle is release {str(info['release'])[:80]!r}, not {rid}")
-        if not known:
-            trust_first_key(key)
     except Refused:
         shutil.rmtree(part, ignore_errors=True)
         raise
-    answer = {"received": rid, "files": len(info["files"]), "key": fingerprint(key), "trust": "known" if known else "first use"}
+    answer = {"received": rid, "files": len(info["files"]), "key": fingerprint(key)}
     final = rel / rid
     if release_state(rid) != "absent":
         shutil.rmtree(part)
@@ -537,6 +540,34 @@ def cmd_receive(rid: str) -> None:
     rid = release_arg(rid)
     lock_board()
     done(receive(rid))
+
+
+def cmd_trust(keyhex: str, add: str = "") -> None:
+    """Trust the ed25519 public key KEYHEX (64 hex digits) to sign bundles from now on: an explicit step,
+    run over the host's ssh login (edgemeta deploy --trust-key), never implied by a bundle. Refuses a
+    key no signer can have (public_key_problem) and, where the board trusts other keys, any key
+    unless `--add`."""
+    if add not in ("", "--add") or not re.fullmatch(r"[0-9a-fA-F]{64}", keyhex):
+        done({"error": f"usage: board_ops.py trust KEYHEX [--add] (KEYHEX: the ed25519 public key, 64 hex digits; "
+                       f"not {(keyhex if add in ('', '--add') else add)[:80]!r})"}, 2)
+    key = bytes.fromhex(keyhex)
+    fp = fingerprint(key)
+    problem = public_key_problem(key)
+    if problem:
+        raise Refused(f"key {fp} is not an ed25519 public key a signer can have ({problem}): not trusted")
+    lock_board()  # one `trust` or deploy at a time: two first trusts never both win
+    trusted = trusted_keys()
+    if key in trusted:
+        done({"trusted": fp, "keys": sorted(trusted.values()), "note": "trusted already"})
+    if trusted and not add:
+        raise Refused(f"this board trusts key {', '.join(sorted(trusted.values()))} already, not {fp}: to trust {fp} "
+                      "beside it, say so (board_ops.py trust KEYHEX --add; edgemeta deploy --trust-key --add-key)")
+    folder = root() / KEYS_DIR
+    if not folder.is_dir():
+        folder.mkdir(mode=0o755)
+        fsync_dir(root())
+    write_atomic(folder / f"{fp}.pub", key.hex() + "\n")
+    done({"trusted": fp, "keys": sorted([*trusted.values(), fp])})
 
 
 def pip_hint(message: str, rel: Path) -> str:
@@ -910,7 +941,8 @@ def cmd_service() -> None:
 
 COMMANDS = {"preflight": cmd_preflight, "receive": cmd_receive, "install": cmd_install, "health": cmd_health,
             "activate": cmd_activate, "deploy": cmd_deploy, "rollback": cmd_rollback, "prune": cmd_prune, "status": cmd_status,
-            "service": cmd_service}
+            "service": cmd_service, "trust": cmd_trust}
+USAGE = {"trust": "KEYHEX [--add]"}  # where the parameters' names do not say it
 
 if __name__ == "__main__":
     usage = f"usage: board_ops.py {'|'.join(COMMANDS)} [ARGS]"
@@ -920,7 +952,8 @@ if __name__ == "__main__":
     try:
         inspect.signature(command).bind(*sys.argv[2:])
     except TypeError:
-        done({"error": f"usage: board_ops.py {sys.argv[1]} {' '.join(inspect.signature(command).parameters).upper()}".rstrip()}, 2)
+        shown = USAGE.get(sys.argv[1]) or " ".join(inspect.signature(command).parameters).upper()
+        done({"error": f"usage: board_ops.py {sys.argv[1]} {shown}".rstrip()}, 2)
     try:
         command(*sys.argv[2:])
     except Refused as e:

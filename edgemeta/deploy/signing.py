@@ -6,9 +6,12 @@
                             {"format": 1, "algorithm": "ed25519", "public_key": HEX, "signature": HEX},
                             the signature of board_ops.SIGNED_PREFIX + the bytes of BUNDLE.json
 
-A board trusts the key of its first deploy and then refuses bundles signed by any other key, unsigned
-ones and changed ones (board_ops.py checks the signature with the standard library alone). Signing
-uses the `cryptography` package (the `host` extra).
+A board takes bundles signed by the keys it trusts and refuses all others, unsigned ones and changed
+ones (board_ops.py checks the signature with the standard library alone, strictly: no small-order or
+mixed-order key, no non-canonical encoding). It trusts no key on its own, not even the first
+deploy's: `edgemeta deploy --trust-key` sends the bundle's public key over the user's ssh login
+(`board_ops.py trust KEYHEX`), and it is that login that authenticates it. Signing uses the
+`cryptography` package (the `host` extra).
 """
 
 from __future__ import annotations
@@ -51,12 +54,12 @@ def public_bytes(key) -> bytes:
 
 def create_key(path: str | Path | None = None) -> str:
     """Write a new private key to `path` (default: the user's), readable by the user alone; its fingerprint.
-    Refuses to replace a key: boards trust the key they were first deployed with."""
+    Refuses to replace a key: boards trust the key they were told to trust (deploy --trust-key)."""
     serialization, Ed25519PrivateKey = _crypto()
     path = Path(path) if path else default_key_path()
     if path.exists() or path.is_symlink():
-        raise EdgemetaError(f"{path} already exists (key {fingerprint(public_bytes(load_key(path)))}): boards trust the key "
-                            "they were first deployed with, so keep it; move it away first to make a new one")
+        raise EdgemetaError(f"{path} already exists (key {fingerprint(public_bytes(load_key(path)))}): boards trust that key, "
+                            "so keep it; move it away first to make a new one")
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
@@ -100,7 +103,8 @@ def signing_key(path: str | Path | None = None, log=lambda msg: None):
     default = default_key_path()
     if not default.exists() and not default.is_symlink():
         fp = create_key(default)
-        log(f"created your signing key {default} (key {fp}); boards trust it at their first deploy: keep it and back it up")
+        log(f"created your signing key {default} (key {fp}); a board trusts it once told to (edgemeta deploy --trust-key): "
+            "keep it and back it up")
     return load_key(default)
 
 

@@ -6,16 +6,21 @@ board_ops.py with the board's python3; see that file for the layout on the board
 checked (check_host) and always follow `--` on ssh's command line, so none is taken for an option.
 
 Order for one host: upload board_ops.py (checked by its sha256 before it replaces the old copy) ->
-preflight (architecture, Python, whether the release is active, on the board, or absent, and whether
-the venv of its runtime is there) -> where the board must make a venv, edgemeta/doctor.py's checks
-(the ones `edgemeta doctor` runs: venv, package index or wheelhouse, system packages, space, write
-access, Python and glibc against the profile), any failure stopping the deploy with its fix ->
-then one ssh call that the board runs to the end on its own, whatever happens to this process:
-`board_ops.py deploy`, which takes the bundle as a tar stream, checks its signature (trusting the
-key of its first deploy) and that the files are exactly the signed list, installs the runtime in
-the release's venv (never TensorFlow), health-checks the new release (load the model, embed a
-sample), and only then switches `current` atomically and prunes old releases. A release already
-active is left alone; one on the board already is activated without upload or install.
+preflight (architecture, Python, whether the release is active, on the board, or absent, whether
+the venv of its runtime is there, and the signing keys the board trusts: an upload signed by a key
+it does not trust stops here, before anything is sent) -> where the board must make a venv,
+edgemeta/doctor.py's checks (the ones `edgemeta doctor` runs: venv, package index or wheelhouse,
+system packages, space, write access, Python and glibc against the profile), any failure stopping
+the deploy with its fix -> with `trust_key` (`--trust-key`), where the board does not trust the
+bundle's key yet, `board_ops.py trust KEY` (once the bundle's signature checked out here; a board
+that trusts other keys takes one more only with `add_key`, `--add-key`): a board never trusts a key
+on its own, the ssh login the user has is what authenticates the key -> then one ssh call that
+the board runs to the end on its own, whatever happens to this process: `board_ops.py deploy`,
+which takes the bundle as a tar stream, checks its signature (by a trusted key) and that the files
+are exactly the signed list, installs the runtime in the release's venv (never TensorFlow),
+health-checks the new release (load the model, embed a sample), and only then switches `current`
+atomically and prunes old releases. A release already active is left alone; one on the board
+already is activated without upload or install.
 
 A release id names the content (bundle.release_name), so `--dry-run` names the release the real
 run deploys. SIGTERM or Ctrl-C (stop_on_signals) stops every ssh this process started: an upload
@@ -40,7 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgemeta.deploy.board_ops import BUNDLE_FILE, RELEASE_ID
+from edgemeta.deploy.board_ops import BUNDLE_FILE, RELEASE_ID, SIGNATURE_FILE, SIGNED_PREFIX, ed25519_verify, fingerprint
 from edgemeta.errors import EdgemetaError
 from edgemeta.runtime.paths import ROOT_SH
 
@@ -68,6 +73,7 @@ class HostResult:
     steps: list[str] = field(default_factory=list)
     error: str = ""
     note: str = ""  # "already active", "activated from the board's copy", "rolled back from ..."
+    trusted_key: str = ""  # the fingerprint of the signing key this deploy made the board trust (--trust-key)
 
     def stepper(self, log) -> Callable[[str], None]:
         """A function that records a step of this host's operation and logs it as `log(host, msg)`."""
@@ -238,6 +244,33 @@ def bundle_info(bundle: Path) -> dict:
     return info
 
 
+def bundle_signer(bundle: Path) -> bytes | None:
+    """The public key BUNDLE.sig names (not checked), or None where it names none: the board then
+    refuses the bundle in its own words (unsigned, unreadable signature)."""
+    try:
+        sig = json.loads((Path(bundle) / SIGNATURE_FILE).read_text())
+        key = bytes.fromhex(sig["public_key"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return key if len(key) == 32 else None
+
+
+def checked_signer(bundle: Path) -> bytes:
+    """The bundle's signing key, once its signature of BUNDLE.json checks out here, as the board will check
+    it (so --trust-key never makes a board trust a key for a bundle that is not that key's)."""
+    try:
+        sig = json.loads((Path(bundle) / SIGNATURE_FILE).read_text())
+        key, signature = bytes.fromhex(sig["public_key"]), bytes.fromhex(sig["signature"])
+        manifest = (Path(bundle) / BUNDLE_FILE).read_bytes()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise EdgemetaError(f"--trust-key: {bundle} has no readable signature ({SIGNATURE_FILE}: {getattr(e, 'strerror', None) or e}); "
+                            "build the bundle with `edgemeta bundle`, which signs it") from None
+    if sig.get("algorithm") != "ed25519" or not ed25519_verify(key, SIGNED_PREFIX + manifest, signature):
+        raise EdgemetaError(f"--trust-key: the signature in {bundle}/{SIGNATURE_FILE} does not check out (key {fingerprint(key)}); "
+                            "rebuild the bundle with `edgemeta bundle`: no key was trusted")
+    return key
+
+
 def release_id(bundle: Path) -> str:
     """The name of the bundle's release folder on a board: the id BUNDLE.json gives
     (bundle.release_name: model-variant-<digest of the content>; a bundle made before ids named the
@@ -258,8 +291,7 @@ def board_event(step: Callable[[str], None]) -> Callable[[dict], None]:
     """How a board's progress lines ({"event": ...}) are told, one step each."""
     def event(e: dict) -> None:
         if e["event"] == "received":
-            trust = "trusted from now on: first deploy" if e["trust"] == "first use" else "trusted"
-            step(f"uploaded; signature (key {e['key']}, {trust}) and checksums of {e['files']} files verified on the board"
+            step(f"uploaded; signature (key {e['key']}, trusted) and checksums of {e['files']} files verified on the board"
                  + (f"; {e['note']}: kept" if e.get("note") else ""))
         elif e["event"] == "installed":
             step(f"runtime installed in a new venv (venvs/{e.get('key')})" if e.get("venv") == "made" else
@@ -278,10 +310,26 @@ def not_ready(checks: list[dict]) -> str:
     return "; ".join(f"{c['check']}: {c['detail']}" + (f" (fix: {c['fix']})" if c["fix"] else "") for c in failed)
 
 
+def key_refusal(host: str, fp: str, trusted: list[str], trust_key: bool, add_key: bool) -> str:
+    """Why a board that trusts the keys `trusted` (fingerprints) does not get a bundle signed by key `fp`
+    ("" when it does, or will once trusted: with `trust_key`, and `add_key` where it trusts others)."""
+    if fp in trusted or (trust_key and (add_key or not trusted)):
+        return ""
+    if not trusted:
+        return (f"{host} trusts no signing key yet: deploy with --trust-key to trust the bundle's key {fp} there (it "
+                "goes over your ssh login, which is what makes it trusted); nothing was uploaded")
+    return (f"the bundle is signed by key {fp}, which {host} does not trust (it trusts {', '.join(trusted)}): sign it with "
+            f"that key, or trust {fp} beside it with --trust-key --add-key; nothing was uploaded")
+
+
 def deploy_host(host: str, bundle: Path, ssh_config: str | None = None, dry_run: bool = False, keep: int = 3,
-                log=lambda host, msg: None, service: bool = False) -> HostResult:
+                log=lambda host, msg: None, service: bool = False, trust_key: bool = False,
+                add_key: bool = False) -> HostResult:
     """Deploy one bundle to one host (with `service`, then install the agent's systemd unit); never
-    raises, the result says what happened."""
+    raises, the result says what happened. With `trust_key`, a board that trusts no key first trusts
+    the bundle's (once its signature checked out here); with `add_key` too, a board that trusts
+    other keys trusts it beside them. Without, a board that would refuse the bundle's key is
+    refused before the upload."""
     from edgemeta.boards import load_board_file
 
     info = bundle_info(bundle)
@@ -290,6 +338,7 @@ def deploy_host(host: str, bundle: Path, ssh_config: str | None = None, dry_run:
     step = result.stepper(log)
 
     try:
+        signer = checked_signer(bundle) if trust_key else bundle_signer(bundle)
         remote = Remote(host, ssh_config)
         remote.install_ops()
         key = info.get("runtime") if isinstance(info.get("runtime"), str) else ""
@@ -301,6 +350,12 @@ def deploy_host(host: str, bundle: Path, ssh_config: str | None = None, dry_run:
             raise EdgemetaError(f"{host} has Python {pre['python']}; edgemeta needs 3.10 or newer on the board")
         step(f"preflight: {pre['arch']}, Python {pre['python']}, {pre['free_mb']} MB free, active: {pre['current'] or 'none'}")
         state = pre.get("release", "absent")
+        trusted = pre.get("trusted_keys", [])
+        to_trust = signer if signer and trust_key and fingerprint(signer) not in trusted else None
+        if signer and (state == "absent" or trust_key):  # an upload, or an explicit trust: would the board take the key?
+            refusal = key_refusal(host, fingerprint(signer), trusted, trust_key, add_key)
+            if refusal:
+                raise EdgemetaError(("dry run: would fail: " if dry_run else "") + refusal)
         if state == "absent" and not pre.get("venv"):  # the board will make a venv: can it?
             wheelhouse = any(n.startswith("wheelhouse/") for n in info["files"])
             profile = load_board_file(bundle / "board.toml", info["board"]).raw
@@ -308,6 +363,14 @@ def deploy_host(host: str, bundle: Path, ssh_config: str | None = None, dry_run:
             if problems:
                 raise EdgemetaError(("dry run: would fail: " if dry_run else "not ready: ") + problems)
             step("doctor: the board can make the release's venv" + (" (offline, from the wheelhouse)" if wheelhouse else ""))
+        if to_trust and dry_run:
+            step(f"dry run: would trust signing key {fingerprint(to_trust)} (the bundle's) on this board"
+                 + (f", beside {', '.join(trusted)}" if trusted else ""))
+        elif to_trust:
+            answer = remote.ops("trust", to_trust.hex(), *(["--add"] if trusted else []), timeout=60)
+            result.trusted_key = answer["trusted"]
+            step(f"trusted signing key {answer['trusted']} (the bundle's, sent over ssh) on this board from now on"
+                 + (f", beside {', '.join(trusted)}" if trusted else ""))
         if state == "active":
             step(f"{release} is already active: nothing to do")
             result.ok, result.note = True, "already active"
@@ -358,22 +421,35 @@ def each_host(hosts: list[str], work: Callable[[str], HostResult], parallel: int
         return list(pool.map(work, hosts))
 
 
+def check_trust_flags(trust_key: bool, add_key: bool) -> None:
+    if add_key and not trust_key:
+        raise EdgemetaError("--add-key trusts the bundle's key beside the keys a board trusts: give it with --trust-key")
+
+
 def deploy_fleet(hosts: list[str], bundle: Path, ssh_config: str | None = None, dry_run: bool = False, parallel: int = 4,
-                 log=lambda host, msg: None, service: bool = False) -> list[HostResult]:
+                 log=lambda host, msg: None, service: bool = False, trust_key: bool = False,
+                 add_key: bool = False) -> list[HostResult]:
     """Deploy to many hosts with bounded concurrency; one bad host does not stop the others. A bad
-    host name or a bundle without a valid release id stops everything before any host is reached."""
+    host name, a bundle without a valid release id or (with `trust_key`) without a signature that
+    checks out stops everything before any host is reached."""
     for h in hosts:
         check_host(h)
     release_id(bundle)
-    return each_host(hosts, lambda h: deploy_host(h, bundle, ssh_config, dry_run, log=log, service=service), parallel)
+    check_trust_flags(trust_key, add_key)
+    if trust_key:
+        checked_signer(bundle)
+    return each_host(hosts, lambda h: deploy_host(h, bundle, ssh_config, dry_run, log=log, service=service, trust_key=trust_key,
+                                                  add_key=add_key), parallel)
 
 
 def deploy_release(hosts: list[str], bundle: str | Path | None = None, board: str | None = None, model: str | Path | None = None,
                    wheelhouse: bool = False, ssh_config: str | None = None, dry_run: bool = False, parallel: int = 4,
-                   log=lambda host, msg: None, sign_key: str | Path | None = None, service: bool = False) -> list[HostResult]:
+                   log=lambda host, msg: None, sign_key: str | Path | None = None, service: bool = False,
+                   trust_key: bool = False, add_key: bool = False) -> list[HostResult]:
     """`edgemeta deploy`: deploy a bundle already built, or one built here (in a temporary folder,
     signed with `sign_key`, default the user's) from `model` for the `board` profile, to every host
-    (as deploy_fleet)."""
+    (as deploy_fleet: `trust_key` to trust the bundle's key on a board that trusts none yet, with
+    `add_key` on one that trusts others)."""
     import tempfile
 
     from edgemeta.deploy.bundle import build_bundle
@@ -382,6 +458,7 @@ def deploy_release(hosts: list[str], bundle: str | Path | None = None, board: st
         raise EdgemetaError(NO_HOSTS)
     for h in hosts:
         check_host(h)
+    check_trust_flags(trust_key, add_key)
     with tempfile.TemporaryDirectory() as tmp:
         if bundle:
             path = Path(bundle)
@@ -390,7 +467,8 @@ def deploy_release(hosts: list[str], bundle: str | Path | None = None, board: st
                                 log=lambda msg: log("bundle", msg))
         else:
             raise EdgemetaError("pass --bundle DIR, or --board NAME with --model DIR")
-        return deploy_fleet(hosts, path, ssh_config, dry_run, parallel, log=log, service=service)
+        return deploy_fleet(hosts, path, ssh_config, dry_run, parallel, log=log, service=service, trust_key=trust_key,
+                            add_key=add_key)
 
 
 def rollback_host(host: str, ssh_config: str | None = None, to: str = "", log=lambda host, msg: None) -> HostResult:

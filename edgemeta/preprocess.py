@@ -380,6 +380,21 @@ def to_float(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32) * np.float32(1.0 / 255.0)
 
 
+def class_folders(root: str | Path) -> list[Path]:
+    """The class folders of `enroll --from-folders ROOT`: its sub-folders (hidden ones skipped), sorted;
+    an image lying directly in ROOT is refused (which class would it be?)."""
+    base = Path(root)
+    if not base.is_dir():
+        raise EdgemetaError(f"folder {root} does not exist")
+    subs = sorted(d for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
+    strays = [f for f in base.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+    if not subs:
+        raise EdgemetaError(f"{root} has no sub-folders; --from-folders wants one folder of images per class")
+    if strays:
+        raise EdgemetaError(f"{strays[0]} is an image directly in {root}; put it in its class's sub-folder")
+    return subs
+
+
 def folder_files(paths: list[str | Path]) -> list[Path]:
     """The paths, each folder among them replaced by its images and .npy files (sorted, hidden files
     skipped). A folder holding sub-folders or other files is refused: it is not one class's samples."""

@@ -169,10 +169,11 @@ def test_corrupt_model_file(model_dir, tmp_path):
 # (calibrate, status and launch came later).
 COMMANDS = {
     (): {"adapt", "boards", "bundle", "calibrate", "classes", "classify", "console", "demo", "deploy", "doctor", "edgetpu",
-         "enroll", "eval", "export", "forget", "health", "inspect", "keygen", "launch", "provision", "reenroll", "remote", "rename",
+         "enroll", "eval", "export", "forget", "health", "inspect", "keygen", "launch", "new-store", "provision", "reenroll", "remote",
+         "rename",
          "rollback", "serve", "status", "train"},
     ("boards",): {"show"},
-    ("remote",): {"adapt", "classes", "classify", "enroll", "forget", "rename", "status"},
+    ("remote",): {"adapt", "calibrate", "classes", "classify", "enroll", "forget", "new-store", "reenroll", "rename", "status"},
 }
 
 

@@ -185,4 +185,4 @@ def test_the_agent_skips_a_retried_enroll(tmp_path):
 
 def test_classify_refuses_top_k_below_one(store):
     one_line_error(cli("classify", "--store", str(store), "--top-k", "0", str(next((SAMPLE / CHARS[0]).glob("*.png")))),
-                   "--top-k must be at least 1, got 0")
+                   "Invalid value for '--top-k': 0 is not in the range 1<=x<=1000")

@@ -323,7 +323,7 @@ def test_missing_edge_tpu_runtime_names_the_fix(exported, tmp_path):
     # no libedgetpu on this machine: the delegate cannot load, and the message says what to install
     with pytest.raises(EdgemetaError, match="apt-get install libedgetpu1-std"):
         FewShotRuntime(exported, edgetpu="usb")
-    with pytest.raises(EdgemetaError, match="threads must be at least 1"):
+    with pytest.raises(EdgemetaError, match="threads must be a whole number from 1 to 64"):
         FewShotRuntime(exported, threads=0)
     # from the CLI: the one line and nothing else (LiteRT's half-built Delegate used to print a
     # traceback at exit), exit 2, and no store created

@@ -84,7 +84,7 @@ def test_stores_of_views_and_of_plain_embeddings_never_mix(tmp_path):
     views = FewShotRuntime(with_support_shift(tmp_path / "views", 2))
     a, b = drawings("Keble_character01", [1, 2]), drawings("Keble_character05", [1, 2])
     views.enroll(tmp_path / "v", "a", a, keep_samples=True)
-    plain.enroll(tmp_path / "p", "a", a)
+    plain.enroll(tmp_path / "p", "a", a, keep_samples=False)
     before = {k: (tmp_path / k / "store.npz").read_bytes() for k in ("v", "p")}
     with pytest.raises(EdgemetaError, match="enrolled with support views of 2 px.*no support views.*reenroll"):
         plain.enroll(tmp_path / "v", "b", b)

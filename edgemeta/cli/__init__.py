@@ -3,9 +3,10 @@
 One click group, `main`, with the error handling every command shares; the commands are in one
 module per audience, imported at the bottom so that they register:
     host.py      train, eval, export, inspect, edgetpu (the host with TensorFlow; inspect and edgetpu need none)
-    board.py     enroll, classify, classes, forget, rename, adapt, reenroll, demo, health, serve (the board:
-                 runtime only, never TensorFlow)
-    fleet.py     boards, keygen, bundle, deploy, rollback, remote, doctor (reaching boards from the host)
+    board.py     enroll, calibrate, classify, classes, forget, rename, new-store, adapt, reenroll, demo, health,
+                 serve (the board: runtime only, never TensorFlow)
+    remote.py    remote: the board's commands through its agent (ssh, socket, serial)
+    fleet.py     boards, keygen, bundle, deploy, rollback, status, doctor (reaching boards from the host)
     firmware.py  provision, console (below the application: boot partition, UART console)
 Every module imports its library lazily, inside the commands, so `edgemeta --help` and the board's
 commands start without TensorFlow.
@@ -196,6 +197,69 @@ def adapt_setting(steps: str, lr: str | None) -> tuple[int, float | None]:
     return check_adapt(n, rate)
 
 
+def check_enroll_options(label, root, negative: bool, files, adapt_steps, lr) -> tuple[int, float | None] | None:
+    """The checks `enroll` and `remote enroll` share; returns the --adapt setting."""
+    if sum((label is not None, root is not None, negative)) != 1:
+        raise EdgemetaError("say what the samples are: --label NAME, --from-folders ROOT or --negative (one of them)")
+    if root is not None and files:
+        raise EdgemetaError("--from-folders takes its classes from ROOT's sub-folders; give no FILES with it")
+    if root is None and not files:
+        raise EdgemetaError("give the samples: image files, .npy arrays or a folder of them")
+    if lr is not None and adapt_steps is None:
+        raise EdgemetaError("--lr goes with --adapt STEPS")
+    if negative and adapt_steps is not None:
+        raise EdgemetaError("--adapt goes with classes, not with --negative samples")
+    return adapt_setting(adapt_steps, lr) if adapt_steps is not None else None
+
+
+def print_enrolled(done: list[dict], as_json: bool, several: bool) -> None:
+    """What enroll says, on the board and through `remote`: per class {label, samples, added, duplicates}."""
+    if as_json:
+        click.echo(json.dumps(done if several else done[0]))
+        return
+    for d in done:
+        dups = d["duplicates"]
+        skipped = f"; skipped {len(dups)} duplicate(s): {', '.join(dups[:3])}" if dups else ""
+        more = " ..." if len(dups) > 3 else ""
+        click.echo(f"enrolled {d['added']} sample(s) as {d['label']!r}; it now has {d['samples']} sample(s){skipped}{more}")
+
+
+def print_negatives(added: int, total: int, as_json: bool) -> None:
+    click.echo(json.dumps({"negatives": total}) if as_json else
+               f"added {added} negative sample(s); the store has {total}; `edgemeta calibrate` uses them")
+
+
+def _rate(text: str, option: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 1:
+        raise EdgemetaError(f"{option} is a share between 0 and 1 (0.95 for 95%), got {text!r}")
+    return value
+
+
+def open_set_setting(accept: str | None, false_accept: str | None, threshold: str | None, show: bool) -> dict:
+    """`calibrate`'s options as one setting {mode, accept, false_accept, threshold} (mode "show": only look)."""
+    if sum(x is not None for x in (accept, false_accept, threshold)) + show > 1:
+        raise EdgemetaError("give one of --accept, --false-accept, --threshold or --show")
+    if show:
+        return {"mode": "show"}
+    if threshold is not None:
+        if threshold in ("off", "model"):
+            return {"mode": threshold}
+        try:
+            t = float(threshold)
+        except ValueError:
+            t = float("nan")
+        if not 0 <= t < float("inf"):
+            raise EdgemetaError(f"--threshold is a distance (a number >= 0), 'off' or 'model', got {threshold!r}")
+        return {"mode": "manual", "threshold": t}
+    if false_accept is not None:
+        return {"mode": "calibrated", "false_accept": _rate(false_accept, "--false-accept")}
+    return {"mode": "calibrated", "accept": _rate(accept or "0.95", "--accept")}
+
+
 def describe_head(h: dict) -> str:
     if h["kind"] == "prototype":
         return "nearest prototype (no adaptation)"
@@ -223,4 +287,4 @@ def print_classes(counts: dict[str, int], backbone: dict, as_json: bool, adapt: 
 
 
 # The commands, one module per audience; importing them registers them on `main`.
-from edgemeta.cli import board, firmware, fleet, host  # noqa: E402, F401
+from edgemeta.cli import board, firmware, fleet, host, remote  # noqa: E402, F401  (remote after fleet: its group)

@@ -5,11 +5,22 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import click
 
-from edgemeta.cli import adapt_setting, describe_head, main, print_classes, print_results, seconds, whole
+from edgemeta.cli import (
+    adapt_setting,
+    check_enroll_options,
+    describe_head,
+    main,
+    open_set_setting,
+    print_classes,
+    print_enrolled,
+    print_negatives,
+    print_results,
+    seconds,
+    whole,
+)
 from edgemeta.errors import EdgemetaError
 from edgemeta.limits import BAUD_RANGE, MAX_THREADS, MAX_TOP_K
 
@@ -46,7 +57,9 @@ def _runtime_options(f):
               help="Enroll every sub-folder of this folder as a class named after it (instead of --label).")
 @click.option("--negative", is_flag=True,
               help='Samples of "none of these" (instead of --label): never a class, they teach `calibrate` strangers.')
-@click.option("--keep-samples", is_flag=True, help="Also keep the samples (new stores only), for re-enrollment after a model upgrade.")
+@click.option("--keep-samples/--no-keep-samples", default=True, show_default=True,
+              help="A new store keeps each sample too, so that a model upgrade re-embeds it (`reenroll`, deploy); "
+                   "without, an upgrade means enrolling again.")
 @click.option("--allow-duplicates", is_flag=True, help="Enroll a sample even when the same image is already enrolled.")
 @click.option("--adapt", "adapt_steps", default=None, metavar="STEPS",
               help="Also set the store's head adaptation (as `edgemeta adapt --steps`).")
@@ -67,50 +80,23 @@ def enroll(store: str, model: str | None, variant: str | None, threads: int, edg
       edgemeta enroll --store ~/store --from-folders photos/
       edgemeta enroll --store ~/store --negative background/
     """
-    from edgemeta.preprocess import IMAGE_SUFFIXES
+    from edgemeta.preprocess import class_folders
 
-    if sum((label is not None, root is not None, negative)) != 1:
-        raise EdgemetaError("say what the samples are: --label NAME, --from-folders ROOT or --negative (one of them)")
-    if root is not None and files:
-        raise EdgemetaError("--from-folders takes its classes from ROOT's sub-folders; give no FILES with it")
-    if root is None and not files:
-        raise EdgemetaError("give the samples: image files, .npy arrays or a folder of them")
-    if lr is not None and adapt_steps is None:
-        raise EdgemetaError("--lr goes with --adapt STEPS")
-    if negative and adapt_steps is not None:
-        raise EdgemetaError("--adapt goes with classes, not with --negative samples")
-    adapt = adapt_setting(adapt_steps, lr) if adapt_steps is not None else None
-    if root is not None:
-        base = Path(root)
-        if not base.is_dir():
-            raise EdgemetaError(f"folder {root} does not exist")
-        subs = sorted(d for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
-        strays = [f for f in base.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
-        if not subs:
-            raise EdgemetaError(f"{root} has no sub-folders; --from-folders wants one folder of images per class")
-        if strays:
-            raise EdgemetaError(f"{strays[0]} is an image directly in {root}; put it in its class's sub-folder")
+    adapt = check_enroll_options(label, root, negative, files, adapt_steps, lr)
+    subs = class_folders(root) if root is not None else []
     rt = _runtime(model, store, variant, threads, edgetpu, xnnpack)
     if negative:
         images, _ = rt.images(list(files))
         n = rt.enroll_negatives(store, images)
-        click.echo(json.dumps({"negatives": n}) if as_json else
-                   f"added {len(images)} negative sample(s); the store has {n}; `edgemeta calibrate` uses them")
+        print_negatives(len(images), n, as_json)
         return
     if root is not None:
         classes = [(d.name, *rt.images([d])) for d in subs]  # every image read before the store is touched
     else:
         classes = [(label, *rt.images(list(files)))]
     done = rt.enroll_classes(store, classes, keep_samples=keep_samples, adapt=adapt, allow_duplicates=allow_duplicates)
-    if as_json:
-        out = [{"label": c[0].strip(), "samples": d.samples, "added": d.added, "duplicates": d.duplicates}
-               for c, d in zip(classes, done, strict=True)]
-        click.echo(json.dumps(out if root is not None else out[0]))
-        return
-    for (name, _, _), d in zip(classes, done, strict=True):
-        skipped = f"; skipped {len(d.duplicates)} duplicate(s): {', '.join(d.duplicates[:3])}" if d.duplicates else ""
-        more = " ..." if len(d.duplicates) > 3 else ""
-        click.echo(f"enrolled {d.added} sample(s) as {name.strip()!r}; it now has {d.samples} sample(s){skipped}{more}")
+    print_enrolled([{"label": c[0].strip(), "samples": d.samples, "added": d.added, "duplicates": d.duplicates}
+                    for c, d in zip(classes, done, strict=True)], as_json, several=root is not None)
     _warn_domain(rt, store)
 
 
@@ -122,16 +108,6 @@ def _warn_domain(rt, store: str) -> None:
         warning = rt.describe_open_set(rt.open_store(store)).get("warning")
         if warning:
             click.echo(f"warning: {warning}", err=True)
-
-
-def _rate(text: str, option: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value < 1:
-        raise EdgemetaError(f"{option} is a share between 0 and 1 (0.95 for 95%), got {text!r}")
-    return value
 
 
 @main.command()
@@ -158,26 +134,16 @@ def calibrate(store: str, model: str | None, variant: str | None, threads: int, 
       edgemeta calibrate --store ~/store --false-accept 0.05  # at most 5% of strangers accepted
       edgemeta calibrate --store ~/store --threshold 12.5
     """
-    if sum(x is not None for x in (accept, false_accept, threshold)) + show > 1:
-        raise EdgemetaError("give one of --accept, --false-accept, --threshold or --show")
+    setting = open_set_setting(accept, false_accept, threshold, show)
     rt = _runtime(model, store, variant, threads, edgetpu, xnnpack)
-    if show:
+    if setting["mode"] == "show":
         info = rt.describe_open_set(rt.open_store(store))
-    elif threshold is not None:
-        if threshold in ("off", "model"):
-            info = rt.set_open_set(store, threshold)
-        else:
-            try:
-                t = float(threshold)
-            except ValueError:
-                t = float("nan")
-            if not 0 <= t < float("inf"):
-                raise EdgemetaError(f"--threshold is a distance (a number >= 0), 'off' or 'model', got {threshold!r}")
-            info = rt.set_open_set(store, "manual", threshold=t)
-    elif false_accept is not None:
-        info = rt.set_open_set(store, "calibrated", false_accept=_rate(false_accept, "--false-accept"))
     else:
-        info = rt.set_open_set(store, "calibrated", accept=_rate(accept or "0.95", "--accept"))
+        info = rt.set_open_set(store, **setting)
+    print_open_set(info, as_json)
+
+
+def print_open_set(info: dict, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(info))
         return
@@ -217,8 +183,6 @@ def classify(store: str, model: str | None, variant: str | None, threads: int, e
     Example:
       edgemeta classify --store ~/store --top-k 3 query.png
     """
-    if top_k < 1:
-        raise EdgemetaError(f"--top-k must be at least 1, got {top_k}")
     rt = _runtime(model, store, variant, threads, edgetpu, xnnpack)
     print_results(rt.classify(store, list(files), top_k=top_k), as_json)
 
@@ -257,6 +221,24 @@ def rename(store: str, old: str, new: str) -> None:
     click.echo(f"renamed {old!r} to {new.strip()!r}")
 
 
+@main.command("new-store")
+@click.option("--store", required=True, type=click.Path(), help="Enrollment store folder.")
+def new_store(store: str) -> None:
+    """Start over with an empty store in the same folder; the old one is kept in its archive/ folder.
+
+    \b
+    Example:
+      edgemeta new-store --store ~/.edgemeta/store
+    """
+    from edgemeta.runtime.store import EnrollmentStore
+
+    print_new_store(EnrollmentStore.archive(store))
+
+
+def print_new_store(kept) -> None:
+    click.echo(f"the store is empty now; the old one is kept as {kept}" if kept else "there was no store: it is empty")
+
+
 @main.command()
 @_runtime_options
 @click.option("--steps", required=True, metavar="N", help="Gradient steps (0 to 1000; 0 turns adaptation off).")
@@ -283,13 +265,29 @@ def adapt(store: str, model: str | None, variant: str | None, threads: int, edge
 
 @main.command()
 @_runtime_options
-def reenroll(store: str, model: str | None, variant: str | None, threads: int, edgetpu: str | None, xnnpack: bool) -> None:
-    """Re-embed a store's kept samples with a new model (after an upgrade)."""
+@click.option("--out", default=None, type=click.Path(),
+              help="Write the re-embedded store into this new folder and leave --store as it is (what an upgrade does).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def reenroll(store: str, model: str | None, variant: str | None, threads: int, edgetpu: str | None, xnnpack: bool,
+             out: str | None, as_json: bool) -> None:
+    """Re-embed a store's kept samples with a new model (after an upgrade).
+
+    \b
+    Example:
+      edgemeta reenroll --store ~/store --model models/omniglot-vinyals-conv4
+      edgemeta reenroll --store ~/store --model new-model --out ~/store-for-new-model
+    """
     if not model and not os.environ.get("EDGEMETA_MODEL"):
         raise EdgemetaError("pass --model with the new model folder to re-enroll with")
     rt = _runtime(model, store, variant, threads, edgetpu, xnnpack)
+    if out is not None:
+        info = rt.carry(store, out)
+        click.echo(json.dumps(info) if as_json else
+                   f"{info['carried']}: {info['classes']} class(es), {info['samples']} sample(s) in {out} for "
+                   f"{info['model']}/{info['variant']}")
+        return
     n = rt.reenroll(store)
-    click.echo(f"re-enrolled {n} sample(s) with {rt.backbone['model']}/{rt.backbone['variant']}")
+    click.echo(json.dumps({"samples": n}) if as_json else f"re-enrolled {n} sample(s) with {rt.backbone['model']}/{rt.backbone['variant']}")
 
 
 @main.command()

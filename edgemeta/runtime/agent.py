@@ -84,7 +84,8 @@ TOKEN_ENV = "EDGEMETA_TOKEN"
 MIN_TOKEN_LENGTH = 16
 MAX_TOKEN_LENGTH = 1024  # the auth line is at most AUTH_LINE bytes
 TOKEN_HINT = "(umask 077; python3 -c 'import secrets; print(secrets.token_urlsafe(32))' > FILE)"
-OPS = ("enroll", "classify", "classes", "forget", "rename", "adapt", "status", "auth")
+OPS = ("enroll", "classify", "classes", "forget", "rename", "adapt", "calibrate", "reenroll", "new_store", "status", "auth")
+OPEN_SET_MODES = ("calibrated", "manual", "off", "model", "show")
 
 
 def default_decode_slots(board) -> int:
@@ -231,17 +232,7 @@ class Agent:
         if op == "auth":
             return {"token": "not needed"}
         if op == "enroll":
-            label = _text(args, "label")
-            adapt = (args["adapt"], args.get("lr")) if args.get("adapt") is not None else None
-            if adapt is not None:
-                check_adapt(*adapt)  # before the images are decoded
-            images = self._images(attachments)
-            allow = args.get("allow_duplicates", False)
-            if not isinstance(allow, bool):
-                raise EdgemetaError(f"bad request: allow_duplicates must be true or false, got {_show(allow)}")
-            with self.lock:
-                done = self.rt.enroll_images(self.store_dir, label, images, adapt=adapt, allow_duplicates=allow)
-            return {"label": label.strip(), "samples": done.samples, "added": done.added, "duplicates": done.duplicates}
+            return self._enroll(args, attachments)
         if op == "classify":
             top_k = args.get("top_k", 1)
             if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
@@ -265,6 +256,13 @@ class Agent:
         with self.lock:
             if op == "adapt":
                 return self.rt.adapt(self.store_dir, args.get("steps"), args.get("lr"))
+            if op == "calibrate":
+                return self._calibrate(args)
+            if op == "reenroll":
+                return {"samples": self.rt.reenroll(self.store_dir), "model": self.rt.manifest.name}
+            if op == "new_store":
+                kept = EnrollmentStore.archive(self.store_dir)
+                return {"archived": str(kept) if kept else None}
             store = self._load()
             if op == "classes":
                 return {"classes": store.counts() if store else {}, "backbone": self.rt.backbone,
@@ -272,6 +270,67 @@ class Agent:
             return {"model": self.rt.manifest.name, "variant": self.rt.variant.name, "runtime": self.rt.embedder.runtime,
                     "classes": len(store.class_names) if store else 0, "requests": self.requests,
                     "uptime_s": round(time.monotonic() - self.started, 1)}
+
+    def _enroll(self, args: dict, attachments: list) -> dict:
+        """One class ({label}), several in one change ({labels, counts}: the attachments in that order, as
+        `enroll --from-folders` sends them), or {negative: true} samples for calibration."""
+        flags = {k: args.get(k, d) for k, d in (("allow_duplicates", False), ("negative", False), ("keep_samples", True))}
+        for k, v in flags.items():
+            if not isinstance(v, bool):
+                raise EdgemetaError(f"bad request: {k} must be true or false, got {_show(v)}")
+        adapt = (args["adapt"], args.get("lr")) if args.get("adapt") is not None else None
+        if adapt is not None:
+            check_adapt(*adapt)  # before the images are decoded
+        if flags["negative"]:
+            if adapt is not None or "label" in args or "labels" in args:
+                raise EdgemetaError("bad request: negative samples take no label and no adapt")
+            images = self._images(attachments)
+            with self.lock:
+                return {"negatives": self.rt.enroll_negatives(self.store_dir, images), "added": len(images)}
+        if "labels" in args:
+            labels, counts = args.get("labels"), args.get("counts")
+            if (not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels)
+                    or not isinstance(counts, list) or len(counts) != len(labels)
+                    or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in counts)
+                    or not isinstance(attachments, (list, tuple)) or sum(counts) != len(attachments)):
+                raise EdgemetaError("bad request: labels (names) and counts (images of each, in attachment order) must "
+                                    "be lists of the same length whose counts add up to the attachments")
+        else:
+            labels, counts = [_text(args, "label")], [len(attachments) if isinstance(attachments, (list, tuple)) else 0]
+        images = self._images(attachments)
+        classes, at = [], 0
+        for label, n in zip(labels, counts, strict=True):
+            classes.append((label, images[at:at + n], None))
+            at += n
+        with self.lock:
+            done = self.rt.enroll_classes(self.store_dir, classes, keep_samples=flags["keep_samples"], adapt=adapt,
+                                          allow_duplicates=flags["allow_duplicates"])
+        out = [{"label": c[0].strip(), "samples": d.samples, "added": d.added, "duplicates": d.duplicates}
+               for c, d in zip(classes, done, strict=True)]
+        return {"classes": out} if "labels" in args else out[0]
+
+    def _calibrate(self, args: dict) -> dict:
+        """{mode: calibrated (accept | false_accept) | manual (threshold) | off | model | show}, as `edgemeta calibrate`."""
+        mode = args.get("mode", "calibrated")
+        if mode not in OPEN_SET_MODES:
+            raise EdgemetaError(f"bad request: mode must be one of {', '.join(OPEN_SET_MODES)}, got {_show(mode)}")
+        if mode == "show":
+            store = self._load()
+            if store is None:
+                raise EdgemetaError(f"store {self.store_dir} has no classes; enroll some first")
+            return self.rt.describe_open_set(store)
+        numbers = {}
+        for key, lo, hi in (("accept", 0, 1), ("false_accept", 0, 1), ("threshold", 0, float("inf"))):
+            v = args.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v < hi
+                                  or (key != "threshold" and v == 0)):
+                raise EdgemetaError(f"bad request: {key} out of range, got {_show(v)}")
+            numbers[key] = v
+        if mode == "calibrated" and numbers["accept"] is None and numbers["false_accept"] is None:
+            numbers["accept"] = 0.95
+        if mode == "manual" and numbers["threshold"] is None:
+            raise EdgemetaError("bad request: mode manual needs a threshold")
+        return self.rt.set_open_set(self.store_dir, mode, **numbers)
 
     def call(self, op: str, args: dict[str, Any], attachments: list[bytes | str]) -> dict:
         """`handle` for a transport: every failure is an EdgemetaError of one sentence for a person;

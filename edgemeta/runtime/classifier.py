@@ -134,7 +134,7 @@ class FewShotRuntime:
         store.set_head(self.head_spec(store.adapt))
         store.save()
 
-    def enroll(self, folder: str | Path, label: str, files: list[str | Path], keep_samples: bool = False,
+    def enroll(self, folder: str | Path, label: str, files: list[str | Path], keep_samples: bool = True,
                adapt: tuple[int, float | None] | None = None, allow_duplicates: bool = False) -> Enrolled:
         """Embed the samples and add them to the class (created if new): see `enroll_images`.
         `adapt` (steps, lr) also sets the store's adaptation, as `adapt` does."""
@@ -143,14 +143,14 @@ class FewShotRuntime:
         images, names = self.images(files)  # all inputs are read before the store is touched
         return self.enroll_images(folder, label, images, keep_samples, adapt, names=names, allow_duplicates=allow_duplicates)
 
-    def enroll_images(self, folder: str | Path, label: str, images: np.ndarray, keep_samples: bool = False,
+    def enroll_images(self, folder: str | Path, label: str, images: np.ndarray, keep_samples: bool = True,
                       adapt: tuple[int, float | None] | None = None, names: list[str] | None = None,
                       allow_duplicates: bool = False) -> Enrolled:
         """`enroll` for images already preprocessed to the model's input: `enroll_classes` of one class."""
         return self.enroll_classes(folder, [(label, images, names)], keep_samples, adapt, allow_duplicates)[0]
 
     def enroll_classes(self, folder: str | Path, classes: list[tuple[str, np.ndarray, list[str] | None]],
-                       keep_samples: bool = False, adapt: tuple[int, float | None] | None = None,
+                       keep_samples: bool = True, adapt: tuple[int, float | None] | None = None,
                        allow_duplicates: bool = False) -> list[Enrolled]:
         """Enroll (label, preprocessed images, their names or None) for each class, in one change of the
         store: all or nothing. A sample already in the store (the same pixels) or given twice is skipped
@@ -276,17 +276,42 @@ class FewShotRuntime:
         """Re-embed a store's kept samples with this backbone (after a model upgrade); returns the sample count."""
         with EnrollmentStore.locked(folder):
             store = EnrollmentStore.open(folder)
-            if store.samples is None:
-                raise EdgemetaError(f"store {folder} kept no samples (enroll with --keep-samples); enroll the classes again instead")
-            if store.samples.shape[1:] != self.manifest.preprocess.input_shape:
-                raise EdgemetaError(f"the kept samples are {store.samples.shape[1:]}, this model takes "
-                                    f"{self.manifest.preprocess.input_shape}; enroll the classes again instead")
-            negatives = None if store.negative_samples is None or not len(store.negative_samples) else \
-                self.embedder(store.negative_samples)
-            support, queries = self.embed_support(store.samples)
-            store.replace_embeddings(support, self.backbone, negatives, queries)
+            self._reembed(store)
             self.save(store)
         return len(store.labels)
+
+    def carry(self, folder: str | Path, to: str | Path) -> dict:
+        """A copy of the store in `folder` for this model, written into the new folder `to` (`folder` is
+        only read, under its lock): its kept samples re-embedded, or the same store when it was
+        enrolled with this model already. What a board's activation runs before it switches models."""
+        to = Path(to)
+        if to.exists() and any(to.iterdir()):
+            raise EdgemetaError(f"{to} is not empty; carry writes a new store folder")
+        with EnrollmentStore.locked(folder):
+            store = EnrollmentStore.open(folder)
+            try:
+                store.check_backbone(self.backbone)
+                how = "same model"
+            except EdgemetaError:
+                self._reembed(store)
+                how = "re-embedded"
+            store.folder = to
+            to.mkdir(parents=True, exist_ok=True)
+            self.save(store)
+        return {"carried": how, "classes": len(store.class_names), "samples": len(store.labels),
+                "model": self.backbone["model"], "variant": self.backbone["variant"]}
+
+    def _reembed(self, store: EnrollmentStore) -> None:
+        if store.samples is None:
+            raise EdgemetaError(f"store {store.folder} kept no samples (enroll with --keep-samples), so model "
+                                f"{self.manifest.name} cannot use its {len(store.class_names)} class(es): enroll them again")
+        if store.samples.shape[1:] != self.manifest.preprocess.input_shape:
+            raise EdgemetaError(f"the kept samples are {store.samples.shape[1:]}, model {self.manifest.name} takes "
+                                f"{self.manifest.preprocess.input_shape} (another input kind): enroll the classes again")
+        negatives = None if store.negative_samples is None or not len(store.negative_samples) else \
+            self.embedder(store.negative_samples)
+        support, queries = self.embed_support(store.samples)
+        store.replace_embeddings(support, self.backbone, negatives, queries)
 
     def head(self, store: EnrollmentStore) -> PrototypeHead | LinearHead | SequenceHead:
         """The head a store is classified with, with the store's open-set threshold: the prototype

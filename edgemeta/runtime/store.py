@@ -36,6 +36,7 @@ import fcntl
 import hashlib
 import json
 import math
+import os
 import re
 import unicodedata
 import zipfile
@@ -46,7 +47,7 @@ from typing import TypeVar
 import numpy as np
 
 from edgemeta.arrays import load_npz
-from edgemeta.atomic import write_atomic
+from edgemeta.atomic import fsync_dir, write_atomic
 from edgemeta.errors import EdgemetaError, denied
 from edgemeta.preprocess import IMAGE_SIZES
 from edgemeta.runtime.linear_head import LinearHeadSpec, adapt_linear, spec_arrays, spec_from_manifest
@@ -62,6 +63,7 @@ STORE_FORMAT = 1  # the head keys are optional, so format-1 readers and writers 
 MAX_LABEL = 128
 MAX_ADAPT_STEPS = 1000
 HEAD_PREFIX = "head_"
+ARCHIVE_DIR = "archive"  # stores replaced by `new_store`, kept for the user
 STORE_FIX = "restore it from a backup or start a new store"
 # meta["open_set"]["mode"]: "calibrated" (from the enrolled samples, recomputed on every save, with
 # "distance", "accept" or "false_accept" and the last "report"), "manual" ("threshold" set by the user) or
@@ -274,8 +276,25 @@ class EnrollmentStore:
 
     @staticmethod
     def _own_file(name: str) -> bool:
-        """The lock, or a temporary file of save() (left behind when a writer was killed)."""
-        return name == LOCK_FILE or TMP_NAME.fullmatch(name) is not None
+        """The lock, the archive of replaced stores, or a temporary file of save() (left behind when a
+        writer was killed)."""
+        return name in (LOCK_FILE, ARCHIVE_DIR) or TMP_NAME.fullmatch(name) is not None
+
+    @classmethod
+    def archive(cls, folder: str | Path) -> Path | None:
+        """Start a new store in `folder`: the current one is moved (never deleted) to
+        folder/archive/store-<UTC time>.npz, where `edgemeta` never reads it again; None when there was none."""
+        folder = Path(folder)
+        if not cls.exists(folder):
+            return None
+        with cls.locked(folder):
+            cls.open(folder)  # a damaged store is named, not archived unread
+            kept = folder / ARCHIVE_DIR / f"store-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%S.%fZ')}.npz"
+            kept.parent.mkdir(exist_ok=True)
+            os.replace(folder / STORE_FILE, kept)
+            fsync_dir(kept.parent)
+            fsync_dir(folder)
+        return kept
 
     @classmethod
     def check_folder(cls, folder: Path) -> None:

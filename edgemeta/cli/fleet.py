@@ -1,17 +1,16 @@
 """Fleet commands, run on the host to reach boards: board profiles, bundles, deploy over ssh,
-rollback, `remote` requests to a board's agent, doctor (here or on a board over ssh)."""
+rollback, status, doctor (here or on a board over ssh); `remote` is in remote.py."""
 
 from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import click
 
-from edgemeta.cli import adapt_setting, describe_head, main, print_classes, print_results, seconds, whole
+from edgemeta.cli import main, whole
 from edgemeta.errors import EdgemetaError
-from edgemeta.limits import MAX_PARALLEL, MAX_TOP_K
+from edgemeta.limits import MAX_PARALLEL
 
 
 @main.group(invoke_without_command=True)
@@ -269,105 +268,6 @@ def _describe_status(a: dict) -> str:
                      + ("" if d["state"] != "installed" else f" (edgemeta rollback --to {x})"))
     lines.append(f"  disk     releases {_mb(a['bytes']['releases'])}, {len(a['venvs'])} venv(s) {_mb(a['bytes']['venvs'])}")
     return "\n".join(lines)
-
-
-@main.group()
-@click.option("--via", required=True, help="unix:PATH, tcp:HOST:PORT, ssh:USER@HOST (the deployed release) or serial:DEVICE[@BAUD].")
-@click.option("--ssh-config", default=None, type=click.Path(dir_okay=False), help="ssh -F FILE.")
-@click.option("--timeout", type=seconds(0.1, 86400), default=30.0, show_default=True, help="Seconds to wait for an answer.")
-@click.option("--token-file", default=None, type=click.Path(dir_okay=False),
-              help="With tcp: the agent's token, from this file (mode 600; default: $EDGEMETA_TOKEN).")
-@click.pass_context
-def remote(ctx: click.Context, via: str, ssh_config: str | None, timeout: float, token_file: str | None) -> None:
-    """Run enroll, classify, classes, forget, rename, adapt or status on a board.
-
-    \b
-    Example:
-      edgemeta remote --via ssh:pi@kitchen enroll --label mug mug1.jpg mug2.jpg
-      edgemeta remote --via serial:/dev/ttyUSB0 classify --top-k 3 cup.jpg
-    """
-    ctx.obj.update(via=via, ssh_config=ssh_config, timeout=timeout, token_file=token_file)
-
-
-def _remote_call(op: str, args: dict, files: tuple[str, ...] = ()) -> dict:
-    from edgemeta.runtime.agent import connect
-
-    obj = click.get_current_context().obj
-    attachments = []
-    for f in files:
-        try:
-            attachments.append(Path(f).read_bytes())
-        except OSError as e:
-            raise EdgemetaError(f"cannot read {f}: {e.strerror}") from None
-    client = connect(obj["via"], obj["ssh_config"], obj["timeout"], obj.get("token_file"))
-    try:
-        return client.request(op, args, attachments)
-    finally:
-        client.close()
-
-
-@remote.command("enroll")
-@click.option("--label", required=True, help="The class these samples show.")
-@click.argument("files", nargs=-1, required=True, type=click.Path())
-def remote_enroll(label: str, files: tuple[str, ...]) -> None:
-    """Enroll image files (sent to the board) as a class."""
-    r = _remote_call("enroll", {"label": label}, files)
-    click.echo(f"enrolled {len(files)} file(s) as {r['label']!r}; it now has {r['samples']} sample(s)")
-
-
-@remote.command("classify")
-@click.option("--top-k", type=whole(1, MAX_TOP_K), default=1, show_default=True, help="How many nearest classes to list.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.argument("files", nargs=-1, required=True, type=click.Path())
-def remote_classify(top_k: int, as_json: bool, files: tuple[str, ...]) -> None:
-    """Classify image files on the board."""
-    results = _remote_call("classify", {"top_k": top_k}, files)["results"]
-    for f, r in zip(files, results, strict=True):
-        r["file"] = f
-    print_results(results, as_json)
-
-
-@remote.command("classes")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def remote_classes(as_json: bool) -> None:
-    """List the board's enrolled classes."""
-    r = _remote_call("classes", {})
-    print_classes(r["classes"], r["backbone"], as_json, (r.get("head") or {}).get("adapt"))
-
-
-@remote.command("forget")
-@click.option("--label", required=True, help="The class to forget.")
-def remote_forget(label: str) -> None:
-    """Remove a class on the board."""
-    r = _remote_call("forget", {"label": label})
-    click.echo(f"forgot {label!r} ({r['removed']} sample(s))")
-
-
-@remote.command("rename")
-@click.argument("old")
-@click.argument("new")
-def remote_rename(old: str, new: str) -> None:
-    """Rename a class on the board."""
-    _remote_call("rename", {"old": old, "new": new})
-    click.echo(f"renamed {old!r} to {new.strip()!r}")
-
-
-@remote.command("adapt")
-@click.option("--steps", required=True, metavar="N", help="Gradient steps (0 to 1000; 0 turns adaptation off).")
-@click.option("--lr", default=None, metavar="RATE", help="Learning rate (default: as `edgemeta adapt`).")
-def remote_adapt(steps: str, lr: str | None) -> None:
-    """Set the board store's head adaptation (as `edgemeta adapt`)."""
-    n, rate = adapt_setting(steps, lr)
-    click.echo(f"board store: {describe_head(_remote_call('adapt', {'steps': n, 'lr': rate}))}")
-
-
-@remote.command("status")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def remote_status(as_json: bool) -> None:
-    """The agent's model, runtime and store."""
-    r = _remote_call("status", {})
-    click.echo(json.dumps(r, indent=2) if as_json else
-               f"{r['model']}/{r['variant']} on {r['runtime']}: {r['classes']} class(es), {r['requests']} request(s), up {r['uptime_s']} s")
 
 
 @main.command()

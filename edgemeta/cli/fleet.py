@@ -108,6 +108,10 @@ def bundle(board: str, model: str, out: str, wheelhouse: bool, sign_key: str | N
     click.echo(f"bundle for {board} written to {path} ({n} files)")
 
 
+FRESH_STORE_HELP = ("Give the release an empty store instead of carrying the board's (which stays on the board, "
+                    "in ROOT/stores/): for a store that cannot be carried, or to start over.")
+
+
 @main.command()
 @click.option("--board", default=None, help="Board profile; builds the bundle from --model.")
 @click.option("--model", default=None, type=click.Path(file_okay=False), help="Exported model folder (with --board).")
@@ -125,16 +129,19 @@ def bundle(board: str, model: str, out: str, wheelhouse: bool, sign_key: str | N
               help="A board that trusts no signing key yet trusts the bundle's from now on (sent over your ssh login; "
                    "its fingerprint is printed). Needed for a board's first deploy.")
 @click.option("--add-key", is_flag=True, help="With --trust-key: a board that trusts other keys trusts the bundle's beside them.")
+@click.option("--fresh-store", is_flag=True, help=FRESH_STORE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable per-host results.")
 def deploy(board: str | None, model: str | None, bundle_dir: str | None, hosts: tuple[str, ...], hosts_file: str | None,
            ssh_config: str | None, parallel: int, wheelhouse: bool, dry_run: bool, sign_key: str | None, service: bool,
-           trust_key: bool, add_key: bool, as_json: bool) -> None:
+           trust_key: bool, add_key: bool, fresh_store: bool, as_json: bool) -> None:
     """Deploy a model to boards over SSH: verify, install, health-check, then activate atomically; each board
     finishes on its own once it has the bundle. A release already active is left alone, one on the board is
     activated without upload, one whose runtime the board has reuses its venv (a model-only upgrade: no pip);
     the release id names the content, so --dry-run names what a deploy would run. Before a board makes a venv,
     the checks of `edgemeta doctor` run there; a failure stops that board's deploy with its fix. A board takes
-    only bundles signed by a key it trusts, and trusts none until told: --trust-key at its first deploy.
+    only bundles signed by a key it trusts, and trusts none until told: --trust-key at its first deploy. The
+    board's enrollments come along: its store's kept samples are re-embedded with the new model before the
+    switch (a store that cannot be carried stops the deploy first), and a rollback carries them back.
 
     \b
     Example:
@@ -149,7 +156,8 @@ def deploy(board: str | None, model: str | None, bundle_dir: str | None, hosts: 
     stop_on_signals()
     try:
         results = deploy_release(targets, bundle_dir, board, model, wheelhouse, ssh_config, dry_run, parallel,
-                                 log=_progress(as_json), sign_key=sign_key, service=service, trust_key=trust_key, add_key=add_key)
+                                 log=_progress(as_json), sign_key=sign_key, service=service, trust_key=trust_key, add_key=add_key,
+                                 fresh_store=fresh_store)
     except Stopped as e:
         click.echo(f"error: deploy stopped by {e}: a board that had received the whole bundle finishes the deploy on its "
                    "own (health check first), every other keeps its active release; `edgemeta deploy --dry-run` shows "
@@ -194,9 +202,10 @@ HOSTS_FILE_HELP = "File with one host per line (# comments)."
               help="The release to switch to, older or newer (roll forward), if it is on the board (see `edgemeta status`).")
 @click.option("--ssh-config", default=None, type=click.Path(dir_okay=False), help="ssh -F FILE.")
 @click.option("--parallel", type=whole(1, MAX_PARALLEL), default=4, show_default=True, help="Hosts at once.")
+@click.option("--fresh-store", is_flag=True, help=FRESH_STORE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable per-host results.")
 def rollback(hosts: tuple[str, ...], hosts_file: str | None, to: str | None, ssh_config: str | None, parallel: int,
-             as_json: bool) -> None:
+             fresh_store: bool, as_json: bool) -> None:
     """Switch boards back to the release active before the current one (a second rollback goes one further
     back), or with --to to any release on the board, older or newer. The board health-checks the target
     before the switch and through `current` after it, and switches back if that fails.
@@ -212,7 +221,8 @@ def rollback(hosts: tuple[str, ...], hosts_file: str | None, to: str | None, ssh
     if to is not None and not RELEASE_ID.fullmatch(to):
         raise EdgemetaError(f"--to {to[:80]!r} is not a release id: letters, digits, '.', '_' and '-' (see `edgemeta status`)")
     log = _progress(as_json)
-    _print_results(each_host(_targets(hosts, hosts_file), lambda h: rollback_host(h, ssh_config, to or "", log), parallel), as_json)
+    _print_results(each_host(_targets(hosts, hosts_file), lambda h: rollback_host(h, ssh_config, to or "", log, fresh_store),
+                             parallel), as_json)
 
 
 def _mb(n: int) -> str:

@@ -12,7 +12,15 @@ so it works before edgemeta is installed there). Deploy copies this file to the 
     ROOT/history.json          activated releases, oldest first; `current` is one of them (rollback steps
                                back through it, `rollback --to ID` jumps to any release on the board;
                                an activation drops the entries after current and appends its release)
-    ROOT/store/                the enrollment store, shared by all releases
+    ROOT/stores/<id>/          the enrollment store of release <id>, made when <id> is activated from the
+                               store being left: its kept samples re-embedded by <id>'s own edgemeta when
+                               the model changed (`reenroll --out`), the same store when it did not. The
+                               store being left is only read, so a rollback carries again (enrollments
+                               made since come along); a store a later carry replaces goes to
+                               ROOT/stores/.archive/, never deleted
+    ROOT/releases/<id>/store -> ../../stores/<id>   so that switching `current` switches model and store at once
+    ROOT/store -> current/store   the path the agent, `remote` and operators use (an older board's
+                               ROOT/store folder becomes ROOT/stores/<current id> at its next activation)
     ROOT/trusted_keys/<fingerprint>.pub   ed25519 public keys (hex) that may sign bundles, each put
                                there by `trust KEYHEX` (over the host's ssh login, which is what
                                authenticates it: `edgemeta deploy --trust-key`); none at first, and
@@ -20,9 +28,12 @@ so it works before edgemeta is installed there). Deploy copies this file to the 
     ROOT/edgemeta-agent.service  the agent's systemd unit (`service` installs it where systemd runs)
     ROOT/.lock                 held by the one command changing the board (deploy, activate, rollback, ...)
 
-`deploy ID KEEP` is a whole deploy in one process, which goes on when the host's ssh dies: receive
-the bundle from stdin, install its venv, health-check the new release, write history.json and the
-agent's unit, switch `current`, check again through `current` (switching back if that fails), prune.
+`deploy ID KEEP [--fresh-store]` is a whole deploy in one process, which goes on when the host's ssh
+dies: receive the bundle from stdin, install its venv, carry the store to it (or, with --fresh-store,
+give it an empty one: the old store stays where it is), health-check the new release with it, write
+history.json and the agent's unit, switch `current`, check again through `current` (switching back if
+that fails), prune. A store that cannot be carried (it kept no samples, or the new model takes
+another input) stops the deploy before anything changed, saying so.
 `current` never names a release whose health check has not passed; a release whose install or
 check failed is removed at once. `activate ID [KEEP]` does the same for a release on the board;
 `rollback [ID]` too (health check of the target, switch, check through `current`, switch back).
@@ -345,8 +356,12 @@ INSTALLED = "venv/.installed"  # in a release: its venv is complete (pip succeed
 VENVS = "venvs"  # ROOT/venvs/<runtime key>/: the venvs, shared by releases with the same runtime
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 # what this file writes in ROOT (.trusted_keys.PID.tmp: left by the trust on first use of older versions)
-TEMP_NAMES = re.compile(r"\.(current|history\.json|edgemeta-agent\.service|trusted_keys)\..+\.tmp")
+TEMP_NAMES = re.compile(r"\.(current|history\.json|edgemeta-agent\.service|trusted_keys|store)\..+\.tmp")
 _lock_fd = -1
+STORES = "stores"  # ROOT/stores/<release id>/: each release's enrollment store
+STORE_FILE = "store.npz"  # edgemeta.runtime.store.STORE_FILE (this file runs with the standard library alone)
+UNPAIRED = ".unpaired"  # ROOT/stores/.unpaired: an older board's store, found before any release was active
+_store_lock_fd = -1  # the store being carried, held from its snapshot until `current` has switched
 
 
 def lock_board() -> None:
@@ -366,6 +381,13 @@ def lock_board() -> None:
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     for p in (r / KEYS_DIR).glob(".*.tmp"):  # a killed `trust`'s write_atomic
         p.unlink()
+    for p in (r / STORES).glob(".*.carry"):  # a killed carry's (the store it read is untouched)
+        shutil.rmtree(p, ignore_errors=True)
+    for p in (r / STORES).glob(".*.snapshot"):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in (r / "releases").glob("*/.store.*.tmp"):
+        p.unlink()
+    settle_stores()
 
 
 def outlive_the_host() -> None:
@@ -654,8 +676,9 @@ def health(rid: str, through: str = "") -> dict:
     as ROOT/current, instead of releases/<rid>); Refused when it fails."""
     rel = Path(through) if through else root() / "releases" / rid
     exe = rel / "venv" / "bin" / "edgemeta"
+    store = rel / "store" if (rel / "store").is_dir() else root() / "store"  # (the store it will run with)
     try:
-        p = subprocess.run([str(exe), "health", "--model", str(rel / "model"), "--store", str(root() / "store"), "--json"],
+        p = subprocess.run([str(exe), "health", "--model", str(rel / "model"), "--store", str(store), "--json"],
                            capture_output=True, text=True)
     except OSError as e:
         raise Refused(f"health check failed: cannot run {exe}: {e.strerror}") from None
@@ -666,6 +689,128 @@ def health(rid: str, through: str = "") -> dict:
 
 def cmd_health(rid: str) -> None:
     done(health(release_arg(rid, allow_current=True)))
+
+
+# --- the enrollment store, carried from release to release ---------------------------------------
+
+def store_of(rid: str) -> Path:
+    return root() / STORES / rid
+
+
+def relink(link: Path, target: str) -> None:
+    """Point the symlink `link` at `target` in one rename (a temporary link of its own first)."""
+    tmp = link.parent / f".{link.name}.{os.getpid()}.tmp"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+    fsync_dir(link.parent)
+
+
+def settle_stores() -> None:
+    """Make the store layout whole (under the board lock): an older board's ROOT/store folder, shared by
+    every release, becomes the active release's (or, before any release, the one the first activation
+    carries from); the active release has its store and link; ROOT/store points at current/store.
+    Each step is one rename, and one killed midway is finished by the next call."""
+    r, now = root(), current()
+    legacy = r / "store"
+    if legacy.is_dir() and not legacy.is_symlink():
+        (r / STORES).mkdir(exist_ok=True)
+        dest = store_of(now) if now else r / STORES / UNPAIRED
+        if dest.exists():
+            archive_store(dest, "replaced")
+        os.rename(legacy, dest)
+        fsync_dir(r)
+    if now:  # (a board with no release yet is left as it is)
+        store_of(now).mkdir(parents=True, exist_ok=True)
+        link = r / "releases" / now / "store"
+        if not link.is_symlink():
+            relink(link, f"../../{STORES}/{now}")
+        if not legacy.is_symlink():
+            relink(legacy, "current/store")
+
+
+def archive_store(folder: Path, why: str) -> Path:
+    """Move a store folder aside into ROOT/stores/.archive/ (a store is never deleted)."""
+    import datetime as dt
+
+    dest = root() / STORES / ".archive" / f"{folder.name.lstrip('.')}-{why}-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S%fZ}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(folder, dest)
+    return dest
+
+
+def carry_store(rid: str, fresh: bool) -> dict:
+    """Give release `rid` its store before it becomes active (under the board lock): the active
+    release's store (or an older board's unpaired one), re-embedded by `rid`'s own edgemeta when
+    its model differs (the source is only read: a snapshot is re-embedded), or an empty one when
+    there is nothing to carry or `fresh`. The source's lock is held from the snapshot until
+    `current` has switched (release_store_lock), so no enrollment slips between the two. Refused,
+    with nothing changed, when the store cannot be carried."""
+    global _store_lock_fd
+    now = current()
+    src = store_of(now) if now else root() / STORES / UNPAIRED
+    (root() / STORES).mkdir(exist_ok=True)
+    work, snap = root() / STORES / f".{rid}.carry", root() / STORES / f".{rid}.snapshot"
+    for p in (work, snap):
+        shutil.rmtree(p, ignore_errors=True)
+    has = (src / STORE_FILE).is_file()
+    info: dict = {"carried": "nothing to carry"}
+    if has and fresh:
+        info = {"carried": f"fresh: {rid} starts with an empty store; the one before stays in {src}"}
+    if not has or fresh:
+        work.mkdir()
+    else:
+        _store_lock_fd = os.open(src / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(_store_lock_fd, fcntl.LOCK_EX)  # an enroll in progress finishes first
+        try:
+            snap.mkdir()
+            shutil.copy2(src / STORE_FILE, snap / STORE_FILE)
+            info = reembed(rid, snap, work)
+        except BaseException:
+            release_store_lock()
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        finally:
+            shutil.rmtree(snap, ignore_errors=True)
+    target = store_of(rid)
+    if target.exists():  # a release activated before (a rollback): its old store is kept, not reused
+        archive_store(target, "replaced")
+    os.rename(work, target)
+    relink(root() / "releases" / rid / "store", f"../../{STORES}/{rid}")
+    return info
+
+
+def reembed(rid: str, snapshot: Path, out: Path) -> dict:
+    """`edgemeta reenroll --out` of release `rid` (else of the active release, when rid's edgemeta is
+    older than --out) on the snapshot, into `out`: {carried, classes, samples, ...}."""
+    rel = root() / "releases" / rid
+    tools = [rel / "venv" / "bin" / "edgemeta"]
+    if current():
+        tools.append(root() / "current" / "venv" / "bin" / "edgemeta")
+    last = ""
+    for exe in tools:
+        try:
+            p = subprocess.run([str(exe), "reenroll", "--model", str(rel / "model"), "--store", str(snapshot), "--out", str(out),
+                                "--json"], capture_output=True, text=True)
+        except OSError as e:
+            last = f"cannot run {exe}: {e.strerror}"
+            continue
+        if p.returncode == 0:
+            return json.loads(p.stdout.strip().splitlines()[-1])
+        last = ((p.stderr or p.stdout).strip().splitlines() or ["?"])[-1].removeprefix("error: ")[:300]
+        shutil.rmtree(out, ignore_errors=True)
+        if "--out" not in last:  # a real answer, not an edgemeta too old to know the option
+            break
+    raise Refused(f"the board's store cannot be carried to {rid}: {last}; nothing was changed. To start {rid} with an "
+                  f"empty store instead (the current one stays on the board, in ROOT/{STORES}/), deploy with --fresh-store")
+
+
+def release_store_lock() -> None:
+    global _store_lock_fd
+    if _store_lock_fd >= 0:
+        os.close(_store_lock_fd)
+        _store_lock_fd = -1
 
 
 def switch(rid: str) -> None:
@@ -698,24 +843,28 @@ def keep_arg(keep: str) -> int:
     return int(keep)
 
 
-def activate(rid: str, fresh: bool) -> dict:
-    """The transaction (under the lock): install (when not yet), health-check the release itself, write
-    its history entry and unit, switch `current` atomically, check again through `current`. `current`
-    never names an unchecked release: a failure before the switch leaves the board as it was (a
-    release this deploy brought, `fresh`, or installed is removed), one after it switches back."""
+def activate(rid: str, fresh: bool, fresh_store: bool = False) -> dict:
+    """The transaction (under the lock): install (when not yet), carry the store to the release (see
+    carry_store), health-check the release itself with it, write its history entry and unit, switch
+    `current` atomically (model and store together), check again through `current`. `current` never
+    names an unchecked release: a failure before the switch leaves the board as it was (a release
+    this deploy brought, `fresh`, or installed is removed), one after it switches back."""
     user, group = agent_user()
-    store = root() / "store"
-    blocked = unwritable(store)
+    stores = root() / STORES
+    blocked = unwritable(stores)
     if blocked:  # the agent runs as this user and writes the store: say so now, not when it first enrolls
-        raise Refused(f"{blocked[0]} is not writable by {user}, who the agent runs as: sudo chown -R {user}: {store}")
+        raise Refused(f"{blocked[0]} is not writable by {user}, who the agent runs as: sudo chown -R {user}: {stores}")
     previous = current()
     made = ""
     try:
         made = install(rid)
         if made:
             say("installed", release=rid, venv=made, key=venv_link(rid))
+        if rid != previous:
+            say("store", release=rid, **carry_store(rid, fresh_store))
         checked = health(rid)
     except Refused as e:
+        release_store_lock()
         if (fresh or made) and rid != previous:
             shutil.rmtree(root() / "releases" / rid, ignore_errors=True)
             remove_unused_venvs()
@@ -725,7 +874,6 @@ def activate(rid: str, fresh: bool) -> dict:
     answer = {"active": rid, "previous": previous, "installed": made}
     if rid == previous:
         return {**answer, "note": "already active"}
-    store.mkdir(exist_ok=True)
     unit = root() / "releases" / rid / "edgemeta-agent.service"
     if unit.exists():  # ready for `sudo cp ROOT/edgemeta-agent.service /etc/systemd/system/`
         text = unit.read_text().replace("@ROOT@", str(root().resolve())).replace("@USER@", user).replace("@GROUP@", group)
@@ -747,6 +895,7 @@ def switch_checked(rid: str, previous: str, after: list) -> None:
         write_atomic(root() / "history.json", json.dumps(after))  # (entries after current: harmless, see history.json)
     switch(rid)
     try:
+        settle_stores()  # ROOT/store -> current/store, on the first activation
         health(rid, through=str(root() / "current"))
     except Refused as e:
         if previous:
@@ -754,37 +903,49 @@ def switch_checked(rid: str, previous: str, after: list) -> None:
             write_atomic(root() / "history.json", json.dumps(before))
         raise Refused(f"{e} (through current, after the switch); " + (f"switched back to {previous}" if previous else
                                                                        "no earlier release to switch back to")) from None
+    finally:
+        release_store_lock()  # an enroll that waited now meets the new store (and is refused by the old model)
     restart_agent()
 
 
-def cmd_activate(rid: str, keep: str = "") -> None:
+def cmd_activate(rid: str, keep: str = "", store: str = "") -> None:
     """Activate a release that is on the board (received, perhaps installed); with KEEP, prune after."""
-    rid, n = release_arg(rid), keep_arg(keep) if keep else 0
+    if keep == "--fresh-store":
+        keep, store = "", keep
+    rid, n, fresh_store = release_arg(rid), keep_arg(keep) if keep else 0, store_arg(store)
     lock_board()
     outlive_the_host()
     remove_half_built(spare=rid)
-    answer = activate(rid, fresh=False)
+    answer = activate(rid, fresh=False, fresh_store=fresh_store)
     done({**answer, "pruned": prune(n)} if n else answer)
 
 
-def cmd_deploy(rid: str, keep: str) -> None:
+def cmd_deploy(rid: str, keep: str, store: str = "") -> None:
     """The whole deploy of one board, in this one process so that a dying host cannot leave it half done:
     receive the bundle (a tar stream on stdin), then activate it (see `activate`), then prune to KEEP."""
-    rid, n = release_arg(rid), keep_arg(keep)
+    rid, n, fresh_store = release_arg(rid), keep_arg(keep), store_arg(store)
     lock_board()
     outlive_the_host()
     remove_half_built()
     got = receive(rid)
     say("received", **got)
-    done({**activate(rid, fresh="note" not in got), "pruned": prune(n)})
+    done({**activate(rid, fresh="note" not in got, fresh_store=fresh_store), "pruned": prune(n)})
 
 
-def cmd_rollback(to: str = "") -> None:
+def store_arg(flag: str) -> bool:
+    if flag not in ("", "--fresh-store"):
+        done({"error": f"expected --fresh-store or nothing, not {flag[:40]!r}"}, 2)
+    return flag == "--fresh-store"
+
+
+def cmd_rollback(to: str = "", store: str = "") -> None:
     """Switch to the release activated before `current` (one step back through history.json, which
     stays as it is, so a second rollback goes one further), or to release `to`, older or newer (roll
     forward), if it is on the board. The target is health-checked before the switch and through
     `current` after it (switching back if that fails): `current` is never an unchecked release."""
-    target = release_arg(to) if to else ""
+    if to == "--fresh-store":
+        to, store = "", to
+    fresh_store, target = store_arg(store), release_arg(to) if to else ""
     lock_board()
     outlive_the_host()
     remove_half_built(spare=target)
@@ -802,8 +963,10 @@ def cmd_rollback(to: str = "") -> None:
                                                                   if others else ""))
         target = older[-1]
     try:
+        say("store", release=target, **carry_store(target, fresh_store))
         checked = health(target)
     except Refused as e:
+        release_store_lock()
         raise Refused(f"{e}; {now or 'no release'} stays active") from None
     say("healthy", **checked)
     switch_checked(target, now, h if target in h else history_upto(now) + [target])
@@ -824,6 +987,8 @@ def prune(keep: int) -> list[str]:
     for name in on_board():
         if name not in keep_set:
             shutil.rmtree(root() / "releases" / name, ignore_errors=True)
+            if store_of(name).is_dir():  # its enrollments went on to the releases after it; kept all the same
+                archive_store(store_of(name), "pruned")
             removed.append(name)
     return removed + [f"venvs/{v}" for v in remove_unused_venvs()]
 
@@ -942,7 +1107,8 @@ def cmd_service() -> None:
 COMMANDS = {"preflight": cmd_preflight, "receive": cmd_receive, "install": cmd_install, "health": cmd_health,
             "activate": cmd_activate, "deploy": cmd_deploy, "rollback": cmd_rollback, "prune": cmd_prune, "status": cmd_status,
             "service": cmd_service, "trust": cmd_trust}
-USAGE = {"trust": "KEYHEX [--add]"}  # where the parameters' names do not say it
+USAGE = {"trust": "KEYHEX [--add]", "deploy": "ID KEEP [--fresh-store]", "activate": "ID [KEEP] [--fresh-store]",
+         "rollback": "[ID] [--fresh-store]"}  # where the parameters' names do not say it
 
 if __name__ == "__main__":
     usage = f"usage: board_ops.py {'|'.join(COMMANDS)} [ARGS]"

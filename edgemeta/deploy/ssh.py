@@ -299,6 +299,10 @@ def board_event(step: Callable[[str], None]) -> Callable[[dict], None]:
         elif e["event"] == "healthy":
             step(f"health check of {e.get('healthy')} passed before the switch ({e.get('model')}/{e.get('variant')} on "
                  f"{e.get('runtime')}, {e.get('ms')} ms)")
+        elif e["event"] == "store":
+            how = e.get("carried", "")
+            step(f"store for {e.get('release')}: {how}" + (f" ({e['classes']} class(es), {e['samples']} sample(s) for "
+                                                           f"{e.get('model')})" if "samples" in e else ""))
         elif e["event"] == "agent":
             step("the agent's service restarted on the new release" if e.get("restarted") else f"warning: {e.get('error')}")
     return event
@@ -324,9 +328,11 @@ def key_refusal(host: str, fp: str, trusted: list[str], trust_key: bool, add_key
 
 def deploy_host(host: str, bundle: Path, ssh_config: str | None = None, dry_run: bool = False, keep: int = 3,
                 log=lambda host, msg: None, service: bool = False, trust_key: bool = False,
-                add_key: bool = False) -> HostResult:
+                add_key: bool = False, fresh_store: bool = False) -> HostResult:
     """Deploy one bundle to one host (with `service`, then install the agent's systemd unit); never
-    raises, the result says what happened. With `trust_key`, a board that trusts no key first trusts
+    raises, the result says what happened. The board carries its store to the new release (its kept
+    samples re-embedded when the model changes), or with `fresh_store` gives it an empty one. With
+    `trust_key`, a board that trusts no key first trusts
     the bundle's (once its signature checked out here); with `add_key` too, a board that trusts
     other keys trusts it beside them. Without, a board that would refuse the bundle's key is
     refused before the upload."""
@@ -334,6 +340,7 @@ def deploy_host(host: str, bundle: Path, ssh_config: str | None = None, dry_run:
 
     info = bundle_info(bundle)
     release = release_id(bundle)
+    store_flag = ["--fresh-store"] if fresh_store else []
     result = HostResult(host, False, release)
     step = result.stepper(log)
 
@@ -384,10 +391,10 @@ def deploy_host(host: str, bundle: Path, ssh_config: str | None = None, dry_run:
         else:
             if state == "installed":
                 step(f"{release} is on the board already: activating it without upload or install")
-                act = remote.transact(["activate", release, str(keep)], on_event=board_event(step))
+                act = remote.transact(["activate", release, str(keep), *store_flag], on_event=board_event(step))
                 result.note = "activated the board's copy"
             else:
-                act = remote.transact(["deploy", release, str(keep)], bundle, on_event=board_event(step))
+                act = remote.transact(["deploy", release, str(keep), *store_flag], bundle, on_event=board_event(step))
             step(f"activated (previous: {act['previous'] or 'none'}); health check through current passed")
             if act.get("warning"):
                 step(f"warning: {act['warning']}")
@@ -428,7 +435,7 @@ def check_trust_flags(trust_key: bool, add_key: bool) -> None:
 
 def deploy_fleet(hosts: list[str], bundle: Path, ssh_config: str | None = None, dry_run: bool = False, parallel: int = 4,
                  log=lambda host, msg: None, service: bool = False, trust_key: bool = False,
-                 add_key: bool = False) -> list[HostResult]:
+                 add_key: bool = False, fresh_store: bool = False) -> list[HostResult]:
     """Deploy to many hosts with bounded concurrency; one bad host does not stop the others. A bad
     host name, a bundle without a valid release id or (with `trust_key`) without a signature that
     checks out stops everything before any host is reached."""
@@ -439,13 +446,13 @@ def deploy_fleet(hosts: list[str], bundle: Path, ssh_config: str | None = None, 
     if trust_key:
         checked_signer(bundle)
     return each_host(hosts, lambda h: deploy_host(h, bundle, ssh_config, dry_run, log=log, service=service, trust_key=trust_key,
-                                                  add_key=add_key), parallel)
+                                                  add_key=add_key, fresh_store=fresh_store), parallel)
 
 
 def deploy_release(hosts: list[str], bundle: str | Path | None = None, board: str | None = None, model: str | Path | None = None,
                    wheelhouse: bool = False, ssh_config: str | None = None, dry_run: bool = False, parallel: int = 4,
                    log=lambda host, msg: None, sign_key: str | Path | None = None, service: bool = False,
-                   trust_key: bool = False, add_key: bool = False) -> list[HostResult]:
+                   trust_key: bool = False, add_key: bool = False, fresh_store: bool = False) -> list[HostResult]:
     """`edgemeta deploy`: deploy a bundle already built, or one built here (in a temporary folder,
     signed with `sign_key`, default the user's) from `model` for the `board` profile, to every host
     (as deploy_fleet: `trust_key` to trust the bundle's key on a board that trusts none yet, with
@@ -468,10 +475,11 @@ def deploy_release(hosts: list[str], bundle: str | Path | None = None, board: st
         else:
             raise EdgemetaError("pass --bundle DIR, or --board NAME with --model DIR")
         return deploy_fleet(hosts, path, ssh_config, dry_run, parallel, log=log, service=service, trust_key=trust_key,
-                            add_key=add_key)
+                            add_key=add_key, fresh_store=fresh_store)
 
 
-def rollback_host(host: str, ssh_config: str | None = None, to: str = "", log=lambda host, msg: None) -> HostResult:
+def rollback_host(host: str, ssh_config: str | None = None, to: str = "", log=lambda host, msg: None,
+                  fresh_store: bool = False) -> HostResult:
     """Roll one board back (or to release `to`, older or newer); never raises. The board checks the
     target before and after the switch and switches back when it fails."""
     result = HostResult(host, False)
@@ -480,7 +488,8 @@ def rollback_host(host: str, ssh_config: str | None = None, to: str = "", log=la
     try:
         remote = Remote(host, ssh_config)
         remote.install_ops()
-        r = remote.transact(["rollback", *([to] if to else [])], on_event=board_event(step))
+        r = remote.transact(["rollback", *([to] if to else []), *(["--fresh-store"] if fresh_store else [])],
+                            on_event=board_event(step))
         result.ok, result.release = True, r["active"]
         result.note = r.get("note") or f"was {r['rolled_back_from'] or 'none'}"
         if not r.get("note"):

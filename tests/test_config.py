@@ -14,6 +14,14 @@ def test_round_trip(tmp_path):
     assert load_config(p) == cfg
 
 
+def test_checkpoint_minutes_defaults_to_2_and_round_trips(tmp_path):
+    assert config_from_dict({}).train.checkpoint_minutes == 2.0
+    cfg = config_from_dict({"train": {"checkpoint_minutes": 0.5, "max_minutes": 12}})
+    p = tmp_path / "c.toml"
+    p.write_text(dump_toml(cfg))
+    assert load_config(p) == cfg and load_config(p).train.checkpoint_minutes == 0.5
+
+
 def test_config_checks_need_no_tensorflow():
     # every config error is reported before the 30-45 s TensorFlow import
     import subprocess
@@ -58,6 +66,11 @@ def test_method_table_round_trips_and_the_old_spelling_still_reads(tmp_path):
     ({"train": {"augment_shift": 0.7}}, "augment_shift must be in"),
     ({"train": {"augment_rotate": -5}}, "augment_rotate in"),
     ({"train": {"classes": "all"}}, "classes must be 'train' or 'trainval'"),
+    ({"train": {"max_minutes": -1}}, "\\[train\\] max_minutes must be a finite number of minutes, at least 0 \\(0: no limit\\)"),
+    ({"train": {"max_minutes": float("nan")}}, "max_minutes must be a finite number"),
+    ({"train": {"max_minutes": float("inf")}}, "max_minutes must be a finite number"),
+    ({"train": {"max_minutes": True}}, "max_minutes must be a number"),
+    ({"train": {"checkpoint_minutes": -0.5}}, "checkpoint_minutes must be a finite number of minutes, at least 0 \\(0: at validations"),
 ])
 def test_bad_configs(raw, message):
     with pytest.raises(EdgemetaError, match=message):

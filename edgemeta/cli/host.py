@@ -83,10 +83,11 @@ def train(config_path: str, out: str, data: str, episodes: int | None, max_minut
 
     result = run_training(prepared[0], out, progress=not quiet, fresh=fresh, prepared=prepared, cluster=cluster)
     where = f"{cluster.describe()}: " if cluster is not None else ""
-    saved = f"model in {Path(out) / 'model.keras'}" if result.chief else "the chief wrote the model"
-    click.echo(f"{where}stopped after {result.episodes} episodes ({result.stopped_by}), {result.elapsed_s / 60:.1f} min; "
-               f"best validation accuracy {100 * result.best_val_acc:.2f} +/- {100 * result.best_val_ci95:.2f}% "
-               f"at episode {result.best_episode}; {saved}")
+    saved = (result.model_note or f"model in {Path(out) / 'model.keras'}") if result.chief else "the chief wrote the model"
+    best = (f"best validation accuracy {100 * result.best_val_acc:.2f} +/- {100 * result.best_val_ci95:.2f}% "
+            f"at episode {result.best_episode}" if result.best_val_acc >= 0 else "no validation yet")
+    click.echo(f"{where}stopped after {result.episodes} episodes ({result.stopped_by}), {result.elapsed_s / 60:.1f} min "
+               f"of training in all; {best}; {saved}")
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
@@ -186,6 +187,8 @@ def eval_cmd(model_dir: str, data: str, folder: str, split: str, settings: tuple
     else:
         click.echo(text)
         click.echo(f"\nmeasured with: {context['backend']}")
+        if f"{split} classes" in context:  # a folder dataset's: the ones recorded at training (splits.json)
+            click.echo(f"data: {context['data']}\n{split} classes ({context['classes']}): {context[f'{split} classes']}")
 
 
 @main.command()

@@ -1,10 +1,13 @@
 """A model folder: what `edgemeta train` writes and `edgemeta eval` / `export` read.
 
-    model.keras     the trained backbone (best validation checkpoint)
+    model.keras     the trained backbone (best validation checkpoint; the last weights when a time budget
+                    or an interruption ended the run before its first scheduled validation)
     method.npz      the method's own learned variables, if it has any (MAML's head, learned rates)
     model.json      what the backbone needs around it: preprocessing, algorithm, distance,
                     embedding size, dataset, training summary
     config.toml     the resolved training configuration
+    splits.json     a folder dataset's class split (train / val / test class names, fractions, seed):
+                    eval and export use these classes, export copies it beside the variants
     history.csv     learning curve (episodes, loss, accuracy, validation accuracy)
     curve.png       the same as a plot
     eval.md/.json   evaluation report, when `edgemeta eval --report` wrote one
@@ -24,6 +27,7 @@ MODEL_FILE = "model.keras"
 METHOD_FILE = "method.npz"  # the method's own learned variables (MAML's head initialisation, learned rates), if any;
 # not the exported head.npz, which export writes beside the .tflite files, often into this same folder
 INFO_FILE = "model.json"
+SPLITS_FILE = "splits.json"
 INFO_FORMAT = 1
 
 
@@ -82,6 +86,23 @@ def read_npz(path: Path) -> dict:
 
 def write_json(path: Path, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def read_splits(model_dir: str | Path) -> dict | None:
+    """A model folder's recorded class split (splits.json), None when it has none (Omniglot, older runs)."""
+    path = Path(model_dir) / SPLITS_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        classes = record["classes"]
+        if not all(isinstance(classes.get(k), list) and all(isinstance(n, str) for n in classes[k])
+                   for k in ("train", "val", "test")):
+            raise ValueError("classes must list train, val and test class names")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise EdgemetaError(f"{path} is damaged ({e}); restore it, or delete it to split the classes again by "
+                            "[data] seed and fractions") from None
+    return record
 
 
 def read_info(model_dir: str | Path) -> ModelInfo:

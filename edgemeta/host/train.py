@@ -2,8 +2,12 @@
 
 `train(cfg, out)` trains a backbone with the configured algorithm, validates every
 ``validation.every`` episodes on fixed seeded validation episodes, keeps the best model in
-``out/model.keras``, and checkpoints so that an interrupted run (Ctrl-C, a killed job, a time
-budget) resumes where it stopped when started again with the same output folder.
+``out/model.keras``, and checkpoints at each validation and at least every ``[train]
+checkpoint_minutes`` of wall time, so that an interrupted run (Ctrl-C, a killed job, a time budget)
+resumes from at most that far back when started again with the same output folder. ``[train]
+max_minutes`` is the budget of one run (a resumed run gets it anew); when it ends, the run validates
+and saves what it has, so a budget that ends before the first scheduled validation still leaves a
+model (its last weights). A folder dataset's class split is recorded in ``out/splits.json``.
 
 Runs under a `tf.distribute` strategy: MirroredStrategy over all GPUs when there are several, one
 device otherwise, or, as one worker of a cluster (`edgemeta.host.cluster`: TF_CONFIG or
@@ -22,6 +26,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import platform
 import shutil
 import signal
@@ -38,11 +43,25 @@ from edgemeta.host.config import Config, dump_toml, training_data
 from edgemeta.host.data import EpisodeSampler
 from edgemeta.host.evaluate import episode_accuracies, episode_inputs, mean_ci95
 from edgemeta.host.methods import TaskEpisode, get_method
-from edgemeta.host.modeldir import INFO_FILE, METHOD_FILE, MODEL_FILE, ModelInfo, load_keras, read_info, write_atomic, write_json, write_npz
+from edgemeta.host.modeldir import (
+    INFO_FILE,
+    METHOD_FILE,
+    MODEL_FILE,
+    SPLITS_FILE,
+    ModelInfo,
+    load_keras,
+    read_info,
+    read_splits,
+    write_atomic,
+    write_json,
+    write_npz,
+)
 
 STATE_FILE = "checkpoints/state.json"
 STOP_REASONS = ("", "time budget", "interrupted", "no improvement")  # agreed across a cluster by index
 HISTORY_FIELDS = ("episode", "loss", "train_acc", "val_acc", "val_ci95", "learning_rate", "elapsed_s")
+FLAGS = 3  # what each step carries across a cluster: out of time, interrupted, checkpoint due
+_clock = time.monotonic  # every duration of a run (budget, checkpoints, rate, progress) is read from this (tests replace it)
 
 
 @dataclass
@@ -54,6 +73,7 @@ class TrainResult:
     elapsed_s: float
     stopped_by: str
     chief: bool = True   # False on the other workers of a cluster, which write no model folder
+    model_note: str = ""  # what the folder's model.keras holds after this run (or why there is none yet)
 
 
 def make_strategy(devices: list[str], cluster=None):
@@ -145,28 +165,58 @@ class EpisodePrefetcher:
         self._thread.join(timeout=5)
 
 
+def _minutes(seconds: float) -> str:
+    m = seconds / 60
+    return f"{m:.1f}" if m < 10 else f"{m:.0f}"
+
+
 class _Progress:
     """A one-line progress display on a terminal; off a terminal (a log, a background job) a line every
-    `log_every_s` seconds and at each validation, with the measured rate and the time left."""
+    `log_every_s` seconds and at each validation, with the measured rate and the time left.
 
-    def __init__(self, total: int, enabled: bool, done: int = 0, log_every_s: float = 30.0):
+    With a time budget of `budget_s` seconds counted from `begun`, the time left is the smaller of what
+    the episodes left need at the measured rate and what is left of the budget, and says which ends the run."""
+
+    def __init__(self, total: int, enabled: bool, done: int = 0, log_every_s: float = 30.0, budget_s: float = 0.0,
+                 begun: float | None = None):
         self.total, self.enabled, self.tty = total, enabled, sys.stderr.isatty()
-        self.start, self.first = time.monotonic(), done  # a resumed run counts its own episodes only
-        self.log_every_s, self.last_line = log_every_s, time.monotonic()
+        self.start, self.first = _clock(), done  # a resumed run counts its own episodes only
+        self.log_every_s, self.last_line = log_every_s, self.start
+        self.budget_s, self.begun = budget_s, self.start if begun is None else begun
+
+    def time_left(self, done: int) -> tuple[float, float | None] | None:
+        """(seconds left, and what the episodes would need when the budget ends the run first, else None);
+        None before a rate is measured or once the episodes are done."""
+        now = _clock()
+        rate = (done - self.first) / max(now - self.start, 1e-9)
+        if rate <= 0 or done >= self.total:
+            return None
+        by_episodes = (self.total - done) / rate
+        if self.budget_s > 0:
+            by_budget = max(0.0, self.budget_s - (now - self.begun))
+            if by_budget < by_episodes:
+                return by_budget, by_episodes
+        return by_episodes, None
 
     def line(self, done: int, loss: float, acc: float, val: str) -> str:
-        seconds = time.monotonic() - self.start
+        seconds = _clock() - self.start
         rate = (done - self.first) / max(seconds, 1e-9)
         speed = f"{rate:.3g} ep/s" if rate >= 1 else f"{1 / rate:.3g} s/ep" if rate > 0 else "- ep/s"
-        left = f"  {(self.total - done) / rate / 60:.1f} min left" if rate > 0 and done < self.total else ""
+        left = self.time_left(done)
+        if left is None:
+            left_text = ""
+        elif left[1] is not None:
+            left_text = f"  {_minutes(left[0])} min left (time budget; {self.total} episodes would need {_minutes(left[1])})"
+        else:
+            left_text = f"  {_minutes(left[0])} min left" + (" (episodes, within the budget)" if self.budget_s > 0 else "")
         filled = int(30 * done / self.total)
         return (f"[{'#' * filled}{'.' * (30 - filled)}] {done}/{self.total} episodes  "
-                f"loss {loss:.3f}  acc {100 * acc:5.1f}%  val {val}  {speed}{left}")
+                f"loss {loss:.3f}  acc {100 * acc:5.1f}%  val {val}  {speed}{left_text}")
 
     def update(self, done: int, loss: float, acc: float, val: str, force_line: bool = False) -> None:
         if not self.enabled:
             return
-        now = time.monotonic()
+        now = _clock()
         if self.tty and (force_line or now - self.last_line >= 0.5):
             self.last_line = now
             print("\r" + self.line(done, loss, acc, val), end="\n" if force_line else "", file=sys.stderr, flush=True)
@@ -324,29 +374,31 @@ class EpisodicTrainer:
                       np.stack([e.query for e in eps]), np.stack([e.query_labels for e in eps]), np.array(index, np.int64))
         return out
 
-    def step(self, first: int, arrays: dict | None = None, flags: tuple[float, float] = (0.0, 0.0)) -> tuple[float, float]:
+    def step(self, first: int, arrays: dict | None = None, flags: tuple[float, ...] = ()) -> tuple[float, float]:
         """One step; see `step_flags` (which also returns the cluster's stop flags)."""
         loss, acc, _ = self.step_flags(first, arrays, flags)
         return loss, acc
 
-    def step_flags(self, first: int, arrays: dict | None = None, flags: tuple[float, float] = (0.0, 0.0)):
+    def step_flags(self, first: int, arrays: dict | None = None, flags: tuple[float, ...] = ()):
         """Train on the episodes of step `first` (`arrays`: what `prepare(first)` returned, e.g. from the
-        prefetcher). `flags`: this process's (out of time, interrupted); returns (loss, accuracy, the
-        flags summed over the cluster), so that every worker stops at the same step."""
+        prefetcher). `flags`: this process's (out of time, interrupted, checkpoint due), missing ones 0;
+        returns (loss, accuracy, the flags summed over the cluster), so that every worker stops, or
+        checkpoints, at the same step."""
         import tensorflow as tf
 
         arrays = arrays if arrays is not None else self.prepare(first)
         lead = self.local_replicas[0]
+        flags = tuple(float(f) for f in flags) + (0.0,) * (FLAGS - len(flags))
 
         def value(ctx):
             r = ctx.replica_id_in_sync_group
             support, support_labels, query, query_labels, index = arrays[r]
             return (tf.cast(support, tf.float32) / 255.0, tf.constant(support_labels),
                     tf.cast(query, tf.float32) / 255.0, tf.constant(query_labels), tf.constant(index, tf.int64),
-                    tf.constant(flags if r == lead else (0.0, 0.0), tf.float32))
+                    tf.constant(flags if r == lead else (0.0,) * FLAGS, tf.float32))
 
         out = self._train_step(self.strategy.experimental_distribute_values_from_function(value)).numpy()
-        return float(out[0]), float(out[1]), (float(out[2]), float(out[3]))
+        return float(out[0]), float(out[1]), tuple(float(f) for f in out[2:])
 
 
 def train(cfg: Config, out: str | Path, progress: bool = True, fresh: bool = False, prepared: tuple | None = None,
@@ -354,11 +406,16 @@ def train(cfg: Config, out: str | Path, progress: bool = True, fresh: bool = Fal
     """Meta-train as configured into the folder `out` (resuming from its checkpoint unless `fresh`);
     `prepared`: what `training_data(cfg)` returned, when the caller has loaded the data already;
     `cluster`: this process's place in a multi-worker cluster (`edgemeta.host.cluster.Cluster`, whose
-    TF_CONFIG is set), else a single-host run."""
+    TF_CONFIG is set), else a single-host run.
+
+    ``[train] max_minutes`` is this call's budget, counted from here (a resumed run gets it anew; the
+    validation and saving when it ends come on top); a budget that ends before one training step is
+    over is an error, with nothing written. Nothing is written before the first step has shown that."""
     import tensorflow as tf
 
     from edgemeta.host.model_eval import keras_embedder
 
+    begun = _clock()
     out = Path(out)
     cfg, splits, train_split, notes = prepared or training_data(cfg)
     chief = cluster is None or cluster.is_chief
@@ -374,37 +431,58 @@ def train(cfg: Config, out: str | Path, progress: bool = True, fresh: bool = Fal
     val_sampler = EpisodeSampler(splits["val"], vc.way, vc.shot, vc.query, seed=vc.seed)
     tf.keras.utils.set_random_seed(tc.seed)
     trainer = EpisodicTrainer(cfg, sampler, strategy)
-    if chief:  # only once the data fits and the method is built: a refused run leaves nothing; the other workers write nothing here
-        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     model, method, replicas = trainer.model, trainer.method, trainer.episodes_per_step
     placement = device_summary(trainer.strategy, cluster)
     ckpt = trainer.checkpoint()
-    manager = tf.train.CheckpointManager(ckpt, out / "checkpoints", max_to_keep=2) if chief else None
+    ckpt_dir = out / "checkpoints"
+    record = _split_record(cfg, splits) if chief else None
 
     state = {"history": [], "best_val_acc": -1.0, "best_val_ci95": 0.0, "best_episode": 0, "elapsed_s": 0.0}
     state_path = out / STATE_FILE
-    if chief and fresh:
-        for f in (out / "checkpoints").iterdir():
-            f.unlink()
-    elif chief and manager.latest_checkpoint:
-        ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    latest = tf.train.latest_checkpoint(str(ckpt_dir)) if chief and not fresh and ckpt_dir.is_dir() else None
+    if latest:
+        if record is not None:
+            _check_same_split(read_splits(out), record, out)
+        ckpt.restore(latest).assert_existing_objects_matched()
         if state_path.exists():
             state = json.loads(state_path.read_text())
     if chief and trainer.episodes_done == 0 and tc.init_from:  # a resumed run has its weights from the checkpoint
         _load_initial_weights(model, tc.init_from)
     trainer.sync_from_chief()  # the other workers take the chief's restored (or initial) state
     done = trainer.episodes_done
-    if chief:
-        _write_config(cfg, out / "config.toml")
+    # a run killed between the checkpoint's write and state.json's has validations recorded beyond its checkpoint
+    state["history"] = [h for h in state["history"] if h["episode"] <= done]
+    # a checkpoint by time keeps the losses since the last validation, so the next history row is the same as
+    # in a run never stopped (only when state.json and the checkpoint are of the same step)
+    pending = state.pop("pending", None) if state.get("checkpoint", {}).get("episode") == done else None
+    state.pop("pending", None)
     embed = keras_embedder(model)
+    folder: dict = {}  # the chief's checkpoint manager and TensorBoard writer, once open_folder made them
+
+    def open_folder() -> None:
+        """The run's first write (the chief's only): not before the run has trained within its budget, so
+        that a refused run leaves the folder as it was. The other workers write nothing here."""
+        if folder or not chief:
+            return
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if fresh:
+            for f in ckpt_dir.iterdir():
+                f.unlink()
+        folder["manager"] = tf.train.CheckpointManager(ckpt, ckpt_dir, max_to_keep=2)
+        folder["writer"] = tf.summary.create_file_writer(str(out / "tensorboard"))
+        _write_config(cfg, out / "config.toml")
+        if record is not None:
+            write_json(out / SPLITS_FILE, record)
 
     def validate() -> tuple[float, float]:
         classify, inputs, support = episode_inputs(method, embed, splits["val"])
         return mean_ci95(episode_accuracies(classify, inputs, val_sampler, vc.episodes, support_embeddings=support))
 
-    def save_checkpoint() -> None:
+    def save_checkpoint(why: str) -> None:
         if chief:
-            manager.save(checkpoint_number=done)
+            open_folder()
+            folder["manager"].save(checkpoint_number=done)
+            state["checkpoint"] = {"episode": done, "why": why, "elapsed_s": round(state["elapsed_s"], 1)}
             write_json(state_path, state)
             return
         # every worker saves (a save may read distributed variables); the others to a place they delete
@@ -414,24 +492,28 @@ def train(cfg: Config, out: str | Path, progress: bool = True, fresh: bool = Fal
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    writer = tf.summary.create_file_writer(str(out / "tensorboard")) if chief else None
-    bar = _Progress(tc.episodes, progress and chief, done)
+    budget_s, every_s = 60 * tc.max_minutes, 60 * tc.checkpoint_minutes
+    bar = _Progress(tc.episodes, progress and chief, done, budget_s=budget_s, begun=begun)
     if progress:
         source = f"Omniglot {cfg.data.split}" if cfg.data.kind == "omniglot" else f"folder {cfg.data.root}"
         where = f"{cluster.describe()}: " if cluster is not None else ""
         print(f"{where}training {cfg.method.name} {cfg.model.backbone} on {source}: {train_split.num_classes} {train_split.name} "
               f"classes ({len(train_split.images)} images), {splits['val'].num_classes} val classes; episodes {done} to "
               f"{tc.episodes} of {tc.way}-way {tc.shot}-shot {tc.query}-query"
-              + (f", at most {tc.max_minutes:g} min" if tc.max_minutes else "")
-              + f"; validation every {vc.every} episodes ({vc.episodes} {vc.way}-way {vc.shot}-shot); the time left shows "
-              "once episodes run", file=sys.stderr, flush=True)
+              + (f" (resumed from the checkpoint at episode {done})" if done else "")
+              + (f", at most {tc.max_minutes:g} min (this run)" if tc.max_minutes else "")
+              + f"; validation and a checkpoint every {vc.every} episodes ({vc.episodes} {vc.way}-way {vc.shot}-shot)"
+              + (f", a checkpoint at least every {tc.checkpoint_minutes:g} min" if every_s else "")
+              + "; the time left shows once episodes run", file=sys.stderr, flush=True)
         print(f"{where}{placement['strategy']}, {placement['replicas']} replica(s), {replicas} episode(s) per step "
               f"({trainer.meta_batch} per replica); this process on {', '.join(placement['devices'])}"
               + (f"; GPUs: {', '.join(placement['gpus'])}" if placement["gpus"] else "; no GPU"), file=sys.stderr, flush=True)
     last_val = "-" if state["best_val_acc"] < 0 else f"{100 * state['best_val_acc']:.2f}%"
-    started, elapsed0 = time.monotonic(), state["elapsed_s"]
-    stopped_by, losses, accs, since_best = "episodes", [], [], 0
-    step_s, step_episodes, compiled = 0.0, 0, False  # training steps only (not the first, which compiles, nor validation)
+    started, elapsed0 = _clock(), state["elapsed_s"]
+    stopped_by, since_best = "episodes", 0
+    losses, accs = (list(pending["losses"]), list(pending["accs"])) if pending else ([], [])
+    step_s, step_episodes, steps = 0.0, 0, 0  # training steps only (not the first, which compiles, nor validation)
+    last_checkpoint, wrote, told = begun, False, not budget_s  # told: the note on the first validation is decided
     together = cluster is not None  # the workers stopped at the same step and can leave together
     interrupted = []
     old_handlers = {signal.SIGTERM: signal.signal(signal.SIGTERM, lambda *_: interrupted.append("SIGTERM"))}
@@ -445,29 +527,43 @@ def train(cfg: Config, out: str | Path, progress: bool = True, fresh: bool = Fal
     try:
         while done < tc.episodes:
             first, arrays = prefetch.next()
-            elapsed = elapsed0 + time.monotonic() - started
-            out_of_time = tc.max_minutes > 0 and elapsed >= 60 * tc.max_minutes
-            t0 = time.perf_counter()
-            loss, acc, flags = trainer.step_flags(first, arrays, (float(out_of_time), float(bool(interrupted))))
-            if compiled:  # not the run's first step: that one traces and compiles
-                step_s += time.perf_counter() - t0
+            t0 = _clock()
+            out_of_time = budget_s > 0 and t0 - begun >= budget_s
+            due = every_s > 0 and t0 - last_checkpoint >= every_s
+            loss, acc, flags = trainer.step_flags(first, arrays, (out_of_time, bool(interrupted), due))
+            if steps:  # not the run's first step: that one traces and compiles
+                step_s += _clock() - t0
                 step_episodes += replicas
-            compiled = True
+            steps += 1
+            if flags[0] and steps <= 2 and not wrote:  # the budget was over before one step of this run was
+                raise EdgemetaError(
+                    f"[train] max_minutes = {tc.max_minutes:g} ({budget_s:.3g} s) is shorter than one training step: this "
+                    f"run's set-up{' and first step (compiling included)' if steps == 2 else ''} took {t0 - begun:.1f} s; "
+                    "give a budget longer than "
+                    f"that (e.g. {math.ceil((t0 - begun) / 60) + 1} min), or 0 for no limit; nothing was written")
             done += replicas
             losses.append(loss)
             accs.append(acc)
-            elapsed = elapsed0 + time.monotonic() - started
-            at_val = done % vc.every < replicas or done >= tc.episodes or any(flags)
+            elapsed = elapsed0 + _clock() - started
+            at_val = done % vc.every < replicas or done >= tc.episodes or bool(flags[0] or flags[1])
             bar.update(done, np.mean(losses[-50:]), np.mean(accs[-50:]), last_val)
+            if not told and chief and step_s > 0 and (step_s >= 5.0 or (steps > 3 and step_s >= 1.0) or steps > 100):
+                told = True
+                note = _first_validation_note(done, step_episodes / step_s, budget_s - (_clock() - begun), vc.every,
+                                              tc.episodes, state["best_val_acc"] >= 0)
+                if note:
+                    print(("\n" if bar.enabled and bar.tty else "") + f"note: {note}", file=sys.stderr, flush=True)
             if at_val:
+                wrote = True
                 reason = 1 if flags[0] else 2 if flags[1] else 0
                 if chief:
+                    open_folder()
                     val_acc, val_ci = validate()
                     lr = trainer.learning_rate
                     row = {"episode": done, "loss": float(np.mean(losses)), "train_acc": float(np.mean(accs)),
                            "val_acc": val_acc, "val_ci95": val_ci, "learning_rate": lr, "elapsed_s": round(elapsed, 1)}
                     state["history"].append(row)
-                    with writer.as_default(step=done):
+                    with folder["writer"].as_default(step=done):
                         for k in ("loss", "train_acc", "val_acc", "learning_rate"):
                             tf.summary.scalar(k, row[k])
                     if val_acc > state["best_val_acc"] or tc.classes == "trainval":
@@ -482,12 +578,14 @@ def train(cfg: Config, out: str | Path, progress: bool = True, fresh: bool = Fal
                         reason = 3
                 losses, accs = [], []
                 state["elapsed_s"] = elapsed
+                state.pop("pending", None)
                 # the chief's decision and best result, for every worker (a barrier while the chief validates)
                 reason, best, best_ci, best_episode = (float(x) for x in trainer.from_chief(
                     [tf.constant([reason, state["best_val_acc"], state["best_val_ci95"], state["best_episode"]], tf.float64)])[0])
                 if not chief:
                     state.update(best_val_acc=best, best_val_ci95=best_ci, best_episode=int(best_episode))
-                save_checkpoint()
+                save_checkpoint("validation")
+                last_checkpoint = _clock()
                 if chief:
                     # the folder is a usable model folder while a long run goes on (eval, export)
                     _write_summary(cfg, out, model, method, TrainResult(done, state["best_val_acc"], state["best_val_ci95"],
@@ -496,6 +594,11 @@ def train(cfg: Config, out: str | Path, progress: bool = True, fresh: bool = Fal
                 if reason:
                     stopped_by = STOP_REASONS[int(reason)]
                     break
+            elif flags[2]:  # a checkpoint by time (every worker at the same step: the flag is the cluster's)
+                wrote = True
+                state.update(elapsed_s=elapsed, pending={"losses": losses, "accs": accs})
+                save_checkpoint("time")
+                last_checkpoint = _clock()
     except KeyboardInterrupt:
         stopped_by, together = "interrupted", False
         print("\ninterrupted: the last checkpoint is kept; run the same command again to resume", file=sys.stderr)
@@ -509,13 +612,79 @@ def train(cfg: Config, out: str | Path, progress: bool = True, fresh: bool = Fal
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
     result = TrainResult(done, state["best_val_acc"], state["best_val_ci95"], state["best_episode"],
-                         state["elapsed_s"], stopped_by, chief)
+                         state["elapsed_s"], stopped_by, chief,
+                         _model_note(out, state, stopped_by, vc.every, tc.episodes, tc.classes, replicas) if chief else "")
     if chief and state["best_val_acc"] >= 0:
         _write_summary(cfg, out, model, method, result, state["history"], replicas, sizes, placement,
                        _rate(step_episodes, step_s))
     if together:
         trainer.from_chief([tf.constant(0)])  # the workers leave together, once the chief has written its summary
     return result
+
+
+def _first_validation_note(done: int, rate: float, budget_left_s: float, every: int, episodes: int,
+                           validated_before: bool) -> str:
+    """The note when, at the measured `rate` (episodes per second), the run's next validation would
+    come after its budget ends, with what then happens and what to set; "" when it comes in time."""
+    upcoming = min((done // every + 1) * every, episodes)
+    need = (upcoming - done) / rate
+    if need <= budget_left_s:
+        return ""
+    reach = done + int(rate * max(budget_left_s, 0.0))
+    return (f"the first validation of this run (episode {upcoming}) would come in about {_minutes(need)} min at the "
+            f"measured {rate:.3g} episodes/s, after the time budget ends ({_minutes(max(budget_left_s, 0.0))} min left): "
+            f"the run will validate once, when the budget ends (near episode {reach}), and model.keras will hold those "
+            f"last weights" + (" unless an earlier validation scored higher" if validated_before else "")
+            + f"; to validate on the way, set [validation] every to at most {max(1, int(0.9 * (reach - done)))}")
+
+
+def _model_note(out: Path, state: dict, stopped_by: str, every: int, episodes: int, classes: str, replicas: int) -> str:
+    """What model.keras holds after a run, in words (or why there is none yet)."""
+    history = state["history"]
+    if state["best_val_acc"] < 0 or not history:
+        checkpoint = state.get("checkpoint")
+        return ("no model.keras yet: no validation ran" + (
+            f"; run the same command again to resume from the checkpoint at episode {checkpoint['episode']}"
+            if checkpoint else ""))
+    path, best = out / MODEL_FILE, state["best_episode"]
+    if classes == "trainval":
+        return f"model in {path}: the last validated weights (episode {best}; trainval keeps the last)"
+    last = history[-1]["episode"]
+    if len(history) == 1 and stopped_by in ("time budget", "interrupted") and last % every >= replicas and last < episodes:
+        why = "the time budget ended" if stopped_by == "time budget" else "the run was interrupted"
+        return (f"model in {path}: the last weights (episode {last}), validated once, at the stop: {why} before the "
+                f"first scheduled validation (episode {min(every, episodes)})")
+    return f"model in {path}: the best validated weights (episode {best}" + (", the last)" if best == last else ")")
+
+
+def _split_record(cfg: Config, splits: dict) -> dict | None:
+    """A folder dataset's class split, as splits.json records it (None for Omniglot, whose splits are named)."""
+    if cfg.data.kind != "folder":
+        return None
+    from edgemeta.host.data.dataset import _folder_files  # the class folders, listed as the loader lists them
+
+    files = _folder_files(Path(cfg.data.root).expanduser())
+    named = {"train": splits["train"].class_names, "val": splits["val"].class_names}
+    held = {n for names in named.values() for n in names}
+    named["test"] = [n for n in files if n not in held]
+    return {"format": 1, "kind": "folder", "root": cfg.data.root, "fractions": list(cfg.data.fractions),
+            "seed": cfg.data.seed,
+            "how": "the sorted class folders, permuted with [data] seed and cut by [data] fractions; "
+                   "edgemeta eval and export use these lists",
+            "classes": named, "images": {k: sum(len(files[n]) for n in v) for k, v in named.items()}}
+
+
+def _check_same_split(old: dict | None, new: dict, out: Path) -> None:
+    """A resumed run must train on the classes it started with: a class folder added, removed or renamed
+    reshuffles the seeded split, and the checkpoint has then seen classes that are now held out."""
+    if old is None or old.get("classes") == new["classes"]:
+        return
+    moved = sorted({n for k in ("train", "val", "test") for n in set(old["classes"].get(k, [])) ^ set(new["classes"][k])})
+    if not moved:
+        return
+    raise EdgemetaError(f"the classes of {new['root']} are no longer split as when the run in {out} started "
+                        f"({len(moved)} class(es) changed split, e.g. {moved[0]!r}; {out / SPLITS_FILE} has the old "
+                        "split): restore the folder (or [data] fractions and seed), or start over with --fresh")
 
 
 def _lost_peer(e) -> str:

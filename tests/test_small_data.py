@@ -52,26 +52,79 @@ def test_defaults_shrink_to_a_small_folder_and_say_so(small_model):
     data = json.loads((base / "model" / "model.json").read_text())["data"]
     assert data["kind"] == "folder" and "split" not in data and "rotations" not in data
     assert data["classes"] == {"train": 12, "val": 4}
-    r = json.loads(cli("eval", "--model", str(base / "model"), "--episodes", "20", "--json").stdout)["results"]
+    evaluated = json.loads(cli("eval", "--model", str(base / "model"), "--episodes", "20", "--json").stdout)
+    r = evaluated["results"]
     assert [x["setting"] for x in r] == ["5w1s", "5w5s", "20w1s", "20w5s", "4w1s"]
     assert r[-1]["episodes"] == 20 and r[-1]["query"] == 4 and all(x["episodes"] == 0 for x in r[:4])
+    # the split is on record: which 4 people (here: characters) the model never saw
+    split = json.loads((base / "model" / "splits.json").read_text())
+    classes = split["classes"]
+    assert [len(classes[k]) for k in ("train", "val", "test")] == [12, 4, 4]
+    assert sorted(classes["train"] + classes["val"] + classes["test"]) == sorted(p.name for p in (base / "photos").iterdir())
+    assert split["fractions"] == [0.6, 0.2, 0.2] and split["seed"] == 0 and split["images"]["test"] == 20
+    assert evaluated["context"]["test classes"] == ", ".join(classes["test"])
+    assert "test classes of its seeded split, as recorded at training in" in evaluated["context"]["data"]
+    text = cli("eval", "--model", str(base / "model"), "--episodes", "20").stdout
+    assert f"test classes (4): {', '.join(classes['test'])}" in text, text
+
+
+def test_a_class_folder_added_after_training_changes_no_split(small_model):
+    """The seeded split of 21 classes is another split: eval keeps the recorded classes, a resumed
+    training refuses to go on with the others."""
+    base, _ = small_model
+    grown = base / "grown"
+    shutil.copytree(base / "photos", grown)
+    small_folder(base / "extra", 21, 5)
+    newcomer = sorted(p.name for p in (base / "extra").iterdir())[20]
+    shutil.copytree(base / "extra" / newcomer, grown / newcomer)
+    before = json.loads(cli("eval", "--model", str(base / "model"), "--episodes", "20", "--json").stdout)
+    after = cli("eval", "--model", str(base / "model"), "--data", str(grown), "--episodes", "20", "--json")
+    assert after.returncode == 0, after.stderr
+    after = json.loads(after.stdout)
+    assert after["results"] == before["results"] and after["context"]["test classes"] == before["context"]["test classes"]
+    assert f"1 class folder(s) of {grown} in no recorded split (added since training, e.g. '{newcomer}') left out" \
+        in after["context"]["data"]
+    p = cli("train", "--config", str(base / "c.toml"), "--out", str(base / "model"), "--data", str(grown), "--episodes", "40",
+            "--quiet")
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith(
+        f"error: the classes of {grown} are no longer split as when the run in {base / 'model'} started"), p.stderr
+    assert json.loads((base / "model" / "model.json").read_text())["training"]["episodes"] == 30  # not trained on
 
 
 def test_export_of_a_small_model_works_and_a_failed_one_leaves_nothing(small_model):
     base, _ = small_model
     model = base / "model"
     before = sorted(p.name for p in model.iterdir())
-    tiny = small_folder(base / "six", 6, 5)  # 4 / 1 / 1 classes: nothing to calibrate the open set on
+    tiny = small_folder(base / "six", 6, 5)  # not the folder it was trained on: the recorded classes are not there
     p = cli("export", str(model), "--folder", str(tiny), "--episodes", "10")
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith(f"error: {tiny} has no class folder"), p.stderr
+    assert "recorded in" in p.stderr and sorted(p.name for p in model.iterdir()) == before
+    # an older run folder (no splits.json): the seeded split of the six classes, 4 / 1 / 1, nothing to calibrate on
+    older = base / "older"
+    shutil.copytree(model, older)
+    (older / "splits.json").unlink()
+    before = sorted(p.name for p in older.iterdir())
+    p = cli("export", str(older), "--folder", str(tiny), "--episodes", "10")
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr  # progress lines, then the one error line
     assert p.stderr.strip().splitlines()[-1].startswith("error: open-set calibration needs at least 2 validation classes")
-    assert sorted(p.name for p in model.iterdir()) == before  # no float32.tflite, no hidden staging folder
-    p = cli("export", str(model), "--episodes", "10")
+    assert sorted(p.name for p in older.iterdir()) == before  # no float32.tflite, no hidden staging folder
+    board = base / "board"
+    p = cli("export", str(model), "--out", str(board), "--episodes", "10")
     assert p.returncode == 0, p.stderr
-    manifest = json.loads((model / "manifest.json").read_text())
+    manifest = json.loads((board / "manifest.json").read_text())
     assert "the val split is small" in manifest["variants"]["int8_static"]["open_set"]["calibration"]
     assert manifest["variants"]["int8_static"]["evaluation"][-1]["setting"] == "4w1s"
-    assert not [p for p in model.iterdir() if p.name.startswith(".export-")]
+    assert not [p for p in board.iterdir() if p.name.startswith(".export-")]
+    # the split travels with the exported model, and the report says what it measured on
+    assert (board / "splits.json").read_text() == (model / "splits.json").read_text()
+    test_classes = json.loads((model / "splits.json").read_text())["classes"]["test"]
+    assert manifest["evaluation"]["test_classes"] == test_classes
+    report = (board / "export.md").read_text()
+    assert "15 queries per class" not in report  # the 5-image classes leave 4 queries beside the 1 shot
+    assert "10 seeded episodes per setting (seed 0), 4 queries per class (fewer than 15: the smallest class has 5 " \
+           "images), mean accuracy" in report, report
+    assert f"- test classes: {', '.join(test_classes)}" in report
 
 
 def test_a_setting_the_file_gives_that_does_not_fit_is_named_before_tensorflow_loads(tmp_path):

@@ -187,6 +187,21 @@ def evaluate(embed: EmbedFn, classify: ClassifyFn, split: FewShotSplit,
     return results
 
 
+def queries_used(results: list[SettingResult], asked: int = 15, smallest: int | None = None) -> str:
+    """The queries per class the evaluated settings really used, in words ("15 queries per class", or
+    each setting's when a small split gave fewer; `smallest`: its smallest class's images, to say why)."""
+    used = [r for r in results if r.episodes]
+    if not used:
+        return "no setting fits the split"
+    if all(r.query == asked for r in used):
+        return f"{asked} queries per class"
+    why = f"fewer than {asked}: " + (f"the smallest class has {smallest} images" if smallest else "a class is too small")
+    per = sorted({r.query for r in used})
+    if len(per) == 1:
+        return f"{per[0]} queries per class ({why})"
+    return "queries per class: " + ", ".join(f"{r.query} at {r.way}-way {r.shot}-shot" for r in used) + f" ({why})"
+
+
 def _confusion_lines(r: SettingResult) -> list[str]:
     total = max(r.errors or 0, 1)
     return [f"{c['count']:>6} ({100 * c['count'] / total:4.1f}% of errors)  {c['true']} -> {c['predicted']}" for c in r.confusions]

@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 
 from edgemeta.errors import EdgemetaError
-from edgemeta.host.data import load_dataset
 from edgemeta.host.evaluate import (
     calibrate_open_set,
     choose_board_head,
@@ -32,12 +31,13 @@ from edgemeta.host.evaluate import (
     episode_inputs,
     evaluate,
     fitting_settings,
+    queries_used,
     query_and_support,
     results_json,
 )
 from edgemeta.host.methods import get_method
-from edgemeta.host.model_eval import keras_embedder, training_dataset
-from edgemeta.host.modeldir import load_backbone, write_atomic, write_json, write_npz
+from edgemeta.host.model_eval import keras_embedder, model_splits, training_dataset
+from edgemeta.host.modeldir import SPLITS_FILE, load_backbone, read_splits, write_atomic, write_json, write_npz
 from edgemeta.quiet import native_stderr_silenced
 from edgemeta.runtime.interpreter import Embedder, interpreter_module, runtime_version
 from edgemeta.runtime.linear_head import spec_arrays
@@ -134,7 +134,10 @@ def _export_into(model_dir: Path, out: Path, data: str, folder: str, episodes: i
     method = info.make_method(model_dir, model)
     distance = getattr(method, "distance", "squared_euclidean")  # the open-set test is nearest-prototype distance
     spec = training_dataset(info, folder or data)
-    splits = load_dataset(spec, info.preprocess)
+    splits, recorded = model_splits(model_dir, info, spec)  # a folder dataset: the classes its run recorded
+    if recorded:
+        log(f"splits: {recorded}")
+        write_json(out / SPLITS_FILE, read_splits(model_dir))  # carried beside the variants (the staging folder)
     rng = np.random.default_rng(seed)
     train_images = splits["train"].images
     representative = train_images[rng.choice(len(train_images), size=min(calibration_images, len(train_images)), replace=False)]
@@ -204,6 +207,7 @@ def _export_into(model_dir: Path, out: Path, data: str, folder: str, episodes: i
     if head["kind"] == "linear":
         write_npz(out / HEAD_NPZ, spec_arrays(method.linear_head()))
         head.update(file=HEAD_NPZ, sha256=sha256_file(out / HEAD_NPZ))
+    queries = queries_used(float_results, smallest=splits["test"].min_class_size())  # what the settings really used
     manifest = {
         "format": 2,
         "name": model_dir.resolve().name,
@@ -215,9 +219,12 @@ def _export_into(model_dir: Path, out: Path, data: str, folder: str, episodes: i
                        "polarity": "inverted: dark ink becomes bright" if info.preprocess.invert else "as stored"},
         "default_variant": DEFAULT_VARIANT,
         "variants": variants,
-        "evaluation": {"protocol": f"{episodes} seeded episodes per setting (seed {seed}), 15 queries per class, "
+        "evaluation": {"protocol": f"{episodes} seeded episodes per setting (seed {seed}), {queries}, "
                                    f"mean accuracy and 95% CI in percent; test split of {spec.kind}"
-                                   + (f" {spec.split}" if spec.kind == "omniglot" else ""),
+                                   + (f" {spec.split}" if spec.kind == "omniglot" else "")
+                                   + (f" ({splits['test'].num_classes} classes recorded in {SPLITS_FILE} at training)"
+                                      if recorded else f" ({splits['test'].num_classes} classes)"),
+                       **({"test_classes": splits["test"].class_names} if spec.kind == "folder" else {}),
                        "runtime": f"{runtime} {runtime_version(runtime)}",
                        "head": "the board's: " + head_description(head),
                        **evaluation},
@@ -278,7 +285,9 @@ def add_variant(folder: Path, name: str, path: Path, quantization: str, static_b
 def export_report(manifest: dict) -> str:
     """Markdown summary of a manifest's variants: size, ops, accuracy per setting."""
     settings = [r["setting"] for r in manifest["evaluation"]["keras_float32"]]
+    test_classes = manifest["evaluation"].get("test_classes")
     lines = [f"# Export of {manifest['name']}", "", f"- {manifest['evaluation']['protocol']}",
+             *([f"- test classes: {', '.join(test_classes)}"] if test_classes else []),
              f"- interpreter: {manifest['evaluation']['runtime']}", "",
              "| variant | size (KiB) | " + " | ".join(settings) + " | open-set threshold (unknown accepted) |",
              "|---|---|" + "---|" * len(settings) + "---|"]

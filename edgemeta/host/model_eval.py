@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 from edgemeta.errors import EdgemetaError
-from edgemeta.host.data import DatasetSpec, load_dataset
+from edgemeta.host.data import DatasetSpec, FewShotSplit, load_dataset
+from edgemeta.host.data.dataset import SPLITS
 from edgemeta.host.evaluate import (
     STANDARD_SETTINGS,
     SettingResult,
@@ -17,7 +21,7 @@ from edgemeta.host.evaluate import (
     results_markdown,
     results_table,
 )
-from edgemeta.host.modeldir import load_backbone
+from edgemeta.host.modeldir import SPLITS_FILE, load_backbone, read_splits
 
 
 def keras_embedder(model):
@@ -42,6 +46,51 @@ def training_dataset(info, data: str = "") -> DatasetSpec:
     return DatasetSpec(kind="omniglot", root=data, split=d["split"], rotations=d.get("rotations", True))
 
 
+def model_splits(model_dir: str | Path, info, spec: DatasetSpec, names: tuple[str, ...] = SPLITS
+                 ) -> tuple[dict[str, FewShotSplit], str]:
+    """The splits `names` of the dataset a model was trained on, and a line on where their classes come from.
+
+    A folder dataset whose run recorded splits.json gets exactly the classes listed there: a class folder
+    added since training, which would reshuffle the seeded split and move training classes into the test
+    split, is left out (and said so); a recorded class that is missing is an error naming it. Without a
+    record (Omniglot, whose splits are named; older runs), the seeded split is computed again."""
+    record = read_splits(model_dir) if spec.kind == "folder" else None
+    if record is None:
+        return load_dataset(spec, info.preprocess, names), ""
+    where = Path(model_dir) / SPLITS_FILE
+    for name in names:
+        if not record["classes"][name]:
+            raise EdgemetaError(f"the run recorded no {name} classes in {where} ([data] fractions "
+                                f"{record.get('fractions')}); evaluate a folder of other classes with --folder")
+    every = load_dataset(replace(spec, fractions=(0.0, 0.0, 1.0)), info.preprocess, ("test",))["test"]
+    index = {n: i for i, n in enumerate(every.class_names)}
+    out = {}
+    for name in names:
+        wanted = record["classes"][name]
+        missing = [n for n in wanted if n not in index]
+        if missing:
+            raise EdgemetaError(f"{spec.root} has no class folder {missing[0]!r}, one of the {len(wanted)} {name} classes "
+                                f"recorded in {where} ({len(missing)} missing); restore it, or pass the folder it is in")
+        chosen = np.array([index[n] for n in wanted])
+        mask = np.isin(every.labels, chosen)
+        remap = np.full(every.num_classes, -1, dtype=np.int32)
+        remap[chosen] = np.arange(len(chosen), dtype=np.int32)
+        out[name] = FewShotSplit(name, every.images[mask], remap[every.labels[mask]], list(wanted))
+    recorded = {n for k in SPLITS for n in record["classes"][k]}
+    extra = [n for n in every.class_names if n not in recorded]
+    text = f"as recorded at training in {where}"
+    if extra:
+        text += (f"; {len(extra)} class folder(s) of {spec.root} in no recorded split (added since training, e.g. "
+                 f"{extra[0]!r}) left out")
+    return out, text
+
+
+def split_class_list(split: FewShotSplit, most: int = 40) -> str:
+    """A split's class names for a report, the first `most` of them."""
+    names = split.class_names
+    return ", ".join(names[:most]) + (f", ... ({len(names) - most} more)" if len(names) > most else "")
+
+
 def evaluate_model_dir(model_dir: str, data: str = "", folder: str = "", split: str = "test",
                        settings=STANDARD_SETTINGS, episodes: int = 1000, query: int = 15, seed: int = 0,
                        variant: str | None = None, confusions: int = 0,
@@ -58,14 +107,18 @@ def evaluate_model_dir(model_dir: str, data: str = "", folder: str = "", split: 
     the manifest's, as the board enrolls).
     Returns the results, their context (what was measured), a text table and a Markdown report."""
     model, info = load_backbone(model_dir)
+    recorded = ""
     if folder:
         spec = DatasetSpec(kind="folder", root=folder, fractions=(0.0, 0.0, 1.0))
         source = f"folder {folder} (all classes)"
+        data_split = load_dataset(spec, info.preprocess, (split,))[split]
     else:
         spec = training_dataset(info, data)
+        splits, recorded = model_splits(model_dir, info, spec, (split,))
+        data_split = splits[split]
         source = (f"Omniglot, {spec.split} split, {split} classes" if spec.kind == "omniglot"
-                  else f"folder {spec.root}, {split} classes of its seeded split")
-    data_split = load_dataset(spec, info.preprocess, (split,))[split]
+                  else f"folder {spec.root}, {split} classes of its seeded split, "
+                       + (recorded or f"computed again (no {SPLITS_FILE} in the model folder)"))
     if model.input_shape[1:] != info.preprocess.input_shape:
         raise EdgemetaError(f"{model_dir}: model input {model.input_shape[1:]} does not match model.json "
                             f"preprocessing {info.preprocess.input_shape}; the folder is inconsistent")
@@ -115,7 +168,9 @@ def evaluate_model_dir(model_dir: str, data: str = "", folder: str = "", split: 
                        support_embeddings=support)
     context = {"model": Path(model_dir).name, "algorithm": info.algorithm, "backbone": info.backbone,
                "backend": backend, "data": source, "classes": data_split.num_classes,
-               "images": len(data_split.images), "episodes per setting": episodes, "seed": seed,
+               "images": len(data_split.images),
+               **({f"{split} classes": split_class_list(data_split)} if spec.kind == "folder" and not folder else {}),
+               "episodes per setting": episodes, "seed": seed,
                "episodes": ("within one alphabet (drawn uniformly among those with enough characters)" if within_alphabet
                             else "classes drawn from the whole split")}
     md = results_markdown(results, f"Evaluation of {Path(model_dir).name}", context)

@@ -51,7 +51,7 @@ def model_splits(model_dir: str | Path, info, spec: DatasetSpec, names: tuple[st
     """The splits `names` of the dataset a model was trained on, and a line on where their classes come from.
 
     A folder dataset whose run recorded splits.json gets exactly the classes listed there: a class folder
-    added since training, which would reshuffle the seeded split and move training classes into the test
+    added since training, which can reshuffle the seeded split and move training classes into the test
     split, is left out (and said so); a recorded class that is missing is an error naming it. Without a
     record (Omniglot, whose splits are named; older runs), the seeded split is computed again."""
     record = read_splits(model_dir) if spec.kind == "folder" else None

@@ -676,7 +676,7 @@ def _split_record(cfg: Config, splits: dict) -> dict | None:
 
 def _check_same_split(old: dict | None, new: dict, out: Path) -> None:
     """A resumed run must train on the classes it started with: a class folder added, removed or renamed
-    reshuffles the seeded split, and the checkpoint has then seen classes that are now held out."""
+    can reshuffle the seeded split, and the checkpoint may then have seen classes that are now held out."""
     if old is None or old.get("classes") == new["classes"]:
         return
     moved = sorted({n for k in ("train", "val", "test") for n in set(old["classes"].get(k, [])) ^ set(new["classes"][k])})

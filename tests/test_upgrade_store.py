@@ -139,3 +139,26 @@ def test_an_older_boards_shared_store_is_adopted_at_its_next_activation(lab, bun
     assert (board.root / "stores" / cur / "store.npz").is_file()  # the old folder, now the old release's store
     r = run("remote", "--via", f"ssh:{board.alias}", "--ssh-config", lab.ssh_config, "classes", "--json")
     assert json.loads(r.stdout)["classes"] == {"old": 2}
+
+
+def test_deploy_keeps_the_releases_most_recently_active(lab, bundles, tmp_path):
+    """Before: after `rollback --to` an old release, the next deploy pruned the release rolled back
+    from (the history after the active release is dropped), though it had just been active."""
+    lake, vinyals = bundles
+    maml = build_bundle("generic-x86_64", REPO / "models" / "omniglot-vinyals-maml", tmp_path / "maml", wheelhouse=True)
+    snail = build_bundle("generic-x86_64", REPO / "models" / "omniglot-vinyals-snail", tmp_path / "snail", wheelhouse=True)
+    board = lab.add_board()
+    deploy = ("deploy", "--ssh-config", lab.ssh_config, "--host", board.alias)
+    ids = []
+    for b in (lake, vinyals, maml):
+        p = run(*deploy, "--bundle", b, *(["--trust-key"] if not ids else []))
+        assert p.returncode == 0, p.stdout + p.stderr
+        ids.append(board_status(lab, board)["current"])
+    p = run("rollback", "--ssh-config", lab.ssh_config, "--host", board.alias, "--to", ids[0])
+    assert p.returncode == 0, p.stdout + p.stderr
+    p = run("rollback", "--ssh-config", lab.ssh_config, "--host", board.alias, "--to", "nope")
+    assert p.returncode == 1 and f"{ids[0]} (active)" in p.stdout and ids[2] in p.stdout, p.stdout  # all of them, the active one marked
+    p = run(*deploy, "--bundle", snail)
+    assert p.returncode == 0, p.stdout + p.stderr
+    st = board_status(lab, board)
+    assert sorted(st["releases"]) == sorted([st["current"], ids[0], ids[2]]), (st["releases"], ids)  # the 3 last active

@@ -359,6 +359,7 @@ NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 TEMP_NAMES = re.compile(r"\.(current|history\.json|edgemeta-agent\.service|trusted_keys|store)\..+\.tmp")
 _lock_fd = -1
 STORES = "stores"  # ROOT/stores/<release id>/: each release's enrollment store
+ACTIVATED = ".activated"  # ROOT/releases/<id>/.activated: its mtime is when the release last became current
 STORE_FILE = "store.npz"  # edgemeta.runtime.store.STORE_FILE (this file runs with the standard library alone)
 UNPAIRED = ".unpaired"  # ROOT/stores/.unpaired: an older board's store, found before any release was active
 _store_lock_fd = -1  # the store being carried, held from its snapshot until `current` has switched
@@ -821,6 +822,18 @@ def switch(rid: str) -> None:
     os.symlink(f"releases/{rid}", tmp)
     os.replace(tmp, r / "current")  # rename(2) over the old link: atomic
     fsync_dir(r)
+    try:  # when it was last active, for prune (rollbacks and roll-forwards count, as deploys do)
+        (r / "releases" / rid / ACTIVATED).touch()
+    except OSError:
+        pass
+
+
+def last_active(rid: str) -> int:
+    """When release `rid` last became current (ns), or -1 (never, or on a board older than this)."""
+    try:
+        return (root() / "releases" / rid / ACTIVATED).stat().st_mtime_ns
+    except OSError:
+        return -1
 
 
 def agent_user() -> tuple[str, str]:
@@ -955,7 +968,8 @@ def cmd_rollback(to: str = "", store: str = "") -> None:
         if target == now:
             done({"active": now, "rolled_back_from": now, "note": "already active"})
         if target not in others:
-            raise Refused(f"release {target} is not on this board" + (f"; on it: {', '.join(others)}" if others else ""))
+            on = [f"{x} (active)" if x == now else x for x in on_board() if x == now or installed(x)]
+            raise Refused(f"release {target} is not on this board" + (f"; on it: {', '.join(on)}" if on else ""))
     else:
         older = [x for x in (h[: h.index(now)] if now in h else h) if x in others]
         if not older:
@@ -979,10 +993,12 @@ def on_board() -> list[str]:
 
 
 def prune(keep: int) -> list[str]:
-    """Remove releases beyond the last `keep` of the history up to current (never current), then the
-    venvs no remaining release uses. Under the lock."""
-    now = current()
-    keep_set = set(history_upto(now)[-keep:]) | {now}
+    """Remove releases beyond the `keep` most recently active ones (current among them; a release left
+    by `rollback --to` counts as recent, however old it is in history.json), then the venvs no remaining
+    release uses. Under the lock."""
+    now, h = current(), history()
+    recent = sorted(on_board(), key=lambda x: (last_active(x), h.index(x) if x in h else -1), reverse=True)
+    keep_set = set(recent[:keep]) | {now}
     removed = []
     for name in on_board():
         if name not in keep_set:

@@ -15,6 +15,8 @@ wheelhouse (the board installs offline). Timed, each a whole CLI run from this h
   - remote enroll of two images over `--via ssh:`: cold (no shared ssh connection yet, an agent
     started for the call), warm (the shared connection, still an agent per call) and with the agent
     running (the shared connection to `edgemeta serve --socket ROOT/agent.sock`, as the service runs it)
+  - a rollback and a roll forward that carry a store of 55 classes (1123 samples) between the two
+    models: each re-embeds every kept sample with the target release before the switch
 Prints the median of --repeat rounds per step and board, and every run.
 """
 
@@ -39,7 +41,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from deploy_kills import rid_of  # noqa: E402
 
 MODELS = (REPO / "models" / "omniglot-conv4", REPO / "models" / "omniglot-vinyals-conv4")
-IMAGES = sorted((REPO / "samples" / "omniglot" / "Keble_character01").glob("*.png"))[:2]
+DRAWINGS = sorted((REPO / "samples" / "omniglot" / "Keble_character01").glob("*.png"))
+IMAGES = {label: DRAWINGS[2 * i:2 * i + 2] for i, label in enumerate("abc")}  # (the same image twice is skipped)
 
 
 def round_on(board_alias: str, lab, bundles: tuple[Path, Path], times: dict[str, list[float]], log=print) -> None:
@@ -75,16 +78,22 @@ def round_on(board_alias: str, lab, bundles: tuple[Path, Path], times: dict[str,
     subprocess.run(["ssh", "-F", str(lab.ssh_config), "-o", f"ControlPath={control_dir()}/%C", "-O", "exit", board_alias],
                    capture_output=True)  # no shared connection left from an earlier round
     remote = [*cli, "remote", "--via", f"ssh:{board_alias}", *ssh, "--timeout", "600", "enroll", "--label"]
-    timed("remote enroll, cold (new ssh connection, agent per call)", [*remote, "a", *map(str, IMAGES)], "enrolled 2 file(s)")
-    timed("remote enroll, shared ssh connection, agent per call", [*remote, "b", *map(str, IMAGES)], "enrolled 2 file(s)")
+    timed("remote enroll, cold (new ssh connection, agent per call)", [*remote, "a", *map(str, IMAGES["a"])], "enrolled 2 sample(s)")
+    timed("remote enroll, shared ssh connection, agent per call", [*remote, "b", *map(str, IMAGES["b"])], "enrolled 2 sample(s)")
     start = ('R="${EDGEMETA_ROOT:-$HOME/.edgemeta}"; setsid nohup "$R/current/venv/bin/edgemeta" serve --model "$R/current/model" '
              '--store "$R/store" --socket "$R/agent.sock" >/dev/null 2>&1 </dev/null & echo $! > "$R/agent.pid"; '
              'for i in $(seq 600); do [ -S "$R/agent.sock" ] && exit 0; sleep 0.1; done; exit 1')
     on_board(start)
     try:
-        timed("remote enroll, shared ssh connection, running agent", [*remote, "c", *map(str, IMAGES)], "enrolled 2 file(s)")
+        timed("remote enroll, shared ssh connection, running agent", [*remote, "c", *map(str, IMAGES["c"])], "enrolled 2 sample(s)")
     finally:
         on_board('R="${EDGEMETA_ROOT:-$HOME/.edgemeta}"; kill "$(cat "$R/agent.pid")"')
+    # the store the board carries to the other model: every sample character (52 classes, 1123 drawings)
+    timed("remote enroll --from-folders of 52 classes (1123 drawings)",
+          [*remote[:-2], "enroll", "--from-folders", str(REPO / "samples" / "omniglot")], "enrolled")
+    timed("rollback carrying that store (re-embedded for the other model)", [*cli, "rollback", *host, *ssh],
+          "re-embedded (55 class(es), 1123 sample(s)")
+    timed("roll forward carrying it back", [*cli, "rollback", "--to", rid_of(upgrade), *host, *ssh], "re-embedded")
 
 
 def run(repeat: int, work: Path, emulated: int = 0, log=print) -> dict[str, dict[str, list[float]]]:

@@ -197,6 +197,27 @@ def adapt_setting(steps: str, lr: str | None) -> tuple[int, float | None]:
     return check_adapt(n, rate)
 
 
+def enroll_options(f):
+    """The options `enroll` and `remote enroll` share (what the samples are, how they are kept)."""
+    for option in reversed((
+        click.option("--label", default=None, help="The class these samples show."),
+        click.option("--from-folders", "root", default=None, type=click.Path(file_okay=False),
+                     help="Enroll every sub-folder of this folder as a class named after it (instead of --label)."),
+        click.option("--negative", is_flag=True,
+                     help='Samples of "none of these" (instead of --label): never a class, they teach `calibrate` strangers.'),
+        click.option("--keep-samples/--no-keep-samples", default=True, show_default=True,
+                     help="A new store keeps each sample too, so that a model upgrade re-embeds it (`reenroll`, deploy); "
+                          "without, an upgrade means enrolling again."),
+        click.option("--allow-duplicates", is_flag=True, help="Enroll a sample even when the same image is already enrolled."),
+        click.option("--adapt", "adapt_steps", default=None, metavar="STEPS",
+                     help="Also set the store's head adaptation (as `edgemeta adapt --steps`)."),
+        click.option("--lr", default=None, metavar="RATE", help="With --adapt: its learning rate (as `edgemeta adapt --lr`)."),
+        click.option("--json", "as_json", is_flag=True, help="Machine-readable output."),
+    )):
+        f = option(f)
+    return f
+
+
 def check_enroll_options(label, root, negative: bool, files, adapt_steps, lr) -> tuple[int, float | None] | None:
     """The checks `enroll` and `remote enroll` share; returns the --adapt setting."""
     if sum((label is not None, root is not None, negative)) != 1:

@@ -12,6 +12,7 @@ from edgemeta.cli import (
     adapt_setting,
     check_enroll_options,
     describe_head,
+    enroll_options,
     main,
     open_set_setting,
     print_classes,
@@ -52,19 +53,7 @@ def _runtime_options(f):
 
 @main.command()
 @_runtime_options
-@click.option("--label", default=None, help="The class these samples show.")
-@click.option("--from-folders", "root", default=None, type=click.Path(file_okay=False),
-              help="Enroll every sub-folder of this folder as a class named after it (instead of --label).")
-@click.option("--negative", is_flag=True,
-              help='Samples of "none of these" (instead of --label): never a class, they teach `calibrate` strangers.')
-@click.option("--keep-samples/--no-keep-samples", default=True, show_default=True,
-              help="A new store keeps each sample too, so that a model upgrade re-embeds it (`reenroll`, deploy); "
-                   "without, an upgrade means enrolling again.")
-@click.option("--allow-duplicates", is_flag=True, help="Enroll a sample even when the same image is already enrolled.")
-@click.option("--adapt", "adapt_steps", default=None, metavar="STEPS",
-              help="Also set the store's head adaptation (as `edgemeta adapt --steps`).")
-@click.option("--lr", default=None, metavar="RATE", help="With --adapt: its learning rate (as `edgemeta adapt --lr`).")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@enroll_options
 @click.argument("files", nargs=-1, type=click.Path())
 def enroll(store: str, model: str | None, variant: str | None, threads: int, edgetpu: str | None, xnnpack: bool,
            label: str | None, root: str | None, negative: bool, keep_samples: bool, allow_duplicates: bool,

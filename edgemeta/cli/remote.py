@@ -13,6 +13,7 @@ from edgemeta.cli import (
     adapt_setting,
     check_enroll_options,
     describe_head,
+    enroll_options,
     main,
     open_set_setting,
     print_classes,
@@ -74,17 +75,7 @@ def _call(op: str, args: dict, attachments: list[bytes] = ()) -> dict:
 
 
 @remote.command("enroll")
-@click.option("--label", default=None, help="The class these samples show.")
-@click.option("--from-folders", "root", default=None, type=click.Path(file_okay=False),
-              help="Enroll every sub-folder of this folder as a class named after it (instead of --label).")
-@click.option("--negative", is_flag=True,
-              help='Samples of "none of these" (instead of --label): never a class, they teach `calibrate` strangers.')
-@click.option("--keep-samples/--no-keep-samples", default=True, show_default=True,
-              help="A new store keeps each sample too, so that a model upgrade re-embeds it.")
-@click.option("--allow-duplicates", is_flag=True, help="Enroll a sample even when the same image is already enrolled.")
-@click.option("--adapt", "adapt_steps", default=None, metavar="STEPS", help="Also set the store's head adaptation.")
-@click.option("--lr", default=None, metavar="RATE", help="With --adapt: its learning rate.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@enroll_options
 @click.argument("files", nargs=-1, type=click.Path())
 def remote_enroll(label: str | None, root: str | None, negative: bool, keep_samples: bool, allow_duplicates: bool,
                   adapt_steps: str | None, lr: str | None, as_json: bool, files: tuple[str, ...]) -> None:

@@ -672,12 +672,13 @@ def run(args: list) -> None:
         raise Refused(f"{Path(args[0]).name} failed: " + ((p.stderr or p.stdout).strip().splitlines() or ["?"])[-1][:300])
 
 
-def health(rid: str, through: str = "") -> dict:
+def health(rid: str, through: str = "", store: Path | None = None) -> dict:
     """Load the release's model and embed a sample with its own venv (`through`: by that path, such
     as ROOT/current, instead of releases/<rid>); Refused when it fails."""
     rel = Path(through) if through else root() / "releases" / rid
     exe = rel / "venv" / "bin" / "edgemeta"
-    store = rel / "store" if (rel / "store").is_dir() else root() / "store"  # (the store it will run with)
+    if store is None:  # the store it runs with
+        store = rel / "store" if (rel / "store").is_dir() else root() / "store"
     try:
         p = subprocess.run([str(exe), "health", "--model", str(rel / "model"), "--store", str(store), "--json"],
                            capture_output=True, text=True)
@@ -741,13 +742,14 @@ def archive_store(folder: Path, why: str) -> Path:
     return dest
 
 
-def carry_store(rid: str, fresh: bool) -> dict:
-    """Give release `rid` its store before it becomes active (under the board lock): the active
-    release's store (or an older board's unpaired one), re-embedded by `rid`'s own edgemeta when
-    its model differs (the source is only read: a snapshot is re-embedded), or an empty one when
-    there is nothing to carry or `fresh`. The source's lock is held from the snapshot until
-    `current` has switched (release_store_lock), so no enrollment slips between the two. Refused,
-    with nothing changed, when the store cannot be carried."""
+def prepare_store(rid: str, fresh: bool) -> tuple[dict, Path]:
+    """The store release `rid` will have, built in ROOT/stores/.<rid>.carry (under the board lock;
+    commit_store puts it in place, discard_store drops it): the active release's store (or an
+    older board's unpaired one), re-embedded by `rid`'s own edgemeta when its model differs (the
+    source is only read: a snapshot is re-embedded), or an empty one when there is nothing to carry
+    or `fresh`. The source's lock is held from the snapshot until `current` has switched
+    (release_store_lock), so no enrollment slips between the two. Refused, with nothing changed,
+    when the store cannot be carried."""
     global _store_lock_fd
     now = current()
     src = store_of(now) if now else root() / STORES / UNPAIRED
@@ -774,12 +776,21 @@ def carry_store(rid: str, fresh: bool) -> dict:
             raise
         finally:
             shutil.rmtree(snap, ignore_errors=True)
+    return info, work
+
+
+def discard_store(work: Path) -> None:
+    release_store_lock()
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def commit_store(rid: str, work: Path) -> None:
+    """Put the store prepare_store built in place for `rid`, just before `current` switches to it."""
     target = store_of(rid)
     if target.exists():  # a release activated before (a rollback): its old store is kept, not reused
         archive_store(target, "replaced")
     os.rename(work, target)
     relink(root() / "releases" / rid / "store", f"../../{STORES}/{rid}")
-    return info
 
 
 def reembed(rid: str, snapshot: Path, out: Path) -> dict:
@@ -858,7 +869,7 @@ def keep_arg(keep: str) -> int:
 
 def activate(rid: str, fresh: bool, fresh_store: bool = False) -> dict:
     """The transaction (under the lock): install (when not yet), carry the store to the release (see
-    carry_store), health-check the release itself with it, write its history entry and unit, switch
+    prepare_store), health-check the release itself with it, write its history entry and unit, switch
     `current` atomically (model and store together), check again through `current`. `current` never
     names an unchecked release: a failure before the switch leaves the board as it was (a release
     this deploy brought, `fresh`, or installed is removed), one after it switches back."""
@@ -868,16 +879,18 @@ def activate(rid: str, fresh: bool, fresh_store: bool = False) -> dict:
     if blocked:  # the agent runs as this user and writes the store: say so now, not when it first enrolls
         raise Refused(f"{blocked[0]} is not writable by {user}, who the agent runs as: sudo chown -R {user}: {stores}")
     previous = current()
-    made = ""
+    made, work = "", None
     try:
         made = install(rid)
         if made:
             say("installed", release=rid, venv=made, key=venv_link(rid))
         if rid != previous:
-            say("store", release=rid, **carry_store(rid, fresh_store))
-        checked = health(rid)
+            info, work = prepare_store(rid, fresh_store)
+            say("store", release=rid, **info)
+        checked = health(rid, store=work)
     except Refused as e:
-        release_store_lock()
+        if work is not None:
+            discard_store(work)
         if (fresh or made) and rid != previous:
             shutil.rmtree(root() / "releases" / rid, ignore_errors=True)
             remove_unused_venvs()
@@ -887,25 +900,33 @@ def activate(rid: str, fresh: bool, fresh_store: bool = False) -> dict:
     answer = {"active": rid, "previous": previous, "installed": made}
     if rid == previous:
         return {**answer, "note": "already active"}
-    unit = root() / "releases" / rid / "edgemeta-agent.service"
-    if unit.exists():  # ready for `sudo cp ROOT/edgemeta-agent.service /etc/systemd/system/`
-        text = unit.read_text().replace("@ROOT@", str(root().resolve())).replace("@USER@", user).replace("@GROUP@", group)
-        write_atomic(root() / "edgemeta-agent.service", text)  # the same for every release: it runs ROOT/current
-        if os.getuid() == 0:
-            answer["warning"] = ("the agent's systemd unit runs as root because this deploy logs in as root; "
-                                 "deploy as an unprivileged user (such as pi@board) instead")
-    upto = history_upto(previous)
-    switch_checked(rid, previous, [x for x in upto if x != rid] + [rid])
+    try:
+        unit = root() / "releases" / rid / "edgemeta-agent.service"
+        if unit.exists():  # ready for `sudo cp ROOT/edgemeta-agent.service /etc/systemd/system/`
+            text = unit.read_text().replace("@ROOT@", str(root().resolve())).replace("@USER@", user).replace("@GROUP@", group)
+            write_atomic(root() / "edgemeta-agent.service", text)  # the same for every release: it runs ROOT/current
+            if os.getuid() == 0:
+                answer["warning"] = ("the agent's systemd unit runs as root because this deploy logs in as root; "
+                                     "deploy as an unprivileged user (such as pi@board) instead")
+        upto = history_upto(previous)
+        switch_checked(rid, previous, [x for x in upto if x != rid] + [rid], work)
+    except BaseException:
+        if work is not None and work.exists():  # failed before its store was put in place
+            discard_store(work)
+        raise
     return answer
 
 
-def switch_checked(rid: str, previous: str, after: list) -> None:
-    """Write history.json as `after`, switch `current` to `rid` (whose own health check passed) and
-    check it again through `current`, the path the agent takes; on a failure switch back to
-    `previous` with the history as it was. Killed anywhere, `current` is `previous` or `rid`, both checked."""
+def switch_checked(rid: str, previous: str, after: list, store: Path | None = None) -> None:
+    """Write history.json as `after`, put `rid`'s prepared `store` in place (commit_store), switch
+    `current` to `rid` (whose own health check passed) and check it again through `current`, the
+    path the agent takes; on a failure switch back to `previous` with the history as it was. Killed
+    anywhere, `current` is `previous` or `rid`, both checked."""
     before = history()
     if after != before:
         write_atomic(root() / "history.json", json.dumps(after))  # (entries after current: harmless, see history.json)
+    if store is not None:
+        commit_store(rid, store)
     switch(rid)
     try:
         settle_stores()  # ROOT/store -> current/store, on the first activation
@@ -976,14 +997,22 @@ def cmd_rollback(to: str = "", store: str = "") -> None:
             raise Refused("no earlier release to roll back to" + (f"; on the board: {', '.join(others)} (rollback --to ID)"
                                                                   if others else ""))
         target = older[-1]
+    work = None
     try:
-        say("store", release=target, **carry_store(target, fresh_store))
-        checked = health(target)
+        info, work = prepare_store(target, fresh_store)
+        say("store", release=target, **info)
+        checked = health(target, store=work)
     except Refused as e:
-        release_store_lock()
+        if work is not None:
+            discard_store(work)
         raise Refused(f"{e}; {now or 'no release'} stays active") from None
     say("healthy", **checked)
-    switch_checked(target, now, h if target in h else history_upto(now) + [target])
+    try:
+        switch_checked(target, now, h if target in h else history_upto(now) + [target], work)
+    except BaseException:
+        if work.exists():
+            discard_store(work)
+        raise
     done({"active": target, "rolled_back_from": now, "healthy": checked})
 
 

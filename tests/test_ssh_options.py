@@ -291,6 +291,6 @@ def test_the_first_contact_line_says_to_make_a_missing_ssh_folder(tmp_path):
     cfg.write_text(f"Host *\n  UserKnownHostsFile {known}\n")
     line = str(ssh_failure("pi@kitchen", "Host key verification failed.\n", SshOptions(str(cfg), 2222)))
     assert f"{known} has no host key for kitchen (port 2222) yet" in line, line
-    assert f"mkdir -p -m 700 {known.parent}, `cat board.key >> {known}`" in line, line
+    assert f"then `mkdir -p -m 700 {known.parent}` and `cat board.key >> {known}`" in line, line
     known.parent.mkdir(parents=True)
     assert "mkdir" not in str(ssh_failure("pi@kitchen", "Host key verification failed.\n", SshOptions(str(cfg), 2222)))

@@ -213,7 +213,7 @@ def ssh_failure(host: str, stderr: str, ssh: SshOptions | str | None = None) -> 
         name, port = where.get("hostname") or host.rpartition("@")[2], where.get("port") or "22"
         known = (where.get("userknownhostsfile") or "~/.ssh/known_hosts").split()[0]
         folder = os.path.dirname(_home(known))
-        mkdir = "" if os.path.isdir(folder) else f"mkdir -p -m 700 {shlex.quote(folder)}, "
+        mkdir = "" if os.path.isdir(folder) else f"`mkdir -p -m 700 {shlex.quote(folder)}` and "
         return EdgemetaError(
             f"ssh to {host} refused: {known} has no host key for {name} (port {port}) yet: a board never reached from here. "
             f"Check it: `ssh-keyscan -t ed25519 -p {port} {name} > board.key`, `ssh-keygen -lf board.key` must show the "

@@ -3,7 +3,9 @@
 Throwaway host and client keys; an ssh client config with one alias per board (boardN) that
 pins the host key in its own known_hosts file and sends EDGEMETA_ROOT, so each "board" keeps
 its releases in its own folder although they share this machine (and PIP_INDEX_URL when a board is
-given one: a board that reaches no package index).
+given one: a board that reaches no package index). `stranger` gives a client that knows nothing of a
+board (no port, no key, an empty known_hosts: the first contact), `new_host_key` restarts a board's
+sshd with another host key (a reinstalled board, or someone in between).
 """
 
 from __future__ import annotations
@@ -36,6 +38,19 @@ class Board:
     port: int
     root: Path
     proc: subprocess.Popen
+    dir: Path | None = None
+    host_pub: str = ""  # "ssh-ed25519 AAAA..." of its host key now
+
+
+def start_sshd(config: Path, port: int, log: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=open(log, "a"))
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    return proc
 
 
 class SshLab:
@@ -66,13 +81,7 @@ class SshLab:
         cfg.write_text(f"Port {port}\nListenAddress 127.0.0.1\nHostKey {host_key}\nAuthorizedKeysFile {auth}\n"
                        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
                        f"PidFile {d / 'sshd.pid'}\nAcceptEnv EDGEMETA_ROOT PIP_INDEX_URL\nPermitRootLogin prohibit-password\n")
-        proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=open(d / "sshd.log", "w"))
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
+        proc = start_sshd(cfg, port, d / "sshd.log")
         with open(self.known_hosts, "a") as f:
             f.write(f"[127.0.0.1]:{port} {' '.join(host_pub.split()[:2])}\n")
         alias = f"board{n}"
@@ -82,9 +91,32 @@ class SshLab:
                     f"  IdentityFile {self.client_key}\n  IdentitiesOnly yes\n  UserKnownHostsFile {self.known_hosts}\n"
                     f"  StrictHostKeyChecking yes\n  SetEnv EDGEMETA_ROOT={root}"
                     + "".join(f" {k}={v}" for k, v in (env or {}).items()) + "\n  LogLevel ERROR\n\n")
-        board = Board(alias, port, root, proc)
+        board = Board(alias, port, root, proc, d, " ".join(host_pub.split()[:2]))
         self.boards.append(board)
         return board
+
+    def stranger(self, board: Board, name: str) -> tuple[Path, Path]:
+        """(ssh config, known_hosts) of a client that has never reached `board`: the config names no
+        port, no key and no host, only an empty known_hosts of its own (never ~/.ssh's) and the board's
+        EDGEMETA_ROOT; reach the board as USER@127.0.0.1 with --port and --identity."""
+        d = self.base / name
+        d.mkdir()
+        known, cfg = d / "known_hosts", d / "ssh_config"
+        known.write_text("")
+        cfg.write_text(f"Host *\n  UserKnownHostsFile {known}\n  GlobalKnownHostsFile /dev/null\n"
+                       f"  SetEnv EDGEMETA_ROOT={board.root}\n  LogLevel ERROR\n")
+        return cfg, known
+
+    def new_host_key(self, board: Board) -> str:
+        """Restart `board`'s sshd, on the same port, with a new host key; the new public key."""
+        board.proc.terminate()
+        board.proc.wait(timeout=10)
+        key = board.dir / "host_key"
+        key.unlink()
+        Path(f"{key}.pub").unlink()
+        board.host_pub = " ".join(keygen(key).split()[:2])
+        board.proc = start_sshd(board.dir / "sshd_config", board.port, board.dir / "sshd.log")
+        return board.host_pub
 
     def ssh(self, board: Board, command: str) -> subprocess.CompletedProcess:
         return subprocess.run(["ssh", "-F", str(self.ssh_config), "-o", "BatchMode=yes", board.alias, command],

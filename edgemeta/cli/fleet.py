@@ -3,14 +3,19 @@ rollback, status, doctor (here or on a board over ssh); `remote` is in remote.py
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
 from edgemeta.cli import main, whole
 from edgemeta.errors import EdgemetaError
 from edgemeta.limits import MAX_PARALLEL
+
+if TYPE_CHECKING:
+    from edgemeta.deploy.ssh import SshOptions
 
 
 @main.group(invoke_without_command=True)
@@ -58,6 +63,41 @@ def boards_show(name: str, as_json: bool) -> None:
     click.echo(f"  serial   {s.get('device', '-')} at {s.get('baud', '-')} baud")
     if not b.supported:
         click.echo(f"  NOT SUPPORTED: {r.get('unsupported_reason', '')}")
+
+
+SSH_CONFIG_HELP = "ssh -F FILE: the ssh config to read instead of ~/.ssh/config (and /etc/ssh/ssh_config)."
+PORT_HELP = "The board's ssh port, for every host given (default: the ssh config's, else 22)."
+IDENTITY_HELP = ("The private key to log in with, for every host given (ssh -i, with IdentitiesOnly; default: the ssh config's "
+                 "and ssh's own).")
+ACCEPT_NEW_HELP = ("First contact with a board: record its host key when known_hosts has none for it yet (OpenSSH's "
+                   "StrictHostKeyChecking=accept-new); a changed key is still refused. Safer: check the key first (README, Deploy).")
+
+
+def ssh_options(f):
+    """--ssh-config, --port, --identity and --accept-new-host-key, given to the command as one `ssh`
+    (edgemeta.deploy.ssh.SshOptions, checked: a port out of range, a key file ssh cannot use is a one-line
+    error before any board is reached). They apply to every host of the command and win over the ssh config."""
+    @functools.wraps(f)
+    def command(*args, ssh_config: str | None, port: int | None, identity: str | None, accept_new_host_key: bool, **kwargs):
+        from edgemeta.deploy.ssh import SshOptions
+
+        return f(*args, ssh=SshOptions(ssh_config, port, identity, accept_new_host_key).checked(), **kwargs)
+
+    for option in reversed([
+            click.option("--ssh-config", default=None, type=click.Path(dir_okay=False), help=SSH_CONFIG_HELP),
+            click.option("--port", default=None, type=whole(1, 65535), metavar="PORT", help=PORT_HELP),
+            click.option("--identity", default=None, type=click.Path(dir_okay=False), metavar="FILE", help=IDENTITY_HELP),
+            click.option("--accept-new-host-key", is_flag=True, help=ACCEPT_NEW_HELP)]):
+        command = option(command)
+    return command
+
+
+def ssh_only(ssh: SshOptions, what: str) -> None:
+    """A one-line error where --port, --identity or --accept-new-host-key is given to a command that reaches no board over ssh."""
+    given = [name for name, on in (("--port", ssh.port is not None), ("--identity", ssh.identity),
+                                   ("--accept-new-host-key", ssh.accept_new_host_key)) if on]
+    if given:
+        raise EdgemetaError(f"{', '.join(given)}: {'these are' if len(given) > 1 else 'it is'} for reaching a board over ssh; {what}")
 
 
 SIGN_KEY_HELP = "Private key to sign the bundle with (default: yours, made on first use; see `edgemeta keygen`)."
@@ -118,7 +158,7 @@ FRESH_STORE_HELP = ("Give the release an empty store instead of carrying the boa
 @click.option("--bundle", "bundle_dir", default=None, type=click.Path(file_okay=False), help="A bundle already built.")
 @click.option("--host", "hosts", multiple=True, help="user@host or an ~/.ssh/config alias (repeatable).")
 @click.option("--hosts", "hosts_file", default=None, type=click.Path(dir_okay=False), help="File with one host per line.")
-@click.option("--ssh-config", default=None, type=click.Path(dir_okay=False), help="ssh -F FILE (default: ~/.ssh/config).")
+@ssh_options
 @click.option("--parallel", type=whole(1, MAX_PARALLEL), default=4, show_default=True, help="Hosts deployed at once.")
 @click.option("--wheelhouse", is_flag=True, help="Ship every wheel with the bundle: boards install offline.")
 @click.option("--dry-run", is_flag=True, help="Check the hosts and say what would happen; change nothing.")
@@ -132,7 +172,7 @@ FRESH_STORE_HELP = ("Give the release an empty store instead of carrying the boa
 @click.option("--fresh-store", is_flag=True, help=FRESH_STORE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable per-host results.")
 def deploy(board: str | None, model: str | None, bundle_dir: str | None, hosts: tuple[str, ...], hosts_file: str | None,
-           ssh_config: str | None, parallel: int, wheelhouse: bool, dry_run: bool, sign_key: str | None, service: bool,
+           ssh: SshOptions, parallel: int, wheelhouse: bool, dry_run: bool, sign_key: str | None, service: bool,
            trust_key: bool, add_key: bool, fresh_store: bool, as_json: bool) -> None:
     """Deploy a model to boards over SSH: verify, install, health-check, then activate atomically; each board
     finishes on its own once it has the bundle. A release already active is left alone, one on the board is
@@ -155,7 +195,7 @@ def deploy(board: str | None, model: str | None, bundle_dir: str | None, hosts: 
     targets = _targets(hosts, hosts_file)
     stop_on_signals()
     try:
-        results = deploy_release(targets, bundle_dir, board, model, wheelhouse, ssh_config, dry_run, parallel,
+        results = deploy_release(targets, bundle_dir, board, model, wheelhouse, ssh, dry_run, parallel,
                                  log=_progress(as_json), sign_key=sign_key, service=service, trust_key=trust_key, add_key=add_key,
                                  fresh_store=fresh_store)
     except Stopped as e:
@@ -200,11 +240,11 @@ HOSTS_FILE_HELP = "File with one host per line (# comments)."
 @click.option("--hosts", "hosts_file", default=None, type=click.Path(dir_okay=False), help=HOSTS_FILE_HELP)
 @click.option("--to", "to", default=None, metavar="ID",
               help="The release to switch to, older or newer (roll forward), if it is on the board (see `edgemeta status`).")
-@click.option("--ssh-config", default=None, type=click.Path(dir_okay=False), help="ssh -F FILE.")
+@ssh_options
 @click.option("--parallel", type=whole(1, MAX_PARALLEL), default=4, show_default=True, help="Hosts at once.")
 @click.option("--fresh-store", is_flag=True, help=FRESH_STORE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable per-host results.")
-def rollback(hosts: tuple[str, ...], hosts_file: str | None, to: str | None, ssh_config: str | None, parallel: int,
+def rollback(hosts: tuple[str, ...], hosts_file: str | None, to: str | None, ssh: SshOptions, parallel: int,
              fresh_store: bool, as_json: bool) -> None:
     """Switch boards back to the release active before the current one (a second rollback goes one further
     back), or with --to to any release on the board, older or newer. The board health-checks the target
@@ -221,7 +261,7 @@ def rollback(hosts: tuple[str, ...], hosts_file: str | None, to: str | None, ssh
     if to is not None and not RELEASE_ID.fullmatch(to):
         raise EdgemetaError(f"--to {to[:80]!r} is not a release id: letters, digits, '.', '_' and '-' (see `edgemeta status`)")
     log = _progress(as_json)
-    _print_results(each_host(_targets(hosts, hosts_file), lambda h: rollback_host(h, ssh_config, to or "", log, fresh_store),
+    _print_results(each_host(_targets(hosts, hosts_file), lambda h: rollback_host(h, ssh, to or "", log, fresh_store),
                              parallel), as_json)
 
 
@@ -232,10 +272,10 @@ def _mb(n: int) -> str:
 @main.command()
 @click.option("--host", "hosts", multiple=True, help=HOSTS_HELP)
 @click.option("--hosts", "hosts_file", default=None, type=click.Path(dir_okay=False), help=HOSTS_FILE_HELP)
-@click.option("--ssh-config", default=None, type=click.Path(dir_okay=False), help="ssh -F FILE.")
+@ssh_options
 @click.option("--parallel", type=whole(1, MAX_PARALLEL), default=4, show_default=True, help="Hosts at once.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable, one object per host.")
-def status(hosts: tuple[str, ...], hosts_file: str | None, ssh_config: str | None, parallel: int, as_json: bool) -> None:
+def status(hosts: tuple[str, ...], hosts_file: str | None, ssh: SshOptions, parallel: int, as_json: bool) -> None:
     """What boards run: the active release (model, algorithm, variant, runtime), its health (checked now,
     through `current`), the releases on the board and the history, the store (classes, size) and free space.
     Exit 1 when a board cannot be reached or its active release is unhealthy.
@@ -247,7 +287,7 @@ def status(hosts: tuple[str, ...], hosts_file: str | None, ssh_config: str | Non
     """
     from edgemeta.deploy.ssh import each_host, status_host
 
-    answers = each_host(_targets(hosts, hosts_file), lambda h: status_host(h, ssh_config), parallel)
+    answers = each_host(_targets(hosts, hosts_file), lambda h: status_host(h, ssh), parallel)
     if as_json:
         click.echo(json.dumps(answers, indent=2))
     else:
@@ -283,10 +323,10 @@ def _describe_status(a: dict) -> str:
 @main.command()
 @click.option("--board", default=None, help="Check against this board profile (runtime, delegate, serial).")
 @click.option("--host", default=None, help="Run the checks on this board over ssh (before or after deploy).")
-@click.option("--ssh-config", default=None, type=click.Path(dir_okay=False), help="ssh -F FILE.")
+@ssh_options
 @click.option("--wheelhouse", is_flag=True, help="You will deploy with --wheelhouse: the board needs no package index.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def doctor(board: str | None, host: str | None, ssh_config: str | None, wheelhouse: bool, as_json: bool) -> None:
+def doctor(board: str | None, host: str | None, ssh: SshOptions, wheelhouse: bool, as_json: bool) -> None:
     """Will a deploy to this board succeed? Python and glibc against the profile, architecture, python3 -m venv,
     a package index or the need for --wheelhouse, the profile's system packages, space and write access
     where releases go; then the interpreter, Edge TPU library and USB ids, groups, memory, serial port.
@@ -308,8 +348,9 @@ def doctor(board: str | None, host: str | None, ssh_config: str | None, wheelhou
     if host:
         from edgemeta.deploy.ssh import doctor_on_host
 
-        checks = doctor_on_host(host, ssh_config, profile, wheelhouse=wheelhouse)
+        checks = doctor_on_host(host, ssh, profile, wheelhouse=wheelhouse)
     else:
+        ssh_only(ssh, "give --host user@board to run the checks there")
         from edgemeta.runtime.paths import board_root
 
         checks = doc.run_checks(profile, str(board_root()), wheelhouse=wheelhouse)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -23,8 +24,12 @@ from edgemeta.cli import (
     seconds,
     whole,
 )
+from edgemeta.cli.fleet import ssh_only, ssh_options
 from edgemeta.errors import EdgemetaError
 from edgemeta.limits import MAX_TOP_K
+
+if TYPE_CHECKING:
+    from edgemeta.deploy.ssh import SshOptions
 
 # board commands that have no remote form, and why (the parity test reads this)
 BOARD_ONLY = {"demo": "runs on its own sample folder, not on a board's store",
@@ -35,22 +40,26 @@ BOARD_ONLY_OPTIONS = {("reenroll", "out"): "the step of an upgrade that deploy r
 
 @main.group()
 @click.option("--via", required=True, help="unix:PATH, tcp:HOST:PORT, ssh:USER@HOST (the deployed release) or serial:DEVICE[@BAUD].")
-@click.option("--ssh-config", default=None, type=click.Path(dir_okay=False), help="ssh -F FILE.")
+@ssh_options
 @click.option("--timeout", type=seconds(0.1, 86400), default=30.0, show_default=True, help="Seconds to wait for an answer.")
 @click.option("--token-file", default=None, type=click.Path(dir_okay=False),
               help="With tcp: the agent's token, from this file (mode 600; default: $EDGEMETA_TOKEN).")
 @click.pass_context
-def remote(ctx: click.Context, via: str, ssh_config: str | None, timeout: float, token_file: str | None) -> None:
+def remote(ctx: click.Context, via: str, ssh: SshOptions, timeout: float, token_file: str | None) -> None:
     """Run the board's commands on a board: enroll, classify, classes, forget, rename, calibrate, adapt,
-    reenroll, new-store, status.
+    reenroll, new-store, status. With --via ssh:, --port, --identity and --accept-new-host-key say how
+    ssh reaches the board, as for deploy.
 
     \b
     Example:
       edgemeta remote --via ssh:pi@kitchen enroll --label mug mug1.jpg mug2.jpg
+      edgemeta remote --via ssh:pi@kitchen --port 2222 --identity ~/.ssh/kitchen_ed25519 classes
       edgemeta remote --via ssh:pi@kitchen enroll --from-folders photos/
       edgemeta remote --via serial:/dev/ttyUSB0 classify --top-k 3 cup.jpg
     """
-    ctx.obj.update(via=via, ssh_config=ssh_config, timeout=timeout, token_file=token_file)
+    if not via.startswith("ssh:"):
+        ssh_only(ssh, f"--via {via.partition(':')[0] or via}: connects without ssh (use --via ssh:USER@HOST)")
+    ctx.obj.update(via=via, ssh=ssh, timeout=timeout, token_file=token_file)
 
 
 def _files(paths: list[Path]) -> list[bytes]:
@@ -67,7 +76,7 @@ def _call(op: str, args: dict, attachments: list[bytes] = ()) -> dict:
     from edgemeta.runtime.agent import connect
 
     obj = click.get_current_context().obj
-    client = connect(obj["via"], obj["ssh_config"], obj["timeout"], obj.get("token_file"))
+    client = connect(obj["via"], obj["ssh"], obj["timeout"], obj.get("token_file"))  # (ssh: SshOptions, for AgentOverSsh)
     try:
         return client.request(op, args, list(attachments))
     finally:

@@ -11,7 +11,7 @@ ones (board_ops.py checks the signature with the standard library alone, strictl
 mixed-order key, no non-canonical encoding). It trusts no key on its own, not even the first
 deploy's: `edgemeta deploy --trust-key` sends the bundle's public key over the user's ssh login
 (`board_ops.py trust KEYHEX`), and it is that login that authenticates it. Signing uses the
-`cryptography` package (the `host` extra).
+`cryptography` package (the `fleet` extra; `host` and `gpu` include it).
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ def _crypto():
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     except ImportError:
-        raise EdgemetaError("signing bundles needs the cryptography package: pip install 'edgemeta[host]' "
-                            "(or pip install cryptography)") from None
+        raise EdgemetaError("signing bundles needs the cryptography package: pip install 'edgemeta[fleet]' (what bundling and "
+                            "deploying need, without TensorFlow; 'edgemeta[host]' has it too)") from None
     return serialization, Ed25519PrivateKey
 
 

@@ -1,7 +1,9 @@
 """Deploying bundles to boards through the system's OpenSSH client.
 
 ~/.ssh/config, keys and known_hosts are honoured as ssh does (BatchMode: no password prompts; a
-host whose key is unknown or changed is refused by ssh itself). Every board-side step runs
+host whose key is unknown or changed is refused by ssh itself, and ssh_failure says how to go on).
+Every ssh this module starts has its command line from ssh_argv, the one place that turns SshOptions
+(`--ssh-config`, `--port`, `--identity`, `--accept-new-host-key`) into ssh options. Every board-side step runs
 board_ops.py with the board's python3; see that file for the layout on the board. Host names are
 checked (check_host) and always follow `--` on ssh's command line, so none is taken for an option.
 
@@ -63,6 +65,166 @@ def check_host(host: str) -> str:
         raise EdgemetaError(f"host {str(host)[:80]!r} is not an ssh destination edgemeta takes: write user@host, host, "
                             "an ~/.ssh/config alias or user@[IPv6] (letters, digits, '.', '_', '-'; never starting with '-')")
     return host
+
+
+PORT_RANGE = (1, 65535)
+
+
+@dataclass(frozen=True)
+class SshOptions:
+    """How ssh reaches the boards of one command: `config` (ssh -F; default ~/.ssh/config and
+    /etc/ssh/ssh_config, as ssh reads them), `port` and `identity` (a private key file) for every
+    host, and `accept_new_host_key`: record the host key of a host known_hosts does not know yet
+    (OpenSSH's StrictHostKeyChecking=accept-new; a changed key is still refused). They go on ssh's
+    command line (ssh_argv), where they win over what the config says for the host."""
+
+    config: str | None = None
+    port: int | None = None
+    identity: str | None = None
+    accept_new_host_key: bool = False
+
+    def checked(self) -> SshOptions:
+        """These options, once each is one ssh can use (the identity as an absolute path), else a
+        one-line error naming the option and the fix; nothing is reached over the network."""
+        port = self.port
+        if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not PORT_RANGE[0] <= port <= PORT_RANGE[1]):
+            raise EdgemetaError(f"--port {str(port)[:20]!r}: a port is a whole number from {PORT_RANGE[0]} to {PORT_RANGE[1]} "
+                                "(ssh's is 22)")
+        if self.config and self.config != "none":  # (ssh -F none: no config at all)
+            try:
+                with open(self.config, "rb"):
+                    pass
+            except OSError as e:
+                raise EdgemetaError(f"--ssh-config {self.config}: cannot read it ({e.strerror}): give an ssh config file "
+                                    "(the format of ~/.ssh/config)") from None
+        identity = check_identity(self.identity) if self.identity else None
+        return SshOptions(self.config, port, identity, bool(self.accept_new_host_key))
+
+
+def as_ssh_options(ssh: SshOptions | str | None) -> SshOptions:
+    """SshOptions from SshOptions, or from an ssh config path alone (or None: ssh's defaults)."""
+    return ssh if isinstance(ssh, SshOptions) else SshOptions(config=ssh or None)
+
+
+def check_identity(path: str) -> str:
+    """`path` as an absolute path, where it is a private key file ssh will use: it exists, is a file you
+    can read, is not readable by others (ssh ignores such a key) and is not a public key; else a
+    one-line error with the fix."""
+    full = os.path.abspath(os.path.expanduser(str(path)))
+    if "${" in full:  # ssh expands ${VAR} in identity paths and has no escape for it
+        raise EdgemetaError(f"--identity {path}: ssh reads '${{...}}' in a key's path as an environment variable: "
+                            "rename the file or link it from a plain path")
+    try:
+        fd = os.open(full, os.O_RDONLY)
+    except FileNotFoundError:
+        raise EdgemetaError(f"--identity {path}: no such file: give the private key the board knows "
+                            "(e.g. ~/.ssh/kitchen_ed25519, made with ssh-keygen -t ed25519 -f ~/.ssh/kitchen_ed25519)") from None
+    except OSError as e:
+        raise EdgemetaError(f"--identity {path}: cannot read it ({e.strerror}): it must be a file you can read") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise EdgemetaError(f"--identity {path} is not a file: give the private key file itself")
+        try:
+            head = os.read(fd, 64)
+        except OSError as e:
+            raise EdgemetaError(f"--identity {path}: cannot read it ({e.strerror}): it must be a file you can read") from None
+    finally:
+        os.close(fd)
+    if head.lstrip().startswith((b"ssh-", b"ecdsa-", b"sk-")):
+        raise EdgemetaError(f"--identity {path} is a public key: give the private key (the same name without .pub)")
+    if st.st_uid == os.getuid() and st.st_mode & 0o077:  # as OpenSSH checks it (sshkey_perm_ok)
+        raise EdgemetaError(f"--identity {path} can be read by others (mode {stat.S_IMODE(st.st_mode):04o}), so ssh will not "
+                            f"use it: chmod 600 {shlex.quote(full)}")
+    return full
+
+
+def ssh_argv(host: str, command: str | None, ssh: SshOptions | str | None = None, connect_timeout: float = 10,
+             shared: bool = False, flags: tuple[str, ...] = ()) -> list[str]:
+    """The ssh command line for `host` (checked; always after `--`) running `command` (one string the
+    board's shell reads; None: none, as with `flags=("-G",)`): the one place edgemeta builds one.
+
+    BatchMode (never a prompt), ConnectTimeout, and ServerAlive probes (a board that vanishes
+    ends ssh within a minute instead of a TCP timeout); the options of `ssh` (-F, -p, -i with
+    IdentitiesOnly, StrictHostKeyChecking=accept-new) as ssh options, which come before every
+    config file and so win over it; with `shared`, one connection shared by later calls
+    (ControlMaster, in control_dir(), kept CONTROL_PERSIST seconds)."""
+    opts = as_ssh_options(ssh)
+    argv = ["ssh", *flags, "-o", "BatchMode=yes", "-o", f"ConnectTimeout={max(1, int(connect_timeout))}",
+            "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4"]
+    if opts.config:
+        argv += ["-F", opts.config]
+    if opts.port is not None:
+        argv += ["-p", str(int(opts.port))]
+    if opts.identity:  # -i takes the path as it is (no quoting, no splitting); ssh expands '%' in it, so '%%'
+        argv += ["-i", opts.identity.replace("%", "%%"), "-o", "IdentitiesOnly=yes"]
+    if opts.accept_new_host_key:
+        argv += ["-o", "StrictHostKeyChecking=accept-new"]
+    if shared:
+        argv += ["-o", "ControlMaster=auto", "-o", f"ControlPath={control_dir()}/%C", "-o", f"ControlPersist={CONTROL_PERSIST}"]
+    return [*argv, "--", check_host(host), *([] if command is None else [command])]
+
+
+def _resolved(host: str, ssh: SshOptions | str | None) -> dict[str, str]:
+    """What ssh would use for `host` (ssh -G: hostname, port, userknownhostsfile ...), read locally; {} if ssh cannot say."""
+    try:
+        p = subprocess.run(ssh_argv(host, None, ssh, flags=("-G",)), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                           timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    out = {}
+    for line in p.stdout.splitlines() if p.returncode == 0 else ():
+        key, _, value = line.partition(" ")
+        out.setdefault(key, value)
+    return out
+
+
+def _home(path: str) -> str:
+    """`path` with ~ as ssh expands it: the home of the user's passwd entry (ssh does not read $HOME)."""
+    import pwd
+
+    if path == "~" or path.startswith("~/"):
+        try:
+            return pwd.getpwuid(os.getuid()).pw_dir + path[1:]
+        except KeyError:
+            pass
+    return os.path.expanduser(path)
+
+
+def ssh_failure(host: str, stderr: str, ssh: SshOptions | str | None = None) -> EdgemetaError:
+    """The one-line error for an ssh that failed itself (exit 255), from its stderr: a host key known_hosts
+    does not have yet or one that changed, each with how to go on; a board that cannot be reached;
+    else ssh's last line."""
+    lines = [ln.strip() for ln in stderr.strip().splitlines() if ln.strip() and not ln.startswith("Warning: Permanently added")]
+    text = "\n".join(lines)
+    if "REMOTE HOST IDENTIFICATION HAS CHANGED" in text or re.search(r"Host key for .* has changed", text):
+        sent = re.search(r"key sent by the remote host is\s+(\S+?)\.?\s*$", text, re.M)
+        offending = re.search(r"Offending \S+ key in (\S+)", text)
+        remove = re.search(r"^(ssh-keygen -f .* -R .*)$", text, re.M)
+        return EdgemetaError(
+            f"ssh to {host} refused: the host key it sent{f' ({sent.group(1)})' if sent else ''} is not the one known_hosts has "
+            f"for it{f' ({offending.group(1)})' if offending else ''}: either the board was reinstalled or someone is in between. "
+            "Compare it with the key the board shows on its own console (ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub); "
+            f"only if they match, remove the old key ({remove.group(1) if remove else 'ssh-keygen -R HOST'}) "
+            "and connect as at a first contact. "
+            "--accept-new-host-key never replaces a known key")
+    if "Host key verification failed" in text or "host key is known for" in text:
+        where = _resolved(host, ssh)
+        name, port = where.get("hostname") or host.rpartition("@")[2], where.get("port") or "22"
+        known = (where.get("userknownhostsfile") or "~/.ssh/known_hosts").split()[0]
+        folder = os.path.dirname(_home(known))
+        mkdir = "" if os.path.isdir(folder) else f"`mkdir -p -m 700 {shlex.quote(folder)}` and "
+        return EdgemetaError(
+            f"ssh to {host} refused: {known} has no host key for {name} (port {port}) yet: a board never reached from here. "
+            f"Check it: `ssh-keyscan -t ed25519 -p {port} {name} > board.key`, `ssh-keygen -lf board.key` must show the "
+            "fingerprint the board shows on its own console (ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub), then "
+            f"{mkdir}`cat board.key >> {known}`; or, on a network you trust, run again with --accept-new-host-key to record it "
+            "at this first connection")
+    last = lines[-1] if lines else "unknown error"
+    if re.match(r"ssh: (connect to host|Could not resolve hostname)", last):
+        return EdgemetaError(f"ssh to {host} failed: {last} (is the board on, on this network, with its ssh server on that port? "
+                             "--port sets the port)" + ("; no host key was recorded" if as_ssh_options(ssh).accept_new_host_key else ""))
+    return EdgemetaError(f"ssh to {host} failed: {last}")
 
 
 @dataclass
@@ -143,17 +305,17 @@ PUT_OPS = ("import hashlib, os, sys\n"
 class Remote:
     """One board reached with `ssh [-F config] HOST`."""
 
-    def __init__(self, host: str, ssh_config: str | None = None, connect_timeout: int = 10):
+    def __init__(self, host: str, ssh: SshOptions | str | None = None, connect_timeout: int = 10):
         self.host = check_host(host)
-        # ServerAlive: a board that vanishes mid-deploy ends ssh within a minute instead of a TCP timeout
-        self.base = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={connect_timeout}", "-o", "ServerAliveInterval=15",
-                     "-o", "ServerAliveCountMax=4"]
-        if ssh_config:
-            self.base += ["-F", ssh_config]
+        self.ssh = as_ssh_options(ssh)
+        self.connect_timeout = connect_timeout
+
+    def argv(self, command: str) -> list[str]:
+        return ssh_argv(self.host, command, self.ssh, self.connect_timeout)
 
     def run(self, command: str, input: bytes | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
         """Run a shell command line on the board (the caller quotes every argument)."""
-        argv = [*self.base, "--", self.host, command]
+        argv = self.argv(command)
         proc = _spawn(argv, stdin=subprocess.DEVNULL if input is None else subprocess.PIPE, stdout=subprocess.PIPE,
                       stderr=subprocess.PIPE)
         try:
@@ -178,8 +340,7 @@ class Remote:
         except ValueError:
             answer = {}
         if p.returncode == 255:  # ssh's own failure: connection, authentication, host key
-            err = p.stderr.decode(errors="replace").strip().splitlines()
-            raise EdgemetaError(f"ssh to {self.host} failed: {err[-1] if err else 'unknown error'}")
+            raise ssh_failure(self.host, p.stderr.decode(errors="replace"), self.ssh)
         if p.returncode != 0 or "error" in answer:
             msg = answer.get("error") or (p.stderr.decode(errors="replace").strip().splitlines() or ["failed"])[-1]
             raise EdgemetaError(f"{what} on {self.host}: {msg}")
@@ -195,7 +356,7 @@ class Remote:
                  timeout: float = 3600) -> dict:
         """Run a board_ops.py command that reports progress ({"event": ...} lines, passed to `on_event`
         as they come), streaming `bundle` to it as a tar archive when given."""
-        argv = [*self.base, "--", self.host, f"python3 {OPS_REMOTE} " + shlex.join(args)]
+        argv = self.argv(f"python3 {OPS_REMOTE} " + shlex.join(args))
         with tempfile.TemporaryFile() as err:  # (a file: the board's stderr can never block its stdout)
             proc = _spawn(argv, stdin=subprocess.PIPE if bundle else subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
             watchdog = threading.Timer(timeout, proc.kill)
@@ -326,7 +487,7 @@ def key_refusal(host: str, fp: str, trusted: list[str], trust_key: bool, add_key
             f"that key, or trust {fp} beside it with --trust-key --add-key; nothing was uploaded")
 
 
-def deploy_host(host: str, bundle: Path, ssh_config: str | None = None, dry_run: bool = False, keep: int = 3,
+def deploy_host(host: str, bundle: Path, ssh: SshOptions | str | None = None, dry_run: bool = False, keep: int = 3,
                 log=lambda host, msg: None, service: bool = False, trust_key: bool = False,
                 add_key: bool = False, fresh_store: bool = False) -> HostResult:
     """Deploy one bundle to one host (with `service`, then install the agent's systemd unit); never
@@ -346,7 +507,7 @@ def deploy_host(host: str, bundle: Path, ssh_config: str | None = None, dry_run:
 
     try:
         signer = checked_signer(bundle) if trust_key else bundle_signer(bundle)
-        remote = Remote(host, ssh_config)
+        remote = Remote(host, ssh)
         remote.install_ops()
         key = info.get("runtime") if isinstance(info.get("runtime"), str) else ""
         pre = remote.ops("preflight", release, *([key] if key else []), timeout=60)
@@ -366,7 +527,7 @@ def deploy_host(host: str, bundle: Path, ssh_config: str | None = None, dry_run:
         if state == "absent" and not pre.get("venv"):  # the board will make a venv: can it?
             wheelhouse = any(n.startswith("wheelhouse/") for n in info["files"])
             profile = load_board_file(bundle / "board.toml", info["board"]).raw
-            problems = not_ready(doctor_on_host(host, ssh_config, profile, wheelhouse=wheelhouse, board_python=True))
+            problems = not_ready(doctor_on_host(host, ssh, profile, wheelhouse=wheelhouse, board_python=True))
             if problems:
                 raise EdgemetaError(("dry run: would fail: " if dry_run else "not ready: ") + problems)
             step("doctor: the board can make the release's venv" + (" (offline, from the wheelhouse)" if wheelhouse else ""))
@@ -433,24 +594,25 @@ def check_trust_flags(trust_key: bool, add_key: bool) -> None:
         raise EdgemetaError("--add-key trusts the bundle's key beside the keys a board trusts: give it with --trust-key")
 
 
-def deploy_fleet(hosts: list[str], bundle: Path, ssh_config: str | None = None, dry_run: bool = False, parallel: int = 4,
+def deploy_fleet(hosts: list[str], bundle: Path, ssh: SshOptions | str | None = None, dry_run: bool = False, parallel: int = 4,
                  log=lambda host, msg: None, service: bool = False, trust_key: bool = False,
                  add_key: bool = False, fresh_store: bool = False) -> list[HostResult]:
     """Deploy to many hosts with bounded concurrency; one bad host does not stop the others. A bad
-    host name, a bundle without a valid release id or (with `trust_key`) without a signature that
-    checks out stops everything before any host is reached."""
+    host name, ssh options ssh cannot use (SshOptions.checked), a bundle without a valid release id or
+    (with `trust_key`) without a signature that checks out stops everything before any host is reached."""
     for h in hosts:
         check_host(h)
+    ssh = as_ssh_options(ssh).checked()
     release_id(bundle)
     check_trust_flags(trust_key, add_key)
     if trust_key:
         checked_signer(bundle)
-    return each_host(hosts, lambda h: deploy_host(h, bundle, ssh_config, dry_run, log=log, service=service, trust_key=trust_key,
+    return each_host(hosts, lambda h: deploy_host(h, bundle, ssh, dry_run, log=log, service=service, trust_key=trust_key,
                                                   add_key=add_key, fresh_store=fresh_store), parallel)
 
 
 def deploy_release(hosts: list[str], bundle: str | Path | None = None, board: str | None = None, model: str | Path | None = None,
-                   wheelhouse: bool = False, ssh_config: str | None = None, dry_run: bool = False, parallel: int = 4,
+                   wheelhouse: bool = False, ssh: SshOptions | str | None = None, dry_run: bool = False, parallel: int = 4,
                    log=lambda host, msg: None, sign_key: str | Path | None = None, service: bool = False,
                    trust_key: bool = False, add_key: bool = False, fresh_store: bool = False) -> list[HostResult]:
     """`edgemeta deploy`: deploy a bundle already built, or one built here (in a temporary folder,
@@ -465,6 +627,7 @@ def deploy_release(hosts: list[str], bundle: str | Path | None = None, board: st
         raise EdgemetaError(NO_HOSTS)
     for h in hosts:
         check_host(h)
+    ssh = as_ssh_options(ssh).checked()
     check_trust_flags(trust_key, add_key)
     with tempfile.TemporaryDirectory() as tmp:
         if bundle:
@@ -474,11 +637,11 @@ def deploy_release(hosts: list[str], bundle: str | Path | None = None, board: st
                                 log=lambda msg: log("bundle", msg))
         else:
             raise EdgemetaError("pass --bundle DIR, or --board NAME with --model DIR")
-        return deploy_fleet(hosts, path, ssh_config, dry_run, parallel, log=log, service=service, trust_key=trust_key,
+        return deploy_fleet(hosts, path, ssh, dry_run, parallel, log=log, service=service, trust_key=trust_key,
                             add_key=add_key, fresh_store=fresh_store)
 
 
-def rollback_host(host: str, ssh_config: str | None = None, to: str = "", log=lambda host, msg: None,
+def rollback_host(host: str, ssh: SshOptions | str | None = None, to: str = "", log=lambda host, msg: None,
                   fresh_store: bool = False) -> HostResult:
     """Roll one board back (or to release `to`, older or newer); never raises. The board checks the
     target before and after the switch and switches back when it fails."""
@@ -486,7 +649,7 @@ def rollback_host(host: str, ssh_config: str | None = None, to: str = "", log=la
     step = result.stepper(log)
 
     try:
-        remote = Remote(host, ssh_config)
+        remote = Remote(host, ssh)
         remote.install_ops()
         r = remote.transact(["rollback", *([to] if to else []), *(["--fresh-store"] if fresh_store else [])],
                             on_event=board_event(step))
@@ -499,18 +662,18 @@ def rollback_host(host: str, ssh_config: str | None = None, to: str = "", log=la
     return result
 
 
-def status_host(host: str, ssh_config: str | None = None) -> dict:
+def status_host(host: str, ssh: SshOptions | str | None = None) -> dict:
     """What one board runs (board_ops.py status: releases, history, health of current, store, space),
     with "host", "ok" and, when the board could not be asked, "error"; never raises."""
     try:
-        remote = Remote(host, ssh_config)
+        remote = Remote(host, ssh)
         remote.install_ops()
         return {"host": host, "ok": True, **remote.ops("status", timeout=300)}
     except EdgemetaError as e:
         return {"host": host, "ok": False, "error": str(e)}
 
 
-def doctor_on_host(host: str, ssh_config: str | None = None, profile: dict | None = None, wheelhouse: bool = False,
+def doctor_on_host(host: str, ssh: SshOptions | str | None = None, profile: dict | None = None, wheelhouse: bool = False,
                    board_python: bool = False) -> list[dict]:
     """edgemeta/doctor.py's checks run on a board: the file goes over ssh to the active release's
     python (the board's python3 before the first deploy, or always with `board_python`: the one
@@ -519,11 +682,11 @@ def doctor_on_host(host: str, ssh_config: str | None = None, profile: dict | Non
 
     args = ["--json"] + (["--profile-json", json.dumps(profile)] if profile else []) + (["--wheelhouse"] if wheelhouse else [])
     pick = "" if board_python else '[ -x "$R/current/venv/bin/python" ] && P="$R/current/venv/bin/python"; '
-    p = Remote(host, ssh_config).run(f'{ROOT_SH}; P=python3; {pick}exec "$P" - --root "$R" ' + shlex.join(args),
+    p = Remote(host, ssh).run(f'{ROOT_SH}; P=python3; {pick}exec "$P" - --root "$R" ' + shlex.join(args),
                                      input=Path(doctor.__file__).read_bytes(), timeout=120)
     err = p.stderr.decode(errors="replace").strip().splitlines()
     if p.returncode == 255:
-        raise EdgemetaError(f"ssh to {host} failed: {err[-1] if err else 'unknown error'}")
+        raise ssh_failure(host, p.stderr.decode(errors="replace"), ssh)
     try:
         return json.loads(p.stdout.decode().strip().splitlines()[-1])
     except (ValueError, IndexError):
@@ -588,15 +751,14 @@ class AgentOverSsh:
     opens it, later ones within CONTROL_PERSIST s reuse it), talking to the running agent when there is
     one (AGENT_RELAY). When the agent's end closes unanswered, the error is ssh's or the board's own line."""
 
-    def __init__(self, host: str, ssh_config: str | None = None, timeout: float = 30.0):
+    def __init__(self, host: str, ssh: SshOptions | str | None = None, timeout: float = 30.0):
         from edgemeta.runtime.agent import LineClient
 
         self.host = check_host(host)
+        self.ssh = as_ssh_options(ssh)
         remote = (f'{ROOT_SH}; exec "$R/current/venv/bin/python" -c {shlex.quote(AGENT_RELAY)} "$R/agent.sock" '
                   '"$R/current/venv/bin/edgemeta" "$R/current/model" "$R/store"')
-        argv = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={max(1, int(timeout))}", "-o", "ControlMaster=auto",
-                "-o", f"ControlPath={control_dir()}/%C", "-o", f"ControlPersist={CONTROL_PERSIST}",
-                *(["-F", ssh_config] if ssh_config else []), "--", self.host, "sh -c " + shlex.quote(remote)]
+        argv = ssh_argv(self.host, "sh -c " + shlex.quote(remote), self.ssh, timeout, shared=True)
         self.err = tempfile.TemporaryFile()  # (a file: ssh's stderr can never block it)
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err)
         self.client = LineClient(self.proc.stdout, self.proc.stdin)
@@ -614,7 +776,7 @@ class AgentOverSsh:
             self.err.seek(0)
             lines = [ln for ln in self.err.read().decode(errors="replace").strip().splitlines() if ln.strip()]
             if code == 255:
-                raise EdgemetaError(f"ssh to {self.host} failed: {lines[-1] if lines else 'unknown error'}") from None
+                raise ssh_failure(self.host, "\n".join(lines), self.ssh) from None
             if code == 127 or (lines and "current/venv/bin/python" in lines[-1]):
                 raise EdgemetaError(f"no release is active on {self.host}: deploy one first (edgemeta deploy)") from None
             raise EdgemetaError(f"the agent on {self.host} closed the connection without answering"

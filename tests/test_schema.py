@@ -180,7 +180,8 @@ def test_the_good_store_and_optional_keys_still_load(good_store, tmp_path):
     s = EnrollmentStore.open(write_store(tmp_path / "old", older))
     assert s.head_spec is None and s.adapt is None
     empty = dict(older, embeddings=np.zeros((0, 64), np.float32), labels=np.zeros(0, np.int32),
-                 class_names=np.zeros(0, "<U1"), query_embeddings=np.zeros((0, 64), np.float32))
+                 class_names=np.zeros(0, "<U1"), query_embeddings=np.zeros((0, 64), np.float32),
+                 **{k: older[k][:0] for k in ("samples", "sample_ids") if k in older})  # (stores keep samples by default)
     assert EnrollmentStore.open(write_store(tmp_path / "empty", empty)).counts() == {}
 
 

@@ -145,8 +145,8 @@ def evaluate_model_dir(model_dir: str, data: str = "", folder: str = "", split: 
         from edgemeta.runtime.manifest import sequence_quantization
         from edgemeta.runtime.sequence_head import SequenceGraphs
 
-        spec = manifest.head.sequence
-        classify = SequenceGraphs(*manifest.sequence_paths(variant), info.embedding_dim, spec.max_way, spec.max_shot,
+        sequence = manifest.head.sequence
+        classify = SequenceGraphs(*manifest.sequence_paths(variant), info.embedding_dim, sequence.max_way, sequence.max_shot,
                                   threads=os.cpu_count() or 1).scores
         backend += f", the {sequence_quantization(manifest.variant(variant).quantization)} sequence graphs"
     elif board_head == "prototype" and method.head_spec()["kind"] == "linear":  # export chose it on validation

@@ -13,24 +13,20 @@ def denied(path, doing: str) -> EdgemetaError:
     """The one message for a permission problem: whose the file is and who asked, never "damaged",
     never advice that would discard it."""
     import os
+    import pwd  # (edgemeta runs on Linux and macOS: boards and hosts alike)
     import stat
 
-    try:
-        import pwd
-
-        def name(uid: int) -> str:
-            try:
-                return pwd.getpwuid(uid).pw_name
-            except KeyError:
-                return f"uid {uid}"
-    except ImportError:  # not a Unix
-        def name(uid: int) -> str:
+    def name(uid: int) -> str:
+        try:
+            return pwd.getpwuid(uid).pw_name
+        except KeyError:
             return f"uid {uid}"
+
     try:
         st = os.stat(path)
         whose = f"owned by {name(st.st_uid)}, {stat.filemode(st.st_mode)}"
     except OSError:
         whose = "a folder above it is not open to you"
-    me = name(os.geteuid()) if hasattr(os, "geteuid") else "this user"
+    me = name(os.geteuid())
     return EdgemetaError(f"permission denied to {doing} {path} ({whose}; this is {me}): run as its owner, or give {me} "
                          "access (chown, chmod or the group); nothing was changed")

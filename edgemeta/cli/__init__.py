@@ -30,7 +30,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
-
 class Finite(click.FloatRange):
     """A float range that also refuses NaN and infinity (click's own lets NaN through every bound)."""
 
@@ -42,7 +41,7 @@ class Finite(click.FloatRange):
 
 
 def whole(lo: int, hi: int) -> click.IntRange:
-    """Every whole-number option has both bounds (tests/test_cli_bounds.py walks the CLI for it)."""
+    """Every whole-number option has both bounds (tests/test_cli_hardening.py walks the CLI for it)."""
     return click.IntRange(lo, hi)
 
 
@@ -87,8 +86,13 @@ class _ClosedStdout:
         return getattr(self._stream, name)
 
 
-def _resource_error(e: BaseException) -> str | None:
-    """What ran out, for failures that are the machine's and not the user's input."""
+def _known_failure(e: BaseException) -> str | None:
+    """The one-line story of a failure that is the machine's, not edgemeta's: what ran out, or a
+    permission the library did not name itself; None for anything else."""
+    if isinstance(e, PermissionError):
+        from edgemeta.errors import denied
+
+        return str(denied(e.filename, "use")) if e.filename else f"permission denied: {e.strerror}"
     if isinstance(e, MemoryError):
         return "not enough memory for this command; close other programs, use smaller inputs, or add swap"
     if isinstance(e, RuntimeError) and "can't start new thread" in str(e):
@@ -136,32 +140,19 @@ class _Group(click.Group):
             sys.exit(2)
         except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
             raise
-        except (KeyboardInterrupt, MemoryError, RuntimeError) as e:
-            why = _resource_error(e)
-            if why is not None and ctx.obj and ctx.obj.get("debug"):
-                traceback.print_exc()
+        except (KeyboardInterrupt, Exception) as e:
+            why = _known_failure(e)
             if why is None and isinstance(e, KeyboardInterrupt):
                 click.echo("interrupted", err=True)
                 sys.exit(130)
-            if why is None:
-                return self._unexpected(ctx, e)
-            click.echo(f"error: {why}", err=True)
-            sys.exit(2)
-        except PermissionError as e:  # one the library did not name itself
-            from edgemeta.errors import denied
-
-            click.echo(f"error: {denied(e.filename, 'use') if e.filename else 'permission denied: ' + str(e.strerror)}", err=True)
-            sys.exit(2)
-        except Exception as e:
-            return self._unexpected(ctx, e)
-
-    @staticmethod
-    def _unexpected(ctx: click.Context, e: BaseException):
-        if ctx.obj and ctx.obj.get("debug"):
-            traceback.print_exc()
-        click.echo(f"error: unexpected {type(e).__name__}: {e} (run with --debug for the traceback, "
-                   "and please report it)", err=True)
-        sys.exit(1)
+            if ctx.obj and ctx.obj.get("debug"):
+                traceback.print_exc()
+            if why is not None:
+                click.echo(f"error: {why}", err=True)
+                sys.exit(2)
+            click.echo(f"error: unexpected {type(e).__name__}: {e} (run with --debug for the traceback, "
+                       "and please report it)", err=True)
+            sys.exit(1)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -279,6 +270,37 @@ def open_set_setting(accept: str | None, false_accept: str | None, threshold: st
     if false_accept is not None:
         return {"mode": "calibrated", "false_accept": _rate(false_accept, "--false-accept")}
     return {"mode": "calibrated", "accept": _rate(accept or "0.95", "--accept")}
+
+
+def print_open_set(info: dict, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(info))
+        return
+    click.echo(describe_open_set(info))
+    if info.get("warning"):
+        click.echo(f"warning: {info['warning']}", err=True)
+
+
+def describe_open_set(info: dict) -> str:
+    t = info["threshold"]
+    test = "never answers 'unknown'" if t is None else f"answers 'unknown' when the nearest class is farther than {t:.4g}"
+    how = {"off": "turned off", "manual": "set by hand", "model": "the model's threshold, from its validation classes",
+           "calibrated": f"calibrated on this store: {info.get('rule', '')}"}[info["mode"]]
+    lines = [f"{test} ({how})"]
+    if info.get("note"):
+        lines.append(f"  {info['note']}")
+    if info["mode"] == "calibrated" and "known_samples" in info:
+        def pct(v: float | None) -> str:
+            return "-" if v is None else f"{100 * v:.1f}%"
+
+        lines.append(f"  expected: {pct(info.get('known_accept'))} of new samples of enrolled classes accepted "
+                     f"({info['known_samples']} left out), {pct(info.get('false_accept'))} of strangers accepted "
+                     f"({info['strangers']}: enrolled classes left out and {info['negatives']} negative sample(s))")
+    return "\n".join(lines)
+
+
+def print_new_store(kept) -> None:
+    click.echo(f"the store is empty now; the old one is kept as {kept}" if kept else "there was no store: it is empty")
 
 
 def describe_head(h: dict) -> str:

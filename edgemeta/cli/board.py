@@ -18,6 +18,8 @@ from edgemeta.cli import (
     print_classes,
     print_enrolled,
     print_negatives,
+    print_new_store,
+    print_open_set,
     print_results,
     seconds,
     whole,
@@ -132,33 +134,6 @@ def calibrate(store: str, model: str | None, variant: str | None, threads: int, 
     print_open_set(info, as_json)
 
 
-def print_open_set(info: dict, as_json: bool) -> None:
-    if as_json:
-        click.echo(json.dumps(info))
-        return
-    click.echo(describe_open_set(info))
-    if info.get("warning"):
-        click.echo(f"warning: {info['warning']}", err=True)
-
-
-def describe_open_set(info: dict) -> str:
-    t = info["threshold"]
-    test = "never answers 'unknown'" if t is None else f"answers 'unknown' when the nearest class is farther than {t:.4g}"
-    how = {"off": "turned off", "manual": "set by hand", "model": "the model's threshold, from its validation classes",
-           "calibrated": f"calibrated on this store: {info.get('rule', '')}"}[info["mode"]]
-    lines = [f"{test} ({how})"]
-    if info.get("note"):
-        lines.append(f"  {info['note']}")
-    if info["mode"] == "calibrated" and "known_samples" in info:
-        def pct(v: float | None) -> str:
-            return "-" if v is None else f"{100 * v:.1f}%"
-
-        lines.append(f"  expected: {pct(info.get('known_accept'))} of new samples of enrolled classes accepted "
-                     f"({info['known_samples']} left out), {pct(info.get('false_accept'))} of strangers accepted "
-                     f"({info['strangers']}: enrolled classes left out and {info['negatives']} negative sample(s))")
-    return "\n".join(lines)
-
-
 @main.command()
 @_runtime_options
 @click.option("--top-k", type=whole(1, MAX_TOP_K), default=1, show_default=True, help="How many nearest classes to list.")
@@ -222,10 +197,6 @@ def new_store(store: str) -> None:
     from edgemeta.runtime.store import EnrollmentStore
 
     print_new_store(EnrollmentStore.archive(store))
-
-
-def print_new_store(kept) -> None:
-    click.echo(f"the store is empty now; the old one is kept as {kept}" if kept else "there was no store: it is empty")
 
 
 @main.command()

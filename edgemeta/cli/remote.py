@@ -20,6 +20,8 @@ from edgemeta.cli import (
     print_classes,
     print_enrolled,
     print_negatives,
+    print_new_store,
+    print_open_set,
     print_results,
     seconds,
     whole,
@@ -158,8 +160,6 @@ def remote_rename(old: str, new: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def remote_calibrate(accept: str | None, false_accept: str | None, threshold: str | None, show: bool, as_json: bool) -> None:
     """Set when the board's store answers 'unknown' (as `edgemeta calibrate`)."""
-    from edgemeta.cli.board import print_open_set
-
     print_open_set(_call("calibrate", open_set_setting(accept, false_accept, threshold, show)), as_json)
 
 
@@ -185,8 +185,6 @@ def remote_reenroll(as_json: bool) -> None:
 @remote.command("new-store")
 def remote_new_store() -> None:
     """Start over with an empty store on the board; the old one is kept in the store's archive/ folder."""
-    from edgemeta.cli.board import print_new_store
-
     print_new_store(_call("new_store", {})["archived"])
 
 

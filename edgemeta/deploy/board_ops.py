@@ -55,6 +55,7 @@ another deploy running, nothing to roll back), 2 usage. The last line of output 
 to read; lines before it ({"event": ...}) say how far a deploy got.
 """
 
+import datetime as dt
 import errno
 import fcntl
 import hashlib
@@ -700,7 +701,8 @@ def store_of(rid: str) -> Path:
 
 
 def relink(link: Path, target: str) -> None:
-    """Point the symlink `link` at `target` in one rename (a temporary link of its own first)."""
+    """Point the symlink `link` at `target` in one rename(2) over the old link (a temporary link of
+    its own first, .NAME.PID.tmp, which lock_board removes when a killed writer left it)."""
     tmp = link.parent / f".{link.name}.{os.getpid()}.tmp"
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
@@ -734,8 +736,6 @@ def settle_stores() -> None:
 
 def archive_store(folder: Path, why: str) -> Path:
     """Move a store folder aside into ROOT/stores/.archive/ (a store is never deleted)."""
-    import datetime as dt
-
     dest = root() / STORES / ".archive" / f"{folder.name.lstrip('.')}-{why}-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S%fZ}"
     dest.parent.mkdir(parents=True, exist_ok=True)
     os.rename(folder, dest)
@@ -827,12 +827,7 @@ def release_store_lock() -> None:
 
 def switch(rid: str) -> None:
     r = root()
-    tmp = r / f".current.{os.getpid()}.tmp"
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    os.symlink(f"releases/{rid}", tmp)
-    os.replace(tmp, r / "current")  # rename(2) over the old link: atomic
-    fsync_dir(r)
+    relink(r / "current", f"releases/{rid}")
     try:  # when it was last active, for prune (rollbacks and roll-forwards count, as deploys do)
         (r / "releases" / rid / ACTIVATED).touch()
     except OSError:

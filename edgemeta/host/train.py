@@ -454,8 +454,9 @@ def train(cfg: Config, out: str | Path, progress: bool = True, fresh: bool = Fal
     state["history"] = [h for h in state["history"] if h["episode"] <= done]
     # a checkpoint by time keeps the losses since the last validation, so the next history row is the same as
     # in a run never stopped (only when state.json and the checkpoint are of the same step)
-    pending = state.pop("pending", None) if state.get("checkpoint", {}).get("episode") == done else None
-    state.pop("pending", None)
+    pending = state.pop("pending", None)
+    if state.get("checkpoint", {}).get("episode") != done:
+        pending = None
     embed = keras_embedder(model)
     folder: dict = {}  # the chief's checkpoint manager and TensorBoard writer, once open_folder made them
 

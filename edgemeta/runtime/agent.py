@@ -611,25 +611,20 @@ class _PreAuth:
         self._waiting: dict[socket.socket, tuple[str, float]] = {}  # insertion order: oldest first
         self._lock = threading.Lock()
         self._reaper: threading.Thread | None = None
-        self.cut = 0  # connections ended for holding a slot too long or being pushed out
 
     def admit(self, sock: socket.socket, peer: str) -> None:
         with self._lock:
-            out = []
             mine = [s for s, (p, _) in self._waiting.items() if p == peer]
-            if len(mine) >= self.per_peer:
-                out.append(mine[0])
-            elif len(self._waiting) >= self.total:
-                out.append(next(iter(self._waiting)))
-            for s in out:
-                del self._waiting[s]
+            oldest = mine[0] if len(mine) >= self.per_peer else \
+                next(iter(self._waiting)) if len(self._waiting) >= self.total else None
+            if oldest is not None:
+                del self._waiting[oldest]
             self._waiting[sock] = (peer, time.monotonic() + self.seconds)
             if self._reaper is None:
                 self._reaper = threading.Thread(target=self._reap, daemon=True, name="edgemeta-preauth")
                 self._reaper.start()
-            self.cut += len(out)
-        for s in out:
-            _cut(s, "not authorised: too many connections from your address are waiting to send their token")
+        if oldest is not None:
+            _cut(oldest, "not authorised: too many connections are waiting to send their token; this one waited longest")
 
     def done(self, sock: socket.socket) -> None:
         """The connection authenticated, or ended."""
@@ -644,7 +639,6 @@ class _PreAuth:
                 late = [s for s, (_, deadline) in self._waiting.items() if deadline <= now]
                 for s in late:
                     del self._waiting[s]
-                self.cut += len(late)
             for s in late:
                 _cut(s, f"not authorised: no token within {self.seconds:g} s")
 

@@ -38,8 +38,8 @@ def main() -> None:
     from edgemeta.host.methods import get_method
     from edgemeta.host.model_eval import keras_embedder, training_dataset
     from edgemeta.host.modeldir import load_backbone
+    from edgemeta.runtime.heads.linear import LinearHeadSpec, linear_scores
     from edgemeta.runtime.interpreter import Embedder
-    from edgemeta.runtime.linear_head import LinearHeadSpec, linear_scores
     from edgemeta.runtime.manifest import read_manifest
 
     model, info = load_backbone(a.model)

@@ -32,7 +32,7 @@ def main(argv=None) -> list[dict]:
     a = ap.parse_args(argv)
 
     from edgemeta.runtime.classifier import FewShotRuntime
-    from edgemeta.runtime.head import PrototypeHead
+    from edgemeta.runtime.heads.common import PrototypeHead
     from edgemeta.runtime.interpreter import runtime_version
     from edgemeta.runtime.store import EnrollmentStore
 

@@ -1,5 +1,5 @@
 """Open set on data the model never saw: how often a stranger is accepted as an enrolled class, with the
-model's threshold and with the store's own (calibrated from the enrolled samples: runtime/open_set.py).
+model's threshold and with the store's own (calibrated from the enrolled samples: runtime/heads/open_set.py).
 
 Each seeded episode enrolls `--way` classes from `--shot` samples each, then asks `--query` other samples
 of every enrolled class (known) and `--query` samples of each of `--way` classes never enrolled
@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 from edgemeta.host.data import DatasetSpec, FewShotSplit, load_dataset  # noqa: E402  (numpy + Pillow only)
 from edgemeta.runtime.classifier import FewShotRuntime  # noqa: E402
-from edgemeta.runtime.head import DISTANCES, prototypes  # noqa: E402
-from edgemeta.runtime.open_set import calibrate, domain_warning, leave_one_out  # noqa: E402
+from edgemeta.runtime.heads.common import DISTANCES, prototypes  # noqa: E402
+from edgemeta.runtime.heads.open_set import calibrate, domain_warning, leave_one_out  # noqa: E402
 
 
 def spectrogram_png(wav: Path, out: Path, size: int = 64) -> None:

@@ -145,7 +145,7 @@ def main() -> None:
     os.environ["EDGEMETA_RUNTIME"] = args.runtime
 
     from edgemeta.runtime.classifier import FewShotRuntime
-    from edgemeta.runtime.head import PrototypeHead
+    from edgemeta.runtime.heads.common import PrototypeHead
     from edgemeta.runtime.interpreter import Embedder, runtime_version
     from edgemeta.runtime.manifest import read_manifest
 

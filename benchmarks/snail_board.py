@@ -26,7 +26,7 @@ from runtime_latency import SAMPLE, child_run, median_ms  # noqa: E402
 
 def setting_times(graphs, support: np.ndarray, labels: np.ndarray, query: np.ndarray, way: int, repeat: int) -> list[str]:
     """Median ms of the support pass, one query after it, a classify that runs it, and the prototype head."""
-    from edgemeta.runtime.head import PrototypeHead
+    from edgemeta.runtime.heads.common import PrototypeHead
 
     def prefix():
         graphs._cached = None  # forget the kept support pass
@@ -50,11 +50,11 @@ def main() -> None:
     args = ap.parse_args()
 
     from edgemeta.runtime.classifier import FewShotRuntime
+    from edgemeta.runtime.heads.sequence import SequenceGraphs
     from edgemeta.runtime.interpreter import runtime_version
-    from edgemeta.runtime.sequence_head import SequenceGraphs
 
     rt = FewShotRuntime(args.model, threads=args.threads)
-    graphs: SequenceGraphs = rt.sequence
+    graphs: SequenceGraphs = rt.model_head.loaded  # the sequence head's graphs, loaded with the body
     chars = sorted(p for p in SAMPLE.iterdir() if p.is_dir())
     files = [sorted(c.glob("*.png")) for c in chars]
     print(f"# {rt.manifest.name}, variant {rt.variant.name}, {rt.embedder.runtime} {runtime_version(rt.embedder.runtime)}, "

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from edgemeta.runtime.head import LinearHead, PrototypeHead, cosine_distance, prototypes, squared_euclidean
-from edgemeta.runtime.linear_head import LinearHeadSpec, adapt_linear
+from edgemeta.runtime.heads.common import PrototypeHead, cosine_distance, prototypes, squared_euclidean
+from edgemeta.runtime.heads.linear import LinearHead, LinearHeadSpec, adapt_linear
 
 
 def test_prototypes_are_class_means():

@@ -8,7 +8,7 @@ import pytest
 
 from edgemeta.host.config import MethodConfig
 from edgemeta.host.methods import METHODS, TaskEpisode, get_method
-from edgemeta.runtime.linear_head import LinearHeadSpec, linear_scores, spec_arrays, spec_from_manifest
+from edgemeta.runtime.heads.linear import LinearHeadSpec, linear_scores, spec_arrays, spec_from_manifest
 
 WAY, SHOT, QUERY = 5, 1, 3
 

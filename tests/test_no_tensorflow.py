@@ -124,8 +124,8 @@ def test_snail_sequence_graphs_load_and_answer_on_both_board_runtimes(tflite_run
     import numpy as np
 
     from edgemeta.boards import load_board
+    from edgemeta.runtime.heads.sequence import SequenceGraphs
     from edgemeta.runtime.manifest import read_manifest
-    from edgemeta.runtime.sequence_head import SequenceGraphs
     from edgemeta.runtime.tflite_info import read_structure
 
     manifest = read_manifest(snail_exported)
@@ -142,7 +142,7 @@ def test_snail_sequence_graphs_load_and_answer_on_both_board_runtimes(tflite_run
         expected = here.scores(z["s"], z["l"], z["q"], 4)
     venv = tflite_runtime_venv if runtime == "tflite_runtime" else board_venv
     code = (f"import numpy as np, os; os.environ['EDGEMETA_RUNTIME'] = {runtime!r};"
-            "from edgemeta.runtime.manifest import read_manifest; from edgemeta.runtime.sequence_head import SequenceGraphs;"
+            "from edgemeta.runtime.manifest import read_manifest; from edgemeta.runtime.heads.sequence import SequenceGraphs;"
             f"m = read_manifest({str(snail_exported)!r}); z = np.load({str(tmp_path / 'in.npz')!r});"
             "g = SequenceGraphs(*m.sequence_paths(), 64, 5, 2);"
             f"np.save({str(tmp_path / 'out.npy')!r}, g.scores(z['s'], z['l'], z['q'], 4))")

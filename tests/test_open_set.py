@@ -12,7 +12,7 @@ from PIL import Image
 
 from edgemeta.errors import EdgemetaError
 from edgemeta.runtime.classifier import FewShotRuntime
-from edgemeta.runtime.open_set import calibrate, leave_one_out
+from edgemeta.runtime.heads.open_set import calibrate, leave_one_out
 from edgemeta.runtime.store import STORE_FILE, EnrollmentStore
 
 REPO = Path(__file__).resolve().parents[1]

@@ -382,8 +382,8 @@ def test_format_1_and_2_manifests(tmp_path):
 
 
 def test_adapted_head_is_persisted_reused_and_undone_by_forget(tmp_path, monkeypatch):
-    import edgemeta.runtime.store as store_mod
-    from edgemeta.runtime.linear_head import LinearHeadSpec, adapt_linear
+    import edgemeta.runtime.heads.linear as store_mod  # the store's adapted head is computed there
+    from edgemeta.runtime.heads.linear import LinearHeadSpec, adapt_linear
 
     rt = FewShotRuntime(SHIPPED)
     store = tmp_path / "s"
@@ -430,8 +430,7 @@ def test_adapted_head_is_persisted_reused_and_undone_by_forget(tmp_path, monkeyp
 
 
 def test_zero_steps_from_the_prototypes_gives_the_prototype_answers(tmp_path):
-    from edgemeta.runtime.head import LinearHead
-    from edgemeta.runtime.linear_head import LinearHeadSpec
+    from edgemeta.runtime.heads.linear import LinearHead, LinearHeadSpec
 
     rt = FewShotRuntime(SHIPPED)
     enroll_chars(rt, tmp_path / "s")

@@ -66,8 +66,8 @@ def test_the_shipped_snail_model_answers_on_the_board_as_recorded(omniglot_dir):
     left out of git: `edgemeta export` writes them), and its int8 board path gives the recorded 5w1s figure."""
     from edgemeta.host.data import DatasetSpec, load_dataset
     from edgemeta.host.evaluate import evaluate
+    from edgemeta.runtime.heads.sequence import SequenceGraphs
     from edgemeta.runtime.interpreter import Embedder
-    from edgemeta.runtime.sequence_head import SequenceGraphs
 
     d = MODELS / "omniglot-vinyals-snail"
     m = read_manifest(d)

@@ -11,7 +11,7 @@ import pytest
 from conftest import SNAIL_TINY
 
 from edgemeta.errors import EdgemetaError
-from edgemeta.runtime.sequence_head import arrange, pad_support
+from edgemeta.runtime.heads.sequence import arrange, pad_support
 
 DIM = 64
 
@@ -113,8 +113,8 @@ def test_an_exported_snail_answers_on_the_board_as_its_graphs_and_the_host_do(sn
     from edgemeta.host.data import DatasetSpec, EpisodeSampler, load_dataset
     from edgemeta.host.modeldir import load_keras, read_info
     from edgemeta.runtime.classifier import FewShotRuntime
+    from edgemeta.runtime.heads.sequence import SequenceGraphs
     from edgemeta.runtime.manifest import read_manifest
-    from edgemeta.runtime.sequence_head import SequenceGraphs
 
     manifest = read_manifest(snail_exported)
     assert manifest.head.kind == "sequence" and manifest.head.sequence.max_way == 5
@@ -177,8 +177,8 @@ def test_a_store_past_the_sequence_graphs_limits_is_refused_and_left_as_it_was(s
 
 
 def test_a_query_with_no_support_is_refused(snail_exported):
+    from edgemeta.runtime.heads.sequence import SequenceGraphs
     from edgemeta.runtime.manifest import read_manifest
-    from edgemeta.runtime.sequence_head import SequenceGraphs
 
     graphs = SequenceGraphs(*read_manifest(snail_exported).sequence_paths(), DIM, 5, 2)
     with pytest.raises(EdgemetaError, match="needs a support set"):

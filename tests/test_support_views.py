@@ -12,7 +12,7 @@ from test_runtime import SHIPPED, drawings, one_line_error, run
 
 from edgemeta.errors import EdgemetaError
 from edgemeta.runtime.classifier import FewShotRuntime
-from edgemeta.runtime.head import VIEW_DIRECTIONS, embed_support, support_views
+from edgemeta.runtime.heads.common import VIEW_DIRECTIONS, embed_support, support_views
 from edgemeta.runtime.store import EnrollmentStore
 
 
@@ -98,7 +98,7 @@ def test_stores_of_views_and_of_plain_embeddings_never_mix(tmp_path):
 
 
 def test_calibration_asks_the_held_out_sample_as_a_query_would_be(tmp_path):
-    from edgemeta.runtime.open_set import leave_one_out
+    from edgemeta.runtime.heads.open_set import leave_one_out
 
     views = FewShotRuntime(with_support_shift(tmp_path / "views", 3))
     store = tmp_path / "s"

@@ -304,10 +304,10 @@ def print_new_store(kept) -> None:
 
 
 def describe_head(h: dict) -> str:
-    if h["kind"] == "prototype":
-        return "nearest prototype (no adaptation)"
-    lr = "the model's learned rates" if h["lr"] is None else f"rate {h['lr']:g}"
-    return f"linear head, {h['init']} init, {h['steps']} step(s) at {lr}"
+    """What a store is classified with (the runtime's describe_head, maybe from a board) in words."""
+    from edgemeta.runtime.heads import describe_text
+
+    return describe_text(h)
 
 
 def print_results(results: list[dict], as_json: bool) -> None:

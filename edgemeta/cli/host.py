@@ -13,6 +13,7 @@ import click
 
 from edgemeta.cli import main, seconds, whole
 from edgemeta.errors import EdgemetaError
+from edgemeta.runtime.heads import PROTOTYPE
 
 
 def _require_tensorflow() -> None:
@@ -197,7 +198,7 @@ def eval_cmd(model_dir: str, data: str, folder: str, split: str, settings: tuple
 @click.option("--data", default="", help="Omniglot location (else $EDGEMETA_OMNIGLOT), for calibration and evaluation.")
 @click.option("--folder", default="", help="The folder dataset a folder-trained model was trained on.")
 @click.option("--episodes", type=whole(1, 10**6), default=1000, show_default=True, help="Evaluation episodes per setting and variant.")
-@click.option("--board-head", type=click.Choice(["auto", "own", "prototype"]), default="auto", show_default=True,
+@click.option("--board-head", type=click.Choice(["auto", "own", PROTOTYPE]), default="auto", show_default=True,
               help="Optimization-family models: the board's head, the method's own or the nearest prototype "
                    "(auto: the better on validation episodes).")
 def export(model_dir: str, out: str | None, data: str, folder: str, episodes: int, board_head: str) -> None:

@@ -6,6 +6,8 @@
     BUNDLE.sig             ed25519 signature of BUNDLE.json by the user's key (deploy/signing.py)
     model/manifest.json    the manifest, reduced to the variant this board takes
     model/<variant>.tflite
+    model/...              the files the model's head needs with that variant (its kind says which:
+                           a linear head's arrays, a sequence head's graphs of the variant's quantisation)
     wheels/edgemeta-*.whl  edgemeta itself
     requirements.txt       the board's runtime, pinned
     wheelhouse/            optional: every wheel for the board's platform, for offline installs
@@ -33,7 +35,7 @@ from edgemeta.atomic import NO_SPACE, NoSpaceError
 from edgemeta.boards import Board, boards_dir, load_board
 from edgemeta.deploy.board_ops import BUNDLE_FILE, SIGNATURE_FILE
 from edgemeta.errors import EdgemetaError
-from edgemeta.runtime.manifest import Manifest, Variant, read_manifest, sequence_quantization, sha256_file
+from edgemeta.runtime.manifest import Manifest, Variant, read_manifest, sha256_file
 from edgemeta.runtime.tflite_info import read_structure
 
 BASE_REQUIREMENTS = ["pillow>=9.1", "click>=8.1", "tflite>=2.10", "pyserial>=3.5"]  # Pillow 9.4: Debian bookworm
@@ -53,9 +55,8 @@ def check_model_for_board(model_dir: str | Path, board: Board) -> tuple[Manifest
     if name not in manifest.variants:
         fix = "run `edgemeta edgetpu MODEL_DIR` where edgetpu_compiler is installed" if name == "edgetpu" else "re-export the model"
         raise EdgemetaError(f"board {board.name} takes the {name} variant, which {manifest.name} does not have; {fix}")
-    paths = [manifest.model_path(name)]
-    if manifest.head.kind == "sequence":  # its graphs run on the board's interpreter too
-        paths += manifest.sequence_paths(name)
+    # the head's own graphs (a sequence head's) run on the board's interpreter too
+    paths = [manifest.model_path(name), *manifest.head.graphs(manifest.folder, manifest.variant(name))]
     for path in paths:
         problems = board.check_ops(read_structure(path).ops)
         if problems:
@@ -239,13 +240,10 @@ def _write_bundle(out: Path, board: Board, manifest: Manifest, variant: Variant,
     (out / "model").mkdir()
     shutil.copy2(manifest.folder / variant.file, out / "model" / variant.file)
     reduced = dict(manifest.raw)
-    if manifest.head.kind == "linear":  # the head's arrays (checksummed by the manifest) travel with the model
-        shutil.copy2(manifest.folder / manifest.raw["head"]["file"], out / "model" / manifest.raw["head"]["file"])
-    elif manifest.head.kind == "sequence":  # the sequence graphs this variant runs with, and only those
-        quant = sequence_quantization(variant.quantization)
-        for path in manifest.sequence_paths(variant.name):
-            shutil.copy2(path, out / "model" / path.name)
-        reduced["head"] = {**manifest.raw["head"], "graphs": {quant: manifest.raw["head"]["graphs"][quant]}}
+    for path in manifest.head.files(manifest.folder, variant):  # what the head needs with this variant, and only that
+        shutil.copy2(path, out / "model" / path.name)
+    if "head" in reduced:
+        reduced["head"] = manifest.head.reduced(manifest.raw["head"], variant)
     reduced["variants"] = {variant.name: manifest.raw["variants"][variant.name]}
     reduced["default_variant"] = variant.name
     (out / "model" / "manifest.json").write_text(json.dumps(reduced, indent=2) + "\n")

@@ -22,7 +22,8 @@ import numpy as np
 from edgemeta.errors import EdgemetaError
 from edgemeta.host.data import EpisodeSampler, FewShotSplit
 from edgemeta.host.data.episodes import alphabets
-from edgemeta.runtime.head import embed_support
+from edgemeta.runtime.heads import PROTOTYPE
+from edgemeta.runtime.heads.common import embed_support
 
 STANDARD_SETTINGS = ((5, 1), (5, 5), (20, 1), (20, 5))
 EmbedFn = Callable[[np.ndarray], np.ndarray]
@@ -90,7 +91,7 @@ def query_and_support(embed: EmbedFn, split: FewShotSplit, shift: int, batch: in
 
 def head_support_shift(method) -> int:
     """The pixel shift of the support views a method's board head enrolls with (0: one plain view)."""
-    return int(method.head_spec().get("support_shift", 0))
+    return int(method.board_head().support_shift)
 
 
 def episode_inputs(method, embed: EmbedFn, split: FewShotSplit, head_only: bool = False
@@ -113,7 +114,7 @@ def choose_board_head(method, val_embeddings: np.ndarray, val_split: FewShotSpli
     from edgemeta.host.methods import get_method
 
     scores = {}
-    for name, classify in (("own", method.classify), ("prototype", get_method("protonet").classify)):
+    for name, classify in (("own", method.classify), (PROTOTYPE, get_method("protonet").classify)):
         results = evaluate(None, classify, val_split, STANDARD_SETTINGS, episodes, seed=seed, embeddings=val_embeddings)
         scores[name] = float(np.mean([r.accuracy for r in results if r.episodes]))
     return max(scores, key=lambda k: (scores[k], k == "own")), scores
@@ -258,7 +259,7 @@ def calibrate_open_set(embeddings: np.ndarray, split: FewShotSplit, distance: st
     still answered; the share of unknown queries wrongly accepted at that threshold is reported.
     `support_embeddings`: the enrolled samples' embeddings (support views), else `embeddings`.
     """
-    from edgemeta.runtime.head import DISTANCES, prototypes
+    from edgemeta.runtime.heads.common import DISTANCES, prototypes
 
     dist_fn = DISTANCES[distance]
     # a small dataset's val split: fewer enrolled classes and queries, said in the calibration's text

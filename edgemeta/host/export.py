@@ -7,7 +7,9 @@ Variants (see ../shared/TOOLCHAIN.md for why each exists):
   int8_static    the same with a static batch of 1: for boards (XNNPACK, tflite-runtime) and the
                  input of the Edge TPU compiler
 Each variant is measured with the evaluation protocol through the TFLite interpreter, and the
-open-set threshold is calibrated for it on validation episodes.
+open-set threshold is calibrated for it on validation episodes. The head is the one the method hands
+over (`board_head`, runtime/heads/): it writes its own manifest section and files, and is read back as
+the board reads it before the variants are measured with it.
 """
 
 from __future__ import annotations
@@ -37,18 +39,18 @@ from edgemeta.host.evaluate import (
 )
 from edgemeta.host.methods import get_method
 from edgemeta.host.model_eval import keras_embedder, model_splits, training_dataset
-from edgemeta.host.modeldir import SPLITS_FILE, load_backbone, read_splits, write_atomic, write_json, write_npz
+from edgemeta.host.modeldir import SPLITS_FILE, load_backbone, read_splits, write_atomic, write_json
 from edgemeta.quiet import native_stderr_silenced
+from edgemeta.runtime import heads
+from edgemeta.runtime.heads.prototype import Prototype
 from edgemeta.runtime.interpreter import Embedder, interpreter_module, runtime_version
-from edgemeta.runtime.linear_head import spec_arrays
-from edgemeta.runtime.manifest import MANIFEST_FILE, sequence_quantization, sha256_file
-from edgemeta.runtime.sequence_head import SequenceGraphs
+from edgemeta.runtime.manifest import MANIFEST_FILE, sha256_file
+from edgemeta.runtime.schema import Doc, Obj
 from edgemeta.runtime.tflite_info import read_structure
 
-BOARD_HEADS = ("auto", "own", "prototype")
+BOARD_HEADS = ("auto", "own", heads.PROTOTYPE)  # a head chosen on validation: the method's own, or the nearest prototype
 VARIANTS = ("float32", "dynamic_range", "int8", "int8_static")
 DEFAULT_VARIANT = "int8_static"
-HEAD_NPZ = "head.npz"  # a linear head's arrays (initialisation, learned rates), checksummed in the manifest
 
 
 def convert(model, quantization: str, representative: np.ndarray | None = None) -> bytes:
@@ -109,8 +111,9 @@ def export_model(model_dir: str | Path, out: str | Path | None = None, data: str
                  board_head: str = "auto") -> dict:
     """Write the .tflite variants and manifest.json for a model folder; returns the manifest.
 
-    `board_head` for a method with a linear head: "own" (its meta-learned head), "prototype", or
-    "auto": whichever scores higher on validation episodes (recorded in the manifest's head section).
+    `board_head` for a method whose head is chosen on validation (a linear head; BOARD_HEADS): "own" (its
+    meta-learned head), the nearest prototype (heads.PROTOTYPE), or "auto": whichever scores higher on
+    validation episodes (recorded in the manifest's head section).
     Everything is written into a hidden folder inside `out` first and moved into place only when the
     whole export succeeded (the manifest last): a failed export leaves `out` as it was."""
     if board_head not in BOARD_HEADS:
@@ -132,7 +135,8 @@ def _export_into(model_dir: Path, out: Path, data: str, folder: str, episodes: i
                  log, board_head: str) -> dict:
     model, info = load_backbone(model_dir)
     method = info.make_method(model_dir, model)
-    distance = getattr(method, "distance", "squared_euclidean")  # the open-set test is nearest-prototype distance
+    head = method.board_head()  # the head the board runs, as the method learned it (runtime/heads/)
+    distance = head.distance  # the open-set test is nearest-prototype distance
     spec = training_dataset(info, folder or data)
     splits, recorded = model_splits(model_dir, info, spec)  # a folder dataset: the classes its run recorded
     if recorded:
@@ -143,24 +147,28 @@ def _export_into(model_dir: Path, out: Path, data: str, folder: str, episodes: i
     representative = train_images[rng.choice(len(train_images), size=min(calibration_images, len(train_images)), replace=False)]
 
     float_embed = keras_embedder(model)
-    head = method.head_spec()
     classify = method.classify
-    if head["kind"] == "linear":  # the board head: the method's own or the nearest prototype, chosen on val
+    choice = None
+    if head.chosen_on_validation:  # the board head: the method's own or the nearest prototype, chosen on val
         chosen, scores = choose_board_head(method, embed_split(float_embed, splits["val"]), splits["val"], seed=seed)
         choice = {"val_accuracy": scores, "best_on_val": chosen,
                   "protocol": "mean accuracy over the standard settings, 200 seeded validation episodes each, Keras float32 body"}
         chosen = chosen if board_head == "auto" else board_head
         choice["chosen"] = chosen
-        log(f"board head: {chosen} (validation: own head {scores['own']:.2f}%, prototype {scores['prototype']:.2f}%)")
-        if chosen == "prototype":
-            head = {"kind": "prototype", "distance": distance, "method": head["method"]}
+        log(f"board head: {chosen} (validation: own head {scores['own']:.2f}%, prototype {scores[heads.PROTOTYPE]:.2f}%)")
+        if chosen == heads.PROTOTYPE:
+            head = Prototype(distance, method=head.method)
             classify = get_method("protonet").classify
-        head["selection"] = choice
-    if head["kind"] == "sequence":  # the sequence model's own graphs, beside the backbone's variants
-        head.update(_export_sequence(method, float_embed, splits["train"], out, seed, log))
+    section = head.to_manifest() | ({"selection": choice} if choice else {})
+    # the head's own files (a linear head's arrays, a sequence head's graphs) beside the backbone's variants
+    section.update(head.write(out, heads.ExportContext(lambda n: _training_sample(float_embed, splits["train"], n, seed),
+                                                       convert_function, seed, log)))
+    facts = heads.ModelFacts(out / MANIFEST_FILE, distance, info.embedding_dim, info.preprocess.image_size)
+    board = heads.read(Obj(Doc(str(out / MANIFEST_FILE), "this is a bug in edgemeta's export; please report it"),
+                           section, "head"), facts)  # as the board will read it
     settings = fitting_settings(splits["test"])
     limits = getattr(method, "limits", None)
-    shift = int(head.get("support_shift", 0))  # enrolled samples are embedded as the mean of their support views
+    shift = board.support_shift  # enrolled samples are embedded as the mean of their support views
     runtime, _ = interpreter_module()
     variants, evaluations = {}, {}
     static = _static_copy(model, info)
@@ -177,12 +185,11 @@ def _export_into(model_dir: Path, out: Path, data: str, folder: str, episodes: i
         open_set = calibrate_open_set(val_emb, splits["val"], distance, seed=seed, support_embeddings=val_sup)
         if info.training.get("classes") == "trainval":  # no held-out classes are left to calibrate on
             open_set["calibration"] += "; the model also trained on these classes, so new classes may sit farther out"
-        if head["kind"] == "sequence":  # an int8 body runs with the int8 sequence graphs, a float one with float
-            graphs = head["graphs"][sequence_quantization(quant)]
-            classify = SequenceGraphs(out / graphs["prefix"]["file"], out / graphs["query"]["file"], info.embedding_dim,
-                                      head["max_way"], head["max_shot"], threads=os.cpu_count() or 1).scores
-        results = evaluate(embedder, classify, splits["test"], settings, episodes, seed=seed, embeddings=test_emb,
-                           limits=limits, support_embeddings=test_sup)
+        # the board's own scoring of this variant where it is not the method's numpy head (a sequence head's
+        # graphs: int8 ones with an int8 body, float32 with a float one)
+        graphs = board.variant_scores(out, quant, info.embedding_dim, threads=os.cpu_count() or 1)
+        results = evaluate(embedder, graphs[0] if graphs else classify, splits["test"], settings, episodes, seed=seed,
+                           embeddings=test_emb, limits=limits, support_embeddings=test_sup)
         evaluations[name] = results
         variants[name] = {
             "file": path.name, "sha256": sha256_file(path), "size": len(data_bytes), "quantization": quant,
@@ -194,8 +201,7 @@ def _export_into(model_dir: Path, out: Path, data: str, folder: str, episodes: i
         }
         log(f"  {name}: {len(data_bytes) / 1024:.0f} KiB, " + ", ".join(f"{r.name} {r.accuracy:.2f}%" for r in results if r.episodes))
 
-    if head["kind"] == "sequence":
-        classify = method.classify  # the Keras body with the TensorFlow sequence model
+    # the Keras body with the method's own head (a sequence model in TensorFlow), or the one chosen instead
     float_emb, float_sup = query_and_support(float_embed, splits["test"], shift)
     float_results = evaluate(float_embed, classify, splits["test"], settings, episodes, seed=seed, limits=limits,
                              embeddings=float_emb, support_embeddings=float_sup)
@@ -204,16 +210,13 @@ def _export_into(model_dir: Path, out: Path, data: str, folder: str, episodes: i
         classify, images, _ = episode_inputs(method, None, splits["test"])
         evaluation["keras_float32_whole_network"] = results_json(
             evaluate(None, classify, splits["test"], settings, episodes, seed=seed, embeddings=images))
-    if head["kind"] == "linear":
-        write_npz(out / HEAD_NPZ, spec_arrays(method.linear_head()))
-        head.update(file=HEAD_NPZ, sha256=sha256_file(out / HEAD_NPZ))
     queries = queries_used(float_results, smallest=splits["test"].min_class_size())  # what the settings really used
     manifest = {
         "format": 2,
         "name": model_dir.resolve().name,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "backbone": info.backbone, "algorithm": info.algorithm,
-        "embedding_dim": info.embedding_dim, "distance": distance, "head": head,
+        "embedding_dim": info.embedding_dim, "distance": distance, "head": section,
         "method": info.method or {"name": info.algorithm},
         "preprocess": {**info.preprocess.to_dict(), "resize": "lanczos", "scale": "x / 255 (input range [0, 1])",
                        "polarity": "inverted: dark ink becomes bright" if info.preprocess.invert else "as stored"},
@@ -226,7 +229,7 @@ def _export_into(model_dir: Path, out: Path, data: str, folder: str, episodes: i
                                       if recorded else f" ({splits['test'].num_classes} classes)"),
                        **({"test_classes": splits["test"].class_names} if spec.kind == "folder" else {}),
                        "runtime": f"{runtime} {runtime_version(runtime)}",
-                       "head": "the board's: " + head_description(head),
+                       "head": "the board's: " + board.description(),
                        **evaluation},
         "source": {"model.keras_sha256": sha256_file(model_dir / "model.keras"), "data": info.data},
         "training": info.training,
@@ -236,34 +239,15 @@ def _export_into(model_dir: Path, out: Path, data: str, folder: str, episodes: i
     return manifest
 
 
-def head_description(head: dict) -> str:
-    if head["kind"] == "prototype":
-        return "nearest prototype"
-    if head["kind"] == "sequence":
-        return (f"sequence model ({head['method']}) over the stored support embeddings, at most {head['max_way']} classes x "
-                f"{head['max_shot']} shots; int8 graphs with int8 bodies, float32 graphs with float bodies")
-    return f"linear, {head['init']} init, {head['steps']} steps over the frozen body's embeddings"
-
-
-def _export_sequence(method, embed, train, out: Path, seed: int, log, classes: int = 300) -> dict:
-    """Write a sequence head's graphs (float32 and int8) into `out`; returns the head section's additions.
-    Calibrated on the embeddings of `classes` seeded training classes."""
+def _training_sample(embed, train, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings and labels (0..n-1) of every image of `classes` seeded training classes (all if fewer):
+    what a head that writes graphs calibrates them on (`heads.ExportContext.sample`)."""
     rng = np.random.default_rng(seed)
     picked = rng.choice(train.num_classes, min(classes, train.num_classes), replace=False)
     index = np.concatenate([train.class_indices()[c] for c in picked])
     labels = np.repeat(np.arange(len(picked)), [len(train.class_indices()[c]) for c in picked])
-    log("converting the sequence graphs (float32, int8) ...")
     embeddings = np.concatenate([embed(train.images[index[i:i + 1024]]) for i in range(0, len(index), 1024)])
-    graphs, masks = method.board_graphs(embeddings, labels, convert_function, seed=seed)
-    files: dict = {}
-    for quant, parts in graphs.items():
-        for part, data in parts.items():
-            path = out / f"sequence_{part}_{quant}.tflite"
-            write_atomic(path, data)
-            files.setdefault(quant, {})[part] = {"file": path.name, "sha256": sha256_file(path), "size": len(data),
-                                                 "ops": read_structure(path, data).ops}
-        log(f"  sequence {quant}: " + ", ".join(f"{part} {files[quant][part]['size'] / 2**20:.1f} MiB" for part in parts))
-    return {"graphs": files, "masks": masks}
+    return embeddings, labels
 
 
 def add_variant(folder: Path, name: str, path: Path, quantization: str, static_batch: int | None, based_on: str,

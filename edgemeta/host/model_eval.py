@@ -136,24 +136,20 @@ def evaluate_model_dir(model_dir: str, data: str = "", folder: str = "", split: 
     if variant:
         embedder = Embedder(manifest.model_path(variant), threads=os.cpu_count() or 1)
         backend = f"{variant}.tflite through {embedder.runtime} {runtime_version(embedder.runtime)}"
-        board_head = manifest.head.kind
+        board = manifest.head
+        # the board's own scoring where it is not the method's numpy head (a sequence head's graphs)
+        graphs = board.variant_scores(manifest.folder, manifest.variant(variant).quantization, info.embedding_dim,
+                                      threads=os.cpu_count() or 1)
     else:
-        embedder, backend, board_head = keras_embedder(model), "keras (float32)", None
+        embedder, backend, board, graphs = keras_embedder(model), "keras (float32)", None, None
     head_only = head_only or bool(variant)  # an exported variant is the board's body: frozen
     classify, inputs, support = episode_inputs(method, embedder, data_split, head_only)
-    if board_head == "sequence":  # the board's sequence graphs of this variant's quantisation
-        from edgemeta.runtime.manifest import sequence_quantization
-        from edgemeta.runtime.sequence_head import SequenceGraphs
-
-        sequence = manifest.head.sequence
-        classify = SequenceGraphs(*manifest.sequence_paths(variant), info.embedding_dim, sequence.max_way, sequence.max_shot,
-                                  threads=os.cpu_count() or 1).scores
-        backend += f", the {sequence_quantization(manifest.variant(variant).quantization)} sequence graphs"
-    elif board_head == "prototype" and method.head_spec()["kind"] == "linear":  # export chose it on validation
-        from edgemeta.host.methods import get_method
-
-        classify = get_method("protonet").classify
-        backend += ", the manifest's head: nearest prototype (chosen on validation at export)"
+    if graphs is not None:
+        classify = graphs[0]
+        backend += f", {graphs[1]}"
+    elif board is not None and board.kind != method.board_head().kind:  # export chose it on validation
+        classify = board.scores
+        backend += f", the manifest's head: {board.description()} (chosen on validation at export)"
     elif method.adapts_body:
         backend += (f", body frozen, head adapted ({method.params.test_steps} steps, the board's path)" if head_only else
                     f", whole network adapted ({method.params.test_steps} steps, "

@@ -5,15 +5,16 @@
 >>> rt.adapt("store/", steps=10)                                   # doctest: +SKIP
 >>> rt.classify("store/", ["query.png"], top_k=3)                  # doctest: +SKIP
 
-The head a store is classified with: the model's own (nearest prototype, or the manifest's linear
-head with its steps), or, once the store has an adapt setting, a linear head adapted with that
-many steps (prototype models: initialised from the prototypes, proto-MAML). The adapted weights
-are recomputed and saved with every change of the store, so classify only reads them.
+The head a store is classified with is the model's (runtime/heads/: nearest prototype, the manifest's
+linear head with its steps, a sequence model), or, once the store has an adapt setting, a linear head
+adapted with that many steps (prototype models: initialised from the prototypes, proto-MAML). The
+adapted weights are recomputed and saved with every change of the store, so classify only reads them.
+Whatever the head, "unknown" is the nearest prototype farther than the store's threshold
+(runtime/heads/open_set.py: the model's, or the store's own).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -22,24 +23,16 @@ import numpy as np
 from edgemeta.boards import Board, load_board_file
 from edgemeta.errors import EdgemetaError
 from edgemeta.preprocess import ImageLimits, load_images
-from edgemeta.runtime.head import LinearHead, PrototypeHead, embed_support
+from edgemeta.runtime.heads import open_set
+from edgemeta.runtime.heads.common import Classifier, embed_support
+from edgemeta.runtime.heads.linear import LinearHeadSpec
 from edgemeta.runtime.interpreter import Embedder
-from edgemeta.runtime.linear_head import LinearHeadSpec
 from edgemeta.runtime.manifest import read_manifest
-from edgemeta.runtime.open_set import calibrate, domain_warning, nearest
-from edgemeta.runtime.sequence_head import SequenceGraphs, SequenceHead, check_limits
 from edgemeta.runtime.store import EnrollmentStore, check_adapt, check_label, sample_ids
 
 UNKNOWN = "unknown"
 # A deployed release keeps the board profile it was built for beside its model folder.
 RELEASE_BOARD_FILE = "board.toml"
-# Proto-MAML's rate for prototype models. A step moves the logits by about lr * |x|^2 times the
-# support residual (at most 1); |x|^2 is 85-113 on the shipped models, so 0.01 moves them by at most
-# about one unit per step, a small step next to their logit gaps. On samples/omniglot (int8, 10 steps)
-# 0.01 costs nothing, 0.1 about 0.1 point at 5 and 10 shots, 1.0 from 0.3 to 1.5 points.
-DEFAULT_PROTO_LR = 0.01
-# Samples the out-of-domain warning looks at (after every CLI enroll): its cost stays flat in the store's size.
-DOMAIN_SAMPLES = 512
 
 
 class Enrolled(NamedTuple):
@@ -76,15 +69,13 @@ class FewShotRuntime:
             raise EdgemetaError(f"{self.variant.file} does not match its manifest: model input {self.embedder.input_shape} "
                                 f"-> {self.embedder.dim}, manifest {pre.input_shape} -> {self.manifest.embedding_dim}; re-export")
         self.threshold_of_model = self.variant.open_set_threshold
-        self.sequence = None  # a model-based head's graphs, loaded with the body
-        if self.manifest.head.kind == "sequence":
-            spec = self.manifest.head.sequence
-            self.sequence = SequenceGraphs(*self.manifest.sequence_paths(self.variant.name, verify), self.manifest.embedding_dim,
-                                           spec.max_way, spec.max_shot, threads=threads)
+        # the model's head (runtime/heads/), with what it runs for this variant loaded along with the body
+        self.model_head = self.manifest.head.load(self.manifest.folder, self.variant, self.manifest.embedding_dim, threads,
+                                                  verify)
         self.backbone = {"model": self.manifest.name, "variant": self.variant.name, "sha256": self.variant.sha256,
                          "embedding_dim": self.manifest.embedding_dim, "model_path": str(Path(model))}
-        if self.manifest.head.support_shift:  # a store's prototypes must not mix samples embedded with and without views
-            self.backbone["support_shift"] = self.manifest.head.support_shift
+        if self.model_head.support_shift:  # a store's prototypes must not mix samples embedded with and without views
+            self.backbone["support_shift"] = self.model_head.support_shift
 
     @property
     def support_shift(self) -> int:
@@ -109,28 +100,16 @@ class FewShotRuntime:
         return store
 
     def head_spec(self, adapt: dict | None) -> LinearHeadSpec | None:
-        """The linear head for a store's adapt setting (None: the nearest-prototype head)."""
-        linear = self.manifest.head.linear
+        """The linear head for a store's adapt setting (None: the model's head itself classifies)."""
         if not adapt:
-            return linear
-        self._check_adaptable()
-        steps, lr = check_adapt(adapt.get("steps"), adapt.get("lr"))
-        if linear is None:
-            lr = DEFAULT_PROTO_LR if lr is None else lr
-            return LinearHeadSpec(init="proto", steps=steps, rates_w=[lr], rates_b=[lr])
-        return replace(linear, steps=steps) if lr is None else replace(linear, steps=steps, rates_w=[lr], rates_b=[lr])
-
-    def _check_adaptable(self) -> None:
-        if self.sequence is not None:
-            raise EdgemetaError(f"model {self.manifest.name} classifies with a sequence model "
-                                f"({self.manifest.head.sequence.method}), which reads the support set as it is: "
-                                "head adaptation is for prototype and linear heads")
+            return self.model_head.linear_head(None)
+        self.model_head.check_adaptable(self.manifest.name)
+        return self.model_head.linear_head(check_adapt(adapt.get("steps"), adapt.get("lr")))
 
     def save(self, store: EnrollmentStore) -> None:
-        """Save a changed store (inside its lock) with its head adapted for this model; a store that a
-        sequence head cannot read is refused before anything is written."""
-        if self.sequence is not None:
-            check_limits(list(store.counts().values()), self.sequence.max_way, self.sequence.max_shot)
+        """Save a changed store (inside its lock) with its head adapted for this model; a store that the
+        model's head cannot read (past a sequence head's limits) is refused before anything is written."""
+        self.model_head.check_store(store)
         store.set_head(self.head_spec(store.adapt))
         store.save()
 
@@ -194,31 +173,18 @@ class FewShotRuntime:
 
     def threshold(self, store: EnrollmentStore) -> float | None:
         """The unknown test's distance for a store: its own (calibrated or set), else the model's; None: off."""
-        o = store.open_set
-        if not o:
-            return self.threshold_of_model
-        if o["mode"] == "off":
-            return None
-        if o["mode"] == "manual":
-            return float(o["threshold"])
-        t = (o.get("report") or {}).get("threshold")
-        return self.threshold_of_model if t is None else float(t)
+        return open_set.threshold(store.open_set, self.threshold_of_model)
 
     def set_open_set(self, folder: str | Path, mode: str, accept: float | None = None, false_accept: float | None = None,
                      threshold: float | None = None) -> dict:
         """Set a store's unknown test: "calibrated" (from its samples, at `accept` or `false_accept`),
         "manual" (`threshold`), "off", or "model" (the model's threshold); returns describe_open_set."""
-        setting = {"calibrated": {"mode": "calibrated", "distance": self.manifest.distance, "accept": accept,
-                                  "false_accept": false_accept},
-                   "manual": {"mode": "manual", "threshold": threshold}, "off": {"mode": "off"}, "model": None}[mode]
-        if mode == "calibrated" and (accept is None) == (false_accept is None):
-            raise EdgemetaError("calibrate for one of --accept or --false-accept, not both")
+        setting = open_set.setting(mode, self.manifest.distance, accept, false_accept, threshold)
         EnrollmentStore.open(folder)
         with EnrollmentStore.locked(folder):
             store = self.open_store(folder)
             if mode == "calibrated":  # refuse now what would only leave a note in the store
-                calibrate(store.embeddings, store.labels, len(store.class_names), self.manifest.distance,
-                          store.negatives, accept=accept, false_accept=false_accept, queries=store.query_embeddings)
+                open_set.calibrate_store(store, setting)
             store.set_open_set(setting)
             self.save(store)
         return self.describe_open_set(store)
@@ -226,30 +192,16 @@ class FewShotRuntime:
     def describe_open_set(self, store: EnrollmentStore) -> dict:
         """What decides "unknown" for a store (JSON-ready): mode, threshold, the calibration's expected
         rates and a warning when the enrolled samples look unlike the model's training data."""
-        o = store.open_set or {"mode": "model"}
-        out = {"mode": o["mode"], "threshold": self.threshold(store), "negatives": len(store.negatives)}
-        if o["mode"] == "calibrated":
-            out.update({k: v for k, v in (o.get("report") or {}).items() if k != "threshold"})
-        elif o["mode"] == "model":
-            out["calibration"] = "the model's, from its validation classes at export"
-        if len(store.class_names) >= 2:  # a median: a seeded sample of at most DOMAIN_SAMPLES samples will do
-            pick = np.random.default_rng(0).permutation(len(store.labels))[:DOMAIN_SAMPLES]
-            asked = store.embeddings if store.query_embeddings is None else store.query_embeddings  # as queries are
-            strangers = nearest(asked[pick], PrototypeHead.from_embeddings(
-                store.embeddings, store.labels, store.class_names).prototypes, self.manifest.distance, exclude=store.labels[pick])
-            reference = self.variant.open_set_stranger_median or self.threshold_of_model
-            out["warning"] = domain_warning(float(np.median(strangers)), reference)
-        return out
+        return open_set.describe(store, self.manifest.distance, self.threshold_of_model,
+                                 self.variant.open_set_stranger_median or self.threshold_of_model)
 
     def _resolve_adapt(self, steps: int, lr: float | None) -> tuple[int, float | None]:
         """A checked setting, with a prototype model's default rate written out (a linear model's None
         means its own learned rates)."""
         steps, lr = check_adapt(steps, lr)
         if steps:
-            self._check_adaptable()
-        if lr is None and self.manifest.head.linear is None:
-            lr = DEFAULT_PROTO_LR
-        return steps, lr
+            self.model_head.check_adaptable(self.manifest.name)
+        return self.model_head.adapt_setting(steps, lr)
 
     def adapt(self, folder: str | Path, steps: int, lr: float | None = None) -> dict:
         """Set a store's head adaptation (0 steps: off, back to the model's own head); returns the setting."""
@@ -262,15 +214,8 @@ class FewShotRuntime:
         return self.describe_head(store)
 
     def describe_head(self, store: EnrollmentStore) -> dict:
-        """What a store is classified with: {"kind", "init", "steps", "lr", "adapt"} (JSON-ready)."""
-        if self.sequence is not None:
-            return {"kind": "sequence", "method": self.manifest.head.sequence.method, "max_way": self.sequence.max_way,
-                    "max_shot": self.sequence.max_shot, "adapt": None}
-        spec = self.head_spec(store.adapt)
-        if spec is None:
-            return {"kind": "prototype", "adapt": store.adapt}
-        lr = store.adapt.get("lr") if store.adapt else None
-        return {"kind": "linear", "init": spec.init, "steps": spec.steps, "lr": lr, "adapt": store.adapt}
+        """What a store is classified with, JSON-ready: {"kind", ...} as its head kind says (heads.describe_text)."""
+        return self.model_head.describe(store)
 
     def reenroll(self, folder: str | Path) -> int:
         """Re-embed a store's kept samples with this backbone (after a model upgrade); returns the sample count."""
@@ -313,18 +258,11 @@ class FewShotRuntime:
         support, queries = self.embed_support(store.samples)
         store.replace_embeddings(support, self.backbone, negatives, queries)
 
-    def head(self, store: EnrollmentStore) -> PrototypeHead | LinearHead | SequenceHead:
-        """The head a store is classified with, with the store's open-set threshold: the prototype
-        head, the linear head (persisted by the last change; recomputed if missing or stale), or the
+    def head(self, store: EnrollmentStore) -> Classifier:
+        """The classifier of a store, built by the model's head with the store's open-set threshold: the
+        prototypes, a linear head (persisted by the last change; recomputed if missing or stale), or the
         sequence model over the store's samples."""
-        protos = PrototypeHead.from_embeddings(store.embeddings, store.labels, store.class_names,
-                                               distance=self.manifest.distance, threshold=self.threshold(store))
-        if self.sequence is not None:
-            return SequenceHead(protos, self.sequence, store.embeddings, store.labels)
-        spec = self.head_spec(store.adapt)
-        if spec is None or not store.class_names:
-            return protos
-        return LinearHead(protos, *store.linear_head(spec))
+        return self.model_head.build(store, self.threshold(store))
 
     def classify_embeddings(self, store: EnrollmentStore, embeddings: np.ndarray, top_k: int = 1) -> list[dict]:
         if not store.class_names:

@@ -8,7 +8,7 @@ One folder holding one ``store.npz`` (arrays only, read with allow_pickle=False)
                  can be re-enrolled after a model upgrade
     meta         () str            JSON: format, backbone identity, timestamps, and optionally
                  "adapt" {steps, lr} (the store's head-adaptation setting), "head" {init, steps, key}
-                 and "open_set" (the store's own unknown test: OPEN_SET_MODES, runtime/open_set.py)
+                 and "open_set" (the store's own unknown test: OPEN_SET_MODES, runtime/heads/open_set.py)
     sample_ids   (n, 16) uint8, optional: the first 16 bytes of each sample's pixels' sha256 (zeros: not
                  known, an older store), so the same image is not enrolled twice
     query_embeddings (n, dim) float32, when the model's head enrolls with support views (backbone
@@ -20,7 +20,8 @@ One folder holding one ``store.npz`` (arrays only, read with allow_pickle=False)
     head_*       optional: the linear head the store is classified with: its spec (head_rates_w,
                  head_rates_b, head_w0, head_b0 as in a model's head.npz) and its adapted weights
                  head_w (dim, c), head_b (c,), recomputed on every save; `key` hashes what they were
-                 computed from, so a head left stale (an older edgemeta rewrote the store) is recomputed.
+                 computed from, so a head left stale (an older edgemeta rewrote the store) is recomputed
+                 (runtime/heads/linear.py reads, writes and checks them).
 Stores without these keys (older ones) load as before, with nothing to adapt.
 Every change rewrites the file to a temporary name, fsyncs it and renames it over the old one
 (then fsyncs the folder): a crash at any moment leaves the last good store. Writers take an
@@ -50,7 +51,9 @@ from edgemeta.arrays import load_npz
 from edgemeta.atomic import fsync_dir, write_atomic
 from edgemeta.errors import EdgemetaError, denied
 from edgemeta.preprocess import IMAGE_SIZES
-from edgemeta.runtime.linear_head import LinearHeadSpec, adapt_linear, spec_arrays, spec_from_manifest
+from edgemeta.runtime.heads import linear
+from edgemeta.runtime.heads.linear import LinearHeadSpec
+from edgemeta.runtime.heads.open_set import check_setting, recalibrate
 from edgemeta.runtime.schema import MAX_ABS_VALUE, MAX_EMBEDDING_DIM, Doc, Obj, array, show
 
 STORE_FILE = "store.npz"
@@ -65,10 +68,6 @@ MAX_ADAPT_STEPS = 1000
 HEAD_PREFIX = "head_"
 ARCHIVE_DIR = "archive"  # stores replaced by `new_store`, kept for the user
 STORE_FIX = "restore it from a backup or start a new store"
-# meta["open_set"]["mode"]: "calibrated" (from the enrolled samples, recomputed on every save, with
-# "distance", "accept" or "false_accept" and the last "report"), "manual" ("threshold" set by the user) or
-# "off" (never "unknown"). No open_set key: the model's threshold.
-OPEN_SET_MODES = ("calibrated", "manual", "off")
 SAMPLE_ID_BYTES = 16
 MAX_SUPPORT_SHIFT = IMAGE_SIZES[1] // 4  # as the manifest allows: a quarter of the image side
 
@@ -114,31 +113,11 @@ def check_adapt(steps, lr=None) -> tuple[int, float | None]:
     return steps, None if lr is None else float(lr)
 
 
-def head_key(spec: LinearHeadSpec, embeddings: np.ndarray, labels: np.ndarray, way: int) -> str:
-    """What an adapted head is a function of: its spec and the support set."""
-    h = hashlib.sha256(json.dumps([spec.init, spec.steps, way]).encode())
-    for name, a in sorted(spec_arrays(spec).items()) + [("embeddings", embeddings), ("labels", labels)]:
-        a = np.ascontiguousarray(a)
-        h.update(f"{name}{a.dtype}{a.shape}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
-
-
 def _check_finite(embeddings: np.ndarray) -> None:
     """What a store takes must be what it can read back (read_store's limits)."""
     if not np.isfinite(embeddings).all() or (embeddings.size and np.abs(embeddings).max() > MAX_ABS_VALUE):
         raise EdgemetaError(f"the model gave NaN, infinite or huge (beyond ±{MAX_ABS_VALUE:g}) embeddings for these "
                             "samples; nothing was written: check the model (re-export it) and the samples")
-
-
-def _adapted(spec: LinearHeadSpec, embeddings: np.ndarray, labels: np.ndarray, way: int) -> tuple[np.ndarray, np.ndarray]:
-    """adapt_linear, refused when it diverged: a rate too large gives NaN / huge weights, hence NaN answers."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        w, b = adapt_linear(spec, embeddings, labels, way)
-    if not (np.isfinite(w).all() and np.isfinite(b).all()) or max(np.abs(w).max(), np.abs(b).max()) > MAX_ABS_VALUE:
-        raise EdgemetaError(f"adapting the head ({spec.steps} step(s)) diverged to NaN or huge weights; use a smaller "
-                            "rate (`edgemeta adapt --lr`) or fewer steps")
-    return w, b
 
 
 def _now() -> str:
@@ -178,18 +157,7 @@ def read_store(doc: Doc, arrays: dict[str, np.ndarray]) -> tuple[dict, np.ndarra
     head_meta = top.obj("head", default=None)
     if head_meta is not None:
         head_meta.get("key", str, default=None)
-    open_set = top.obj("open_set", default=None)
-    if open_set is not None:
-        mode = open_set.get("mode", str, choices=OPEN_SET_MODES)
-        if mode == "manual":
-            open_set.get("threshold", float, min=0, max=MAX_ABS_VALUE)
-        if mode == "calibrated":
-            open_set.get("distance", str)
-            open_set.get("accept", float, default=None, nullable=True, min=0, max=1)
-            open_set.get("false_accept", float, default=None, nullable=True, min=0, max=1)
-            report = open_set.obj("report", default=None)
-            if report is not None:
-                report.get("threshold", float, default=None, nullable=True, min=0, max=MAX_ABS_VALUE)
+    check_setting(top.obj("open_set", default=None))
 
     emb = array(doc, "embeddings", arrays.get("embeddings"), "float", (None, dim), finite=True)
     labels = array(doc, "labels", arrays.get("labels"), "int", (len(emb),))
@@ -221,12 +189,7 @@ def read_store(doc: Doc, arrays: dict[str, np.ndarray]) -> tuple[dict, np.ndarra
             raise doc.error("query_embeddings", "is there, but the store's model enrolls without support views")
         queries = array(doc, "query_embeddings", queries, "float", (len(emb), dim), finite=True).astype(np.float32)
     head = {k[len(HEAD_PREFIX):]: v for k, v in arrays.items() if k.startswith(HEAD_PREFIX)}
-    for key, ndim in (("w", 2), ("b", 1)):  # shapes that no longer fit are stale, recomputed (linear_head)
-        if key in head:
-            array(doc, HEAD_PREFIX + key, head[key], "float", (None,) * ndim, finite=True)
-    spec = None
-    if head_meta is not None and "rates_w" in head:  # no arrays: an older writer dropped them
-        spec = spec_from_manifest(head_meta, head, dim, arrays_doc=doc, prefix=HEAD_PREFIX)
+    spec = linear.read_stored(doc, head_meta, head, dim, HEAD_PREFIX)
     if "sample_ids" in arrays:
         array(doc, "sample_ids", arrays["sample_ids"], "uint8", (len(emb), SAMPLE_ID_BYTES))
     negatives = None
@@ -407,12 +370,7 @@ class EnrollmentStore:
 
     def linear_head(self, spec: LinearHeadSpec) -> tuple[np.ndarray, np.ndarray]:
         """(W, b) of `spec` adapted on this store's samples: the persisted ones when they are current."""
-        way, meta = len(self.class_names), self.meta.get("head")
-        key = meta.get("key") if isinstance(meta, dict) else None
-        if (self.head_w is not None and self.head_b is not None and self.head_w.shape == (self.embeddings.shape[1], way)
-                and self.head_b.shape == (way,) and key == head_key(spec, self.embeddings, self.labels, way)):
-            return self.head_w, self.head_b
-        return _adapted(spec, self.embeddings, self.labels, way)
+        return linear.cached(self, spec)
 
     def class_index(self, label: str) -> int:
         try:
@@ -519,20 +477,6 @@ class EnrollmentStore:
         else:
             self.meta["open_set"] = dict(setting)
 
-    def _recalibrate(self) -> None:
-        """A calibrated threshold follows the store: recomputed from what it holds on every save. When the
-        store cannot tell (no class with two samples left), the report says why and the model's threshold applies."""
-        from edgemeta.runtime.open_set import calibrate
-
-        o = self.open_set
-        if not o or o.get("mode") != "calibrated":
-            return
-        try:
-            o["report"] = calibrate(self.embeddings, self.labels, len(self.class_names), o["distance"], self.negatives,
-                                    accept=o.get("accept"), false_accept=o.get("false_accept"), queries=self.query_embeddings)
-        except EdgemetaError as e:
-            o["report"] = {"threshold": None, "note": f"{e}; the model's threshold applies meanwhile"}
-
     def set_head(self, spec: LinearHeadSpec | None) -> None:
         """The linear head to classify with (None: nearest prototype); adapted by save()."""
         self.head_spec = spec
@@ -554,7 +498,7 @@ class EnrollmentStore:
     def save(self) -> None:
         self.meta["updated"] = _now()
         self._adapt_head()
-        self._recalibrate()
+        recalibrate(self)  # a calibrated threshold follows the store
         arrays = {"embeddings": self.embeddings, "labels": self.labels,
                   "class_names": np.array(self.class_names, dtype=str), "meta": np.array(json.dumps(self.meta))}
         if not self.class_names:
@@ -580,18 +524,11 @@ class EnrollmentStore:
         """Recompute the adapted head (on every save, so it always matches the samples), and its meta."""
         self.meta.pop("head", None)
         self.head_w = self.head_b = None
-        if self.head_spec is None:
-            return
-        spec, way = self.head_spec, len(self.class_names)
-        self.meta["head"] = {"init": spec.init, "steps": spec.steps}
-        if way:
-            self.head_w, self.head_b = _adapted(spec, self.embeddings, self.labels, way)
-            self.meta["head"]["key"] = head_key(spec, self.embeddings, self.labels, way)
+        if self.head_spec is not None:
+            self.meta["head"], self.head_w, self.head_b = linear.stored_head(self.head_spec, self.embeddings, self.labels,
+                                                                              len(self.class_names))
 
     def _head_arrays(self) -> dict[str, np.ndarray]:
         if self.head_spec is None:
             return {}
-        arrays = dict(spec_arrays(self.head_spec))
-        if self.head_w is not None:
-            arrays.update(w=self.head_w.astype(np.float32), b=self.head_b.astype(np.float32))
-        return {HEAD_PREFIX + k: v for k, v in arrays.items()}
+        return {HEAD_PREFIX + k: v for k, v in linear.stored_arrays(self.head_spec, self.head_w, self.head_b).items()}

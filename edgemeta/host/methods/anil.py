@@ -4,7 +4,7 @@ Raghu, Raghu, Bengio and Vinyals (2020), "Rapid Learning or Feature Reuse? Towar
 the Effectiveness of MAML", ICLR. MAML whose inner loop adapts only the linear head; the body is
 meta-trained through the outer loop alone. The body embeds each episode once, so a training
 step costs about what a ProtoNet step costs, and evaluation is exactly the board's path: a
-frozen embedding and the numpy head adapted over it (``edgemeta.runtime.linear_head``).
+frozen embedding and the numpy head adapted over it (``edgemeta.runtime.heads.linear``).
 Hyperparameters are MAML's (the paper keeps them); options such as ``learn_inner_rates`` apply
 to the head's two variables.
 """

@@ -4,7 +4,8 @@ A method wraps a backbone and never owns it (learn2learn's rule): ``build`` is h
 backbone and creates only the method's own variables (a head initialisation, learned inner
 learning rates). Training calls ``episode_loss`` on one episode at a time; evaluation and the
 board call the numpy head (``classify`` over embeddings), or, for methods that adapt the whole
-network (``adapts_body``), the host-only ``adapt_classify`` over images.
+network (``adapts_body``), the host-only ``adapt_classify`` over images. Export writes the head the
+method hands it (``board_head``: a runtime/heads/ kind, which says how it is written and read).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 
 from edgemeta.errors import EdgemetaError
+from edgemeta.runtime.heads import Head
 
 
 @dataclass
@@ -54,8 +56,11 @@ class Method(Protocol):
     def classify(self, support_emb: np.ndarray, support_labels: np.ndarray, query_emb: np.ndarray, way: int) -> np.ndarray:
         """numpy, the board's head: class scores (higher is better) of query embeddings."""
 
+    def board_head(self) -> Head:
+        """The head the board runs (runtime/heads/): what export writes into the manifest and beside it."""
+
     def head_spec(self) -> dict:
-        """The manifest's ``head`` section (JSON scalars): kind, and for a linear head its init and steps."""
+        """The manifest's ``head`` section (JSON scalars) of `board_head`, but for the files export adds."""
 
     def load_head(self, arrays: dict[str, np.ndarray]) -> None:
         """Restore the method's variables from what ``head_arrays`` returned."""

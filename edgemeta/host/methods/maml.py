@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgemeta.host.methods.base import TaskEpisode, accuracy, cross_entropy
-from edgemeta.runtime.linear_head import INITS, LinearHeadSpec, linear_scores
+from edgemeta.runtime.heads.linear import INITS, Linear, LinearHeadSpec, linear_scores
 
 
 @dataclass(frozen=True)
@@ -355,7 +355,9 @@ class MAML:
         # read the head afresh each time: during training it changes between validations
         return linear_scores(self.linear_head(), support_emb, support_labels, query_emb, way)
 
+    def board_head(self) -> Linear:
+        """The linear head over the frozen body; "unknown" is the nearest prototype under squared Euclidean distance."""
+        return Linear("squared_euclidean", self.linear_head(), bool(self.rates) and self.per_parameter_rates, self.name)
+
     def head_spec(self) -> dict:
-        spec = self.linear_head()
-        return {"kind": "linear", "init": spec.init, "steps": spec.steps, "method": self.name,
-                "per_parameter_rates": bool(self.rates) and self.per_parameter_rates}
+        return self.board_head().to_manifest()

@@ -26,7 +26,8 @@ import numpy as np
 
 from edgemeta.errors import EdgemetaError
 from edgemeta.host.methods.base import TaskEpisode, accuracy, cross_entropy
-from edgemeta.runtime.head import prototypes, squared_euclidean
+from edgemeta.runtime.heads.common import prototypes, squared_euclidean
+from edgemeta.runtime.heads.prototype import Prototype
 
 
 @dataclass(frozen=True)
@@ -113,9 +114,11 @@ class ProtoNet:
     def classify(self, support_emb: np.ndarray, support_labels: np.ndarray, query_emb: np.ndarray, way: int) -> np.ndarray:
         return -squared_euclidean(query_emb, prototypes(support_emb, support_labels, way))
 
+    def board_head(self) -> Prototype:
+        return Prototype(self.distance, self.params.support_shift, self.name)
+
     def head_spec(self) -> dict:
-        spec = {"kind": "prototype", "distance": self.distance, "method": self.name}
-        return spec | ({"support_shift": self.params.support_shift} if self.params.support_shift else {})
+        return self.board_head().to_manifest()
 
     def head_arrays(self) -> dict[str, np.ndarray]:
         return {}

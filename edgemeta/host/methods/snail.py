@@ -20,7 +20,7 @@ One model serves every setting up to `max_way` classes of `max_shot` samples: wi
 training episode draws its way from `min_way`..way and its shot from 1..shot, and the support order
 is shuffled per episode, so the model learns neither a length nor an order. On the board the
 sequence graphs take exactly `max_way * max_shot` support positions, padded on the left with zeroed
-positions that attention never reads (runtime/sequence_head.py), which gives the unpadded answer.
+positions that attention never reads (runtime/heads/sequence.py), which gives the unpadded answer.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgemeta.host.methods.base import TaskEpisode, accuracy, cross_entropy
-from edgemeta.runtime.sequence_head import arrange
+from edgemeta.runtime.heads.sequence import Sequence, SequenceSpec, arrange
 
 TRAIN_MASK = -1e9  # the attention logit of a position a query may not read, in training (exact)
 
@@ -258,10 +258,13 @@ class SNAIL:
         logits = self._tf_logits(tf.constant(x, tf.float32), tf.constant(labels, tf.int32), tf.constant(query_emb, tf.float32))
         return logits.numpy()[:, :way]
 
-    def head_spec(self) -> dict:
+    def board_head(self) -> Sequence:
+        """The sequence head; export writes its graphs with `board_graphs`."""
         p = self.params
-        return {"kind": "sequence", "method": self.name, "max_way": p.max_way, "max_shot": p.max_shot,
-                "max_support": p.max_way * p.max_shot, "distance": self.distance}
+        return Sequence(self.distance, SequenceSpec(self.name, p.max_way, p.max_shot, {}), make_graphs=self.board_graphs)
+
+    def head_spec(self) -> dict:
+        return self.board_head().to_manifest()
 
     def head_arrays(self) -> dict[str, np.ndarray]:
         return {v.name.split(":")[0]: v.numpy() for v in self.variables}
@@ -292,7 +295,7 @@ class SNAIL:
     def calibration_sequences(self, embeddings: np.ndarray, labels: np.ndarray, episodes: int = 64, seed: int = 0):
         """Seeded support sets and queries from (training) embeddings, padded as the board pads them:
         [(x, valid, xq)], of every way from min_way to max_way and every shot up to max_shot."""
-        from edgemeta.runtime.sequence_head import pad_support
+        from edgemeta.runtime.heads.sequence import pad_support
 
         rng, p = np.random.default_rng(seed), self.params
         by_class = [np.flatnonzero(labels == c) for c in range(int(labels.max()) + 1)]

@@ -17,18 +17,33 @@ classes is still answered), or, with `false_accept`, the largest threshold at wh
 of the strangers is accepted. Both rates are reported at the chosen threshold. Leaving a sample out
 makes a class's prototype one sample weaker than the enrolled one, so the known figure is slightly
 pessimistic; the stranger figure is an estimate from the enrolled classes and negatives, not a promise.
+
+A store's unknown test is its meta "open_set" setting (`OPEN_SET_MODES`; none: the model's threshold),
+which every head kind's "unknown" decision takes its threshold from (`threshold`); a calibrated one is
+recomputed from the store on every save (`recalibrate`).
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edgemeta.errors import EdgemetaError
-from edgemeta.runtime.head import DISTANCES, class_sums
+from edgemeta.runtime.heads.common import DISTANCES, class_sums, prototypes
+from edgemeta.runtime.schema import MAX_ABS_VALUE, Obj
+
+if TYPE_CHECKING:
+    from edgemeta.runtime.store import EnrollmentStore
 
 DEFAULT_ACCEPT = 0.95
+# meta["open_set"]["mode"]: "calibrated" (from the enrolled samples, recomputed on every save, with
+# "distance", "accept" or "false_accept" and the last "report"), "manual" ("threshold" set by the user) or
+# "off" (never "unknown"). No open_set key: the model's threshold.
+OPEN_SET_MODES = ("calibrated", "manual", "off")
+# Samples the out-of-domain warning looks at (after every CLI enroll): its cost stays flat in the store's size.
+DOMAIN_SAMPLES = 512
 # A store whose typical stranger distance is this many times smaller or larger than the model's
 # calibration's holds images the model was not trained on (in-domain Omniglot: 0.5 to 1.6; grey face
 # photos under the Omniglot model: about 0.03).
@@ -123,3 +138,80 @@ def domain_warning(stranger_median: float | None, reference: float | None) -> st
     return (f"these samples look unlike the model's training data: different classes sit {ratio:.2g} times as far "
             "apart as in its calibration, so expect poor accuracy and a wrong unknown test; calibrate this store "
             "(`edgemeta calibrate`) or train a model on data like yours")
+
+
+# --- a store's own unknown test ---------------------------------------------------------------------------
+
+def check_setting(open_set: Obj | None) -> None:
+    """A store's meta "open_set", checked as it is read (store.py); None: the model's threshold."""
+    if open_set is None:
+        return
+    mode = open_set.get("mode", str, choices=OPEN_SET_MODES)
+    if mode == "manual":
+        open_set.get("threshold", float, min=0, max=MAX_ABS_VALUE)
+    if mode == "calibrated":
+        open_set.get("distance", str)
+        open_set.get("accept", float, default=None, nullable=True, min=0, max=1)
+        open_set.get("false_accept", float, default=None, nullable=True, min=0, max=1)
+        report = open_set.obj("report", default=None)
+        if report is not None:
+            report.get("threshold", float, default=None, nullable=True, min=0, max=MAX_ABS_VALUE)
+
+
+def setting(mode: str, distance: str, accept: float | None = None, false_accept: float | None = None,
+            threshold: float | None = None) -> dict | None:
+    """The meta "open_set" of a mode: "calibrated" (at `accept` or `false_accept`, under `distance`),
+    "manual" (`threshold`), "off", or "model" (None: the model's threshold)."""
+    if mode == "calibrated" and (accept is None) == (false_accept is None):
+        raise EdgemetaError("calibrate for one of --accept or --false-accept, not both")
+    return {"calibrated": {"mode": "calibrated", "distance": distance, "accept": accept, "false_accept": false_accept},
+            "manual": {"mode": "manual", "threshold": threshold}, "off": {"mode": "off"}, "model": None}[mode]
+
+
+def threshold(open_set: dict | None, model_threshold: float | None) -> float | None:
+    """The unknown test's distance for a store's setting: its own (calibrated or set), else the model's; None: off."""
+    if not open_set:
+        return model_threshold
+    if open_set["mode"] == "off":
+        return None
+    if open_set["mode"] == "manual":
+        return float(open_set["threshold"])
+    t = (open_set.get("report") or {}).get("threshold")
+    return model_threshold if t is None else float(t)
+
+
+def calibrate_store(store: EnrollmentStore, open_set: dict) -> dict:
+    """`calibrate` of a store's samples for a calibrated setting; EdgemetaError when the store cannot tell."""
+    return calibrate(store.embeddings, store.labels, len(store.class_names), open_set["distance"], store.negatives,
+                     accept=open_set.get("accept"), false_accept=open_set.get("false_accept"), queries=store.query_embeddings)
+
+
+def recalibrate(store: EnrollmentStore) -> None:
+    """A calibrated threshold follows the store: recomputed from what it holds on every save. When the
+    store cannot tell (no class with two samples left), the report says why and the model's threshold applies."""
+    o = store.open_set
+    if not o or o.get("mode") != "calibrated":
+        return
+    try:
+        o["report"] = calibrate_store(store, o)
+    except EdgemetaError as e:
+        o["report"] = {"threshold": None, "note": f"{e}; the model's threshold applies meanwhile"}
+
+
+def describe(store: EnrollmentStore, distance: str, model_threshold: float | None, reference: float | None) -> dict:
+    """What decides "unknown" for a store (JSON-ready): mode, threshold, the calibration's expected rates,
+    and a warning when the enrolled samples look unlike the model's training data (`reference`: the
+    model's calibration's stranger median, else its threshold)."""
+    o = store.open_set or {"mode": "model"}
+    out = {"mode": o["mode"], "threshold": threshold(store.open_set, model_threshold), "negatives": len(store.negatives)}
+    if o["mode"] == "calibrated":
+        out.update({k: v for k, v in (o.get("report") or {}).items() if k != "threshold"})
+    elif o["mode"] == "model":
+        out["calibration"] = "the model's, from its validation classes at export"
+    if len(store.class_names) >= 2:  # a median: a seeded sample of at most DOMAIN_SAMPLES samples will do
+        pick = np.random.default_rng(0).permutation(len(store.labels))[:DOMAIN_SAMPLES]
+        asked = store.embeddings if store.query_embeddings is None else store.query_embeddings  # as queries are
+        protos = prototypes(store.embeddings, store.labels, len(store.class_names))
+        strangers = nearest(asked[pick], protos, distance, exclude=store.labels[pick])
+        out["warning"] = domain_warning(float(np.median(strangers)), reference)
+    return out

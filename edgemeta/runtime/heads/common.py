@@ -1,12 +1,21 @@
-"""Prototype head in numpy: class means of embeddings and distances to them.
+"""What every head kind shares, in numpy: class means of embeddings and distances to them, support
+views, ranked answers, and the nearest-prototype "unknown" decision (`PrototypeHead`).
 
-Used by host-side evaluation on precomputed embeddings and by the board runtime alike, so
-the head that is measured is the head that ships.
+Every kind answers "unknown" the same way: the open-set threshold is calibrated on nearest-prototype
+distances (at export, or by the store: open_set.py), so a linear or sequence head ranks the classes
+with its own scores while the prototypes of the same store decide whether the query is known at all.
+Used by host-side evaluation on precomputed embeddings and by the board runtime alike, so the head
+that is measured is the head that ships.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Protocol
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from edgemeta.runtime.store import EnrollmentStore
 
 
 def class_sums(embeddings: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -82,6 +91,15 @@ def cosine_distance(queries: np.ndarray, protos: np.ndarray) -> np.ndarray:
 DISTANCES = {"squared_euclidean": squared_euclidean, "cosine": cosine_distance}
 
 
+class Classifier(Protocol):
+    """A store's classes, built by a head kind (`Head.build`): ranked answers with the "unknown" test."""
+
+    names: list[str]
+
+    def classify(self, queries: np.ndarray, top_k: int = 1, unknown: str = "unknown") -> list[dict]:
+        """For each query: label (or `unknown`), known, the nearest prototype's distance, and the top-k classes."""
+
+
 class PrototypeHead:
     """Named prototypes, updated incrementally as samples arrive, and classification against them.
 
@@ -145,27 +163,6 @@ class PrototypeHead:
         return answers(self.names, dist, dist, self.threshold, top_k, unknown)
 
 
-class LinearHead:
-    """A linear softmax head (``logits = emb @ w + b``, adapted elsewhere: runtime/linear_head.py) over
-    the same classes as a PrototypeHead, which still decides "unknown": the open-set threshold was
-    calibrated on nearest-prototype distances, so that test stays as it is."""
-
-    def __init__(self, protos: PrototypeHead, w: np.ndarray, b: np.ndarray):
-        if w.shape != (protos.dim, len(protos.names)) or b.shape != (len(protos.names),):
-            raise ValueError(f"head of shape {w.shape}, {b.shape} does not fit {len(protos.names)} classes of dim {protos.dim}")
-        self.protos, self.w, self.b = protos, w.astype(np.float32), b.astype(np.float32)
-
-    @property
-    def names(self) -> list[str]:
-        return self.protos.names
-
-    def classify(self, queries: np.ndarray, top_k: int = 1, unknown: str = "unknown") -> list[dict]:
-        """As PrototypeHead.classify, with classes ranked by logits and probabilities their softmax."""
-        dist = self.protos.distances(queries)
-        logits = queries.astype(np.float32) @ self.w + self.b
-        return answers(self.names, -logits, dist, self.protos.threshold, top_k, unknown)
-
-
 def answers(names: list[str], cost: np.ndarray, dist: np.ndarray, threshold: float | None, top_k: int,
             unknown: str) -> list[dict]:
     """Per query: the top-k classes by `cost` (lower is better; probabilities softmax(-cost)) with their
@@ -183,3 +180,9 @@ def answers(names: list[str], cost: np.ndarray, dist: np.ndarray, threshold: flo
                     "top": [{"label": names[j], "distance": float(dist[i, j]), "probability": float(prob[i, j])}
                             for j in row]})
     return out
+
+
+def store_prototypes(store: EnrollmentStore, distance: str, threshold: float | None) -> PrototypeHead:
+    """A store's prototypes with the "unknown" test at `threshold`: what every kind decides "unknown" with."""
+    return PrototypeHead.from_embeddings(store.embeddings, store.labels, store.class_names, distance=distance,
+                                         threshold=threshold)

@@ -626,7 +626,7 @@ def test_check_labels_fast_path_accepts_no_character_the_full_test_refuses():
     the per-character test says no."""
     import sys
 
-    from edgemeta.runtime.store import _printable
+    from edgemeta.runtime.store.labels import _printable
 
     assert not [hex(i) for i in range(sys.maxunicode + 1) if chr(i).isprintable() and not _printable(chr(i))]
 

@@ -1,28 +1,5 @@
-"""The on-device enrollment store: which classes are known, from which support embeddings.
+"""The enrollment store: which classes are known, from which support embeddings (the file: store/format.py).
 
-One folder holding one ``store.npz`` (arrays only, read with allow_pickle=False):
-    embeddings   (n, dim) float32  support embeddings, one row per enrolled sample
-    labels       (n,) int32        index into class_names
-    class_names  (c,) str          labels are data, never used as file names
-    samples      (n, H, W, C) uint8, optional: the preprocessed samples themselves, so classes
-                 can be re-enrolled after a model upgrade
-    meta         () str            JSON: format, backbone identity, timestamps, and optionally
-                 "adapt" {steps, lr} (the store's head-adaptation setting), "head" {init, steps, key}
-                 and "open_set" (the store's own unknown test: OPEN_SET_MODES, runtime/heads/open_set.py)
-    sample_ids   (n, 16) uint8, optional: the first 16 bytes of each sample's pixels' sha256 (zeros: not
-                 known, an older store), so the same image is not enrolled twice
-    query_embeddings (n, dim) float32, when the model's head enrolls with support views (backbone
-                 "support_shift" above 0): each sample's one-view embedding, as a query's; the open-set
-                 calibration asks these, the prototypes average the support views in `embeddings`
-    negatives    (m, dim) float32, optional: "none of these" samples, never a class: they only teach
-                 the open-set calibration what a stranger looks like (negative_samples: their pixels,
-                 kept when the store keeps samples)
-    head_*       optional: the linear head the store is classified with: its spec (head_rates_w,
-                 head_rates_b, head_w0, head_b0 as in a model's head.npz) and its adapted weights
-                 head_w (dim, c), head_b (c,), recomputed on every save; `key` hashes what they were
-                 computed from, so a head left stale (an older edgemeta rewrote the store) is recomputed
-                 (runtime/heads/linear.py reads, writes and checks them).
-Stores without these keys (older ones) load as before, with nothing to adapt.
 Every change rewrites the file to a temporary name, fsyncs it and renames it over the old one
 (then fsyncs the folder): a crash at any moment leaves the last good store. Writers take an
 exclusive lock, so an agent and a command line can share a store. A writer killed mid-write leaves
@@ -34,12 +11,8 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
-import hashlib
 import json
-import math
 import os
-import re
-import unicodedata
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -50,157 +23,32 @@ import numpy as np
 from edgemeta.arrays import load_npz
 from edgemeta.atomic import fsync_dir, write_atomic
 from edgemeta.errors import EdgemetaError, denied
-from edgemeta.preprocess import IMAGE_SIZES
 from edgemeta.runtime.heads import linear
 from edgemeta.runtime.heads.linear import LinearHeadSpec
-from edgemeta.runtime.heads.open_set import check_setting, recalibrate
-from edgemeta.runtime.schema import MAX_ABS_VALUE, MAX_EMBEDDING_DIM, Doc, Obj, array, show
+from edgemeta.runtime.heads.open_set import recalibrate
+from edgemeta.runtime.schema import Doc
+from edgemeta.runtime.store.format import (
+    ARCHIVE_DIR,
+    HEAD_PREFIX,
+    LOCK_FILE,
+    SAMPLE_ID_BYTES,
+    STORE_FILE,
+    STORE_FIX,
+    STORE_FORMAT,
+    TMP_NAME,
+    TMP_PREFIX,
+    TMP_SUFFIX,
+    check_adapt,
+    check_finite,
+    read_store,
+)
+from edgemeta.runtime.store.labels import check_label
 
-STORE_FILE = "store.npz"
-LOCK_FILE = ".lock"
-TMP_PREFIX, TMP_SUFFIX = ".store.", ".npz.tmp"
-# The names tempfile.mkstemp gives save()'s temporary files (8 characters of [a-z0-9_]): only files of
-# exactly this form are ever removed (the kill tests in tests/test_runtime.py check that they still match).
-TMP_NAME = re.compile(re.escape(TMP_PREFIX) + r"[a-z0-9_]{8}" + re.escape(TMP_SUFFIX))
-STORE_FORMAT = 1  # the head keys are optional, so format-1 readers and writers still get along
-MAX_LABEL = 128
-MAX_ADAPT_STEPS = 1000
-HEAD_PREFIX = "head_"
-ARCHIVE_DIR = "archive"  # stores replaced by `new_store`, kept for the user
-STORE_FIX = "restore it from a backup or start a new store"
-SAMPLE_ID_BYTES = 16
-MAX_SUPPORT_SHIFT = IMAGE_SIZES[1] // 4  # as the manifest allows: a quarter of the image side
-
-
-def sample_ids(images: np.ndarray) -> np.ndarray:
-    """(n, SAMPLE_ID_BYTES) uint8: what tells two preprocessed samples apart (the same pixels, the same id)."""
-    out = np.zeros((len(images), SAMPLE_ID_BYTES), np.uint8)
-    for i, img in enumerate(images):
-        h = hashlib.sha256(repr(img.shape).encode())
-        h.update(np.ascontiguousarray(img, dtype=np.uint8).tobytes())
-        out[i] = np.frombuffer(h.digest()[:SAMPLE_ID_BYTES], np.uint8)
-    return out
 T = TypeVar("T")
-
-
-def check_label(label: str) -> str:
-    label = label.strip() if isinstance(label, str) else ""
-    if not label:
-        raise EdgemetaError("a label must not be empty")
-    # str.isprintable (C speed) implies _printable for every character; only a label it refuses (ZWJ,
-    # no-break spaces, private use) needs the per-character test
-    if len(label) > MAX_LABEL or not (label.isprintable() or all(_printable(c) for c in label)):
-        raise EdgemetaError(f"label {label[:40]!r} is not allowed: at most {MAX_LABEL} printable characters")
-    return label
-
-
-# Bidirectional embeddings, overrides and isolates: they make a label print as another one.
-_BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-
-
-def _printable(c: str) -> bool:
-    """Not a control (C0, DEL, C1), a lone surrogate (not text: it cannot be written as UTF-8), a
-    line or paragraph separator, or a bidi control. Other format characters (ZWJ in emoji) are allowed."""
-    return unicodedata.category(c) not in ("Cc", "Cs", "Zl", "Zp") and c not in _BIDI
-
-
-def check_adapt(steps, lr=None) -> tuple[int, float | None]:
-    """A head-adaptation setting: steps an integer in [0, MAX_ADAPT_STEPS], lr None or a finite positive number."""
-    if not isinstance(steps, int) or isinstance(steps, bool) or not 0 <= steps <= MAX_ADAPT_STEPS:
-        raise EdgemetaError(f"adaptation steps must be an integer from 0 (off) to {MAX_ADAPT_STEPS}, got {steps!r}")
-    if lr is not None and (not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0):
-        raise EdgemetaError(f"the adaptation learning rate must be a finite positive number, got {lr!r}")
-    return steps, None if lr is None else float(lr)
-
-
-def _check_finite(embeddings: np.ndarray) -> None:
-    """What a store takes must be what it can read back (read_store's limits)."""
-    if not np.isfinite(embeddings).all() or (embeddings.size and np.abs(embeddings).max() > MAX_ABS_VALUE):
-        raise EdgemetaError(f"the model gave NaN, infinite or huge (beyond ±{MAX_ABS_VALUE:g}) embeddings for these "
-                            "samples; nothing was written: check the model (re-export it) and the samples")
 
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def read_store(doc: Doc, arrays: dict[str, np.ndarray]) -> tuple[dict, np.ndarray, np.ndarray, list[str], np.ndarray | None,
-                                                           LinearHeadSpec | None, dict[str, np.ndarray],
-                                                           tuple[np.ndarray, np.ndarray | None] | None,
-                                                           np.ndarray | None]:
-    """A store's arrays checked against the format above (the module docstring): (meta, embeddings float32,
-    labels int32, class_names, samples, head spec, head arrays, (negatives, their samples) or None, query
-    embeddings or None). Every failure names the file and the key."""
-    text = array(doc, "meta", arrays.get("meta"), "str", ())
-    try:
-        meta = json.loads(str(text))
-    except (ValueError, RecursionError):
-        raise doc.error("meta", "is not valid JSON") from None
-    top = Obj(doc, meta, "meta")
-    fmt = meta.get("format")
-    if type(fmt) is not int or fmt != STORE_FORMAT:
-        raise EdgemetaError(f"{doc.name} has store format {show(fmt)}, this edgemeta reads {STORE_FORMAT}")
-    backbone = top.obj("backbone")
-    for key in ("model", "variant", "sha256"):
-        backbone.get(key, str)
-    backbone.get("model_path", str, default=None)
-    dim = backbone.get("embedding_dim", int, min=1, max=MAX_EMBEDDING_DIM)
-    views = backbone.get("support_shift", int, default=0, min=0, max=MAX_SUPPORT_SHIFT) > 0
-    top.get("created", str, default=None)
-    top.get("updated", str, default=None)
-    if meta.get("adapt") is not None:  # absent or null: no adaptation
-        adapt = top.obj("adapt")
-        adapt.get("steps", int, min=0, max=MAX_ADAPT_STEPS)
-        lr = adapt.get("lr", float, default=None, nullable=True)
-        if lr is not None and lr <= 0:
-            raise doc.error("meta.adapt.lr", f"must be a positive number or null, got {show(lr)}")
-    head_meta = top.obj("head", default=None)
-    if head_meta is not None:
-        head_meta.get("key", str, default=None)
-    check_setting(top.obj("open_set", default=None))
-
-    emb = array(doc, "embeddings", arrays.get("embeddings"), "float", (None, dim), finite=True)
-    labels = array(doc, "labels", arrays.get("labels"), "int", (len(emb),))
-    names = [str(n) for n in array(doc, "class_names", arrays.get("class_names"), "str", (None,))]
-    seen: set[str] = set()  # a set: scanning the earlier names made a 10000-class store take 0.8 s to open
-    for i, name in enumerate(names):
-        try:
-            ok = check_label(name) == name
-        except EdgemetaError:
-            ok = False
-        if not ok or name in seen:
-            why = "repeats an earlier class" if ok else "is not a valid label"
-            raise doc.error(f"class_names[{i}]", f"{why}, got {show(name)}")
-        seen.add(name)
-    # range before the cast to int32, which would wrap a large index into range
-    if len(labels) and (labels.min() < 0 or labels.max() >= len(names)):
-        raise doc.error("labels", f"must be class indices from 0 to {len(names) - 1}, got {labels.min()} to {labels.max()}")
-    counts = np.bincount(labels.astype(np.intp), minlength=len(names))  # intp: int32 on a 32-bit board, where int64 is refused
-    if len(names) and counts.min() == 0:
-        raise doc.error("labels", f"must give every class a sample, class {names[int(counts.argmin())]!r} has none")
-    samples = arrays.get("samples")
-    if samples is not None:
-        array(doc, "samples", samples, "uint8", (len(emb), None, None, None))
-    queries = arrays.get("query_embeddings")
-    if views and queries is None:
-        raise doc.error("query_embeddings", "is missing (the store's model enrolls with support views)")
-    if queries is not None:
-        if not views:
-            raise doc.error("query_embeddings", "is there, but the store's model enrolls without support views")
-        queries = array(doc, "query_embeddings", queries, "float", (len(emb), dim), finite=True).astype(np.float32)
-    head = {k[len(HEAD_PREFIX):]: v for k, v in arrays.items() if k.startswith(HEAD_PREFIX)}
-    spec = linear.read_stored(doc, head_meta, head, dim, HEAD_PREFIX)
-    if "sample_ids" in arrays:
-        array(doc, "sample_ids", arrays["sample_ids"], "uint8", (len(emb), SAMPLE_ID_BYTES))
-    negatives = None
-    if "negatives" in arrays:
-        neg = array(doc, "negatives", arrays["negatives"], "float", (None, dim), finite=True)
-        neg_samples = arrays.get("negative_samples")
-        if neg_samples is not None:
-            shape = (len(neg), *samples.shape[1:]) if samples is not None else (len(neg), None, None, None)
-            array(doc, "negative_samples", neg_samples, "uint8", shape)
-        negatives = (neg.astype(np.float32), neg_samples)
-    return meta, emb.astype(np.float32), labels.astype(np.int32), names, samples, spec, head, negatives, queries
 
 
 class EnrollmentStore:
@@ -285,18 +133,18 @@ class EnrollmentStore:
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
             why = str(e)[:160] if isinstance(e, ValueError) else type(e).__name__
             raise EdgemetaError(f"{path} is damaged ({why}); {STORE_FIX}") from None
-        meta, emb, labels, names, samples, spec, head, negatives, queries = read_store(Doc(str(path), STORE_FIX), arrays)
-        store = cls(folder, meta, emb, labels, names, samples)
-        store.query_embeddings = queries
-        store.head_spec, store.head_w, store.head_b = spec, head.get("w"), head.get("b")
-        if "sample_ids" in arrays:
-            store.sample_ids = arrays["sample_ids"]
-        if negatives is not None:
-            store.negatives = negatives[0]
+        got = read_store(Doc(str(path), STORE_FIX), arrays)
+        store = cls(folder, got.meta, got.embeddings, got.labels, got.class_names, got.samples)
+        store.query_embeddings = got.query_embeddings
+        store.head_spec, store.head_w, store.head_b = got.head_spec, got.head.get("w"), got.head.get("b")
+        if got.sample_ids is not None:
+            store.sample_ids = got.sample_ids
+        if got.negatives is not None:
+            store.negatives = got.negatives[0]
             if store.samples is not None:
-                if negatives[1] is None:  # a store keeping samples keeps its negatives' too: re-enrollment needs them
+                if got.negatives[1] is None:  # a store keeping samples keeps its negatives' too: re-enrollment needs them
                     raise Doc(str(path), STORE_FIX).error("negative_samples", "is missing (this store keeps samples)")
-                store.negative_samples = negatives[1]
+                store.negative_samples = got.negatives[1]
         return store
 
     @staticmethod
@@ -403,13 +251,13 @@ class EnrollmentStore:
             raise EdgemetaError(f"embeddings of shape {embeddings.shape} do not fit this store (dim {self.embeddings.shape[1]})")
         if not len(embeddings):  # a class without samples has no prototype
             raise EdgemetaError(f"no samples to enroll as {label!r}; give at least one")
-        _check_finite(embeddings)
+        check_finite(embeddings)
         if (queries is None) != (self.query_embeddings is None) or (queries is not None and queries.shape != embeddings.shape):
             raise EdgemetaError("this store's backbone enrolls with support views: give each sample's one-view embedding "
                                 "along with its support embedding" if self.query_embeddings is not None else
                                 "this store's backbone enrolls without support views: give no one-view embeddings")
         if queries is not None:
-            _check_finite(queries)
+            check_finite(queries)
             self.query_embeddings = np.concatenate([self.query_embeddings, queries.astype(np.float32)])
         if label not in self.class_names:
             self.class_names.append(label)
@@ -457,7 +305,7 @@ class EnrollmentStore:
         """Add "none of these" samples (for the open-set calibration only); returns how many the store has."""
         if embeddings.ndim != 2 or embeddings.shape[1] != self.embeddings.shape[1] or not len(embeddings):
             raise EdgemetaError(f"no negative samples of this store's dimension {self.embeddings.shape[1]} to add")
-        _check_finite(embeddings)
+        check_finite(embeddings)
         self.negatives = np.concatenate([self.negatives, embeddings.astype(np.float32)])
         if self.negative_samples is not None:
             if samples is None or samples.shape[1:] != self.negative_samples.shape[1:]:
@@ -485,13 +333,13 @@ class EnrollmentStore:
                            queries: np.ndarray | None = None) -> None:
         """After re-embedding the kept samples (and negative samples) with another backbone; `queries`: the
         samples' one-view embeddings when that backbone enrolls with support views, else None."""
-        _check_finite(embeddings)
+        check_finite(embeddings)
         if queries is not None:
-            _check_finite(queries)
+            check_finite(queries)
         self.query_embeddings = None if queries is None else queries.astype(np.float32)
         self.embeddings = embeddings.astype(np.float32)
         if negatives is not None:
-            _check_finite(negatives)
+            check_finite(negatives)
             self.negatives = negatives.astype(np.float32)
         self.meta["backbone"] = backbone
 

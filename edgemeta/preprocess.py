@@ -34,6 +34,7 @@ from PIL import Image, UnidentifiedImageError
 
 from edgemeta.arrays import load_npy
 from edgemeta.errors import EdgemetaError
+from edgemeta.pixels import ALPHA, SIXTEEN, to_mode
 from edgemeta.runtime.schema import Doc, Obj
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
@@ -54,9 +55,7 @@ IMAGE_SIZES = (8, 512)  # the smallest and largest square side a model input may
 # Bumped when the same file decodes to other pixels (caches of decoded datasets key on it).
 DECODE_VERSION = 2
 
-_SIXTEEN = {"I;16", "I;16B", "I;16L", "I;16N"}
-_ALPHA = {"RGBA", "RGBa", "LA", "La", "PA"}
-_MODES = {"1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "I", "F"} | _SIXTEEN | _ALPHA
+_MODES = {"1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "I", "F"} | SIXTEEN | ALPHA
 # EXIF orientation -> the transpose that makes the image upright (as ImageOps.exif_transpose does)
 _ORIENT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
@@ -151,7 +150,7 @@ class Preprocess:
         orientation: the file's EXIF orientation (1-8); its transpose is applied to the converted 8-bit
         image, which is cheaper than, and pixel for pixel the same as, ImageOps.exif_transpose first.
         """
-        img = _to_mode(img, "L" if self.channels == 1 else "RGB", self.background)
+        img = to_mode(img, "L" if self.channels == 1 else "RGB", self.background)
         if orientation in _ORIENT:
             img = img.transpose(_ORIENT[orientation])
         if img.size != (self.image_size, self.image_size):
@@ -289,73 +288,6 @@ def _orientation(img: Image.Image) -> int:
         return value if isinstance(value, int) else 1
     except Exception:  # EXIF parsing of user files raises anything; the pixels still decode
         return 1
-
-
-def _to_mode(img: Image.Image, target: str, background: int) -> Image.Image:
-    """Any supported Pillow image -> mode target ("L" or "RGB"), keeping what it shows."""
-    mode = img.mode
-    if mode in _SIXTEEN or mode in ("I", "F"):
-        gray = _deep_to_l(img)
-        return gray if target == "L" else gray.convert("RGB")
-    if mode in _ALPHA or "transparency" in img.info:
-        with_alpha = "LA" if mode in ("LA", "La") else "RGBA"
-        if mode != with_alpha:
-            img = img.convert(with_alpha)  # palette/key transparency, premultiplied alpha -> straight alpha
-        alpha = img.getchannel("A")
-        color = img.convert(target)  # drops the alpha
-        if alpha.getextrema()[0] == 255:
-            return color
-        base = Image.new(target, img.size, background if target == "L" else (background,) * 3)
-        base.paste(color, mask=alpha)  # color * a + background * (1 - a)
-        return base
-    if mode == target:
-        return img
-    if mode == "LAB" and target == "L":
-        try:
-            return img.convert("RGB").convert("L")
-        except ValueError:  # Pillow without LAB -> RGB: its lightness channel
-            return img.getchannel("L")
-    return img.convert(target)
-
-
-def _deep_to_l(img: Image.Image) -> Image.Image:
-    """16/32-bit integer or float grayscale -> 8 bits, scaled by the bit depth (I;16: v / 257, rounded).
-
-    Float images are taken as [0, 1] (the convention of float TIFF/PFM); NaN counts as 0.
-    """
-    if img.mode == "F":
-        a = np.array(img, dtype=np.float32)
-        np.nan_to_num(a, copy=False, nan=0.0, posinf=1.0, neginf=0.0)
-        np.clip(a, 0.0, 1.0, out=a)
-        a *= 255.0
-        np.rint(a, out=a)
-        return Image.fromarray(a.astype(np.uint8), "L")
-    bits = _bit_depth(img)
-    top = (1 << bits) - 1
-    a = np.array(img)
-    if not (a.dtype.kind == "u" and a.dtype.itemsize == 2 and top == 65535):  # else every uint16 is in range
-        np.clip(a, 0, top, out=a)
-    if top <= 65535:
-        lut = np.rint(np.arange(top + 1, dtype=np.float64) * (255.0 / top)).astype(np.uint8)
-        out = lut[a]
-    else:
-        out = (a >> (bits - 8)).astype(np.uint8)
-    return Image.fromarray(np.ascontiguousarray(out), "L")
-
-
-def _bit_depth(img: Image.Image) -> int:
-    """Bits per sample of a 16/32-bit grayscale image: a TIFF says (BitsPerSample); PNG and PNM samples
-    are 16-bit whether Pillow opens them as I;16 or as I."""
-    limit = 16 if img.mode in _SIXTEEN else 31
-    if img.format == "TIFF":
-        try:
-            bits = img.tag_v2.get(258)
-            bits = bits[0] if isinstance(bits, tuple) else bits
-            if isinstance(bits, int) and 8 <= bits:
-                return min(bits, limit)
-        except Exception:  # a damaged tag: assume the mode's depth
-            pass
-    return 16
 
 
 def _pixels(n: int) -> str:

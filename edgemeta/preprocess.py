@@ -35,7 +35,7 @@ from PIL import Image, UnidentifiedImageError
 from edgemeta.arrays import load_npy
 from edgemeta.errors import EdgemetaError
 from edgemeta.pixels import ALPHA, SIXTEEN, to_mode
-from edgemeta.runtime.schema import Doc, Obj
+from edgemeta.schema import Doc, Obj
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
 # The Pillow formats tried, the ones IMAGE_SUFFIXES name (JPEG includes multi-picture MPO files).

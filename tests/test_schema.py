@@ -1,4 +1,4 @@
-"""Manifests and stores are checked against their schema as they are read (edgemeta/runtime/schema.py):
+"""Manifests and stores are checked against their schema as they are read (edgemeta/schema.py):
 a damaged or hand-edited one is one error line naming the file and the field (exit 2 from the CLI, an
 error answer from the agent), and a failed operation never rewrites the store."""
 
@@ -518,7 +518,7 @@ def test_random_store_damage_loads_or_is_one_line(good_store, tmp_path_factory, 
 
 
 def test_schema_helpers():
-    from edgemeta.runtime.schema import Doc, Obj, array
+    from edgemeta.schema import Doc, Obj, array
 
     doc = Doc("f.json", "fix it")
     o = Obj(doc, {"n": 2, "x": 1.5, "b": False, "s": "a", "z": None})

@@ -45,8 +45,8 @@ from edgemeta.runtime import heads
 from edgemeta.runtime.heads.prototype import Prototype
 from edgemeta.runtime.interpreter import Embedder, interpreter_module, runtime_version
 from edgemeta.runtime.manifest import MANIFEST_FILE, sha256_file
-from edgemeta.runtime.schema import Doc, Obj
 from edgemeta.runtime.tflite_info import read_structure
+from edgemeta.schema import Doc, Obj
 
 BOARD_HEADS = ("auto", "own", heads.PROTOTYPE)  # a head chosen on validation: the method's own, or the nearest prototype
 VARIANTS = ("float32", "dynamic_range", "int8", "int8_static")

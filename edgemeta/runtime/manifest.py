@@ -22,7 +22,7 @@ from edgemeta.files import open_regular, read_regular
 from edgemeta.preprocess import Preprocess
 from edgemeta.runtime import heads
 from edgemeta.runtime.heads.common import DISTANCES
-from edgemeta.runtime.schema import MAX_EMBEDDING_DIM, Doc, Obj, show
+from edgemeta.schema import MAX_EMBEDDING_DIM, Doc, Obj, show
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 2  # the newest; every format in READ_FORMATS is read
@@ -103,7 +103,7 @@ class Manifest:
 def read_manifest(folder_or_file: str | Path) -> Manifest:
     """Read and check a manifest (the folder holding manifest.json, or the file itself), and its head.
 
-    Every key the runtime uses is checked here (runtime/schema.py): a bad one is one EdgemetaError line
+    Every key the runtime uses is checked here (schema.py): a bad one is one EdgemetaError line
     naming the file and the key."""
     p = Path(folder_or_file)
     path = p / MANIFEST_FILE if p.is_dir() else p

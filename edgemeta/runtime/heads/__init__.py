@@ -40,8 +40,8 @@ if TYPE_CHECKING:  # numpy too: the CLI reads PROTOTYPE from here without it
     from edgemeta.runtime.heads.common import Classifier
     from edgemeta.runtime.heads.linear import LinearHeadSpec
     from edgemeta.runtime.manifest import Variant
-    from edgemeta.runtime.schema import Obj
     from edgemeta.runtime.store import EnrollmentStore
+    from edgemeta.schema import Obj
 
 # The head of a manifest without a head section (format 1), the one every kind's "unknown" test uses,
 # and the board head export may choose instead of a method's own.

@@ -37,7 +37,7 @@ from edgemeta.errors import EdgemetaError
 from edgemeta.runtime.heads import ExportContext, Head, ModelFacts, register
 from edgemeta.runtime.heads.common import PrototypeHead, answers, prototypes, store_prototypes
 from edgemeta.runtime.manifest import sha256_file
-from edgemeta.runtime.schema import MAX_ABS_VALUE, Doc, Obj, array
+from edgemeta.schema import MAX_ABS_VALUE, Doc, Obj, array
 
 if TYPE_CHECKING:
     from edgemeta.runtime.heads.common import Classifier

@@ -32,7 +32,7 @@ import numpy as np
 
 from edgemeta.errors import EdgemetaError
 from edgemeta.runtime.heads.common import DISTANCES, class_sums, prototypes
-from edgemeta.runtime.schema import MAX_ABS_VALUE, Obj
+from edgemeta.schema import MAX_ABS_VALUE, Obj
 
 if TYPE_CHECKING:
     from edgemeta.runtime.store import EnrollmentStore

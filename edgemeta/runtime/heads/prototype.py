@@ -21,8 +21,8 @@ from edgemeta.runtime.heads.linear import LinearHeadSpec, describe_adapted, over
 
 if TYPE_CHECKING:
     from edgemeta.runtime.heads.common import Classifier
-    from edgemeta.runtime.schema import Obj
     from edgemeta.runtime.store import EnrollmentStore
+    from edgemeta.schema import Obj
 
 # Proto-MAML's rate for prototype models. A step moves the logits by about lr * |x|^2 times the
 # support residual (at most 1); |x|^2 is 85-113 on the shipped models, so 0.01 moves them by at most

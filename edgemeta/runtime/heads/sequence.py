@@ -32,13 +32,13 @@ from edgemeta.errors import EdgemetaError
 from edgemeta.runtime.heads import ExportContext, Head, ModelFacts, ScoreFn, adaptation_is_for, register
 from edgemeta.runtime.heads.common import answers, store_prototypes
 from edgemeta.runtime.manifest import sha256_file
-from edgemeta.runtime.schema import show
+from edgemeta.schema import show
 
 if TYPE_CHECKING:
     from edgemeta.runtime.heads.common import Classifier, PrototypeHead
     from edgemeta.runtime.manifest import Variant
-    from edgemeta.runtime.schema import Obj
     from edgemeta.runtime.store import EnrollmentStore
+    from edgemeta.schema import Obj
 
 SEQUENCE_QUANTIZATIONS = ("float32", "int8")
 MAX_SEQUENCE = 4096  # support positions a sequence graph may have (host/methods/snail.py allows as many)

@@ -26,7 +26,6 @@ from edgemeta.errors import EdgemetaError, denied
 from edgemeta.runtime.heads import linear
 from edgemeta.runtime.heads.linear import LinearHeadSpec
 from edgemeta.runtime.heads.open_set import recalibrate
-from edgemeta.runtime.schema import Doc
 from edgemeta.runtime.store.format import (
     ARCHIVE_DIR,
     HEAD_PREFIX,
@@ -43,6 +42,7 @@ from edgemeta.runtime.store.format import (
     read_store,
 )
 from edgemeta.runtime.store.labels import check_label
+from edgemeta.schema import Doc
 
 T = TypeVar("T")
 

@@ -44,8 +44,8 @@ from edgemeta.preprocess import IMAGE_SIZES
 from edgemeta.runtime.heads import linear
 from edgemeta.runtime.heads.linear import LinearHeadSpec
 from edgemeta.runtime.heads.open_set import check_setting
-from edgemeta.runtime.schema import MAX_ABS_VALUE, MAX_EMBEDDING_DIM, Doc, Obj, array, show
 from edgemeta.runtime.store.labels import check_label
+from edgemeta.schema import MAX_ABS_VALUE, MAX_EMBEDDING_DIM, Doc, Obj, array, show
 
 STORE_FILE = "store.npz"
 LOCK_FILE = ".lock"

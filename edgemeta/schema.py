@@ -1,4 +1,4 @@
-"""Typed reading of the documents the board trusts: manifests, store metadata and their arrays.
+"""Typed reading of the documents edgemeta trusts: manifests, store metadata and their arrays, and configurations.
 
 Every value the runtime takes from a manifest.json, a head.npz or a store.npz comes out through a
 getter here that checks its type, shape and range, so a damaged or hand-edited file is refused as

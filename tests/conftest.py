@@ -13,6 +13,20 @@ SHARED_OMNIGLOT = REPO.parent / "shared" / "data" / "omniglot"
 SAMPLE = REPO / "samples" / "omniglot"
 
 
+# What a test needs beyond the Python packages, as markers, so the fast core runs alone:
+#   pytest -m "not sshd and not qemu and not tf and not slow"
+# A test is marked by the fixtures it uses (the lab is a real sshd, `exported` trains with TensorFlow...);
+# test files that are TensorFlow, sshd or qemu throughout say so with their own `pytestmark`.
+MARKS_OF_FIXTURES = {"lab": "sshd", "exported": "tf", "snail_exported": "tf", "trained": "tf"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for fixture, mark in MARKS_OF_FIXTURES.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(mark)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
     """Every test session decodes into its own cache folder (and never touches ~/.cache), and signs

@@ -46,13 +46,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from edgemeta.deploy.board_ops import INSTALLED  # noqa: E402
+from edgemeta.deploy.board_ops import INSTALLED, zipapp_file  # noqa: E402
 from edgemeta.errors import EdgemetaError  # noqa: E402
 from edgemeta.runtime.store import LOCK_FILE, STORE_FILE, TMP_NAME, EnrollmentStore  # noqa: E402
 
 MODELS = [REPO / "models" / "omniglot-conv4", REPO / "models" / "omniglot-vinyals-conv4"]
 SAMPLES = sorted((REPO / "samples" / "omniglot").glob("*/*.png"))
-BOARD_OPS = REPO / "edgemeta" / "deploy" / "board_ops.py"
+BOARD_OPS = zipapp_file()  # the board-side operations as deploy uploads them: a zip application (in a temporary folder)
 
 # `edgemeta ARGS` with edgemeta.atomic.write_atomic wrapped: its $EDGEMETA_KILL_WRITE-th call (1 by
 # default) SIGKILLs the process at $EDGEMETA_KILL_AT: "bytes:K" (after K bytes of the temporary file;
@@ -95,7 +95,7 @@ sys.argv = ["edgemeta", *sys.argv[1:]]
 runpy.run_module("edgemeta", run_name="__main__", alter_sys=True)
 """
 
-# `board_ops.py ARGS` SIGKILLed before or after ($EDGEMETA_KILL_WHEN) its $EDGEMETA_KILL_EVENT-th call
+# `board_ops.pyz ARGS` SIGKILLed before or after ($EDGEMETA_KILL_WHEN) its $EDGEMETA_KILL_EVENT-th call
 # of os.symlink, os.replace or os.fsync: the calls by which activation changes the board.
 KILL_IN_SWITCH = r"""
 import os, runpy, signal, sys

@@ -1,6 +1,6 @@
 """Atomic file replacement, the one implementation every writer uses (standard library only, so
-the board side and firmware_tools can import it; ``deploy/board_ops.py`` runs on a bare board
-before edgemeta is installed and keeps its own small copy).
+the board side and firmware_tools can import it; the board-side operations, which run on a bare
+board before edgemeta is installed, carry it in their zip application: deploy/board_ops.py).
 
 Write to a temporary file in the same folder, fsync it, rename it over the target, then fsync the
 folder so the rename itself survives a power cut: a crash at any point leaves the old content or

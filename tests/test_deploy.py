@@ -32,7 +32,7 @@ def deploy(lab, *args):
 
 
 def status(lab, board):
-    p = lab.ssh(board, "python3 $HOME/.edgemeta-ops.py status")
+    p = lab.ssh(board, "python3 $HOME/.edgemeta-ops.pyz status")
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
@@ -264,7 +264,7 @@ def receive_over_ssh(lab, board, bundle: Path) -> subprocess.CompletedProcess:
     """`board_ops.py receive` fed the bundle's tar stream over ssh, as deploy feeds it, but with none of
     the host's checks before it: what the board itself takes."""
     rid = json.loads((bundle / "BUNDLE.json").read_text())["release"]
-    return subprocess.run(["ssh", "-F", str(lab.ssh_config), "--", board.alias, f"python3 $HOME/.edgemeta-ops.py receive {rid}"],
+    return subprocess.run(["ssh", "-F", str(lab.ssh_config), "--", board.alias, f"python3 $HOME/.edgemeta-ops.pyz receive {rid}"],
                           input=tar_stream(bundle), capture_output=True, timeout=300, text=False)
 
 
@@ -278,11 +278,11 @@ def test_a_bad_release_id_is_refused_in_one_line(lab, bundle, tmp_path):
         assert "is not a valid release id" in p.stderr
     assert not board.root.exists()  # refused before any board was reached
     # the board checks too, before any path is made from it
-    ops = Path(board_ops.__file__).read_bytes()
-    subprocess.run(["ssh", "-F", str(lab.ssh_config), "--", board.alias, "cat > .edgemeta-ops.py"], input=ops, check=True)
+    ops = board_ops.zipapp_bytes()  # what deploy uploads
+    subprocess.run(["ssh", "-F", str(lab.ssh_config), "--", board.alias, "cat > .edgemeta-ops.pyz"], input=ops, check=True)
     for args in ("receive a/b", "receive ../x", "receive .x", "install ../../etc", "activate a/b", "health ../x", "prune two",
                  "receive", "activate a b"):
-        p = lab.ssh(board, f"python3 $HOME/.edgemeta-ops.py {args} </dev/null")
+        p = lab.ssh(board, f"python3 $HOME/.edgemeta-ops.pyz {args} </dev/null")
         assert p.returncode == 2 and p.stderr == "" and len(p.stdout.strip().splitlines()) == 1, (args, p.stdout, p.stderr)
         assert json.loads(p.stdout)["error"].startswith(("invalid release id", "usage: ", "prune: keep")), p.stdout
     assert not (board.root / ".lock").exists()  # refused before anything was touched
@@ -551,8 +551,8 @@ def test_ed25519_verify_agrees_with_the_cryptography_package(seed, message, flip
 
 
 def ops(root: Path, *args: str, stdin: bytes = b"") -> tuple[int, dict]:
-    """board_ops.py ARGS on a board root here: (exit status, its one JSON line)."""
-    p = subprocess.run([sys.executable, board_ops.__file__, *args], input=stdin, capture_output=True, timeout=120,
+    """board_ops.pyz ARGS on a board root here: (exit status, its one JSON line)."""
+    p = subprocess.run([sys.executable, str(board_ops.zipapp_file()), *args], input=stdin, capture_output=True, timeout=120,
                        env={**os.environ, "EDGEMETA_ROOT": str(root)})
     lines = p.stdout.decode().strip().splitlines()
     assert p.stderr == b"" and len(lines) == 1, (args, p.stdout, p.stderr)  # one line, no traceback
@@ -691,9 +691,9 @@ def test_fleet_with_bad_hosts_and_a_cut_transfer(lab, bundle, exported, tmp_path
         f.write("Host gone\n  HostName 127.0.0.1\n  Port 9\n  ConnectTimeout 3\n\n")
     # a transfer cut midway is refused in one line and leaves nothing behind
     data = subprocess.run(["tar", "-C", str(bundle), "-cf", "-", "."], capture_output=True).stdout
-    ops = (Path(__file__).parents[1] / "edgemeta/deploy/board_ops.py").read_bytes()
-    subprocess.run(["ssh", "-F", str(lab.ssh_config), ok1.alias, "cat > .edgemeta-ops.py"], input=ops, check=True)
-    cut = subprocess.run(["ssh", "-F", str(lab.ssh_config), ok1.alias, "python3 $HOME/.edgemeta-ops.py receive cut"],
+    ops = board_ops.zipapp_bytes()
+    subprocess.run(["ssh", "-F", str(lab.ssh_config), ok1.alias, "cat > .edgemeta-ops.pyz"], input=ops, check=True)
+    cut = subprocess.run(["ssh", "-F", str(lab.ssh_config), ok1.alias, "python3 $HOME/.edgemeta-ops.pyz receive cut"],
                          input=data[: len(data) // 2], capture_output=True)
     assert cut.returncode == 3 and b"ended early" in cut.stdout and cut.stderr == b"", cut
     assert not list((ok1.root / "releases").iterdir())
@@ -891,7 +891,7 @@ def test_an_upload_cut_short_is_refused_in_one_line_and_leaves_no_release(tmp_pa
     import io
     import tarfile
 
-    from edgemeta.deploy.ssh import OPS
+    from edgemeta.deploy.board_ops import zipapp_file
 
     bundle = build_bundle("generic-x86_64", Path(__file__).resolve().parents[1] / "models" / "omniglot-conv4", tmp_path / "b")
     buf = io.BytesIO()
@@ -907,8 +907,8 @@ def test_an_upload_cut_short_is_refused_in_one_line_and_leaves_no_release(tmp_pa
 
     def receive(stream: bytes, root: Path, rid: str = "r1") -> subprocess.CompletedProcess:
         env = {**os.environ, "EDGEMETA_ROOT": str(root)}
-        subprocess.run([sys.executable, str(OPS), "trust", key], capture_output=True, timeout=120, env=env, check=True)
-        return subprocess.run([sys.executable, str(OPS), "receive", rid], input=stream, capture_output=True, timeout=120, env=env)
+        subprocess.run([sys.executable, str(zipapp_file()), "trust", key], capture_output=True, timeout=120, env=env, check=True)
+        return subprocess.run([sys.executable, str(zipapp_file()), "receive", rid], input=stream, capture_output=True, timeout=120, env=env)
 
     cuts = {"nothing": 0, "inside the first header": 100, "inside a file's data": members[1].offset_data + 10,
             "at a block boundary inside data": last.offset_data + 1024, "at a member boundary": members[2].offset,
@@ -1004,7 +1004,7 @@ def test_model_only_upgrades_share_a_venv_and_status_rollback_and_roll_forward(l
     p = deploy(lab, "--bundle", str(other), "--host", board.alias)
     assert p.returncode == 0 and "runtime installed in a new venv" in p.stderr, p.stderr
     assert len(list((board.root / "venvs").iterdir())) == 2
-    pruned = json.loads(lab.ssh(board, "python3 $HOME/.edgemeta-ops.py prune 1").stdout)["removed"]
+    pruned = json.loads(lab.ssh(board, "python3 $HOME/.edgemeta-ops.pyz prune 1").stdout)["removed"]
     assert f"venvs/{venvs[0]}" in pruned and sorted(x.name for x in (board.root / "venvs").iterdir()) == [
         json.loads((other / "BUNDLE.json").read_text())["runtime"]]
     assert status(lab, board)["health"]["ok"]
@@ -1101,10 +1101,10 @@ def test_a_half_made_venv_is_removed_and_never_used(tmp_path):
     (rel / "venv").symlink_to("../../venvs/k1")
     (root / "venvs" / "k2").mkdir()  # complete and used by nobody: kept until a prune
     (root / "venvs" / "k2" / ".installed").write_text("")
-    p = subprocess.run([sys.executable, board_ops.__file__, "rollback"], capture_output=True, text=True, timeout=60,
+    p = subprocess.run([sys.executable, str(board_ops.zipapp_file()), "rollback"], capture_output=True, text=True, timeout=60,
                        env={**os.environ, "EDGEMETA_ROOT": str(root)})
     assert p.returncode == 3 and json.loads(p.stdout)["error"] == "no earlier release to roll back to", p.stdout + p.stderr
     assert not rel.exists() and sorted(x.name for x in (root / "venvs").iterdir()) == ["k2"]
-    p = subprocess.run([sys.executable, board_ops.__file__, "prune", "1"], capture_output=True, text=True, timeout=60,
+    p = subprocess.run([sys.executable, str(board_ops.zipapp_file()), "prune", "1"], capture_output=True, text=True, timeout=60,
                        env={**os.environ, "EDGEMETA_ROOT": str(root)})
     assert json.loads(p.stdout)["removed"] == ["venvs/k2"] and not list((root / "venvs").iterdir())

@@ -2,7 +2,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 
 def cli(*args, env=None):
@@ -53,18 +52,21 @@ def test_console_needs_its_password_variable():
 
 
 def test_one_board_root(tmp_path):
-    """$EDGEMETA_ROOT, else ~/.edgemeta: the Python rule, its sh form (commands over ssh) and board_ops.py's copy agree."""
+    """$EDGEMETA_ROOT, else ~/.edgemeta: the Python rule, its sh form (commands over ssh) and the board_ops zip
+    application's (the same module, carried in it) agree."""
+    from edgemeta.deploy.board_ops import zipapp_file
     from edgemeta.runtime.paths import ROOT_SH
 
-    ops_dir = Path(__file__).resolve().parents[1] / "edgemeta" / "deploy"  # board_ops.py runs as a script of its own
+    (tmp_path / "home").mkdir()  # (status looks at the free space there)
     for value in (str(tmp_path / "r"), "", None):
         env = {k: v for k, v in os.environ.items() if k != "EDGEMETA_ROOT"} | {"HOME": str(tmp_path / "home")}
         if value is not None:
             env["EDGEMETA_ROOT"] = value
-        code = ("import json; from edgemeta.runtime.paths import board_root; import board_ops;"
-                "print(json.dumps([str(board_root()), str(board_ops.root())]))")
-        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ops_dir)
+        code = "from edgemeta.runtime.paths import board_root; print(board_root())"
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
         assert p.returncode == 0, p.stderr
-        here, copy = json.loads(p.stdout)
+        board = subprocess.run([sys.executable, "-I", "-S", str(zipapp_file()), "status"], capture_output=True, text=True, env=env)
+        assert board.returncode == 0, board.stdout + board.stderr
+        here, copy = p.stdout.strip(), json.loads(board.stdout)["root"]
         sh = subprocess.run(["sh", "-c", f'{ROOT_SH}; printf %s "$R"'], capture_output=True, text=True, env=env).stdout
         assert here == copy == sh == (value or str(tmp_path / "home" / ".edgemeta"))

@@ -35,7 +35,7 @@ def run(*args, timeout=900):
 
 
 def board_status(lab, board) -> dict:
-    p = lab.ssh(board, "python3 $HOME/.edgemeta-ops.py status")
+    p = lab.ssh(board, "python3 $HOME/.edgemeta-ops.pyz status")
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 

@@ -47,12 +47,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgemeta.deploy.board_ops import BUNDLE_FILE, RELEASE_ID, SIGNATURE_FILE, SIGNED_PREFIX, ed25519_verify, fingerprint
+from edgemeta.deploy.board_ops import BUNDLE_FILE, RELEASE_ID, SIGNATURE_FILE, SIGNED_PREFIX, ed25519_verify, fingerprint, zipapp_bytes
 from edgemeta.errors import EdgemetaError
 from edgemeta.runtime.paths import ROOT_SH
 
-OPS = Path(__file__).with_name("board_ops.py")
-OPS_REMOTE = "$HOME/.edgemeta-ops.py"  # outside ROOT so several roots on one account share it
+OPS_REMOTE = "$HOME/.edgemeta-ops.pyz"  # the board_ops zip application; outside ROOT so several roots on one account share it
+OPS_LEGACY = "$HOME/.edgemeta-ops.py"  # what edgemeta before the zip application uploaded: removed, so nobody runs it by hand
 NO_HOSTS = "no hosts given: pass --host user@board (repeatable) or --hosts FILE"
 # [user@]host, an ~/.ssh/config alias or [user@][IPv6]: never anything ssh could read as an option or a shell could split
 HOST = re.compile(r"(?:[A-Za-z0-9_][A-Za-z0-9._+-]*@)?(?:[A-Za-z0-9_:][A-Za-z0-9._:%-]*|\[[0-9A-Fa-f:.]+(?:%[A-Za-z0-9]+)?\])")
@@ -291,15 +291,18 @@ def _forget(proc: subprocess.Popen) -> None:
         _children.discard(proc)
 
 
-# Writes board_ops.py on the board only once all of it arrived (its sha256), in one rename.
+# Writes the board_ops zip application on the board only once all of it arrived (its sha256), in one
+# rename, then removes an older edgemeta's board_ops.py (argv[3]).
 PUT_OPS = ("import hashlib, os, sys\n"
            "path, data = sys.argv[1], sys.stdin.buffer.read()\n"
            "if hashlib.sha256(data).hexdigest() != sys.argv[2]:\n"
-           "    sys.exit(f'board_ops.py arrived damaged or cut short ({len(data)} bytes): deploy again')\n"
+           "    sys.exit(f'board_ops.pyz arrived damaged or cut short ({len(data)} bytes): deploy again')\n"
            "tmp = f'{path}.{os.getpid()}.tmp'\n"
            "with open(tmp, 'wb') as f:\n"
            "    f.write(data)\n"
-           "os.replace(tmp, path)\n")
+           "os.replace(tmp, path)\n"
+           "if os.path.isfile(sys.argv[3]):\n"
+           "    os.remove(sys.argv[3])\n")
 
 
 class Remote:
@@ -347,10 +350,11 @@ class Remote:
         return answer
 
     def install_ops(self) -> None:
-        data = OPS.read_bytes()
-        p = self.run(f"python3 -c {shlex.quote(PUT_OPS)} \"{OPS_REMOTE}\" {hashlib.sha256(data).hexdigest()}", input=data)
+        data = zipapp_bytes()
+        p = self.run(f"python3 -c {shlex.quote(PUT_OPS)} \"{OPS_REMOTE}\" {hashlib.sha256(data).hexdigest()} \"{OPS_LEGACY}\"",
+                     input=data)
         if p.returncode:
-            self._answer(p, "upload board_ops.py")
+            self._answer(p, "upload board_ops.pyz")
 
     def transact(self, args: list[str], bundle: Path | None = None, on_event: Callable[[dict], None] = lambda e: None,
                  timeout: float = 3600) -> dict:

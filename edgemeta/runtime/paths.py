@@ -4,8 +4,8 @@
     ROOT/current          the active release (a symlink)
     ROOT/store/           the enrollment store, shared by all releases
 
-This is the one definition; deploy/board_ops.py, which runs on a bare board with the standard
-library only, keeps a copy of it, and doctor.py is told the root with --root.
+This is the one definition (standard library only: the board-side operations, which run on a bare
+board, carry it in their zip application, deploy/board_ops.py); doctor.py is told the root with --root.
 """
 
 from __future__ import annotations

@@ -67,6 +67,7 @@ def token(tmp_path) -> Path:
     return p
 
 
+@pytest.mark.slow
 def test_connections_that_never_authenticate_cannot_lock_anyone_out(tmp_path, token):
     """Before: 40 unauthenticated TCP connections, each sending a byte now and then, filled the cap of
     32 that the Unix socket shared, and every client, the local one too, was answered "busy"."""
@@ -190,6 +191,7 @@ def _client(sock_path: Path, answers: list, sent: list, stop: threading.Event, s
                 return
 
 
+@pytest.mark.slow
 def test_sigterm_answers_every_request_in_flight_and_leaves_no_temporary_file(tmp_path):
     """Before: a third of the SIGTERMs dropped the request in flight (no answer) and left a temporary
     file beside the store. Now every request sent gets one answer (done, or refused as stopping)."""

@@ -18,6 +18,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.tf
 def test_the_suite_runs_every_script_on_tiny_settings(tmp_path):
     p = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--out", str(tmp_path)], cwd=REPO,
                        capture_output=True, text=True, timeout=300)
@@ -58,6 +59,7 @@ def test_the_peer_worker_answers(tmp_path):
     assert json.dumps(worker.info) and os.path.isdir(peers.l2l_examples(root))
 
 
+@pytest.mark.tf
 def test_paired_eval_of_a_model_against_itself_is_a_zero_difference(omniglot_dir):
     p = subprocess.run([sys.executable, "benchmarks/paired_eval.py", "models/omniglot-conv4", "models/omniglot-conv4",
                         "--data", str(omniglot_dir), "--episodes", "20", "--settings", "5w1s,20w1s",

@@ -39,6 +39,7 @@ def test_help_shows_examples():
         assert proc.returncode == 0 and "Example" in proc.stdout
 
 
+@pytest.mark.tf
 def test_eval_table_json_and_report(model_dir, sample_dir, tmp_path):
     args = ["eval", "--model", str(model_dir), "--folder", str(sample_dir), "--episodes", "50"]
     table = run(*args, "--confusions", "2")
@@ -61,6 +62,7 @@ def test_eval_table_json_and_report(model_dir, sample_dir, tmp_path):
     assert other != data["results"]
 
 
+@pytest.mark.tf
 def test_eval_says_when_there_are_too_few_images(model_dir, sample_dir):
     proc = run("eval", "--model", str(model_dir), "--folder", str(sample_dir), "--episodes", "20", "--setting", "5w5s",
                "--query", "19", "--json")
@@ -74,6 +76,7 @@ def test_eval_says_when_there_are_too_few_images(model_dir, sample_dir):
                           "classes carry no alphabet")
 
 
+@pytest.mark.slow
 def test_errors_are_one_line(tmp_path, model_dir):
     cfg = tmp_path / "c.toml"
     cfg.write_text('[model]\nbackbone = "vgg99"\n')

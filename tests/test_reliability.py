@@ -23,6 +23,7 @@ MODEL = REPO / "models" / "omniglot-conv4"
 PNGS = [str(p) for p in sorted((REPO / "samples" / "omniglot" / "Keble_character01").glob("*.png"))]
 
 
+@pytest.mark.slow
 def test_kills_of_store_writers_through_the_cli_and_the_agent_lose_no_acknowledged_change(tmp_path):
     results = cc.run(cli_kills_per_op=2, agent_kills_per_op=2, activation=0, seed=7, work=tmp_path, log=lambda m: None)
     print(cc.table(results))
@@ -35,6 +36,7 @@ def test_kills_of_store_writers_through_the_cli_and_the_agent_lose_no_acknowledg
     assert results.row("cli enroll (first write)").in_write + results.row("agent enroll (first write)").in_write >= 1
 
 
+@pytest.mark.slow
 def test_kills_of_a_boards_activation_always_leave_a_complete_working_release(tmp_path):
     results = cc.run(0, 0, activation=10, seed=7, work=tmp_path, log=lambda m: None, health_every=10)
     print(cc.table(results))

@@ -61,6 +61,7 @@ def test_the_readme_demo_on_the_default_model():
     assert s["model"] == "omniglot-conv4" and s["way"] == 20 and s["shot"] == 1 and s["accuracy"] > 85
 
 
+@pytest.mark.slow
 def test_the_shipped_snail_model_answers_on_the_board_as_recorded(omniglot_dir):
     """The model-based family's shipped model: its board files are all there (the float32 sequence graphs are
     left out of git: `edgemeta export` writes them), and its int8 board path gives the recorded 5w1s figure."""

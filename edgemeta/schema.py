@@ -1,4 +1,5 @@
-"""Typed reading of the documents edgemeta trusts: manifests, store metadata and their arrays, and configurations.
+"""Typed reading of the documents edgemeta trusts: manifests, store metadata and their arrays, and (`table`)
+the flat tables of training configurations and method parameters.
 
 Every value the runtime takes from a manifest.json, a head.npz or a store.npz comes out through a
 getter here that checks its type, shape and range, so a damaged or hand-edited file is refused as
@@ -17,9 +18,11 @@ accepts) are never numbers.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
+import typing
 from typing import Any
 
 import numpy as np
@@ -141,3 +144,47 @@ def array(doc: Doc, name: str, a: Any, kind: str, shape: tuple[int | None, ...],
     if biggest > MAX_ABS_VALUE:
         raise doc.error(name, f"must hold values within ±{MAX_ABS_VALUE:g}, got {biggest:g}")
     return a
+
+
+def table(cls: type, values: Any, where: str) -> Any:
+    """The dataclass `cls` from a flat table (a TOML section, a method's keys), `where` naming it in messages
+    ("[train]", "[method] for maml"). Unknown keys are refused with the known ones listed; each value must be
+    of its field's type as this module reads JSON (a bool is never a number, an integer is a number): bool,
+    int, float, str, a list of strings or a tuple of numbers. Ranges, and whether a float must be finite, are
+    the dataclass's own checks (its __post_init__); a ValueError or TypeError there is one line too."""
+    if not isinstance(values, dict):
+        raise EdgemetaError(f"{where} must be a table of keys, got {show(values)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise EdgemetaError(f"unknown key {unknown[0]!r} in {where}; known keys: {', '.join(fields) or '(none)'}")
+    hints = typing.get_type_hints(cls)
+    typed = {key: _table_value(hints[key], key, value, where) for key, value in values.items()}
+    try:
+        return cls(**typed)
+    except (TypeError, ValueError) as e:
+        raise EdgemetaError(f"{where}: {e}") from None
+
+
+def _table_value(hint: Any, key: str, value: Any, where: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint in (bool, int, float, str):
+        if hint is float:  # NaN and infinities are floats here: whether the field takes them is its own check
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            ok = _is(value, hint)
+        if not ok:
+            raise EdgemetaError(f"{key} in {where} must be {_KINDS[hint]}, got {show(value)}")
+        return float(value) if hint is float else value
+    if origin is list and args == (str,):
+        if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise EdgemetaError(f"{key} in {where} must be a list of strings, got {show(value)}")
+        return list(value)
+    if origin is tuple:
+        fixed = args and args[-1] is not Ellipsis
+        if not (isinstance(value, (list, tuple)) and all(_is(v, float) for v in value)
+                and (not fixed or len(value) == len(args))):
+            size = f"{len(args)} " if fixed else ""
+            raise EdgemetaError(f"{key} in {where} must be a list of {size}finite numbers, got {show(value)}")
+        return tuple(float(v) for v in value)
+    raise TypeError(f"schema.table cannot read a field of type {hint!r} ({key} in {where})")  # a bug, not the user's

@@ -103,7 +103,7 @@ def test_bad_snail_parameters_are_one_line_each():
     from edgemeta.host.methods import get_method
 
     for params, says in (({"max_way": 1}, "max_way"), ({"min_way": 30}, "min_way"), ({"keys": 3}, "keys"),
-                         ({"max_shot": "5"}, "must be int"), ({"max_way": 100, "max_shot": 100}, "4096"),
+                         ({"max_shot": "5"}, "must be an integer"), ({"max_way": 100, "max_shot": 100}, "4096"),
                          ({"width": 2}, "unknown key 'width'")):
         with pytest.raises(EdgemetaError, match=says):
             get_method("snail", params)

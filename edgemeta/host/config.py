@@ -28,9 +28,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import tomli_w
+
 from edgemeta.errors import EdgemetaError
 from edgemeta.host.data import DatasetSpec
 from edgemeta.preprocess import Preprocess
+from edgemeta.schema import table
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -244,21 +247,7 @@ def _method_section(raw: dict) -> MethodConfig:
 
 
 def _section(name: str, cls, values: dict):
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise EdgemetaError(f"unknown key {unknown[0]!r} in [{name}]; known keys: {', '.join(known)}")
-    if "fractions" in values:
-        values = {**values, "fractions": tuple(values["fractions"])}
-    for key, value in values.items():
-        default = known[key].default
-        if default is not dataclasses.MISSING and isinstance(default, (int, float)) and not isinstance(default, bool):
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise EdgemetaError(f"[{name}] {key} must be a number, got {value!r}")
-    try:
-        return cls(**values)
-    except TypeError as e:
-        raise EdgemetaError(f"bad [{name}] section: {e}") from None
+    return table(cls, values, f"[{name}]")
 
 
 def config_from_dict(raw: dict) -> Config:
@@ -286,20 +275,4 @@ def load_config(path: str | Path) -> Config:
 
 def dump_toml(cfg: Config) -> str:
     """The resolved configuration as TOML (flat sections of scalars and lists only)."""
-    lines = []
-    for section, values in cfg.to_dict().items():
-        lines.append(f"[{section}]")
-        for key, value in values.items():
-            lines.append(f"{key} = {_toml_value(value)}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return tomli_w.dumps(cfg.to_dict())

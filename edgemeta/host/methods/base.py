@@ -10,14 +10,13 @@ method hands it (``board_head``: a runtime/heads/ kind, which says how it is wri
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from edgemeta.errors import EdgemetaError
 from edgemeta.runtime.heads import Head
+from edgemeta.schema import table
 
 
 @dataclass
@@ -70,23 +69,8 @@ class Method(Protocol):
 
 
 def make_params(cls, name: str, values: dict):
-    """A method's frozen Params from a config table, each key checked by name and type."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise EdgemetaError(f"unknown key {unknown[0]!r} in [method] for {name}; known keys: {', '.join(fields) or '(none)'}")
-    typed = {}
-    for key, value in values.items():
-        kind = type(fields[key].default)
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)  # TOML writes 1 for 1.0
-        if type(value) is not kind:  # exact: a bool is not an int here
-            raise EdgemetaError(f"[method] {key} must be {kind.__name__} for {name}, got {value!r}")
-        typed[key] = value
-    try:
-        return cls(**typed)
-    except ValueError as e:
-        raise EdgemetaError(f"[method] for {name}: {e}") from None
+    """A method's frozen Params from its config table, each key checked by name and type (schema.table)."""
+    return table(cls, values, f"[method] for {name}")
 
 
 def accuracy(logits, labels):

@@ -81,7 +81,7 @@ def variant(base: Path, dest: Path, new_runtime: bool = True) -> Path:
     instead of linking the one it has (a model-only upgrade); re-signed."""
     from edgemeta.deploy.bundle import release_name, runtime_key
     from edgemeta.deploy.signing import sign_bundle, signing_key
-    from edgemeta.runtime.manifest import sha256_file
+    from edgemeta.files import sha256_file
 
     shutil.copytree(base, dest)
     for name in ("board.toml", "requirements.txt") if new_runtime else ("board.toml",):

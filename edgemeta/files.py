@@ -7,6 +7,7 @@ line, from the file that was opened (fstat), not from what the path named a mome
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from pathlib import Path
@@ -40,3 +41,12 @@ def read_regular(path: str | Path, max_bytes: int, what: str = "file") -> bytes:
         if size > max_bytes:
             raise EdgemetaError(f"{what} {path} is {size} bytes, more than the {max_bytes} such a file may hold")
         return f.read(max_bytes + 1)
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 of a regular file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open_regular(path, "model file") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -15,9 +15,9 @@ import numpy as np
 
 from edgemeta.atomic import write_atomic
 from edgemeta.errors import EdgemetaError
+from edgemeta.files import sha256_file
 from edgemeta.runtime.heads import ExportContext, Head, ModelFacts, register
 from edgemeta.runtime.heads.common import DISTANCES, PrototypeHead, answers, store_prototypes
-from edgemeta.runtime.manifest import sha256_file
 
 FILE = "nearest_sample.json"
 

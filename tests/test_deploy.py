@@ -16,7 +16,7 @@ from hypothesis import given, settings, strategies
 
 from edgemeta.deploy import board_ops
 from edgemeta.deploy.bundle import build_bundle, release_name, runtime_key
-from edgemeta.runtime.manifest import sha256_file
+from edgemeta.files import sha256_file
 
 SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "omniglot"
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from edgemeta.runtime.manifest import read_manifest, sha256_file
+from edgemeta.files import sha256_file
+from edgemeta.runtime.manifest import read_manifest
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 SHIPPED = ["omniglot-vinyals-conv4", "omniglot-conv4"]

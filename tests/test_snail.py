@@ -188,8 +188,8 @@ def test_a_query_with_no_support_is_refused(snail_exported):
 
 
 def test_sequence_graphs_that_do_not_match_the_backbone_are_refused(snail_exported, tmp_path):
+    from edgemeta.files import sha256_file
     from edgemeta.runtime.classifier import FewShotRuntime
-    from edgemeta.runtime.manifest import sha256_file
 
     bad = tmp_path / "m"
     shutil.copytree(snail_exported, bad)

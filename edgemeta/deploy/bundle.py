@@ -35,7 +35,8 @@ from edgemeta.atomic import NO_SPACE, NoSpaceError
 from edgemeta.boards import Board, boards_dir, load_board
 from edgemeta.deploy.board_ops import BUNDLE_FILE, SIGNATURE_FILE
 from edgemeta.errors import EdgemetaError
-from edgemeta.runtime.manifest import Manifest, Variant, read_manifest, sha256_file
+from edgemeta.files import sha256_file
+from edgemeta.runtime.manifest import Manifest, Variant, read_manifest
 from edgemeta.runtime.tflite_info import read_structure
 
 BASE_REQUIREMENTS = ["pillow>=9.1", "click>=8.1", "tflite>=2.10", "pyserial>=3.5"]  # Pillow 9.4: Debian bookworm

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from edgemeta.errors import EdgemetaError
+from edgemeta.files import sha256_file
 from edgemeta.host.evaluate import (
     calibrate_open_set,
     choose_board_head,
@@ -44,7 +45,7 @@ from edgemeta.quiet import native_stderr_silenced
 from edgemeta.runtime import heads
 from edgemeta.runtime.heads.prototype import Prototype
 from edgemeta.runtime.interpreter import Embedder, interpreter_module, runtime_version
-from edgemeta.runtime.manifest import MANIFEST_FILE, sha256_file
+from edgemeta.runtime.manifest import MANIFEST_FILE
 from edgemeta.runtime.tflite_info import read_structure
 from edgemeta.schema import Doc, Obj
 

@@ -12,13 +12,12 @@ open-set test is on prototype distance.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgemeta.errors import EdgemetaError, denied
-from edgemeta.files import open_regular, read_regular
+from edgemeta.files import read_regular, sha256_file
 from edgemeta.preprocess import Preprocess
 from edgemeta.runtime import heads
 from edgemeta.runtime.heads.common import DISTANCES
@@ -28,14 +27,6 @@ MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 2  # the newest; every format in READ_FORMATS is read
 READ_FORMATS = (1, 2)
 MAX_MANIFEST_BYTES = 16 * 2**20  # a manifest is a few KB
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open_regular(path, "model file") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass

@@ -17,7 +17,7 @@ from edgemeta.deploy.board.trust import check_signature, fingerprint
 
 
 def sha256_path(path: Path) -> str:
-    # edgemeta.runtime.manifest.sha256_file, which the zip application cannot share (that module needs numpy)
+    # as edgemeta.files.sha256_file, but a failure here is a Refused answer of the command table
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

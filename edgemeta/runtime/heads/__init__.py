@@ -146,7 +146,7 @@ class Head(ABC):
 
     def store_linear_head(self, store: EnrollmentStore) -> LinearHeadSpec | None:
         """`linear_head` of a store's adaptation setting (checked again: it came from a file)."""
-        from edgemeta.runtime.store import check_adapt
+        from edgemeta.runtime.heads.common import check_adapt
 
         adapt = store.adapt
         return self.linear_head(check_adapt(adapt.get("steps"), adapt.get("lr")) if adapt else None)

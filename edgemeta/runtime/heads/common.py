@@ -10,12 +10,26 @@ that is measured is the head that ships.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from edgemeta.errors import EdgemetaError
+
 if TYPE_CHECKING:
     from edgemeta.runtime.store import EnrollmentStore
+
+MAX_ADAPT_STEPS = 1000  # a store's head adaptation (steps of the support-set fit before classifying)
+
+
+def check_adapt(steps, lr=None) -> tuple[int, float | None]:
+    """A head-adaptation setting: steps an integer in [0, MAX_ADAPT_STEPS], lr None or a finite positive number."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 0 <= steps <= MAX_ADAPT_STEPS:
+        raise EdgemetaError(f"adaptation steps must be an integer from 0 (off) to {MAX_ADAPT_STEPS}, got {steps!r}")
+    if lr is not None and (not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0):
+        raise EdgemetaError(f"the adaptation learning rate must be a finite positive number, got {lr!r}")
+    return steps, None if lr is None else float(lr)
 
 
 def class_sums(embeddings: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:

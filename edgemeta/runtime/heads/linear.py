@@ -34,9 +34,9 @@ import numpy as np
 from edgemeta.arrays import load_npz
 from edgemeta.atomic import write_atomic
 from edgemeta.errors import EdgemetaError
+from edgemeta.files import sha256_file
 from edgemeta.runtime.heads import ExportContext, Head, ModelFacts, register
 from edgemeta.runtime.heads.common import PrototypeHead, answers, prototypes, store_prototypes
-from edgemeta.runtime.manifest import sha256_file
 from edgemeta.schema import MAX_ABS_VALUE, Doc, Obj, array
 
 if TYPE_CHECKING:

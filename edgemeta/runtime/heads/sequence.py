@@ -29,9 +29,9 @@ import numpy as np
 
 from edgemeta.atomic import write_atomic
 from edgemeta.errors import EdgemetaError
+from edgemeta.files import sha256_file
 from edgemeta.runtime.heads import ExportContext, Head, ModelFacts, ScoreFn, adaptation_is_for, register
 from edgemeta.runtime.heads.common import answers, store_prototypes
-from edgemeta.runtime.manifest import sha256_file
 from edgemeta.schema import show
 
 if TYPE_CHECKING:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from dataclasses import dataclass
 
@@ -42,6 +41,7 @@ import numpy as np
 from edgemeta.errors import EdgemetaError
 from edgemeta.preprocess import IMAGE_SIZES
 from edgemeta.runtime.heads import linear
+from edgemeta.runtime.heads.common import MAX_ADAPT_STEPS, check_adapt  # noqa: F401 - the store's names too
 from edgemeta.runtime.heads.linear import LinearHeadSpec
 from edgemeta.runtime.heads.open_set import check_setting
 from edgemeta.runtime.store.labels import check_label
@@ -54,7 +54,6 @@ TMP_PREFIX, TMP_SUFFIX = ".store.", ".npz.tmp"
 # exactly this form are ever removed (the kill tests in tests/test_runtime.py check that they still match).
 TMP_NAME = re.compile(re.escape(TMP_PREFIX) + r"[a-z0-9_]{8}" + re.escape(TMP_SUFFIX))
 STORE_FORMAT = 1  # the head keys are optional, so format-1 readers and writers still get along
-MAX_ADAPT_STEPS = 1000
 HEAD_PREFIX = "head_"
 ARCHIVE_DIR = "archive"  # stores replaced by `new_store`, kept for the user
 STORE_FIX = "restore it from a backup or start a new store"
@@ -70,15 +69,6 @@ def sample_ids(images: np.ndarray) -> np.ndarray:
         h.update(np.ascontiguousarray(img, dtype=np.uint8).tobytes())
         out[i] = np.frombuffer(h.digest()[:SAMPLE_ID_BYTES], np.uint8)
     return out
-
-
-def check_adapt(steps, lr=None) -> tuple[int, float | None]:
-    """A head-adaptation setting: steps an integer in [0, MAX_ADAPT_STEPS], lr None or a finite positive number."""
-    if not isinstance(steps, int) or isinstance(steps, bool) or not 0 <= steps <= MAX_ADAPT_STEPS:
-        raise EdgemetaError(f"adaptation steps must be an integer from 0 (off) to {MAX_ADAPT_STEPS}, got {steps!r}")
-    if lr is not None and (not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0):
-        raise EdgemetaError(f"the adaptation learning rate must be a finite positive number, got {lr!r}")
-    return steps, None if lr is None else float(lr)
 
 
 def check_finite(embeddings: np.ndarray) -> None:

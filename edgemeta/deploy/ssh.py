@@ -703,32 +703,6 @@ def read_hosts_file(path: str) -> list[str]:
 
 # --- `edgemeta remote --via ssh:HOST` ------------------------------------------------------------
 
-# Run on the board with the active release's python: join stdin/stdout to the running agent's Unix
-# socket (ROOT/agent.sock, where the systemd unit has it listen) or, when no agent answers there,
-# become an agent of its own on stdio (loading the model for this one connection).
-AGENT_RELAY = """import os, socket, sys, threading
-path, exe, model, store = sys.argv[1:5]
-s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-try:
-    s.connect(path)
-except OSError:
-    os.execv(exe, [exe, "serve", "--stdio", "--model", model, "--store", store])
-def up():
-    while True:
-        data = os.read(0, 1 << 16)
-        if not data:
-            break
-        s.sendall(data)
-    s.shutdown(socket.SHUT_WR)
-threading.Thread(target=up, daemon=True).start()
-out = sys.stdout.buffer
-while True:
-    data = s.recv(1 << 16)
-    if not data:
-        break
-    out.write(data)
-    out.flush()
-"""
 CONTROL_PERSIST = 120  # seconds an idle shared ssh connection stays up for the next `remote` call
 
 
@@ -744,52 +718,3 @@ def control_dir() -> Path:
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
         raise EdgemetaError(f"{base} is not a private folder of yours (yours alone, mode 700): remove it and try again")
     return base
-
-
-class AgentOverSsh:
-    """A client of a board's agent through one shared OpenSSH connection (ControlMaster: the first call
-    opens it, later ones within CONTROL_PERSIST s reuse it), talking to the running agent when there is
-    one (AGENT_RELAY). When the agent's end closes unanswered, the error is ssh's or the board's own line."""
-
-    def __init__(self, host: str, ssh: SshOptions | str | None = None, timeout: float = 30.0):
-        from edgemeta.runtime.agent import LineClient
-
-        self.host = check_host(host)
-        self.ssh = as_ssh_options(ssh)
-        remote = (f'{ROOT_SH}; exec "$R/current/venv/bin/python" -c {shlex.quote(AGENT_RELAY)} "$R/agent.sock" '
-                  '"$R/current/venv/bin/edgemeta" "$R/current/model" "$R/store"')
-        argv = ssh_argv(self.host, "sh -c " + shlex.quote(remote), self.ssh, timeout, shared=True)
-        self.err = tempfile.TemporaryFile()  # (a file: ssh's stderr can never block it)
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err)
-        self.client = LineClient(self.proc.stdout, self.proc.stdin)
-
-    def request(self, op: str, args: dict, attachments: list[bytes] = ()) -> dict:
-        try:
-            return self.client.request(op, args, attachments)
-        except EdgemetaError as e:
-            if "closed the connection without answering" not in str(e):
-                raise
-            try:
-                code = self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                raise e from None
-            self.err.seek(0)
-            lines = [ln for ln in self.err.read().decode(errors="replace").strip().splitlines() if ln.strip()]
-            if code == 255:
-                raise ssh_failure(self.host, "\n".join(lines), self.ssh) from None
-            if code == 127 or (lines and "current/venv/bin/python" in lines[-1]):
-                raise EdgemetaError(f"no release is active on {self.host}: deploy one first (edgemeta deploy)") from None
-            raise EdgemetaError(f"the agent on {self.host} closed the connection without answering"
-                                + (f": {lines[-1]}" if lines else f" (exit {code})")) from None
-
-    def close(self) -> None:
-        try:
-            self.proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.err.close()

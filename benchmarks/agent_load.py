@@ -60,7 +60,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from edgemeta.errors import EdgemetaError
-    from edgemeta.runtime.agent import connect
+    from edgemeta.remote import connect
 
     chars = {d.name: sorted(d.glob("*.png")) for d in sorted(Path(args.samples).iterdir()) if d.is_dir()}
     data = {c: [p.read_bytes() for p in files] for c, files in chars.items()}

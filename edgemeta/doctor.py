@@ -3,7 +3,7 @@ Every check passes, warns, fails with its fix, or is info.
 
 Standard library only, so it runs with the board's bare python3 before anything is installed:
 `edgemeta doctor --host pi@board` sends this file over ssh and runs it there
-(edgemeta.deploy.ssh.doctor_on_host), and `edgemeta deploy` runs the same checks as its preflight
+(edgemeta.deploy.fleet_ops.doctor_on_host), and `edgemeta deploy` runs the same checks as its preflight
 before a board makes a venv.
 
     python3 doctor.py [--json] [--profile-json '{...board profile...}'] [--root DIR] [--wheelhouse]

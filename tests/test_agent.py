@@ -128,7 +128,7 @@ def test_remote_over_ssh_refuses_a_host_that_looks_like_an_option(tmp_path, monk
         assert "is not an ssh destination" in r.stderr or "write it as" in r.stderr, r.stderr
     assert not marker.exists()
     # a good host goes to ssh after `--`, so ssh reads it as the destination whatever it is
-    from edgemeta.runtime import agent
+    from edgemeta import remote as agent
 
     seen = []
 

@@ -726,7 +726,7 @@ def test_dry_run_changes_nothing(lab, bundle):
 def test_release_ids_name_the_content(exported, bundle, tmp_path):
     """Two builds of the same model for the same board are one release (the id hashes what a board
     runs, not the build time or the wheel's zip timestamps); another model or profile is another."""
-    from edgemeta.deploy.ssh import release_id
+    from edgemeta.deploy.bundle_read import release_id
 
     again = build_bundle("generic-x86_64", exported, tmp_path / "again")  # no wheelhouse: how, not what, is installed
     assert release_id(again) == release_id(bundle) == json.loads((again / "BUNDLE.json").read_text())["release"]

@@ -195,6 +195,7 @@ def test_an_identity_file_you_cannot_read_is_one_line(tmp_path):
 
 def test_one_ssh_command_line_for_deploy_and_remote(monkeypatch, tmp_path):
     from edgemeta.deploy import ssh
+    from edgemeta.remote import AgentOverSsh
 
     seen = []
 
@@ -222,7 +223,7 @@ def test_one_ssh_command_line_for_deploy_and_remote(monkeypatch, tmp_path):
     opts = ssh.SshOptions(str(cfg), 2222, str(key), True).checked()
     ssh.Remote("pi@kitchen", opts).ops("status")
     ssh.Remote("pi@kitchen", opts).transact(["rollback"])
-    ssh.AgentOverSsh("pi@kitchen", opts, timeout=10)
+    AgentOverSsh("pi@kitchen", opts, timeout=10)
     run, transact, agent = seen
     assert run[:-1] == transact[:-1] == ssh.ssh_argv("pi@kitchen", "x", opts)[:-1]
     want = ["-F", str(cfg), "-p", "2222", "-i", str(key).replace("%", "%%"), "-o", "IdentitiesOnly=yes",

@@ -351,7 +351,7 @@ def serve(model: str, store: str, unix_path: str | None, tcp: str | None, allow_
       edgemeta serve --model ~/.edgemeta/current/model --store ~/.edgemeta/store --socket ~/.edgemeta/agent.sock --serial /dev/serial0
       edgemeta serve --model ... --store ... --tcp 0.0.0.0:7000 --allow-remote --token-file /etc/edgemeta/token
     """
-    from edgemeta.runtime.agent import run_agent
+    from edgemeta.runtime.agent.run import run_agent
 
     run_agent(model, store, threads=threads, edgetpu=edgetpu, unix_path=unix_path, tcp=tcp, serial_device=serial_device,
               baud=baud, stdio=stdio, allow_remote=allow_remote, token_file=token_file, idle_timeout=idle_timeout,

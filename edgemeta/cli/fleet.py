@@ -188,7 +188,8 @@ def deploy(board: str | None, model: str | None, bundle_dir: str | None, hosts: 
       edgemeta deploy --board rpi5 --model models/omniglot-conv4 --host pi@kitchen --host pi@garage --trust-key --service
       edgemeta deploy --bundle dist/rpi5 --hosts fleet.txt --parallel 8
     """
-    from edgemeta.deploy.ssh import Stopped, deploy_release, stop_on_signals
+    from edgemeta.deploy.fleet_ops import deploy_release
+    from edgemeta.deploy.ssh import Stopped, stop_on_signals
 
     if dry_run and service:
         raise EdgemetaError("--service with --dry-run: a dry run changes nothing; drop one of them")
@@ -207,7 +208,7 @@ def deploy(board: str | None, model: str | None, bundle_dir: str | None, hosts: 
 
 
 def _targets(hosts: tuple[str, ...], hosts_file: str | None) -> list[str]:
-    from edgemeta.deploy.ssh import read_hosts_file
+    from edgemeta.deploy.hosts import read_hosts_file
 
     return list(hosts) + (read_hosts_file(hosts_file) if hosts_file else [])
 
@@ -256,7 +257,8 @@ def rollback(hosts: tuple[str, ...], hosts_file: str | None, to: str | None, ssh
       edgemeta rollback --hosts fleet.txt --to omniglot-conv4-int8_static-3f2a9c1d0b7e
     """
     from edgemeta.deploy.board_ops import RELEASE_ID
-    from edgemeta.deploy.ssh import each_host, rollback_host
+    from edgemeta.deploy.fleet_ops import rollback_host
+    from edgemeta.deploy.hosts import each_host
 
     if to is not None and not RELEASE_ID.fullmatch(to):
         raise EdgemetaError(f"--to {to[:80]!r} is not a release id: letters, digits, '.', '_' and '-' (see `edgemeta status`)")
@@ -285,7 +287,8 @@ def status(hosts: tuple[str, ...], hosts_file: str | None, ssh: SshOptions, para
       edgemeta status --host pi@kitchen
       edgemeta status --hosts fleet.txt --json
     """
-    from edgemeta.deploy.ssh import each_host, status_host
+    from edgemeta.deploy.fleet_ops import status_host
+    from edgemeta.deploy.hosts import each_host
 
     answers = each_host(_targets(hosts, hosts_file), lambda h: status_host(h, ssh), parallel)
     if as_json:
@@ -346,7 +349,7 @@ def doctor(board: str | None, host: str | None, ssh: SshOptions, wheelhouse: boo
 
         profile = load_board(board).raw
     if host:
-        from edgemeta.deploy.ssh import doctor_on_host
+        from edgemeta.deploy.fleet_ops import doctor_on_host
 
         checks = doctor_on_host(host, ssh, profile, wheelhouse=wheelhouse)
     else:

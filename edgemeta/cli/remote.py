@@ -75,7 +75,7 @@ def _files(paths: list[Path]) -> list[bytes]:
 
 
 def _call(op: str, args: dict, attachments: list[bytes] = ()) -> dict:
-    from edgemeta.runtime.agent import connect
+    from edgemeta.remote import connect
 
     obj = click.get_current_context().obj
     client = connect(obj["via"], obj["ssh"], obj["timeout"], obj.get("token_file"))  # (ssh: SshOptions, for AgentOverSsh)

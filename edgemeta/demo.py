@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from edgemeta.errors import EdgemetaError
-from edgemeta.host.evaluate import mean_ci95
 from edgemeta.preprocess import IMAGE_SUFFIXES
+from edgemeta.stats import mean_ci95
 
 
 def run_demo(model: str, samples: str, way: int = 20, shot: int = 1, episodes: int = 10, seed: int = 0,

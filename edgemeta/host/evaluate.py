@@ -24,6 +24,7 @@ from edgemeta.host.data import EpisodeSampler, FewShotSplit
 from edgemeta.host.data.episodes import alphabets
 from edgemeta.runtime.heads import PROTOTYPE
 from edgemeta.runtime.heads.common import embed_support
+from edgemeta.stats import mean_ci95  # noqa: F401 - evaluate's callers read it here too
 
 STANDARD_SETTINGS = ((5, 1), (5, 5), (20, 1), (20, 5))
 EmbedFn = Callable[[np.ndarray], np.ndarray]
@@ -46,14 +47,6 @@ class SettingResult:
     @property
     def name(self) -> str:
         return f"{self.way}-way {self.shot}-shot"
-
-
-def mean_ci95(values: np.ndarray) -> tuple[float, float]:
-    """Mean and 95% confidence half-width (normal approximation) of per-episode values."""
-    values = np.asarray(values, dtype=np.float64)
-    if len(values) < 2:
-        return float(values.mean()), float("nan")
-    return float(values.mean()), float(1.96 * values.std(ddof=1) / math.sqrt(len(values)))
 
 
 def fitting_settings(split: FewShotSplit, settings=STANDARD_SETTINGS) -> tuple[tuple[int, int], ...]:

@@ -8,12 +8,12 @@ import os
 
 import click
 
-from edgemeta.cli import (
+from edgemeta.cli.app import main, seconds, whole
+from edgemeta.cli.common import (
     adapt_setting,
     check_enroll_options,
     describe_head,
     enroll_options,
-    main,
     open_set_setting,
     print_classes,
     print_enrolled,
@@ -21,8 +21,6 @@ from edgemeta.cli import (
     print_new_store,
     print_open_set,
     print_results,
-    seconds,
-    whole,
 )
 from edgemeta.errors import EdgemetaError
 from edgemeta.limits import BAUD_RANGE, MAX_THREADS, MAX_TOP_K

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from edgemeta.cli import main, seconds, whole
+from edgemeta.cli.app import main, seconds, whole
 from edgemeta.errors import EdgemetaError
 from edgemeta.limits import BAUD_RANGE
 

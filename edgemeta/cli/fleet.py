@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from edgemeta.cli import main, whole
+from edgemeta.cli.app import main, whole
 from edgemeta.errors import EdgemetaError
 from edgemeta.limits import MAX_PARALLEL
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from edgemeta.cli import main, seconds, whole
+from edgemeta.cli.app import main, seconds, whole
 from edgemeta.errors import EdgemetaError
 from edgemeta.runtime.heads import PROTOTYPE
 

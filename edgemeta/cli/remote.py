@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING
 
 import click
 
-from edgemeta.cli import (
+from edgemeta.cli.app import main, seconds, whole
+from edgemeta.cli.common import (
     adapt_setting,
     check_enroll_options,
     describe_head,
     enroll_options,
-    main,
     open_set_setting,
     print_classes,
     print_enrolled,
@@ -23,8 +23,6 @@ from edgemeta.cli import (
     print_new_store,
     print_open_set,
     print_results,
-    seconds,
-    whole,
 )
 from edgemeta.cli.fleet import ssh_only, ssh_options
 from edgemeta.errors import EdgemetaError

@@ -187,7 +187,7 @@ class StoreBench:
 
     def __init__(self, work: Path, rng: random.Random, results: Results, seed_samples: int = 1500,
                  log=print):
-        from edgemeta.runtime.classifier import FewShotRuntime
+        from edgemeta.runtime.fewshot import FewShotRuntime
 
         self.work, self.rng, self.results, self.log = work, rng, results, log
         self.rts = {m: FewShotRuntime(m) for m in MODELS}

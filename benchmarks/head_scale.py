@@ -31,7 +31,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--repeat", type=int, default=20)
     a = ap.parse_args(argv)
 
-    from edgemeta.runtime.classifier import FewShotRuntime
+    from edgemeta.runtime.fewshot import FewShotRuntime
     from edgemeta.runtime.heads.common import PrototypeHead
     from edgemeta.runtime.interpreter import runtime_version
     from edgemeta.runtime.store import EnrollmentStore

@@ -69,7 +69,7 @@ def main(argv=None) -> list[dict]:
     a = ap.parse_args(argv)
 
     from edgemeta.host.backbones import build_backbone
-    from edgemeta.runtime.classifier import FewShotRuntime
+    from edgemeta.runtime.fewshot import FewShotRuntime
     from edgemeta.runtime.interpreter import Embedder, open_interpreter, runtime_version
     from edgemeta.runtime.manifest import read_manifest
 

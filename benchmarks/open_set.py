@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edgemeta.host.data import DatasetSpec, FewShotSplit, load_dataset  # noqa: E402  (numpy + Pillow only)
-from edgemeta.runtime.classifier import FewShotRuntime  # noqa: E402
+from edgemeta.runtime.fewshot import FewShotRuntime  # noqa: E402
 from edgemeta.runtime.heads.common import DISTANCES, prototypes  # noqa: E402
 from edgemeta.runtime.heads.open_set import calibrate, domain_warning, leave_one_out  # noqa: E402
 

@@ -144,7 +144,7 @@ def main() -> None:
         return keras_main(args)
     os.environ["EDGEMETA_RUNTIME"] = args.runtime
 
-    from edgemeta.runtime.classifier import FewShotRuntime
+    from edgemeta.runtime.fewshot import FewShotRuntime
     from edgemeta.runtime.heads.common import PrototypeHead
     from edgemeta.runtime.interpreter import Embedder, runtime_version
     from edgemeta.runtime.manifest import read_manifest

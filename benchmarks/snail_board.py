@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=30)
     args = ap.parse_args()
 
-    from edgemeta.runtime.classifier import FewShotRuntime
+    from edgemeta.runtime.fewshot import FewShotRuntime
     from edgemeta.runtime.heads.sequence import SequenceGraphs
     from edgemeta.runtime.interpreter import runtime_version
 

@@ -20,7 +20,7 @@ from edgemeta.stats import mean_ci95
 
 def run_demo(model: str, samples: str, way: int = 20, shot: int = 1, episodes: int = 10, seed: int = 0,
              variant: str | None = None, threads: int = 1, log=print) -> dict:
-    from edgemeta.runtime.classifier import FewShotRuntime
+    from edgemeta.runtime.fewshot import FewShotRuntime
 
     root = Path(samples)
     if not root.is_dir():

@@ -152,7 +152,7 @@ SHIPPED = Path(__file__).resolve().parents[1] / "models" / "omniglot-conv4"
 
 def test_adapt_op_and_classify_with_the_stores_head(tmp_path):
     from edgemeta.runtime.agent import Agent
-    from edgemeta.runtime.classifier import FewShotRuntime
+    from edgemeta.runtime.fewshot import FewShotRuntime
     from edgemeta.runtime.store import STORE_FILE, EnrollmentStore
 
     agent = Agent(SHIPPED, tmp_path / "store")
@@ -666,7 +666,7 @@ def test_image_limits_come_from_the_release_board(tmp_path):
     from edgemeta.errors import EdgemetaError
     from edgemeta.preprocess import ImageLimits
     from edgemeta.runtime.agent import Agent
-    from edgemeta.runtime.classifier import FewShotRuntime
+    from edgemeta.runtime.fewshot import FewShotRuntime
     from edgemeta.runtime.store import STORE_FILE
 
     model = release(tmp_path, "rpi-zero2w", max_image_pixels=10_000)  # a 105x105 drawing is 11025 pixels

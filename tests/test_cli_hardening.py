@@ -93,7 +93,7 @@ def test_absurd_numbers_are_one_line_and_exit_2_for_every_option(value):
 def test_an_absurd_thread_count_is_refused_before_the_interpreter_sees_it(store):
     """It crashed LiteRT with a signal (exit 139); the library refuses it too, whoever calls it."""
     from edgemeta.errors import EdgemetaError
-    from edgemeta.runtime.classifier import FewShotRuntime
+    from edgemeta.runtime.fewshot import FewShotRuntime
 
     one_line_error(edgemeta("classify", "--store", store, "--threads", 10**8, FIRST), "--threads")
     for bad in (10**8, 0, -3, 2.5, True):

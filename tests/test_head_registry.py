@@ -45,7 +45,7 @@ def test_no_file_of_edgemeta_names_the_new_kind():
 def test_a_new_head_kind_is_read_carried_by_a_bundle_and_classifies(tmp_path, monkeypatch):
     from edgemeta.cli import describe_head
     from edgemeta.deploy.bundle import build_bundle
-    from edgemeta.runtime.classifier import FewShotRuntime
+    from edgemeta.runtime.fewshot import FewShotRuntime
     from edgemeta.runtime.manifest import read_manifest
 
     model = model_with_the_new_head(tmp_path / "m")

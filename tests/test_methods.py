@@ -208,7 +208,7 @@ def test_an_exported_optimization_model_answers_on_the_board_as_on_the_host(tmp_
     from edgemeta.host.export import export_model
     from edgemeta.host.modeldir import load_keras, read_info
     from edgemeta.host.train import train
-    from edgemeta.runtime.classifier import FewShotRuntime
+    from edgemeta.runtime.fewshot import FewShotRuntime
     from edgemeta.runtime.manifest import read_manifest
 
     cfg = tiny_config(sample_dir, episodes=8, meta_batch=4)

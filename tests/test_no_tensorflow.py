@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from edgemeta.runtime.classifier import FewShotRuntime
+from edgemeta.runtime.fewshot import FewShotRuntime
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,7 +27,7 @@ def test_tensorflow_is_really_absent(board_venv):
     proc = subprocess.run([str(board_venv / "bin" / "python"), "-c", "import tensorflow"], capture_output=True, text=True)
     assert proc.returncode != 0 and "No module named 'tensorflow'" in proc.stderr
     proc = subprocess.run([str(board_venv / "bin" / "python"), "-c",
-                           "import sys, edgemeta.cli, edgemeta.runtime.classifier, edgemeta.runtime.interpreter as i;"
+                           "import sys, edgemeta.cli, edgemeta.runtime.fewshot, edgemeta.runtime.interpreter as i;"
                            "print(i.interpreter_module()[0]); assert 'keras' not in sys.modules"], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == "ai_edge_litert", proc.stderr
 

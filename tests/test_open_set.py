@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from edgemeta.errors import EdgemetaError
-from edgemeta.runtime.classifier import FewShotRuntime
+from edgemeta.runtime.fewshot import FewShotRuntime
 from edgemeta.runtime.heads.open_set import calibrate, leave_one_out
 from edgemeta.runtime.store import STORE_FILE, EnrollmentStore
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from edgemeta.errors import EdgemetaError
-from edgemeta.runtime.classifier import FewShotRuntime
+from edgemeta.runtime.fewshot import FewShotRuntime
 from edgemeta.runtime.store import STORE_FILE, EnrollmentStore
 from edgemeta.runtime.tflite_info import read_structure
 

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from test_runtime import drawings, one_line_error, run
 
 from edgemeta.errors import EdgemetaError
-from edgemeta.runtime.classifier import FewShotRuntime
+from edgemeta.runtime.fewshot import FewShotRuntime
 from edgemeta.runtime.manifest import read_manifest
 from edgemeta.runtime.store import STORE_FILE, EnrollmentStore
 

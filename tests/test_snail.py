@@ -112,7 +112,7 @@ def test_bad_snail_parameters_are_one_line_each():
 def test_an_exported_snail_answers_on_the_board_as_its_graphs_and_the_host_do(snail_exported, sample_dir, tmp_path):
     from edgemeta.host.data import DatasetSpec, EpisodeSampler, load_dataset
     from edgemeta.host.modeldir import load_keras, read_info
-    from edgemeta.runtime.classifier import FewShotRuntime
+    from edgemeta.runtime.fewshot import FewShotRuntime
     from edgemeta.runtime.heads.sequence import SequenceGraphs
     from edgemeta.runtime.manifest import read_manifest
 
@@ -148,7 +148,7 @@ def test_an_exported_snail_answers_on_the_board_as_its_graphs_and_the_host_do(sn
 
 
 def test_a_store_past_the_sequence_graphs_limits_is_refused_and_left_as_it_was(snail_exported, sample_dir, tmp_path):
-    from edgemeta.runtime.classifier import FewShotRuntime
+    from edgemeta.runtime.fewshot import FewShotRuntime
 
     rt = FewShotRuntime(snail_exported)
     chars = sorted(p for p in sample_dir.iterdir() if p.is_dir())
@@ -189,7 +189,7 @@ def test_a_query_with_no_support_is_refused(snail_exported):
 
 def test_sequence_graphs_that_do_not_match_the_backbone_are_refused(snail_exported, tmp_path):
     from edgemeta.files import sha256_file
-    from edgemeta.runtime.classifier import FewShotRuntime
+    from edgemeta.runtime.fewshot import FewShotRuntime
 
     bad = tmp_path / "m"
     shutil.copytree(snail_exported, bad)
@@ -219,7 +219,7 @@ def test_sequence_graphs_that_do_not_match_the_backbone_are_refused(snail_export
 
 def test_a_bundle_carries_the_sequence_graphs_of_its_variant_only(snail_exported, sample_dir, tmp_path, monkeypatch):
     from edgemeta.deploy.bundle import build_bundle
-    from edgemeta.runtime.classifier import FewShotRuntime
+    from edgemeta.runtime.fewshot import FewShotRuntime
 
     monkeypatch.setenv("HOME", str(tmp_path))  # the signing key made on first use lands here
     out = build_bundle("rpi5", snail_exported, tmp_path / "b")  # int8_static body: the int8 graphs

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from test_runtime import SHIPPED, drawings, one_line_error, run
 
 from edgemeta.errors import EdgemetaError
-from edgemeta.runtime.classifier import FewShotRuntime
+from edgemeta.runtime.fewshot import FewShotRuntime
 from edgemeta.runtime.heads.common import VIEW_DIRECTIONS, embed_support, support_views
 from edgemeta.runtime.store import EnrollmentStore
 

@@ -28,7 +28,7 @@ from edgemeta.limits import BAUD_RANGE, MAX_THREADS, MAX_TOP_K
 
 def _runtime(model: str | None, store: str, variant: str | None, threads: int, edgetpu: str | None, xnnpack: bool = True):
     """The runtime for a store: --model, else $EDGEMETA_MODEL, else the model the store was enrolled with."""
-    from edgemeta.runtime.classifier import FewShotRuntime
+    from edgemeta.runtime.fewshot import FewShotRuntime
     from edgemeta.runtime.store import EnrollmentStore
 
     model = model or os.environ.get("EDGEMETA_MODEL")

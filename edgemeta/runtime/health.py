@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from edgemeta.errors import EdgemetaError
-from edgemeta.runtime.classifier import FewShotRuntime
+from edgemeta.runtime.fewshot import FewShotRuntime
 from edgemeta.runtime.store import EnrollmentStore
 
 

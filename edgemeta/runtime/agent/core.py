@@ -22,7 +22,7 @@ import numpy as np
 from edgemeta.errors import EdgemetaError
 from edgemeta.preprocess import ImageLimits
 from edgemeta.runtime.agent.ops import HANDLERS, OPS, show
-from edgemeta.runtime.classifier import FewShotRuntime
+from edgemeta.runtime.fewshot import FewShotRuntime
 from edgemeta.runtime.store import STORE_FILE, EnrollmentStore
 from edgemeta.wire import MAX_LINE, dump_answer, error_answer, parse_request
 

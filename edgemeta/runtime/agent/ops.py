@@ -14,7 +14,7 @@ from typing import Any
 
 from edgemeta.errors import EdgemetaError
 from edgemeta.limits import MAX_TOP_K
-from edgemeta.runtime.classifier import UNKNOWN
+from edgemeta.runtime.fewshot import UNKNOWN
 from edgemeta.runtime.store import EnrollmentStore, check_adapt
 
 OPEN_SET_MODES = ("calibrated", "manual", "off", "model", "show")

@@ -49,6 +49,7 @@ from edgemeta.host.modeldir import (
     MODEL_FILE,
     SPLITS_FILE,
     ModelInfo,
+    load_backbone,
     load_keras,
     read_info,
     read_splits,
@@ -257,8 +258,7 @@ class EpisodicTrainer:
         with self.strategy.scope():
             self.model = build_backbone(cfg.model.backbone, cfg.model.preprocess.input_shape)
             self.method.build(self.model, tc.way)
-            if hasattr(self.method, "start_training"):
-                self.method.start_training()
+            self.method.start_training(load_teacher(self.method.teacher_folder()))
             self.variables = self.model.trainable_variables + self.method.variables
             steps = max(1, tc.episodes // per_step)
             if tc.lr_schedule == "cosine":
@@ -735,6 +735,16 @@ def random_affine(images, seed, shift: float, rotate: float, scale: float):
         interpolation="BILINEAR", fill_mode="NEAREST")
 
 
+def load_teacher(folder: str):
+    """The backbone of the model folder a method distils (`Method.teacher_folder`), None for none: the
+    trainer loads it, so that a method reads no model folder."""
+    if not folder:
+        return None
+    if not Path(folder).is_dir():
+        raise EdgemetaError(f"[method] teacher {folder} is not a folder; give a trained model folder")
+    return load_backbone(folder)[0]
+
+
 def _load_initial_weights(model, source: str) -> None:
     """Copy the weights of a trained model (folder or .keras file) into `model`, which must have the same architecture."""
     path = Path(source)
@@ -800,7 +810,7 @@ def _write_summary(cfg: Config, out: Path, model, method, result: TrainResult, h
     import tensorflow as tf
 
     info = ModelInfo(
-        backbone=cfg.model.backbone, algorithm=cfg.method.name, distance=getattr(method, "distance", ""),
+        backbone=cfg.model.backbone, algorithm=cfg.method.name, distance=method.distance,
         method=cfg.method.to_dict(),
         preprocess=cfg.model.preprocess, embedding_dim=int(model.output_shape[-1]),
         # what it was trained on: a folder dataset is found again by its path and seeded split (Omniglot by

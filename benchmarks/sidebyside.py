@@ -57,7 +57,7 @@ def trainer_for(cfg_base, split, way: int, shot: int, query: int, method: str = 
     import tensorflow as tf
 
     from edgemeta.host.data import EpisodeSampler
-    from edgemeta.host.train import EpisodicTrainer
+    from edgemeta.host.training import EpisodicTrainer
 
     cfg = _config(cfg_base, way, shot, query, method, params, meta_batch, seed, parallel_tasks)
     tf.keras.utils.set_random_seed(seed)
@@ -125,8 +125,8 @@ def peer_or_reason(peers_root: Path) -> tuple[dict | None, str]:
 
 
 def machine() -> str:
-    """train.py's machine description with the load average: these figures are taken beside other work."""
-    from edgemeta.host.train import machine_description
+    """The training summary's machine description with the load average: these figures are taken beside other work."""
+    from edgemeta.host.training import machine_description
 
     return f"{machine_description()}, load average {os.getloadavg()[0]:.1f}"
 

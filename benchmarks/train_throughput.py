@@ -81,7 +81,8 @@ def main() -> None:
 
     from edgemeta.host.config import config_from_dict
     from edgemeta.host.data import EpisodeSampler, load_dataset
-    from edgemeta.host.train import EpisodePrefetcher, EpisodicTrainer, device_summary, make_strategy
+    from edgemeta.host.training import EpisodicTrainer, device_summary, make_strategy
+    from edgemeta.host.training.prefetch import EpisodePrefetcher
 
     strategy = make_strategy([], cluster) if cluster else None
     if not cluster and args.replicas > 1:

@@ -5,7 +5,7 @@ The public API is small; host-side names import TensorFlow only when first used,
 
 >>> import edgemeta
 >>> cfg = edgemeta.load_config("models/omniglot-vinyals-conv4/config.toml")
->>> result = edgemeta.host.train(cfg, "runs/vinyals")                      # doctest: +SKIP
+>>> result = edgemeta.train(cfg, "runs/vinyals")                           # doctest: +SKIP
 >>> results, *_ = edgemeta.evaluate_model_dir("runs/vinyals", data="../shared/data/omniglot")  # doctest: +SKIP
 """
 
@@ -21,7 +21,7 @@ _LAZY = {
     "load_dataset": "edgemeta.host.data",
     "EpisodeSampler": "edgemeta.host.data",
     "build_backbone": "edgemeta.host.backbones",
-    "train": "edgemeta.host.train",
+    "train": "edgemeta.host.training",
     "evaluate_model_dir": "edgemeta.host.model_eval",
 }
 

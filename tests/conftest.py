@@ -70,7 +70,7 @@ def exported(tmp_path_factory, sample_dir):
     from test_train import tiny_config
 
     from edgemeta.host.export import export_model
-    from edgemeta.host.train import train
+    from edgemeta.host.training import train
 
     out = tmp_path_factory.mktemp("exported")
     train(tiny_config(sample_dir, episodes=60), out, progress=False)
@@ -88,7 +88,7 @@ def snail_exported(tmp_path_factory, sample_dir):
     from test_train import tiny_config
 
     from edgemeta.host.export import export_model
-    from edgemeta.host.train import train
+    from edgemeta.host.training import train
 
     cfg = tiny_config(sample_dir, episodes=16, meta_batch=4, shot=2, query=2)
     cfg = type(cfg)(**{**cfg.__dict__, "method": type(cfg.method)("snail", dict(SNAIL_TINY))})

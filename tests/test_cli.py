@@ -26,7 +26,7 @@ def assert_one_line_error(proc, fragment):
 def model_dir(tmp_path_factory, sample_dir):
     from test_train import tiny_config
 
-    from edgemeta.host.train import train
+    from edgemeta.host.training import train
 
     out = tmp_path_factory.mktemp("cli_model")
     train(tiny_config(sample_dir, episodes=30), out, progress=False)

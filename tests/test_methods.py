@@ -207,7 +207,7 @@ def test_an_exported_optimization_model_answers_on_the_board_as_on_the_host(tmp_
     from edgemeta.host.data import DatasetSpec, EpisodeSampler, load_dataset
     from edgemeta.host.export import export_model
     from edgemeta.host.modeldir import load_keras, read_info
-    from edgemeta.host.train import train
+    from edgemeta.host.training import train
     from edgemeta.runtime.fewshot import FewShotRuntime
     from edgemeta.runtime.manifest import read_manifest
 
@@ -321,7 +321,7 @@ def test_a_distilled_model_trains_and_loads_without_its_teacher(tmp_path, sample
     from test_train import tiny_config
 
     from edgemeta.host.modeldir import load_backbone
-    from edgemeta.host.train import train
+    from edgemeta.host.training import train
 
     teacher = tmp_path / "teacher"
     shutil.copytree(exported, teacher)
@@ -346,7 +346,7 @@ def test_bad_distillation_settings_are_refused_with_one_line_and_nothing_written
     from test_train import tiny_config
 
     from edgemeta.errors import EdgemetaError
-    from edgemeta.host.train import train
+    from edgemeta.host.training import train
 
     out = tmp_path / "run"
     with pytest.raises(EdgemetaError, match=re.escape(message)) as e:
@@ -359,7 +359,7 @@ def test_a_teacher_that_reads_other_images_is_refused(tmp_path, sample_dir, expo
     from test_train import tiny_config
 
     from edgemeta.errors import EdgemetaError
-    from edgemeta.host.train import train
+    from edgemeta.host.training import train
 
     cfg = tiny_config(sample_dir, episodes=5)
     cfg = replace(cfg, model=replace(cfg.model, image_size=32), method=MethodConfig("protonet", {"teacher": str(exported)}))

@@ -175,7 +175,7 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 from dataclasses import replace
 from edgemeta.host.config import load_config
-from edgemeta.host.train import train
+from edgemeta.host.training import train
 cfg = load_config(sys.argv[1])
 train(replace(cfg, train=replace(cfg.train, devices=["/cpu:0", "/cpu:1"])), sys.argv[2], progress=False)
 """

@@ -11,7 +11,8 @@ import pytest
 
 from edgemeta.errors import EdgemetaError
 from edgemeta.host.config import config_from_dict
-from edgemeta.host.train import EpisodicTrainer, random_affine, train
+from edgemeta.host.data.augment import random_affine
+from edgemeta.host.training import EpisodicTrainer, train
 
 
 def tiny_config(sample_dir, **train_overrides):
@@ -97,7 +98,7 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 sys.path.insert(0, {str(os.path.dirname(__file__))!r})
 from test_train import tiny_config
-from edgemeta.host.train import train
+from edgemeta.host.training import train
 cfg = tiny_config({str(sample_dir)!r}, episodes=40, devices=["/cpu:0", "/cpu:1"], augment_shift=0.1, augment_rotate=10.0)
 r = train(cfg, {str(tmp_path)!r}, progress=False)
 print(json.dumps({{"episodes": r.episodes, "acc": r.best_val_acc}}))
@@ -114,7 +115,7 @@ def test_init_from_copies_the_weights_of_a_trained_model(trained, sample_dir, tm
     import keras
     import numpy as np
 
-    from edgemeta.host.train import _load_initial_weights
+    from edgemeta.host.training.trainer import _load_initial_weights
 
     out, _ = trained
     source = keras.models.load_model(out / "model.keras", compile=False).get_weights()

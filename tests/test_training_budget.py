@@ -14,10 +14,10 @@ import time
 
 import pytest
 
-import edgemeta.host.train as train_module
+import edgemeta.host.training.progress as train_module
 from edgemeta.errors import EdgemetaError
 from edgemeta.host.config import config_from_dict
-from edgemeta.host.train import EpisodicTrainer, train
+from edgemeta.host.training import EpisodicTrainer, train
 
 STEP_S = 10.0  # fake seconds per training step
 

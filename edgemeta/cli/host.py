@@ -80,7 +80,7 @@ def train(config_path: str, out: str, data: str, episodes: int | None, max_minut
                                 "GPUs (else its CPU); choose them with CUDA_VISIBLE_DEVICES on each worker")
         check_port_free(cluster)
     _require_tensorflow()
-    from edgemeta.host.train import train as run_training
+    from edgemeta.host.training import train as run_training
 
     result = run_training(prepared[0], out, progress=not quiet, fresh=fresh, prepared=prepared, cluster=cluster)
     where = f"{cluster.describe()}: " if cluster is not None else ""

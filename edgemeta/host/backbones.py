@@ -8,11 +8,14 @@ The input is named ``image`` so exported models have a stable signature.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from edgemeta.errors import EdgemetaError
 
 # Keras is imported inside the builders, so that the registry (which configuration checks
 # read) costs nothing to import.
+
+MODEL_FILE = "model.keras"  # a trained backbone in a model folder (host/modeldir.py)
 
 
 def _conv_bn(x, filters: int, name: str, relu: bool = True):
@@ -151,3 +154,14 @@ def fused_training_forward(model) -> Callable | None:
         return x
 
     return forward
+
+
+def load_keras(path: Path):
+    """A saved Keras model, with a clear error when the file is damaged."""
+    import keras
+
+    try:
+        return keras.models.load_model(path, compile=False)
+    except Exception as e:  # Keras raises many types for a damaged file
+        raise EdgemetaError(f"cannot load {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                            "the file is damaged, retrain or restore it") from None

@@ -222,7 +222,7 @@ def training_data(cfg: Config) -> tuple[Config, dict, object, list[str]]:
                                splits["val"].min_class_size())
     EpisodeSampler(train_split, cfg.train.way, cfg.train.shot, cfg.train.query)  # what is left to refuse, refused now
     EpisodeSampler(splits["val"], cfg.validation.way, cfg.validation.shot, cfg.validation.query)
-    limits = getattr(cfg.method.resolved, "limits", None)  # a head that reads a bounded support set (SNAIL)
+    limits = cfg.method.resolved.limits  # a head that reads a bounded support set (SNAIL)
     for section, values in (("train", cfg.train), ("validation", cfg.validation)):
         if limits and (values.way > limits[0] or values.shot > limits[1]):
             raise EdgemetaError(f"[{section}] {values.way}-way {values.shot}-shot is more than the [method] max_way "

@@ -168,7 +168,7 @@ def _export_into(model_dir: Path, out: Path, data: str, folder: str, episodes: i
     board = heads.read(Obj(Doc(str(out / MANIFEST_FILE), "this is a bug in edgemeta's export; please report it"),
                            section, "head"), facts)  # as the board will read it
     settings = fitting_settings(splits["test"])
-    limits = getattr(method, "limits", None)
+    limits = method.limits
     shift = board.support_shift  # enrolled samples are embedded as the mean of their support views
     runtime, _ = interpreter_module()
     variants, evaluations = {}, {}

@@ -160,7 +160,7 @@ def evaluate_model_dir(model_dir: str, data: str = "", folder: str = "", split: 
     if settings == STANDARD_SETTINGS:  # the defaults: a small dataset also gets the largest setting it fits
         settings = fitting_settings(data_split)
     results = evaluate(embedder, classify, data_split, settings, episodes, query, seed, embeddings=inputs,
-                       confusions=confusions, within_groups=within_alphabet, limits=getattr(method, "limits", None),
+                       confusions=confusions, within_groups=within_alphabet, limits=method.limits,
                        support_embeddings=support)
     context = {"model": Path(model_dir).name, "algorithm": info.algorithm, "backbone": info.backbone,
                "backend": backend, "data": source, "classes": data_split.num_classes,

@@ -21,9 +21,12 @@ from pathlib import Path
 
 from edgemeta.atomic import write_atomic
 from edgemeta.errors import EdgemetaError
+from edgemeta.host.backbones import MODEL_FILE, load_keras
 from edgemeta.preprocess import Preprocess
 
-MODEL_FILE = "model.keras"
+__all__ = ["INFO_FILE", "METHOD_FILE", "MODEL_FILE", "SPLITS_FILE", "ModelInfo", "load_backbone", "load_keras", "read_info",
+           "read_method_arrays", "read_npz", "read_splits", "write_atomic", "write_json", "write_npz"]
+
 METHOD_FILE = "method.npz"  # the method's own learned variables (MAML's head initialisation, learned rates), if any;
 # not the exported head.npz, which export writes beside the .tflite files, often into this same folder
 INFO_FILE = "model.json"
@@ -55,18 +58,19 @@ class ModelInfo:
 
     def make_method(self, model_dir: str | Path | None = None, backbone=None, way: int = 5, overrides: dict | None = None):
         """The folder's method with its parameters (`overrides` replace some, e.g. the batch-norm mode of
-        an evaluation), built over `backbone` and its learned arrays restored."""
-        from edgemeta.host.methods import get_method
+        an evaluation), built over `backbone` and its learned arrays (method.npz) restored. The folder is
+        read here; `methods.restore_method` builds the method."""
+        from edgemeta.host.methods import restore_method
 
         params = {k: v for k, v in (self.method or {}).items() if k != "name"} | (overrides or {})
-        method = get_method(self.algorithm, params)
-        if backbone is not None:
-            arrays = read_npz(Path(model_dir) / METHOD_FILE) if model_dir and (Path(model_dir) / METHOD_FILE).is_file() else {}
-            trained_way = arrays["w0"].shape[1] if "w0" in arrays else way
-            method.build(backbone, trained_way)
-            if arrays:
-                method.load_head(arrays)
-        return method
+        arrays = read_method_arrays(model_dir) if model_dir and backbone is not None else {}
+        return restore_method(self.algorithm, params, backbone, arrays, way)
+
+
+def read_method_arrays(model_dir: str | Path) -> dict:
+    """A model folder's method.npz, {} when the method has no variables of its own."""
+    path = Path(model_dir) / METHOD_FILE
+    return read_npz(path) if path.is_file() else {}
 
 
 def write_npz(path: Path, arrays: dict) -> None:
@@ -115,17 +119,6 @@ def read_info(model_dir: str | Path) -> ModelInfo:
         return ModelInfo.from_dict(json.loads((d / INFO_FILE).read_text()))
     except (ValueError, KeyError, TypeError) as e:
         raise EdgemetaError(f"{d / INFO_FILE} is damaged ({e}); retrain or restore the model folder") from None
-
-
-def load_keras(path: Path):
-    """A saved Keras model, with a clear error when the file is damaged."""
-    import keras
-
-    try:
-        return keras.models.load_model(path, compile=False)
-    except Exception as e:  # Keras raises many types for a damaged file
-        raise EdgemetaError(f"cannot load {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                            "the file is damaged, retrain or restore it") from None
 
 
 def load_backbone(model_dir: str | Path):

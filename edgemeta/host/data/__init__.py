@@ -1,4 +1,5 @@
-"""Datasets for episodic few-shot learning (numpy + Pillow only, no TensorFlow).
+"""Datasets for episodic few-shot learning (numpy + Pillow only, no TensorFlow; augment.py, the
+trainer's augmentation, is the one TensorFlow module, imported only by it).
 
 A dataset is loaded as named splits (``train``, ``val``, ``test``) of `FewShotSplit`: uint8
 images, an integer class label per image and the class names. `EpisodeSampler` draws seeded

@@ -11,21 +11,14 @@ to the head's two variables.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import tensorflow as tf
 
 from edgemeta.host.methods.base import TaskEpisode
-from edgemeta.host.methods.maml import MAML, MAMLParams
+from edgemeta.host.methods.gradient import GradientMethod
+from edgemeta.host.methods.params import ANILParams
 
 
-@dataclass(frozen=True)
-class ANILParams(MAMLParams):
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.per_step_bn:  # the body does not adapt, so there are no inner steps for batch norm to follow
-            raise ValueError("per_step_bn needs a method that adapts the body (maml, metasgd), not anil")
-
-
-class ANIL(MAML):
+class ANIL(GradientMethod):
     name = "anil"
     Params = ANILParams
     adapts_body = False
@@ -36,8 +29,6 @@ class ANIL(MAML):
         return self._adapt_steps([w, b], lambda f: emb_s @ f[0] + f[1], labels, way, steps, second_order)
 
     def episode_loss(self, episode: TaskEpisode, training: bool):
-        import tensorflow as tf
-
         n = tf.shape(episode.support)[0]
         # One forward pass over the episode, as ProtoNet's training does.
         emb = self.backbone(tf.concat([episode.support, episode.query], 0), training=training)

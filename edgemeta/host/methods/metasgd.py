@@ -9,32 +9,19 @@ uniform in [0.005, 0.1] (the paper's initialisation).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import tensorflow as tf
 
-from edgemeta.host.methods.maml import MAML, MAMLParams
-
-
-@dataclass(frozen=True)
-class MetaSGDParams(MAMLParams):
-    inner_steps: int = 1
-    test_steps: int = 1
-    rate_init_low: float = 0.005
-    rate_init_high: float = 0.1
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0 <= self.rate_init_low <= self.rate_init_high:
-            raise ValueError("rate_init_low must be in [0, rate_init_high]")
+from edgemeta.host.methods.gradient import GradientMethod
+from edgemeta.host.methods.params import MetaSGDParams
 
 
-class MetaSGD(MAML):
+class MetaSGD(GradientMethod):
     name = "metasgd"
     Params = MetaSGDParams
+    adapts_body = True
     per_parameter_rates = True
 
     def _build_rates(self) -> list:
-        import tensorflow as tf
-
         p = self.params
         return [tf.Variable(tf.random.uniform(shape, p.rate_init_low, p.rate_init_high), name=f"alpha_{i}")
                 for i, shape in enumerate(self._adapted_shapes())]

@@ -19,49 +19,32 @@ the same, enrolling a sample five backbone passes instead of one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import tensorflow as tf
 
 from edgemeta.errors import EdgemetaError
-from edgemeta.host.methods.base import TaskEpisode, accuracy, cross_entropy
+from edgemeta.host.backbones import MODEL_FILE, fused_training_forward, load_keras
+from edgemeta.host.methods.base import Method, TaskEpisode
+from edgemeta.host.methods.losses import accuracy, cross_entropy
+from edgemeta.host.methods.params import ProtoNetParams
 from edgemeta.runtime.heads.common import prototypes, squared_euclidean
 from edgemeta.runtime.heads.prototype import Prototype
 
 
-@dataclass(frozen=True)
-class ProtoNetParams:
-    teacher: str = ""          # a trained model folder to distil (empty: plain ProtoNet)
-    distill: float = 0.5       # weight of the teacher's soft targets; the labels get 1 - distill
-    temperature: float = 4.0   # softens both distributions (the distillation term is scaled by its square)
-    # the board head's support views: an enrolled sample's embedding is the mean over it and four copies
-    # moved by this many pixels (0: none); queries keep one view. The training loss ignores it (its
-    # validation episodes enroll this way, as evaluation and the board do).
-    support_shift: int = 0
-
-    def __post_init__(self) -> None:
-        if self.support_shift < 0:
-            raise ValueError("support_shift must be 0 or more pixels")
-        if not 0.0 <= self.distill <= 1.0:
-            raise ValueError("distill must be in [0, 1]")
-        if not self.temperature > 0.0:
-            raise ValueError("temperature must be above 0")
-
-
-class ProtoNet:
+class ProtoNet(Method):
     name = "protonet"
     family = "metric"
     Params = ProtoNetParams
-    adapts_body = False
     distance = "squared_euclidean"
 
     def __init__(self, params: ProtoNetParams | None = None):
-        self.params = params or ProtoNetParams()
+        super().__init__(params)
+        self.teacher = None           # the frozen backbone distilled in training (`start_training`)
+        self.training_forward = None  # Conv-4's fused training pass (`build`)
 
     def build(self, backbone, way: int) -> None:
-        from edgemeta.host.backbones import fused_training_forward
-
         self.backbone = backbone
         side = min(backbone.input_shape[1:3])
         if self.params.support_shift > side // 4:
@@ -72,33 +55,29 @@ class ProtoNet:
         self.training_forward = fused_training_forward(backbone)
         self.teacher = None
 
-    def start_training(self) -> None:
-        """Load the teacher (training only: evaluating or exporting a distilled model never needs it)."""
-        from edgemeta.host.modeldir import load_backbone
+    def teacher_folder(self) -> str:
+        return self.params.teacher
 
+    def start_training(self, teacher=None) -> None:
+        """Take the teacher (training only: evaluating or exporting a distilled model never needs it):
+        `teacher`, the backbone the trainer loaded from `teacher_folder`; without one (the method used
+        on its own), its model file is loaded here."""
         if not self.params.teacher:
             return
-        if not Path(self.params.teacher).is_dir():
-            raise EdgemetaError(f"[method] teacher {self.params.teacher} is not a folder; give a trained model folder")
-        teacher, _ = load_backbone(self.params.teacher)
+        if teacher is None:
+            teacher = load_keras(Path(self.params.teacher) / MODEL_FILE)
         if tuple(teacher.input_shape[1:]) != tuple(self.backbone.input_shape[1:]):
             raise EdgemetaError(f"[method] teacher {self.params.teacher} reads images of shape {teacher.input_shape[1:]}, "
                                 f"this model {self.backbone.input_shape[1:]}; give a teacher with the same [model] preprocessing")
         teacher.trainable = False  # frozen: its batch norm runs on its moving statistics
         self.teacher = teacher
 
-    @property
-    def variables(self) -> list:
-        return []
-
     def episode_loss(self, episode: TaskEpisode, training: bool):
-        import tensorflow as tf
-
         n_support = tf.shape(episode.support)[0]
         # One forward pass over support and query together, as in the reference implementation,
         # so batch-norm statistics are computed over the whole episode.
         images = tf.concat([episode.support, episode.query], axis=0)
-        fast = getattr(self, "training_forward", None) if training else None
+        fast = self.training_forward if training else None
         emb = fast(images) if fast is not None else self.backbone(images, training=training)
         onehot = tf.one_hot(episode.support_labels, episode.way, dtype=emb.dtype)
         logits = _prototype_logits(emb, n_support, onehot)
@@ -117,20 +96,9 @@ class ProtoNet:
     def board_head(self) -> Prototype:
         return Prototype(self.distance, self.params.support_shift, self.name)
 
-    def head_spec(self) -> dict:
-        return self.board_head().to_manifest()
-
-    def head_arrays(self) -> dict[str, np.ndarray]:
-        return {}
-
-    def load_head(self, arrays: dict[str, np.ndarray]) -> None:
-        pass
-
 
 def _prototype_logits(emb, n_support, onehot):
     """Negative squared Euclidean distances of the query embeddings (after the first n_support) to the class means."""
-    import tensorflow as tf
-
     emb_s, emb_q = emb[:n_support], emb[n_support:]
     protos = tf.matmul(onehot, emb_s, transpose_a=True) / tf.reduce_sum(onehot, axis=0)[:, None]
     return -(tf.reduce_sum(emb_q**2, axis=1, keepdims=True) + tf.reduce_sum(protos**2, axis=1)[None, :]

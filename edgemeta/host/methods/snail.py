@@ -26,42 +26,20 @@ positions that attention never reads (runtime/heads/sequence.py), which gives th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
+import keras
 import numpy as np
+import tensorflow as tf
 
-from edgemeta.host.methods.base import TaskEpisode, accuracy, cross_entropy
-from edgemeta.runtime.heads.sequence import Sequence, SequenceSpec, arrange
+from edgemeta.errors import EdgemetaError
+from edgemeta.host.methods.base import Method, TaskEpisode
+from edgemeta.host.methods.losses import accuracy, cross_entropy
+from edgemeta.host.methods.params import SNAILParams
+from edgemeta.runtime.heads.sequence import Sequence, SequenceSpec, arrange, pad_support
+
+__all__ = ["SNAIL", "SNAILParams", "layout"]
 
 TRAIN_MASK = -1e9  # the attention logit of a position a query may not read, in training (exact)
-
-
-@dataclass(frozen=True)
-class SNAILParams:
-    max_way: int = 20     # label channels: the most classes a model can read
-    max_shot: int = 5     # samples per class; the board's sequence graph has max_way * max_shot positions
-    min_way: int = 5      # with vary: the fewest classes a training episode draws
-    vary: bool = True     # draw way and shot per training episode (one model for every setting)
-    filters: int = 128    # a dense block's output channels (the paper's TC(T, 128))
-    keys: int = 64        # the first attention block's key size; the paper's blocks are (k, k/2), (4k, 2k), (8k, 4k)
-
-    def __post_init__(self):
-        if not 2 <= self.max_way <= 1000:
-            raise ValueError(f"max_way must be from 2 to 1000, got {self.max_way}")
-        if not 1 <= self.max_shot <= 1000:
-            raise ValueError(f"max_shot must be from 1 to 1000, got {self.max_shot}")
-        if not 2 <= self.min_way <= self.max_way:
-            raise ValueError(f"min_way must be from 2 to max_way ({self.max_way}), got {self.min_way}")
-        if self.max_way * self.max_shot > 4096:
-            raise ValueError(f"max_way * max_shot must be at most 4096 support positions, got {self.max_way * self.max_shot}")
-        if not 1 <= self.filters <= 4096 or not 2 <= self.keys <= 4096 or self.keys % 2:
-            raise ValueError(f"filters must be from 1 to 4096 and keys an even number from 2 to 4096, "
-                             f"got {self.filters} and {self.keys}")
-
-    @property
-    def limits(self) -> tuple[int, int]:
-        """The most classes and shots per class the model reads."""
-        return self.max_way, self.max_shot
 
 
 def layout(p: SNAILParams) -> list[tuple[str, int, int]]:
@@ -79,8 +57,6 @@ def added(block: tuple[str, int, int]) -> int:
 def _gated(x, earlier, w: dict, width: int):
     """A dense block's new channels: the kernel-2 causal convolution of a position and its earlier one,
     through the gated activation tanh * sigmoid."""
-    import tensorflow as tf
-
     h = tf.matmul(x, w["wc"]) + tf.matmul(earlier, w["wp"]) + w["b"]
     return tf.tanh(h[:, :width]) * tf.sigmoid(h[:, width:])
 
@@ -88,30 +64,22 @@ def _gated(x, earlier, w: dict, width: int):
 def _masked(logits, readable, mask: float, record):
     """Attention logits with `mask` where `readable` is 0; `record` (a list, or None) gets the smallest
     readable logit."""
-    import tensorflow as tf
-
     if record is not None:
         record.append(tf.reduce_min(tf.where(readable > 0, logits, tf.reduce_max(logits))))
     return logits * readable + (1.0 - readable) * mask
 
 
-class SNAIL:
+class SNAIL(Method):
     name = "snail"
     family = "model"
     Params = SNAILParams
-    adapts_body = False
     distance = "squared_euclidean"  # the open-set test (nearest prototype) on the board
 
     def __init__(self, params: SNAILParams | None = None):
-        self.params = params or SNAILParams()
+        super().__init__(params)
         self.blocks = layout(self.params)
 
     def build(self, backbone, way: int) -> None:
-        import keras
-        import tensorflow as tf
-
-        from edgemeta.errors import EdgemetaError
-
         if way > self.params.max_way:
             raise EdgemetaError(f"[train] way {way} is more than snail's [method] max_way {self.params.max_way}")
         self.backbone = backbone
@@ -133,11 +101,6 @@ class SNAIL:
             c += added((kind, a, b))
         self.out_w, self.out_b = var("out_w", (c, self.params.max_way), init), var("out_b", (self.params.max_way,), zeros)
         self._tf_logits = None
-
-    @property
-    def limits(self) -> tuple[int, int]:
-        """The most classes and shots per class it reads (evaluation skips larger settings)."""
-        return self.params.limits
 
     @property
     def input_channels(self) -> int:
@@ -162,8 +125,6 @@ class SNAIL:
         `valid` (P,): 1 for a support position, 0 for padding (zeroed at every block, never attended);
         `masks`: the logit of a position attention may not read, one per attention block; `record`: a
         list that gets each attention block's smallest readable logit (to choose the board's masks)."""
-        import tensorflow as tf
-
         n = tf.shape(x)[0]
         keep = valid[:, None]
         readable = tf.linalg.band_part(tf.ones([n, n]), -1, 0) * valid[None, :]  # causal, and not padding
@@ -182,8 +143,6 @@ class SNAIL:
     def query(self, xq, features, valid, masks, record=None):
         """Query inputs (Q, C0), each the next position after the support prefix whose `features`
         (P, C) `prefix` computed -> logits (Q, max_way)."""
-        import tensorflow as tf
-
         n, c, a = tf.shape(features)[0], self.input_channels, 0
         for (kind, d, width), w in zip(self.blocks, self.weights, strict=True):
             f = features[:, :c]  # the support's input to this block
@@ -204,8 +163,6 @@ class SNAIL:
 
     def sequence_logits(self, support_emb, support_labels, query_emb):
         """TensorFlow: logits (Q, max_way) of queries after a support sequence in the given order."""
-        import tensorflow as tf
-
         x = tf.concat([support_emb, tf.one_hot(support_labels, self.params.max_way, dtype=support_emb.dtype)], axis=1)
         xq = tf.concat([query_emb, tf.zeros([tf.shape(query_emb)[0], self.params.max_way], query_emb.dtype)], axis=1)
         valid = tf.ones([tf.shape(x)[0]])
@@ -214,15 +171,11 @@ class SNAIL:
 
     @staticmethod
     def _seed(progress):
-        import tensorflow as tf
-
         return tf.stack([tf.constant(7, tf.int64), tf.cast(progress, tf.int64)])
 
     def draw(self, way: int, shot: int, progress):
         """The way and shot an episode of `way` x `shot` trains with: with vary, a seeded draw from its
         index (way from min_way..way, shot from 1..shot), else the whole episode."""
-        import tensorflow as tf
-
         if not self.params.vary:
             return tf.constant(way), tf.constant(shot)
         seed = self._seed(progress)
@@ -230,8 +183,6 @@ class SNAIL:
                 tf.random.stateless_uniform([], seed + 1, 1, shot + 1, dtype=tf.int32))
 
     def episode_loss(self, episode: TaskEpisode, training: bool):
-        import tensorflow as tf
-
         way = episode.way
         shot = episode.support.shape[0] // way
         queries = episode.query.shape[0] // way
@@ -250,8 +201,6 @@ class SNAIL:
 
     def classify(self, support_emb: np.ndarray, support_labels: np.ndarray, query_emb: np.ndarray, way: int) -> np.ndarray:
         """The host's float path: the support in the board's fixed order, then the queries (TensorFlow)."""
-        import tensorflow as tf
-
         if self._tf_logits is None:
             self._tf_logits = tf.function(self.sequence_logits, reduce_retracing=True)
         x, labels = arrange(support_emb, support_labels)
@@ -263,9 +212,6 @@ class SNAIL:
         p = self.params
         return Sequence(self.distance, SequenceSpec(self.name, p.max_way, p.max_shot, {}), make_graphs=self.board_graphs)
 
-    def head_spec(self) -> dict:
-        return self.board_head().to_manifest()
-
     def head_arrays(self) -> dict[str, np.ndarray]:
         return {v.name.split(":")[0]: v.numpy() for v in self.variables}
 
@@ -276,8 +222,6 @@ class SNAIL:
     def board_functions(self, masks: list[float]):
         """The board's two graphs as tf.functions of fixed shapes (max_way * max_shot support positions):
         prefix(x, valid) -> features, and query(xq, features, valid) -> logits for any number of queries."""
-        import tensorflow as tf
-
         n, c0, c = self.params.max_way * self.params.max_shot, self.input_channels, self.feature_channels
 
         @tf.function(input_signature=[tf.TensorSpec([n, c0], tf.float32, name="x"), tf.TensorSpec([n], tf.float32, name="valid")])
@@ -295,8 +239,6 @@ class SNAIL:
     def calibration_sequences(self, embeddings: np.ndarray, labels: np.ndarray, episodes: int = 64, seed: int = 0):
         """Seeded support sets and queries from (training) embeddings, padded as the board pads them:
         [(x, valid, xq)], of every way from min_way to max_way and every shot up to max_shot."""
-        from edgemeta.runtime.heads.sequence import pad_support
-
         rng, p = np.random.default_rng(seed), self.params
         by_class = [np.flatnonzero(labels == c) for c in range(int(labels.max()) + 1)]
         by_class = [ix for ix in by_class if len(ix) > 1]
@@ -322,8 +264,6 @@ class SNAIL:
         .tflite bytes (host/export.py). A position attention may not read gets, instead of -infinity
         (which would leave int8 no resolution for the logits that count), a logit 12 below the
         smallest readable one seen on these sequences: e^-12 of weight, within int8's range."""
-        import tensorflow as tf
-
         sequences = self.calibration_sequences(embeddings, labels, episodes, seed)
         record: list = []
         train_masks = [TRAIN_MASK] * self.attention_blocks

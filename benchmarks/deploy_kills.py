@@ -79,7 +79,7 @@ def variant(base: Path, dest: Path, new_runtime: bool = True) -> Path:
     """A new release of `base`: its board.toml gains a comment, so its content and id differ; with
     `new_runtime` its requirements.txt too, so the board makes a venv for it (pip, from the wheelhouse)
     instead of linking the one it has (a model-only upgrade); re-signed."""
-    from edgemeta.deploy.bundle import release_name, runtime_key
+    from edgemeta.deploy.bundle import new_release_id, runtime_key
     from edgemeta.deploy.signing import sign_bundle, signing_key
     from edgemeta.files import sha256_file
 
@@ -90,7 +90,7 @@ def variant(base: Path, dest: Path, new_runtime: bool = True) -> Path:
     info = json.loads((dest / "BUNDLE.json").read_text())
     info["files"] = {k: sha256_file(dest / k) for k in info["files"]}
     info["runtime"] = runtime_key(dest, info)
-    info["release"] = release_name(dest, info)
+    info["release"] = new_release_id(dest, info)
     (dest / "BUNDLE.json").write_text(json.dumps(info))
     sign_bundle(dest, signing_key())
     return dest

@@ -32,12 +32,12 @@ TOKEN_HINT = "(umask 077; python3 -c 'import secrets; print(secrets.token_urlsaf
 # --- framing ---------------------------------------------------------------------------------
 
 
-def error_answer(rid: Any, message: str) -> dict:
-    return {"id": rid, "ok": False, "error": message}
+def error_answer(request_id: Any, message: str) -> dict:
+    return {"id": request_id, "ok": False, "error": message}
 
 
-def error_line(rid: Any, message: str) -> bytes:
-    return (json.dumps(error_answer(rid, message)) + "\n").encode()
+def error_line(request_id: Any, message: str) -> bytes:
+    return (json.dumps(error_answer(request_id, message)) + "\n").encode()
 
 
 def dump_answer(result: dict) -> bytes:
@@ -144,8 +144,8 @@ class LineClient:
         self.reader, self.writer, self.closer, self.next_id = reader, writer, closer, 1
 
     def request(self, op: str, args: dict, attachments: list[bytes] = ()) -> dict:
-        rid, self.next_id = self.next_id, self.next_id + 1
-        msg = {"id": rid, "op": op, "args": args, "attachments": [base64.b64encode(a).decode() for a in attachments]}
+        request_id, self.next_id = self.next_id, self.next_id + 1
+        msg = {"id": request_id, "op": op, "args": args, "attachments": [base64.b64encode(a).decode() for a in attachments]}
         lost = None
         try:
             self.writer.write((json.dumps(msg) + "\n").encode())

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings, strategies
 
 from edgemeta.deploy import board_ops
-from edgemeta.deploy.bundle import build_bundle, release_name, runtime_key
+from edgemeta.deploy.bundle import build_bundle, new_release_id, runtime_key
 from edgemeta.files import sha256_file
 
 SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "omniglot"
@@ -50,7 +50,7 @@ def rebundle(bundle: Path, dest: Path, change=None, key=None, **fields) -> Path:
     info["files"] = {k: sha256_file(dest / k) for k in info["files"]}
     info.update(fields)
     info["runtime"] = runtime_key(dest, info)
-    info["release"] = release_name(dest, info)
+    info["release"] = new_release_id(dest, info)
     (dest / "BUNDLE.json").write_text(json.dumps(info))
     if (bundle / "BUNDLE.sig").exists():  # (a bundle built before signing has none)
         from edgemeta.deploy.signing import sign_bundle, signing_key

@@ -1,7 +1,7 @@
 """A bundle: one self-contained, checksummed and signed release of a model for one board profile.
 
     BUNDLE.json            board, model, variant, edgemeta version, sha256 of every other file, the
-                           release id: model-variant-<digest of the content> (release_name), and the
+                           release id: model-variant-<digest of the content> (new_release_id), and the
                            runtime key (runtime_key): releases with the same one share a venv on a board
     BUNDLE.sig             ed25519 signature of BUNDLE.json by the user's key (deploy/signing.py)
     model/manifest.json    the manifest, reduced to the variant this board takes
@@ -211,7 +211,7 @@ def wheel_digest(wheel: Path) -> str:
     return h.hexdigest()
 
 
-def release_name(folder: Path, info: dict) -> str:
+def new_release_id(folder: Path, info: dict) -> str:
     """The release id of a bundle: model-variant-<digest> of what a board runs, so the same model with
     the same runtime (requirements, profile, edgemeta's own code) is the same release however often it
     is built. The digest covers BUNDLE.json's fields but its build time, and its files with their
@@ -262,5 +262,5 @@ def _write_bundle(out: Path, board: Board, manifest: Manifest, variant: Variant,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "files": {p.relative_to(out).as_posix(): sha256_file(p) for p in files}}
     info["runtime"] = runtime_key(out, info)
-    info["release"] = release_name(out, info)
+    info["release"] = new_release_id(out, info)
     (out / BUNDLE_FILE).write_text(json.dumps(info, indent=2) + "\n")

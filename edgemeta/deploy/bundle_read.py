@@ -57,15 +57,15 @@ def checked_signer(bundle: Path) -> bytes:
 
 def release_id(bundle: Path) -> str:
     """The name of the bundle's release folder on a board: the id BUNDLE.json gives
-    (bundle.release_name: model-variant-<digest of the content>; a bundle made before ids named the
+    (bundle.new_release_id: model-variant-<digest of the content>; a bundle made before ids named the
     content: model-variant-<BUNDLE.json digest>), checked against board_ops.RELEASE_ID (which the
     board checks too)."""
     info = bundle_info(bundle)
-    rid = info.get("release")
-    if not isinstance(rid, str):
-        rid = f"{info['model']}-{info['variant']}-{hashlib.sha256((bundle / BUNDLE_FILE).read_bytes()).hexdigest()[:10]}"
-    if not RELEASE_ID.fullmatch(rid):
-        raise EdgemetaError(f"release id {rid[:80]!r} (from the model name {info['model'][:60]!r} and variant {info['variant'][:20]!r} "
+    given = info.get("release")
+    if not isinstance(given, str):
+        given = f"{info['model']}-{info['variant']}-{hashlib.sha256((bundle / BUNDLE_FILE).read_bytes()).hexdigest()[:10]}"
+    if not RELEASE_ID.fullmatch(given):
+        raise EdgemetaError(f"release id {given[:80]!r} (from the model name {info['model'][:60]!r} and variant {info['variant'][:20]!r} "
                             "in BUNDLE.json) is not a valid release id: letters, digits, '.', '_' and '-' only, at most 128, "
                             "starting with a letter or digit; rename the model")
-    return rid
+    return given

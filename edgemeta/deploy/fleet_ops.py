@@ -17,7 +17,7 @@ health-checks the new release (load the model, embed a sample), and only then sw
 atomically and prunes old releases. A release already active is left alone; one on the board
 already is activated without upload or install.
 
-A release id names the content (bundle.release_name), so `--dry-run` names the release the real
+A release id names the content (bundle.new_release_id), so `--dry-run` names the release the real
 run deploys. SIGTERM or Ctrl-C (stop_on_signals) stops every ssh this process started: an upload
 cut short is refused by the board, a board that has the whole bundle finishes the deploy itself.
 """

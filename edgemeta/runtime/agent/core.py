@@ -190,12 +190,12 @@ class Agent:
 
     def answer(self, req: dict) -> bytes:
         """The answer line to a parsed request (its attachments are consumed)."""
-        rid = req.get("id")
+        request_id = req.get("id")
         try:
             atts = req.pop("attachments", [])
-            result = {"id": rid, "ok": True, "result": self.call(req.get("op"), req.get("args"), atts)}
+            result = {"id": request_id, "ok": True, "result": self.call(req.get("op"), req.get("args"), atts)}
         except EdgemetaError as e:
-            result = error_answer(rid, str(e))
+            result = error_answer(request_id, str(e))
         return dump_answer(result)
 
 

@@ -216,10 +216,12 @@ def launch(hosts: list[str], port: int, train_args: list[str], remote_dir: str =
         if host.rpartition("@")[2] in LOCAL_HOSTS:
             cmd = [sys.executable, "-m", "edgemeta", *args]
         else:  # the remote shell gets one quoted command line; host keys are checked as ssh always does
+            from edgemeta.sshcmd import ssh_argv
+
             remote = " ".join(shlex.quote(x) for x in [remote_edgemeta, *args])
             if remote_dir:
                 remote = f"cd {shlex.quote(remote_dir)} && {remote}"
-            cmd = ["ssh", "-o", "BatchMode=yes", "--", host, remote]
+            cmd = ssh_argv(host, remote)  # the one ssh command line: BatchMode, ConnectTimeout, keep-alive probes
         log(f"[w{i}] {host}: {addresses[i]}")
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
 

@@ -340,7 +340,7 @@ def test_a_distilled_model_trains_and_loads_without_its_teacher(tmp_path, sample
     ({"teacher": "no/such/model"}, "is not a folder"),
     ({"distill": 1.5}, "distill must be in [0, 1]"),
     ({"temperature": 0}, "temperature must be above 0"),
-    ({"teacher": 3}, "must be str"),
+    ({"teacher": 3}, "must be a string"),
 ])
 def test_bad_distillation_settings_are_refused_with_one_line_and_nothing_written(tmp_path, sample_dir, params, message):
     from test_train import tiny_config

@@ -28,8 +28,6 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import tomli_w
-
 from edgemeta.errors import EdgemetaError
 from edgemeta.host.data import DatasetSpec
 from edgemeta.preprocess import Preprocess
@@ -275,4 +273,6 @@ def load_config(path: str | Path) -> Config:
 
 def dump_toml(cfg: Config) -> str:
     """The resolved configuration as TOML (flat sections of scalars and lists only)."""
+    import tomli_w  # the host extra's: a board without it still reads configs, to say what it lacks
+
     return tomli_w.dumps(cfg.to_dict())

@@ -73,7 +73,7 @@ def round_on(board_alias: str, lab, bundles: tuple[Path, Path], times: dict[str,
     timed("rollback", [*cli, "rollback", *host, *ssh], f"active: {rid_of(first)}")
     timed("roll forward (rollback --to)", [*cli, "rollback", "--to", rid_of(upgrade), *host, *ssh], f"active: {rid_of(upgrade)}")
     timed("status (with a health check)", [*cli, "status", *host, *ssh], "health   ok")
-    from edgemeta.deploy.ssh import control_dir
+    from edgemeta.sshcmd import control_dir
 
     subprocess.run(["ssh", "-F", str(lab.ssh_config), "-o", f"ControlPath={control_dir()}/%C", "-O", "exit", board_alias],
                    capture_output=True)  # no shared connection left from an earlier round

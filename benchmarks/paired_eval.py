@@ -34,9 +34,10 @@ def main() -> None:
     from edgemeta.errors import EdgemetaError
     from edgemeta.host.data import EpisodeSampler, load_dataset
     from edgemeta.host.data.episodes import alphabets
-    from edgemeta.host.evaluate import episode_accuracies, episode_inputs, head_support_shift, mean_ci95, parse_setting
+    from edgemeta.host.evaluate import episode_accuracies, episode_inputs, head_support_shift, parse_setting
     from edgemeta.host.model_eval import keras_embedder, training_dataset
     from edgemeta.host.modeldir import load_backbone
+    from edgemeta.stats import mean_ci95
 
     try:
         splits, inputs, shifts = {}, {}, {}

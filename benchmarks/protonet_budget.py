@@ -77,9 +77,10 @@ def main(argv=None) -> dict:
     import tensorflow as tf
 
     from edgemeta.host.data import EpisodeSampler
-    from edgemeta.host.evaluate import embed_split, episode_accuracies, mean_ci95
+    from edgemeta.host.evaluate import embed_split, episode_accuracies
     from edgemeta.host.methods import get_method
     from edgemeta.host.model_eval import keras_embedder
+    from edgemeta.stats import mean_ci95
 
     way, shot, query = sbs.parse_episode(a.episode)
     cfg, splits = sbs.load_splits(a.data, ("train", "val"), a.sample)

@@ -2,7 +2,7 @@
 
 `connect(via)` gives a client whose `request(op, args, attachments)` returns the agent's result or
 raises EdgemetaError with the agent's (or ssh's, or the board's) one line, and `close()`. The
-JSON-lines clients are wire.LineClient; over ssh the command line is deploy.ssh.ssh_argv's, with
+JSON-lines clients are wire.LineClient; over ssh the command line is sshcmd.ssh_argv's, with
 one shared OpenSSH connection (ControlMaster); serial speaks firmware_tools.serial_protocol.
 Nothing of the board's server is imported here, and runtime never imports this module.
 """
@@ -14,9 +14,10 @@ import socket
 import subprocess
 import tempfile
 
-from edgemeta.deploy.ssh import SshOptions, as_ssh_options, check_host, ssh_argv, ssh_failure
+from edgemeta.deploy.ssh import ssh_failure
 from edgemeta.errors import EdgemetaError
 from edgemeta.runtime.paths import ROOT_SH
+from edgemeta.sshcmd import SshOptions, as_ssh_options, check_host, ssh_argv
 from edgemeta.wire import LineClient, load_token
 
 

@@ -7,7 +7,8 @@ import zipfile
 
 import pytest
 
-from edgemeta.host.evaluate import evaluate, mean_ci95, parse_setting, results_json, results_markdown, results_table
+from edgemeta.host.evaluate import evaluate, parse_setting, results_json, results_markdown, results_table
+from edgemeta.stats import mean_ci95
 
 
 def run(*args, env=None, timeout=300):

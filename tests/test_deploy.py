@@ -1011,7 +1011,7 @@ def test_model_only_upgrades_share_a_venv_and_status_rollback_and_roll_forward(l
 
 
 def test_remote_over_ssh_shares_one_connection_and_uses_the_running_agent(lab, bundle):
-    from edgemeta.deploy.ssh import control_dir
+    from edgemeta.sshcmd import control_dir
 
     board = lab.add_board()
     p = deploy(lab, "--bundle", str(bundle), "--host", board.alias, "--trust-key", "--service")

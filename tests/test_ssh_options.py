@@ -51,7 +51,7 @@ def one_line_error(p: subprocess.CompletedProcess) -> str:
 
 def close_shared_connection(cfg: Path, port: int, host: str) -> None:
     """End the ssh connection `remote --via ssh:` keeps open (its host key was checked when it opened)."""
-    from edgemeta.deploy.ssh import control_dir
+    from edgemeta.sshcmd import control_dir
 
     subprocess.run(["ssh", "-F", str(cfg), "-p", str(port), "-o", f"ControlPath={control_dir()}/%C", "-O", "exit", "--", host],
                    capture_output=True, timeout=30)

@@ -15,7 +15,7 @@ from edgemeta.errors import EdgemetaError
 from edgemeta.limits import MAX_PARALLEL
 
 if TYPE_CHECKING:
-    from edgemeta.deploy.ssh import SshOptions
+    from edgemeta.sshcmd import SshOptions
 
 
 @main.group(invoke_without_command=True)
@@ -75,11 +75,11 @@ ACCEPT_NEW_HELP = ("First contact with a board: record its host key when known_h
 
 def ssh_options(f):
     """--ssh-config, --port, --identity and --accept-new-host-key, given to the command as one `ssh`
-    (edgemeta.deploy.ssh.SshOptions, checked: a port out of range, a key file ssh cannot use is a one-line
+    (edgemeta.sshcmd.SshOptions, checked: a port out of range, a key file ssh cannot use is a one-line
     error before any board is reached). They apply to every host of the command and win over the ssh config."""
     @functools.wraps(f)
     def command(*args, ssh_config: str | None, port: int | None, identity: str | None, accept_new_host_key: bool, **kwargs):
-        from edgemeta.deploy.ssh import SshOptions
+        from edgemeta.sshcmd import SshOptions
 
         return f(*args, ssh=SshOptions(ssh_config, port, identity, accept_new_host_key).checked(), **kwargs)
 

@@ -29,7 +29,7 @@ from edgemeta.errors import EdgemetaError
 from edgemeta.limits import MAX_TOP_K
 
 if TYPE_CHECKING:
-    from edgemeta.deploy.ssh import SshOptions
+    from edgemeta.sshcmd import SshOptions
 
 # board commands that have no remote form, and why (the parity test reads this)
 BOARD_ONLY = {"demo": "runs on its own sample folder, not on a board's store",

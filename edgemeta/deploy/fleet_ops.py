@@ -32,9 +32,10 @@ from pathlib import Path
 from edgemeta.deploy.board_ops import fingerprint
 from edgemeta.deploy.bundle_read import bundle_info, bundle_signer, checked_signer, release_id
 from edgemeta.deploy.hosts import NO_HOSTS, HostResult, each_host
-from edgemeta.deploy.ssh import Remote, SshOptions, as_ssh_options, check_host, ssh_failure
+from edgemeta.deploy.ssh import Remote, ssh_failure
 from edgemeta.errors import EdgemetaError
 from edgemeta.runtime.paths import ROOT_SH
+from edgemeta.sshcmd import SshOptions, as_ssh_options, check_host
 
 
 def board_event(step: Callable[[str], None]) -> Callable[[dict], None]:

@@ -1,7 +1,7 @@
 """The hosts a fleet command reaches: the hosts file, and running one operation on each.
 
 A hosts file has one ssh destination a line ([user@]host or an ~/.ssh/config alias); '#' starts
-a comment. Every name is checked (ssh.check_host) before any board is reached.
+a comment. Every name is checked (sshcmd.check_host) before any board is reached.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgemeta.deploy.ssh import check_host
 from edgemeta.errors import EdgemetaError
+from edgemeta.sshcmd import check_host
 
 NO_HOSTS = "no hosts given: pass --host user@board (repeatable) or --hosts FILE"
 

@@ -30,17 +30,7 @@ from pathlib import Path
 
 from edgemeta.deploy.board_ops import zipapp_bytes
 from edgemeta.errors import EdgemetaError
-from edgemeta.sshcmd import (  # noqa: F401 - the runner's callers read them here too
-    CONTROL_PERSIST,
-    HOST,
-    PORT_RANGE,
-    SshOptions,
-    as_ssh_options,
-    check_host,
-    check_identity,
-    control_dir,
-    ssh_argv,
-)
+from edgemeta.sshcmd import SshOptions, as_ssh_options, check_host, ssh_argv
 
 OPS_REMOTE = "$HOME/.edgemeta-ops.pyz"  # the board_ops zip application; outside ROOT so several roots on one account share it
 OPS_LEGACY = "$HOME/.edgemeta-ops.py"  # what edgemeta before the zip application uploaded: removed, so nobody runs it by hand

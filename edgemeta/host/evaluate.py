@@ -24,7 +24,7 @@ from edgemeta.host.data import EpisodeSampler, FewShotSplit
 from edgemeta.host.data.episodes import alphabets
 from edgemeta.runtime.heads import PROTOTYPE
 from edgemeta.runtime.heads.common import embed_support
-from edgemeta.stats import mean_ci95  # noqa: F401 - evaluate's callers read it here too
+from edgemeta.stats import mean_ci95
 
 STANDARD_SETTINGS = ((5, 1), (5, 5), (20, 1), (20, 5))
 EmbedFn = Callable[[np.ndarray], np.ndarray]

@@ -50,6 +50,22 @@ def store_arg(flag: str) -> bool:
     return flag == "--fresh-store"
 
 
+def checked_with_store(release_id: str, fresh_store: bool, carry: bool = True) -> tuple[dict, Path | None]:
+    """The release's health check with the store carried to it (prepare_store; not when `carry` is
+    false: the release is already current and has its store): (the check, the prepared store or None).
+    A refusal discards the prepared store, so the caller has only its own clean-up to do."""
+    work = None
+    try:
+        if carry:
+            info, work = prepare_store(release_id, fresh_store)
+            say("store", release=release_id, **info)
+        return health(release_id, store=work), work
+    except Refused:
+        if work is not None:
+            discard_store(work)
+        raise
+
+
 def activate(release_id: str, fresh: bool, fresh_store: bool = False) -> dict:
     """The transaction (under the lock): install (when not yet), carry the store to the release (see
     prepare_store), health-check the release itself with it, write its history entry and unit, switch
@@ -62,18 +78,13 @@ def activate(release_id: str, fresh: bool, fresh_store: bool = False) -> dict:
     if blocked:  # the agent runs as this user and writes the store: say so now, not when it first enrolls
         raise Refused(f"{blocked[0]} is not writable by {user}, who the agent runs as: sudo chown -R {user}: {stores}")
     previous = current()
-    made, work = "", None
+    made = ""
     try:
         made = install(release_id)
         if made:
             say("installed", release=release_id, venv=made, key=venv_link(release_id))
-        if release_id != previous:
-            info, work = prepare_store(release_id, fresh_store)
-            say("store", release=release_id, **info)
-        checked = health(release_id, store=work)
+        checked, work = checked_with_store(release_id, fresh_store, carry=release_id != previous)
     except Refused as e:
-        if work is not None:
-            discard_store(work)
         if (fresh or made) and release_id != previous:
             shutil.rmtree(root() / "releases" / release_id, ignore_errors=True)
             remove_unused_venvs()
@@ -174,14 +185,9 @@ def cmd_rollback(to: str = "", store: str = "") -> None:
             raise Refused("no earlier release to roll back to" + (f"; on the board: {', '.join(others)} (rollback --to ID)"
                                                                   if others else ""))
         target = older[-1]
-    work = None
     try:
-        info, work = prepare_store(target, fresh_store)
-        say("store", release=target, **info)
-        checked = health(target, store=work)
+        checked, work = checked_with_store(target, fresh_store)
     except Refused as e:
-        if work is not None:
-            discard_store(work)
         raise Refused(f"{e}; {now or 'no release'} stays active") from None
     say("healthy", **checked)
     try:

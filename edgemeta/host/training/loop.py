@@ -18,7 +18,7 @@ import tensorflow as tf
 from edgemeta.errors import EdgemetaError
 from edgemeta.host.config import Config, training_data
 from edgemeta.host.data import EpisodeSampler
-from edgemeta.host.evaluate import episode_accuracies, episode_inputs, mean_ci95
+from edgemeta.host.evaluate import episode_accuracies, episode_inputs
 from edgemeta.host.model_eval import keras_embedder
 from edgemeta.host.modeldir import SPLITS_FILE, read_splits, write_json
 from edgemeta.host.training.prefetch import EpisodePrefetcher
@@ -34,6 +34,7 @@ from edgemeta.host.training.rundir import (
 )
 from edgemeta.host.training.strategy import device_summary, make_strategy
 from edgemeta.host.training.trainer import EpisodicTrainer, _load_initial_weights
+from edgemeta.stats import mean_ci95
 
 STATE_FILE = "checkpoints/state.json"
 STOP_REASONS = ("", "time budget", "interrupted", "no improvement")  # agreed across a cluster by index

@@ -1,14 +1,13 @@
 """The on-device enrollment store: its file format (format.py), class labels (labels.py) and the store
 itself (enrollments.py: open, lock, change, save)."""
 
+from edgemeta.runtime.heads.common import MAX_ADAPT_STEPS, check_adapt  # a store's adaptation setting
 from edgemeta.runtime.store.enrollments import EnrollmentStore
 from edgemeta.runtime.store.format import (
     LOCK_FILE,
-    MAX_ADAPT_STEPS,
     STORE_FILE,
     TMP_NAME,
     StoreFile,
-    check_adapt,
     read_store,
     sample_ids,
 )

@@ -24,6 +24,7 @@ from edgemeta.arrays import load_npz
 from edgemeta.atomic import fsync_dir, write_atomic
 from edgemeta.errors import EdgemetaError, denied
 from edgemeta.runtime.heads import linear
+from edgemeta.runtime.heads.common import check_adapt
 from edgemeta.runtime.heads.linear import LinearHeadSpec
 from edgemeta.runtime.heads.open_set import recalibrate
 from edgemeta.runtime.store.format import (
@@ -37,7 +38,6 @@ from edgemeta.runtime.store.format import (
     TMP_NAME,
     TMP_PREFIX,
     TMP_SUFFIX,
-    check_adapt,
     check_finite,
     read_store,
 )

@@ -41,7 +41,7 @@ import numpy as np
 from edgemeta.errors import EdgemetaError
 from edgemeta.preprocess import IMAGE_SIZES
 from edgemeta.runtime.heads import linear
-from edgemeta.runtime.heads.common import MAX_ADAPT_STEPS, check_adapt  # noqa: F401 - the store's names too
+from edgemeta.runtime.heads.common import MAX_ADAPT_STEPS
 from edgemeta.runtime.heads.linear import LinearHeadSpec
 from edgemeta.runtime.heads.open_set import check_setting
 from edgemeta.runtime.store.labels import check_label

@@ -33,11 +33,13 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from edgemeta.arrays import load_npy
+from edgemeta.audio import AUDIO_SUFFIXES, AudioPreprocess
 from edgemeta.errors import EdgemetaError
 from edgemeta.pixels import ALPHA, SIXTEEN, to_mode
 from edgemeta.schema import Doc, Obj
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
+SAMPLE_SUFFIXES = IMAGE_SUFFIXES | AUDIO_SUFFIXES | {".npy"}  # what a folder of samples may hold
 # The Pillow formats tried, the ones IMAGE_SUFFIXES name (JPEG includes multi-picture MPO files).
 # Anything else (EPS, which runs Ghostscript, PSD, ICO, ...) is refused unread.
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF", "PPM")
@@ -117,6 +119,9 @@ class Preprocess:
     channels: int = 1
     invert: bool = False
 
+    kind = "image"
+    suffixes = IMAGE_SUFFIXES | {".npy"}
+
     def __post_init__(self) -> None:
         if self.channels not in CHANNELS:
             raise EdgemetaError(f"channels must be 1 or 3, got {self.channels}")
@@ -126,6 +131,13 @@ class Preprocess:
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return (self.image_size, self.image_size, self.channels)
+
+    @property
+    def input_side(self) -> int:
+        return self.image_size
+
+    def describe(self) -> str:
+        return f"{self.image_size}x{self.image_size} {'grayscale' if self.channels == 1 else 'RGB'} images"
 
     @property
     def background(self) -> int:
@@ -164,6 +176,20 @@ class Preprocess:
     def file(self, path: str | Path, data: bytes | None = None, *, limits: ImageLimits | None = None) -> np.ndarray:
         """Decode one image file (or its bytes, named by path) -> uint8 array; see `decode_image`."""
         return decode_image(path if data is None else data, self, name=str(path), limits=limits)
+
+
+FrontEnd = Preprocess | AudioPreprocess
+
+
+def read_preprocess(d: dict, doc: Doc | None = None, where: str = "preprocess") -> FrontEnd:
+    """A manifest's or model folder's preprocess section -> its front end, by its "kind": "audio"
+    (edgemeta/audio.py), or an image (no kind, as every model before audio)."""
+    kind = d.get("kind", "image") if isinstance(d, dict) else "image"
+    if kind == "audio":
+        return AudioPreprocess.from_dict(d, doc, where)
+    if kind != "image":
+        raise (doc or Doc("", "re-export the model")).error(f"{where}.kind", f"must be \"image\" or \"audio\", got {kind!r}")
+    return Preprocess.from_dict(d, doc, where)
 
 
 def decode_image(source: str | Path | bytes, pre: Preprocess, *, name: str | None = None,
@@ -319,17 +345,17 @@ def class_folders(root: str | Path) -> list[Path]:
     if not base.is_dir():
         raise EdgemetaError(f"folder {root} does not exist")
     subs = sorted(d for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
-    strays = [f for f in base.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+    strays = [f for f in base.iterdir() if f.is_file() and f.suffix.lower() in SAMPLE_SUFFIXES]
     if not subs:
-        raise EdgemetaError(f"{root} has no sub-folders; --from-folders wants one folder of images per class")
+        raise EdgemetaError(f"{root} has no sub-folders; --from-folders wants one folder of samples per class")
     if strays:
-        raise EdgemetaError(f"{strays[0]} is an image directly in {root}; put it in its class's sub-folder")
+        raise EdgemetaError(f"{strays[0]} is a sample directly in {root}; put it in its class's sub-folder")
     return subs
 
 
 def folder_files(paths: list[str | Path]) -> list[Path]:
-    """The paths, each folder among them replaced by its images and .npy files (sorted, hidden files
-    skipped). A folder holding sub-folders or other files is refused: it is not one class's samples."""
+    """The paths, each folder among them replaced by its samples (images, .wav or .npy files; sorted,
+    hidden files skipped). A folder holding sub-folders or other files is refused: it is not one class's samples."""
     out = []
     for p in map(Path, paths):
         if not p.is_dir():
@@ -337,19 +363,20 @@ def folder_files(paths: list[str | Path]) -> list[Path]:
             continue
         entries = sorted(e for e in p.iterdir() if not e.name.startswith("."))
         if any(e.is_dir() for e in entries):
-            raise EdgemetaError(f"{p} holds folders, not images; to enroll one class per sub-folder use --from-folders {p}")
+            raise EdgemetaError(f"{p} holds folders, not samples; to enroll one class per sub-folder use --from-folders {p}")
         for e in entries:
-            if e.suffix.lower() not in IMAGE_SUFFIXES | {".npy"}:
-                raise EdgemetaError(f"{e} is not an image ({', '.join(sorted(IMAGE_SUFFIXES))} or .npy); move it out of {p}")
+            if e.suffix.lower() not in SAMPLE_SUFFIXES:
+                raise EdgemetaError(f"{e} is not a sample ({', '.join(sorted(SAMPLE_SUFFIXES))}); move it out of {p}")
         if not entries:
-            raise EdgemetaError(f"folder {p} holds no images")
+            raise EdgemetaError(f"folder {p} holds no samples")
         out += entries
     return out
 
 
-def load_images(paths: list[str | Path], pre: Preprocess, *, limits: ImageLimits | None = None) -> tuple[np.ndarray, list[str]]:
-    """Image files (PNG, JPEG, ... through Pillow), .npy arrays, or folders of them (`folder_files`) ->
-    (n, H, W, C) uint8 model inputs and a name for each (the file, or ``file.npy[i]`` for a stack).
+def load_images(paths: list[str | Path], pre: FrontEnd, *, limits: ImageLimits | None = None) -> tuple[np.ndarray, list[str]]:
+    """Samples for the model's front end, or folders of them (`folder_files`) -> (n, H, W, C) uint8 model
+    inputs and a name for each (the file, or ``file.npy[i]`` for a stack). An image model takes image files
+    (PNG, JPEG, ... through Pillow) and .npy arrays, an audio model .wav files.
 
     A .npy file holds one uint8 image (H, W) / (H, W, C) or a stack (n, H, W[, C]); it is
     preprocessed like a decoded image file. Every file is held to ``limits`` (see `decode_image`).
@@ -357,13 +384,18 @@ def load_images(paths: list[str | Path], pre: Preprocess, *, limits: ImageLimits
     limits = limits or ImageLimits.default()
     out, names = [], []
     for p in folder_files(paths):
+        suffix = p.suffix.lower()
+        if suffix in SAMPLE_SUFFIXES - pre.suffixes:  # a sample of the other modality
+            what = "a sound" if suffix in AUDIO_SUFFIXES else "an image" if suffix in IMAGE_SUFFIXES else "a numpy array"
+            raise EdgemetaError(f"{p} is {what}, and this model takes {pre.describe()}; "
+                                f"give {', '.join(sorted(pre.suffixes))} files")
         if p.suffix.lower() == ".npy":
             images = _npy_images(p, pre, limits)
             out.extend(images)
             names.extend([str(p)] if len(images) == 1 else [f"{p}[{i}]" for i in range(len(images))])
         else:
             if not p.is_file():
-                raise EdgemetaError(f"image {p} does not exist")
+                raise EdgemetaError(f"{'audio' if pre.kind == 'audio' else 'image'} {p} does not exist")
             out.append(pre.file(p, limits=limits))
             names.append(str(p))
     if not out:

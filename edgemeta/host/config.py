@@ -28,9 +28,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgemeta.audio import AudioPreprocess
 from edgemeta.errors import EdgemetaError
 from edgemeta.host.data import DatasetSpec
-from edgemeta.preprocess import Preprocess
+from edgemeta.preprocess import FrontEnd, Preprocess
 from edgemeta.schema import table
 
 if sys.version_info >= (3, 11):
@@ -44,6 +45,7 @@ LR_SCHEDULES = ("step", "cosine", "constant")
 @dataclass(frozen=True)
 class ModelConfig:
     backbone: str = "conv4"
+    input: str = "image"  # or "audio": wav files through the [audio] front end (edgemeta/audio.py)
     image_size: int = 28
     channels: int = 1
     invert: bool = True  # Omniglot: dark strokes on white -> bright strokes on black
@@ -53,10 +55,8 @@ class ModelConfig:
 
         if self.backbone not in BACKBONES:
             raise EdgemetaError(f"unknown backbone {self.backbone!r} in [model]; choose one of: {', '.join(BACKBONES)}")
-
-    @property
-    def preprocess(self) -> Preprocess:
-        return Preprocess(self.image_size, self.channels, self.invert)
+        if self.input not in ("image", "audio"):
+            raise EdgemetaError(f"[model] input must be 'image' or 'audio', not {self.input!r}")
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,10 @@ class TrainConfig:
     augment_shift: float = 0.0
     augment_rotate: float = 0.0
     augment_scale: float = 0.0
+    # SpecAugment-style masks (Park et al., 2019) for spectrogram inputs, one of each per sample (0: off):
+    # the widest band of input rows (time frames) and of input columns (mel bins) set to the floor.
+    augment_time_mask: int = 0
+    augment_freq_mask: int = 0
 
     def __post_init__(self) -> None:
         if (self.episodes < 1 or self.lr_decay_every < 1 or self.learning_rate <= 0 or self.meta_batch < 1
@@ -110,10 +114,16 @@ class TrainConfig:
             raise EdgemetaError(f"[train] classes must be 'train' or 'trainval', not {self.classes!r}")
         if not (0 <= self.augment_shift < 0.5 and 0 <= self.augment_rotate <= 180 and 0 <= self.augment_scale < 1):
             raise EdgemetaError("[train] augment_shift must be in [0, 0.5), augment_rotate in [0, 180] degrees, augment_scale in [0, 1)")
+        if not (0 <= self.augment_time_mask <= 64 and 0 <= self.augment_freq_mask <= 64):
+            raise EdgemetaError("[train] augment_time_mask and augment_freq_mask must be between 0 (off) and 64")
 
     @property
     def augments(self) -> bool:
         return bool(self.augment_shift or self.augment_rotate or self.augment_scale)
+
+    @property
+    def masks(self) -> bool:
+        return bool(self.augment_time_mask or self.augment_freq_mask)
 
 
 @dataclass(frozen=True)
@@ -159,15 +169,25 @@ class MethodConfig:
 class Config:
     data: DatasetSpec = field(default_factory=DatasetSpec)
     model: ModelConfig = field(default_factory=ModelConfig)
+    audio: AudioPreprocess = field(default_factory=AudioPreprocess)  # read when [model] input = "audio"
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     # "section.key" of every key the file set: defaults may shrink to fit a small dataset, given values never
     given: frozenset = field(default=frozenset(), compare=False)
 
+    @property
+    def preprocess(self) -> FrontEnd:
+        """How a sample file becomes the model's input."""
+        if self.model.input == "audio":
+            return self.audio
+        return Preprocess(self.model.image_size, self.model.channels, self.model.invert)
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("given")
+        if self.model.input != "audio":
+            d.pop("audio")
         d["method"] = self.method.to_dict()
         return d
 
@@ -214,7 +234,7 @@ def training_data(cfg: Config) -> tuple[Config, dict, object, list[str]]:
     trained on, notes)."""
     from edgemeta.host.data import EpisodeSampler, load_dataset, merge_splits
 
-    splits = load_dataset(cfg.data, cfg.model.preprocess, ("train", "val"))
+    splits = load_dataset(cfg.data, cfg.preprocess, ("train", "val"))
     train_split = merge_splits("trainval", splits["train"], splits["val"]) if cfg.train.classes == "trainval" else splits["train"]
     cfg, notes = fit_to_splits(cfg, train_split.num_classes, train_split.min_class_size(), splits["val"].num_classes,
                                splits["val"].min_class_size())
@@ -228,8 +248,8 @@ def training_data(cfg: Config) -> tuple[Config, dict, object, list[str]]:
     return cfg, splits, train_split, notes
 
 
-_SECTIONS = {"data": DatasetSpec, "model": ModelConfig, "method": MethodConfig, "train": TrainConfig,
-             "validation": ValidationConfig}
+_SECTIONS = {"data": DatasetSpec, "model": ModelConfig, "audio": AudioPreprocess, "method": MethodConfig,
+             "train": TrainConfig, "validation": ValidationConfig}
 
 
 def _method_section(raw: dict) -> MethodConfig:
@@ -256,6 +276,8 @@ def config_from_dict(raw: dict) -> Config:
     sections = {name: _section(name, cls, model if name == "model" else raw.get(name, {}))
                 for name, cls in _SECTIONS.items() if name != "method"}
     given = frozenset(f"{name}.{key}" for name, table in raw.items() if isinstance(table, dict) for key in table)
+    if "audio" in raw and sections["model"].input != "audio":
+        raise EdgemetaError('an [audio] section goes with [model] input = "audio"')
     return Config(method=_method_section(raw), given=given, **sections)
 
 

@@ -164,7 +164,7 @@ def _export_into(model_dir: Path, out: Path, data: str, folder: str, episodes: i
     # the head's own files (a linear head's arrays, a sequence head's graphs) beside the backbone's variants
     section.update(head.write(out, heads.ExportContext(lambda n: _training_sample(float_embed, splits["train"], n, seed),
                                                        convert_function, seed, log)))
-    facts = heads.ModelFacts(out / MANIFEST_FILE, distance, info.embedding_dim, info.preprocess.image_size)
+    facts = heads.ModelFacts(out / MANIFEST_FILE, distance, info.embedding_dim, info.preprocess.input_side)
     board = heads.read(Obj(Doc(str(out / MANIFEST_FILE), "this is a bug in edgemeta's export; please report it"),
                            section, "head"), facts)  # as the board will read it
     settings = fitting_settings(splits["test"])
@@ -213,14 +213,13 @@ def _export_into(model_dir: Path, out: Path, data: str, folder: str, episodes: i
             evaluate(None, classify, splits["test"], settings, episodes, seed=seed, embeddings=images))
     queries = queries_used(float_results, smallest=splits["test"].min_class_size())  # what the settings really used
     manifest = {
-        "format": 2,
+        "format": 3 if info.preprocess.kind == "audio" else 2,  # 3: a preprocess kind that boards before it cannot read
         "name": model_dir.resolve().name,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "backbone": info.backbone, "algorithm": info.algorithm,
         "embedding_dim": info.embedding_dim, "distance": distance, "head": section,
         "method": info.method or {"name": info.algorithm},
-        "preprocess": {**info.preprocess.to_dict(), "resize": "lanczos", "scale": "x / 255 (input range [0, 1])",
-                       "polarity": "inverted: dark ink becomes bright" if info.preprocess.invert else "as stored"},
+        "preprocess": {**info.preprocess.to_dict(), **_preprocess_notes(info.preprocess)},
         "default_variant": DEFAULT_VARIANT,
         "variants": variants,
         "evaluation": {"protocol": f"{episodes} seeded episodes per setting (seed {seed}), {queries}, "
@@ -293,4 +292,9 @@ def export_report(manifest: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-
+def _preprocess_notes(pre) -> dict:
+    """What a reader of the manifest needs to feed the model without edgemeta (not read back)."""
+    if pre.kind == "audio":
+        return {"note": pre.describe() + "; uint8 = (dB + top_db) * 255 / top_db", "scale": "x / 255 (input range [0, 1])"}
+    return {"resize": "lanczos", "scale": "x / 255 (input range [0, 1])",
+            "polarity": "inverted: dark ink becomes bright" if pre.invert else "as stored"}

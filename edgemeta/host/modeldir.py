@@ -22,7 +22,7 @@ from pathlib import Path
 from edgemeta.atomic import write_atomic
 from edgemeta.errors import EdgemetaError
 from edgemeta.host.backbones import MODEL_FILE, load_keras
-from edgemeta.preprocess import Preprocess
+from edgemeta.preprocess import FrontEnd, read_preprocess
 
 __all__ = ["INFO_FILE", "METHOD_FILE", "MODEL_FILE", "SPLITS_FILE", "ModelInfo", "load_backbone", "load_keras", "read_info",
            "read_method_arrays", "read_npz", "read_splits", "write_atomic", "write_json", "write_npz"]
@@ -39,7 +39,7 @@ class ModelInfo:
     backbone: str
     algorithm: str
     distance: str
-    preprocess: Preprocess
+    preprocess: FrontEnd
     embedding_dim: int
     data: dict
     training: dict
@@ -53,7 +53,7 @@ class ModelInfo:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelInfo:
-        return cls(d["backbone"], d["algorithm"], d["distance"], Preprocess.from_dict(d["preprocess"]),
+        return cls(d["backbone"], d["algorithm"], d["distance"], read_preprocess(d["preprocess"]),
                    int(d["embedding_dim"]), d.get("data", {}), d.get("training", {}), d.get("method", {}))
 
     def make_method(self, model_dir: str | Path | None = None, backbone=None, way: int = 5, overrides: dict | None = None):

@@ -18,14 +18,14 @@ from pathlib import Path
 
 from edgemeta.errors import EdgemetaError, denied
 from edgemeta.files import read_regular, sha256_file
-from edgemeta.preprocess import Preprocess
+from edgemeta.preprocess import FrontEnd, read_preprocess
 from edgemeta.runtime import heads
 from edgemeta.runtime.heads.common import DISTANCES
 from edgemeta.schema import MAX_EMBEDDING_DIM, Doc, Obj, show
 
 MANIFEST_FILE = "manifest.json"
-MANIFEST_FORMAT = 2  # the newest; every format in READ_FORMATS is read
-READ_FORMATS = (1, 2)
+MANIFEST_FORMAT = 3  # the newest; every format in READ_FORMATS is read (3: audio models, written only for them)
+READ_FORMATS = (1, 2, 3)
 MAX_MANIFEST_BYTES = 16 * 2**20  # a manifest is a few KB
 
 
@@ -55,7 +55,7 @@ class Variant:
 class Manifest:
     folder: Path
     raw: dict
-    preprocess: Preprocess
+    preprocess: FrontEnd
     distance: str
     embedding_dim: int
     variants: dict[str, Variant]
@@ -116,12 +116,12 @@ def read_manifest(folder_or_file: str | Path) -> Manifest:
     top.get("name", str, default=None)
     dim = top.get("embedding_dim", int, min=1, max=MAX_EMBEDDING_DIM)
     distance = top.get("distance", str, choices=tuple(DISTANCES))
-    pre = Preprocess.from_dict(top.get("preprocess", dict), doc)
+    pre = read_preprocess(top.get("preprocess", dict), doc)
     section = top.obj("variants")
     if not section.raw:
         raise doc.error("variants", "must name at least one variant")
     variants = {k: Variant.from_dict(k, section.obj(k)) for k in section.raw}
     default = top.get("default_variant", str, choices=tuple(variants))
-    facts = heads.ModelFacts(path, distance, dim, pre.image_size)
+    facts = heads.ModelFacts(path, distance, dim, pre.input_side)
     head = heads.read(None if raw["format"] == 1 else top.obj("head"), facts)
     return Manifest(path.parent, raw, pre, distance, dim, variants, default, head)

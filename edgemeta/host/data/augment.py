@@ -33,3 +33,24 @@ def random_affine(images, seed, shift: float, rotate: float, scale: float):
     return tf.raw_ops.ImageProjectiveTransformV3(
         images=images, transforms=transforms, output_shape=shape[1:3], fill_value=0.0,
         interpolation="BILINEAR", fill_mode="NEAREST")
+
+
+def spec_masks(images, seed, time_width: int, freq_width: int):
+    """SpecAugment-style masks (Park et al., 2019): per sample, one band of up to `time_width` rows (time
+    frames) and one of up to `freq_width` columns (mel bins) set to 0, the spectrogram's floor."""
+    shape = tf.shape(images)
+    n, rows, cols = shape[0], shape[1], shape[2]
+    seeds = tf.random.experimental.stateless_split(seed, 4)
+
+    def band(i, width, size):
+        w = tf.random.stateless_uniform([n], seeds[i], 0, width + 1, dtype=tf.int32)
+        start = tf.random.stateless_uniform([n], seeds[i + 1], 0, tf.int32.max, dtype=tf.int32) % tf.maximum(size - w + 1, 1)
+        pos = tf.range(size)[None, :]
+        return (pos >= start[:, None]) & (pos < (start + w)[:, None])  # (n, size)
+
+    keep = tf.ones_like(images[..., :1], dtype=tf.bool)[..., 0]
+    if time_width:
+        keep &= ~band(0, time_width, rows)[:, :, None]
+    if freq_width:
+        keep &= ~band(2, freq_width, cols)[:, None, :]
+    return images * tf.cast(keep, images.dtype)[..., None]

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
+from edgemeta.audio import AUDIO_SUFFIXES
 from edgemeta.errors import EdgemetaError
 from edgemeta.host.data.cache import cached_arrays, fingerprint
-from edgemeta.preprocess import DECODE_VERSION, IMAGE_SUFFIXES, Preprocess
+from edgemeta.preprocess import DECODE_VERSION, IMAGE_SUFFIXES, FrontEnd, Preprocess
 
 OMNIGLOT_PARTS = ("images_background", "images_evaluation")
 OMNIGLOT_ENV = "EDGEMETA_OMNIGLOT"
@@ -98,7 +99,7 @@ class DatasetSpec:
             raise EdgemetaError(f"fractions must be three non-negative numbers adding up to 1, got {self.fractions}")
 
 
-def load_dataset(spec: DatasetSpec, pre: Preprocess, splits: tuple[str, ...] = SPLITS) -> dict[str, FewShotSplit]:
+def load_dataset(spec: DatasetSpec, pre: FrontEnd, splits: tuple[str, ...] = SPLITS) -> dict[str, FewShotSplit]:
     """Load the requested splits of a dataset, decoding through the cache."""
     if spec.kind == "omniglot":
         return _omniglot(spec, pre, splits)
@@ -226,26 +227,32 @@ def _omniglot(spec: DatasetSpec, pre: Preprocess, splits: tuple[str, ...]) -> di
 # --- Folder per class ---------------------------------------------------------------------
 
 
-def _folder_files(root: Path) -> dict[str, list[Path]]:
+def _folder_files(root: Path, suffixes: set[str] = IMAGE_SUFFIXES) -> dict[str, list[Path]]:
+    """Class name -> its sample files (`suffixes`: the front end's, images or .wav), sorted."""
     if not root.is_dir():
         raise EdgemetaError(f"dataset folder {root} does not exist")
+    what = "audio file" if suffixes == AUDIO_SUFFIXES else "image"
     classes: dict[str, list[Path]] = {}
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         files = sorted(f for f in sub.iterdir() if f.is_file() and not f.name.startswith("."))
         for f in files:
-            if f.suffix.lower() not in IMAGE_SUFFIXES:
-                raise EdgemetaError(f"{f} is not an image ({', '.join(sorted(IMAGE_SUFFIXES))}); "
+            if f.suffix.lower() not in suffixes:
+                raise EdgemetaError(f"{f} is not an {what} ({', '.join(sorted(suffixes))}); "
                                     "move it out of the dataset folder")
         if files:
             classes[sub.name] = files
     if not classes:
-        raise EdgemetaError(f"no images found in {root}; expected one sub-folder of images per class")
+        raise EdgemetaError(f"no {what}s found in {root}; expected one sub-folder of {what}s per class")
     return classes
 
 
-def load_folder(root: str, pre: Preprocess) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Every image under root/<class>/: images (N, H, W, C) uint8, labels (N,), class names."""
-    classes = _folder_files(Path(root).expanduser())
+def _suffixes(pre: FrontEnd) -> set[str]:
+    return AUDIO_SUFFIXES if pre.kind == "audio" else IMAGE_SUFFIXES
+
+
+def load_folder(root: str, pre: FrontEnd) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Every sample under root/<class>/: model inputs (N, H, W, C) uint8, labels (N,), class names."""
+    classes = _folder_files(Path(root).expanduser(), _suffixes(pre))
     files = [f for fs in classes.values() for f in fs]
 
     def build() -> dict[str, np.ndarray]:
@@ -259,7 +266,7 @@ def load_folder(root: str, pre: Preprocess) -> tuple[np.ndarray, np.ndarray, lis
     return arrays["images"], arrays["labels"], [str(n) for n in arrays["names"]]
 
 
-def _folder(spec: DatasetSpec, pre: Preprocess, splits: tuple[str, ...]) -> dict[str, FewShotSplit]:
+def _folder(spec: DatasetSpec, pre: FrontEnd, splits: tuple[str, ...]) -> dict[str, FewShotSplit]:
     images, labels, names = load_folder(spec.root, pre)
     order = np.random.default_rng(spec.seed).permutation(len(names))
     n_train = round(spec.fractions[0] * len(names))

@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from edgemeta.errors import EdgemetaError
 from edgemeta.host.config import Config, dump_toml, load_config
-from edgemeta.host.data.dataset import _folder_files  # the class folders, listed as the loader lists them
+from edgemeta.host.data.dataset import _folder_files, _suffixes  # the class folders, listed as the loader lists them
 from edgemeta.host.modeldir import (
     INFO_FILE,
     METHOD_FILE,
@@ -66,7 +66,7 @@ def split_record(cfg: Config, splits: dict) -> dict | None:
     """A folder dataset's class split, as splits.json records it (None for Omniglot, whose splits are named)."""
     if cfg.data.kind != "folder":
         return None
-    files = _folder_files(Path(cfg.data.root).expanduser())
+    files = _folder_files(Path(cfg.data.root).expanduser(), _suffixes(cfg.preprocess))
     named = {"train": splits["train"].class_names, "val": splits["val"].class_names}
     held = {n for names in named.values() for n in names}
     named["test"] = [n for n in files if n not in held]
@@ -137,7 +137,7 @@ def write_summary(cfg: Config, out: Path, model, method, result: TrainResult, hi
     info = ModelInfo(
         backbone=cfg.model.backbone, algorithm=cfg.method.name, distance=method.distance,
         method=cfg.method.to_dict(),
-        preprocess=cfg.model.preprocess, embedding_dim=int(model.output_shape[-1]),
+        preprocess=cfg.preprocess, embedding_dim=int(model.output_shape[-1]),
         # what it was trained on: a folder dataset is found again by its path and seeded split (Omniglot by
         # --data / $EDGEMETA_OMNIGLOT and its split); each kind records only its own fields
         data={"kind": cfg.data.kind, **({"split": cfg.data.split, "rotations": cfg.data.rotations} if cfg.data.kind == "omniglot"

@@ -13,7 +13,7 @@ from edgemeta.errors import EdgemetaError
 from edgemeta.host.backbones import build_backbone
 from edgemeta.host.config import Config
 from edgemeta.host.data import EpisodeSampler
-from edgemeta.host.data.augment import random_affine
+from edgemeta.host.data.augment import random_affine, spec_masks
 from edgemeta.host.methods import TaskEpisode, get_method
 from edgemeta.host.modeldir import MODEL_FILE, load_backbone, load_keras
 from edgemeta.host.training.strategy import make_strategy
@@ -46,7 +46,7 @@ class EpisodicTrainer:
         self.local_replicas = ids
         self.multi_worker = len(ids) < replicas
         with self.strategy.scope():
-            self.model = build_backbone(cfg.model.backbone, cfg.model.preprocess.input_shape)
+            self.model = build_backbone(cfg.model.backbone, cfg.preprocess.input_shape)
             self.method.build(self.model, tc.way)
             self.method.start_training(load_teacher(self.method.teacher_folder()))
             self.variables = self.model.trainable_variables + self.method.variables
@@ -66,6 +66,11 @@ class EpisodicTrainer:
                 seed = tf.stack([tf.constant(tc.seed, tf.int64), tf.cast(episode, tf.int64)])
                 n = tf.shape(support)[0]
                 both = random_affine(tf.concat([support, query], 0), seed, tc.augment_shift, tc.augment_rotate, tc.augment_scale)
+                support, query = both[:n], both[n:]
+            if tc.masks:
+                seed = tf.stack([tf.constant(tc.seed + 1, tf.int64), tf.cast(episode, tf.int64)])
+                n = tf.shape(support)[0]
+                both = spec_masks(tf.concat([support, query], 0), seed, tc.augment_time_mask, tc.augment_freq_mask)
                 support, query = both[:n], both[n:]
             with tf.GradientTape() as tape:
                 loss, acc = method.episode_loss(

@@ -61,7 +61,7 @@ class ModelFacts(NamedTuple):
     path: Path          # the manifest file: messages name it, a head's files lie beside it
     distance: str       # the manifest's prototype distance
     embedding_dim: int
-    image_size: int
+    input_side: int     # the shorter side of the model input (an image's side, a spectrogram's mels or frames)
 
 
 class ExportContext(NamedTuple):

@@ -49,7 +49,7 @@ class Prototype(Head):
         if section.get("distance", str, default=facts.distance) != facts.distance:
             raise EdgemetaError(f"{facts.path}: head distance {section.raw['distance']!r} disagrees with the manifest's "
                                 f"{facts.distance!r}; re-export the model")
-        shift = section.get("support_shift", int, default=0, min=0, max=facts.image_size // 4)
+        shift = section.get("support_shift", int, default=0, min=0, max=facts.input_side // 4)
         method = section.raw.get("method")
         return cls(facts.distance, shift, method if isinstance(method, str) else None)
 

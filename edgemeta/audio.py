@@ -118,7 +118,7 @@ class AudioPreprocess:
         section = Obj(doc or Doc("", "fix the model's preprocess section or re-export the model"), d, where)
         section.get("kind", str, choices=("audio",))
         ints = {k: section.get(k, int) for k in ("sample_rate", "clip_ms", "frame_ms", "hop_ms", "fft_size", "mels")}
-        floats = {k: float(section.get(k, (int, float))) for k in ("fmin", "fmax", "top_db")}
+        floats = {k: float(section.get(k, float)) for k in ("fmin", "fmax", "top_db")}
         return cls(**ints, **floats)
 
     # --- decoding -------------------------------------------------------------------------

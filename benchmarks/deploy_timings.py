@@ -2,8 +2,8 @@
 
     flock /tmp/edgemeta-bench.lock .venv/bin/python benchmarks/deploy_timings.py [--repeat 3] [--emulated [--emulated-repeat 1]]
 
-On each round a never-deployed board: a real OpenSSH server on 127.0.0.1 (tests/sshd.py, profile
-generic-x86_64) and, with --emulated (root, qemu-user-static, debootstrap: tests/emulated_pi.py), a
+On each round a never-deployed board: a real OpenSSH server on 127.0.0.1 (tests/support/sshd.py, profile
+generic-x86_64) and, with --emulated (root, qemu-user-static, debootstrap: tests/support/emulated_pi.py), a
 Raspberry Pi OS 64-bit userland under qemu with its own sshd (profile rpi5). Bundles carry a
 wheelhouse (the board installs offline). Timed, each a whole CLI run from this host:
   - first deploy: upload, a new venv with the runtime installed from the wheelhouse, health check, switch
@@ -98,7 +98,7 @@ def round_on(board_alias: str, lab, bundles: tuple[Path, Path], times: dict[str,
 
 def run(repeat: int, work: Path, emulated: int = 0, log=print) -> dict[str, dict[str, list[float]]]:
     """{board: {step: [seconds per round]}}: `repeat` rounds on loopback boards, `emulated` on the emulated Pi."""
-    from sshd import SshLab
+    from tests.support.sshd import SshLab
 
     from edgemeta.deploy.bundle import build_bundle
 
@@ -111,7 +111,7 @@ def run(repeat: int, work: Path, emulated: int = 0, log=print) -> dict[str, dict
             bundles = tuple(build_bundle(profile, m, work / profile / m.name, wheelhouse=True) for m in MODELS)
             pi = None
             if profile == "rpi5":
-                from emulated_pi import EmulatedPi
+                from tests.support.emulated_pi import EmulatedPi
 
                 pi = EmulatedPi(lab, "arm64")  # (the OS image is cached; its edgemeta root starts empty)
             try:

@@ -5,7 +5,7 @@
 
 Each rate runs the board's ``serve()`` and the host's ``SerialClient`` (the agent's and the CLI's
 defaults: port timeout 0.1 s, stall timeout 1 s, answer timeout 30 s) on the two ends of a real
-pseudo-terminal pair joined by ``tests/ptys.py``'s NullModem, paced like a UART at that rate (baud/10
+pseudo-terminal pair joined by ``tests/support/ptys.py``'s NullModem, paced like a UART at that rate (baud/10
 bytes a second each way, a 4 KB transmit buffer). The handler answers each request with the sizes and
 sha256 of its attachments, which are checked. Sizes are tried smallest first, and a size whose wire
 time would overrun the rate's time cap (``--cap`` seconds) is not tried; the first failure ends a rate.
@@ -34,7 +34,7 @@ import serial
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
-from ptys import NullModem  # noqa: E402
+from tests.support.ptys import NullModem  # noqa: E402
 
 BAUDS = [9600, 19200, 38400, 57600, 115200, 230400, 460800, 921600]
 SIZES = [1_000, 3_800, 6_500, 20_000, 64_000]

@@ -1,7 +1,7 @@
 """Kill the host's `edgemeta deploy` (SIGKILL or SIGTERM) at random moments against a real sshd board.
 
-    flock /tmp/edgemeta-bench.lock .venv/bin/python benchmarks/deploy_kills.py --kills 40 [--seed 3] [--json]
-    flock /tmp/edgemeta-bench.lock .venv/bin/python benchmarks/deploy_kills.py --timings [--repeat 3]
+    flock /tmp/edgemeta-bench.lock .venv/bin/python -m benchmarks.deploy_kills --kills 40 [--seed 3] [--json]
+    flock /tmp/edgemeta-bench.lock .venv/bin/python -m benchmarks.deploy_kills --timings [--repeat 3]
 
 --timings instead times whole commands on such a board: benchmarks/deploy_timings.py (first deploy,
 model-only upgrade, redeploy, rollback, roll forward, status, remote enroll).
@@ -46,14 +46,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks import crash_consistency as cc
+from edgemeta.deploy.board_ops import INSTALLED
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-import crash_consistency as cc  # noqa: E402
-
-from edgemeta.deploy.board_ops import INSTALLED  # noqa: E402
 
 MODEL = REPO / "models" / "omniglot-conv4"
 BOARD = "generic-x86_64"

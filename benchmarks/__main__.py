@@ -20,11 +20,11 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks import peers
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 SAMPLE = REPO / "samples" / "omniglot"
-sys.path.insert(0, str(HERE))
-import peers  # noqa: E402
 
 # the board-path figures run in a venv with that interpreter and no TensorFlow (benchmarks/peers.py sets them up)
 BOARD_VENV = {"runtime_latency": "ai_edge_litert", "runtime_latency_tflite": "tflite_runtime"}
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     failed, summary = [], []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))}
     for name, args in steps(a, out):
-        script = HERE / ("runtime_latency.py" if name.startswith("runtime_latency") else f"{name}.py")
+        module = "benchmarks." + ("runtime_latency" if name.startswith("runtime_latency") else name)
         python = Path(sys.executable)
         if name in BOARD_VENV and not a.no_peer and not a.smoke:
             python = peers.board_python(peers.peers_dir(a.peers), BOARD_VENV[name])
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
                 failed.append(name)
                 summary.append(f"{name}: failed, 0 s")
                 continue
-        cmd = [str(python), str(script), *args]
+        cmd = [str(python), "-m", module, *args]
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.perf_counter()
         p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)

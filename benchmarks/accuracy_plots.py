@@ -1,7 +1,7 @@
 """Accuracy against shots and against ways, float against int8, prototype head against the adapted
 head: two PNGs a user reads at a glance.
 
-    python benchmarks/accuracy_plots.py --model models/omniglot-conv4 --data ../shared/data/omniglot \\
+    python -m benchmarks.accuracy_plots --model models/omniglot-conv4 --data ../shared/data/omniglot \\
         [--episodes 200] [--out benchmarks]       # writes accuracy_vs_shots.png, accuracy_vs_ways.png
 
 The model's test split (for `omniglot-conv4` the lake split's 659 evaluation characters, unseen in

@@ -1,6 +1,6 @@
 """The board agent under load: clients mixing classify and enroll over its Unix socket and loopback TCP.
 
-    python benchmarks/agent_load.py [--seconds 60] [--clients 16] [--model models/omniglot-conv4]
+    python -m benchmarks.agent_load [--seconds 60] [--clients 16] [--model models/omniglot-conv4]
 
 Starts a real agent (`edgemeta serve --socket ... --tcp 127.0.0.1:PORT`) on the shipped model with
 a fresh store, enrolls every character of samples/omniglot once, then runs CLIENTS client threads

@@ -2,12 +2,13 @@
 signature verification (pure Python, RFC 8032) and, for a bundle folder, the whole check (signature,
 exact file list, sha256 of every file).
 
-    python benchmarks/bundle_verify.py [--bundle DIR] [--repeat 30] [--ops board_ops.pyz]
+    python -m benchmarks.bundle_verify [--bundle DIR] [--repeat 30] [--ops board_ops.pyz]
 
 Run it with the board's python3 on the board for its figures: only the standard library, this file
 and the board-side operations' zip application are needed (`python -m edgemeta.deploy.board_ops
-board_ops.pyz` writes it; copy both and pass --ops board_ops.pyz). Without --ops the same modules
-are imported from this checkout. Signing the sample needs `cryptography`.
+board_ops.pyz` writes it; copy both and run `python3 bundle_verify.py --ops board_ops.pyz` there: --ops
+puts that zip application first on sys.path). Without --ops the same modules are imported from this checkout.
+Signing the sample needs `cryptography`.
 Times are medians.
 """
 
@@ -46,7 +47,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--ops", help="The board-side operations' zip application to take the modules from (default: this checkout).")
     args = ap.parse_args()
-    sys.path.insert(0, args.ops or str(Path(__file__).resolve().parents[1]))
+    if args.ops:  # a zip application outside this checkout: its modules, not the checkout's
+        sys.path.insert(0, args.ops)
     from edgemeta.deploy.board import base, receive, trust
     from edgemeta.deploy.board.ed25519 import ed25519_verify
 

@@ -1,6 +1,6 @@
 """Crash consistency: SIGKILL real edgemeta processes while they change a store or a board's release.
 
-    flock /tmp/edgemeta-bench.lock .venv/bin/python benchmarks/crash_consistency.py --kills 400 [--seed 12] [--json]
+    flock /tmp/edgemeta-bench.lock .venv/bin/python -m benchmarks.crash_consistency --kills 400 [--seed 12] [--json]
 
 Store writers: `edgemeta enroll` (into an existing store and, the first write, into a new empty
 folder), `forget`, `rename`, `reenroll` (between the two shipped Omniglot models), run as real
@@ -43,12 +43,11 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from edgemeta.deploy.board_ops import INSTALLED, zipapp_file
+from edgemeta.errors import EdgemetaError
+from edgemeta.runtime.store import LOCK_FILE, STORE_FILE, TMP_NAME, EnrollmentStore
 
-from edgemeta.deploy.board_ops import INSTALLED, zipapp_file  # noqa: E402
-from edgemeta.errors import EdgemetaError  # noqa: E402
-from edgemeta.runtime.store import LOCK_FILE, STORE_FILE, TMP_NAME, EnrollmentStore  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 MODELS = [REPO / "models" / "omniglot-conv4", REPO / "models" / "omniglot-vinyals-conv4"]
 SAMPLES = sorted((REPO / "samples" / "omniglot").glob("*/*.png"))

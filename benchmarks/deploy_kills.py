@@ -1,12 +1,12 @@
 """Kill the host's `edgemeta deploy` (SIGKILL or SIGTERM) at random moments against a real sshd board.
 
-    flock /tmp/edgemeta-bench.lock .venv/bin/python benchmarks/deploy_kills.py --kills 40 [--seed 3] [--json]
-    flock /tmp/edgemeta-bench.lock .venv/bin/python benchmarks/deploy_kills.py --timings [--repeat 3]
+    flock /tmp/edgemeta-bench.lock .venv/bin/python -m benchmarks.deploy_kills --kills 40 [--seed 3] [--json]
+    flock /tmp/edgemeta-bench.lock .venv/bin/python -m benchmarks.deploy_kills --timings [--repeat 3]
 
 --timings instead times whole commands on such a board: benchmarks/deploy_timings.py (first deploy,
 model-only upgrade, redeploy, rollback, roll forward, status, remote enroll).
 
-The board is a real OpenSSH server on 127.0.0.1 (tests/sshd.py) with its own root; the bundle is
+The board is a real OpenSSH server on 127.0.0.1 (tests/support/sshd.py) with its own root; the bundle is
 omniglot-conv4 for generic-x86_64 with a wheelhouse (the board installs offline). Each kill deploys
 either a new release with a runtime of its own (upload, venv + install, health check, switch: "new") or a release the board
 has installed but not active ("on board": health check and switch only), starts `edgemeta deploy`
@@ -46,14 +46,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks import crash_consistency as cc
+from edgemeta.deploy.board_ops import INSTALLED
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-import crash_consistency as cc  # noqa: E402
-
-from edgemeta.deploy.board_ops import INSTALLED  # noqa: E402
 
 MODEL = REPO / "models" / "omniglot-conv4"
 BOARD = "generic-x86_64"
@@ -256,9 +252,9 @@ STEPS = {"new": ("preflight", "uploaded", "health check of"), "on board": ("pref
 
 def run(kills: int, seed: int = 3, work: Path | None = None, lab=None, on_board_share: float = 0.5, log=print) -> Results:
     """`kills` host kills (about `on_board_share` of them activations of a release on the board),
-    SIGKILL and SIGTERM alternately, then one unkilled deploy; `lab` is a tests/sshd.py SshLab (made
+    SIGKILL and SIGTERM alternately, then one unkilled deploy; `lab` is a tests/support/sshd.py SshLab (made
     here when None)."""
-    from sshd import SshLab
+    from tests.support.sshd import SshLab
 
     rng, results = random.Random(seed), Results()
     tmp = tempfile.TemporaryDirectory(prefix="deploy-kills-") if work is None else None

@@ -1,9 +1,9 @@
 """Wall time of whole `edgemeta` commands against a board: deploy, upgrade, rollback, status, remote enroll.
 
-    flock /tmp/edgemeta-bench.lock .venv/bin/python benchmarks/deploy_timings.py [--repeat 3] [--emulated [--emulated-repeat 1]]
+    flock /tmp/edgemeta-bench.lock .venv/bin/python -m benchmarks.deploy_timings [--repeat 3] [--emulated [--emulated-repeat 1]]
 
-On each round a never-deployed board: a real OpenSSH server on 127.0.0.1 (tests/sshd.py, profile
-generic-x86_64) and, with --emulated (root, qemu-user-static, debootstrap: tests/emulated_pi.py), a
+On each round a never-deployed board: a real OpenSSH server on 127.0.0.1 (tests/support/sshd.py, profile
+generic-x86_64) and, with --emulated (root, qemu-user-static, debootstrap: tests/support/emulated_pi.py), a
 Raspberry Pi OS 64-bit userland under qemu with its own sshd (profile rpi5). Bundles carry a
 wheelhouse (the board installs offline). Timed, each a whole CLI run from this host:
   - first deploy: upload, a new venv with the runtime installed from the wheelhouse, health check, switch
@@ -33,12 +33,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO / "benchmarks"))
+from benchmarks.deploy_kills import rid_of
 
-from deploy_kills import rid_of  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 MODELS = (REPO / "models" / "omniglot-conv4", REPO / "models" / "omniglot-vinyals-conv4")
 DRAWINGS = sorted((REPO / "samples" / "omniglot" / "Keble_character01").glob("*.png"))
@@ -98,9 +95,8 @@ def round_on(board_alias: str, lab, bundles: tuple[Path, Path], times: dict[str,
 
 def run(repeat: int, work: Path, emulated: int = 0, log=print) -> dict[str, dict[str, list[float]]]:
     """{board: {step: [seconds per round]}}: `repeat` rounds on loopback boards, `emulated` on the emulated Pi."""
-    from sshd import SshLab
-
     from edgemeta.deploy.bundle import build_bundle
+    from tests.support.sshd import SshLab
 
     lab = SshLab(work / "ssh")
     out: dict[str, dict[str, list[float]]] = {}
@@ -111,7 +107,7 @@ def run(repeat: int, work: Path, emulated: int = 0, log=print) -> dict[str, dict
             bundles = tuple(build_bundle(profile, m, work / profile / m.name, wheelhouse=True) for m in MODELS)
             pi = None
             if profile == "rpi5":
-                from emulated_pi import EmulatedPi
+                from tests.support.emulated_pi import EmulatedPi
 
                 pi = EmulatedPi(lab, "arm64")  # (the OS image is cached; its edgemeta root starts empty)
             try:
@@ -146,7 +142,7 @@ def main() -> None:
         t = time.monotonic()
         results = run(a.repeat, Path(tmp), a.emulated_repeat if a.emulated else 0, log=lambda m: print(m, file=sys.stderr))
     print_results(results)
-    print(f"({time.monotonic() - t:.0f} s in all; `{shlex.join(['deploy_timings.py', *sys.argv[1:]])}`)")
+    print(f"({time.monotonic() - t:.0f} s in all; `{shlex.join(['python', '-m', 'benchmarks.deploy_timings', *sys.argv[1:]])}`)")
 
 
 if __name__ == "__main__":

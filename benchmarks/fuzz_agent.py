@@ -1,7 +1,7 @@
 """Coverage-guided fuzzing (atheris, libFuzzer) of what the board agent parses from the outside.
 
     pip install atheris      # not a dependency of edgemeta; a wheel exists for CPython 3.11 on x86-64
-    python benchmarks/fuzz_agent.py [--runs 20000] [--seed 1]
+    python -m benchmarks.fuzz_agent [--runs 20000] [--seed 1]
 
 Each input's first byte picks one target, the rest is its input:
 

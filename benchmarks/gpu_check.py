@@ -7,8 +7,8 @@ with `edgemeta train`, samples the GPU's utilisation with nvidia-smi meanwhile, 
 the training and the ratio to the CPU figure of BENCHMARKS.md. On a machine without a GPU it says so
 and exits with status 2.
 
-    python benchmarks/gpu_check.py --data ../shared/data/omniglot [--minutes 3] [--venv .venv-gpu]
-    python benchmarks/gpu_check.py --no-install   # use this interpreter's TensorFlow (already with CUDA)
+    python -m benchmarks.gpu_check --data ../shared/data/omniglot [--minutes 3] [--venv .venv-gpu]
+    python -m benchmarks.gpu_check --no-install   # use this interpreter's TensorFlow (already with CUDA)
 
 Exit status: 0 when training ran on a GPU, 1 when it ran but not on a GPU (or failed), 2 without a GPU.
 """

@@ -10,7 +10,7 @@ queries (5 per class at 15 shots). Heads:
   initialisation and rates, its test-time steps;
 - whole network (host only, MAML and Meta-SGD): every layer adapted on the support set.
 
-    .venv/bin/python benchmarks/head_adaptation.py --model models/omniglot-vinyals-conv4 \\
+    .venv/bin/python -m benchmarks.head_adaptation --model models/omniglot-vinyals-conv4 \\
         --data ../shared/data/omniglot --split test --episodes 300
 """
 

@@ -1,6 +1,6 @@
 """The board's head with many enrolled classes: classify time, memory, and the store's load and save.
 
-    python benchmarks/head_scale.py [--model models/omniglot-conv4] [--classes 10,100,1000,10000] [--shots 5]
+    python -m benchmarks.head_scale [--model models/omniglot-conv4] [--classes 10,100,1000,10000] [--shots 5]
 
 For each size, a store of `--shots` embeddings per class (the model's embedding size; values near
 real embeddings of the sample characters, so distances look like real ones) is written with the
@@ -13,14 +13,12 @@ Runtime only (numpy + the interpreter), medians of repeated runs.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runtime_latency import REPO, median_ms, query_file, sample_files  # noqa: E402
+from benchmarks.runtime_latency import REPO, median_ms, query_file, sample_files
 
 
 def main(argv=None) -> list[dict]:

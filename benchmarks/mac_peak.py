@@ -1,7 +1,7 @@
 """How far the board path is from this CPU's limit: multiply-accumulates per image of each backbone,
 the MAC/s the embedding achieves (float32 and int8), and the CPU's measured peak in the same process.
 
-    python benchmarks/mac_peak.py [--model models/omniglot-conv4] [--threads 1,2] [--repeat 50]
+    python -m benchmarks.mac_peak [--model models/omniglot-conv4] [--threads 1,2] [--repeat 50]
 
 MACs are counted from the Keras layers (convolutions and dense layers; batch norm folds away at
 export). The embedding's rate is images/s x MACs/image through the interpreter (LiteRT), float32 at
@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runtime_latency import REPO, median_ms, sample_files  # noqa: E402
+from benchmarks.runtime_latency import REPO, median_ms, sample_files
 
 
 def macs_per_image(model) -> int:

@@ -4,8 +4,8 @@ and ProtoNet, on the same Omniglot-sized episode (Conv-4, 28x28).
 Each method runs in its own process (peak RSS is per process, TensorFlow's own ~1.1 GB included);
 the comparison is the peak above ProtoNet's, which needs no inner loop.
 
-    .venv/bin/python benchmarks/maml_memory.py            # 20-way 5-shot 15-query, 5 inner steps
-    .venv/bin/python benchmarks/maml_memory.py --way 5 --shot 1 --query 15 --steps 1
+    .venv/bin/python -m benchmarks.maml_memory            # 20-way 5-shot 15-query, 5 inner steps
+    .venv/bin/python -m benchmarks.maml_memory --way 5 --shot 1 --query 15 --steps 1
 
 Then, with --meta-batch N (and --data): second-order MAML through `edgemeta train`'s compiled step on
 Omniglot, a meta-batch of N such tasks, for each `[train] parallel_tasks` in --parallel (tasks of the
@@ -19,6 +19,7 @@ import json
 import subprocess
 import sys
 
+SELF = [sys.executable, "-m", "benchmarks.maml_memory"]  # this script again, in a new process
 CASES = [("maml", {}), ("maml", {"first_order": True}), ("anil", {}), ("protonet", {})]
 
 
@@ -60,12 +61,10 @@ def child(name: str, params: dict, way: int, shot: int, query: int, steps: int, 
 
 
 def trainer_child(data: str, way: int, shot: int, query: int, steps: int, meta_batch: int, parallel: int) -> dict:
-    import os
     import time
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import sidebyside as sbs
-    from l2l_worker import reset_peak, rss_mb
+    from benchmarks import sidebyside as sbs
+    from benchmarks.l2l_worker import reset_peak, rss_mb
 
     sbs.set_tf_threads(2)
     cfg, splits = sbs.load_splits(data, ("train",), None)
@@ -109,7 +108,7 @@ def main() -> None:
         print("| parallel_tasks | ms per meta-batch | peak above the loaded process (MB) | resident after the first meta-batch (MB) |")
         print("|---|---|---|---|")
         for parallel in (int(x) for x in a.parallel.split(",")):
-            out = subprocess.run([sys.executable, __file__, "--trainer-child", str(parallel), "--meta-batch", str(a.meta_batch),
+            out = subprocess.run([*SELF, "--trainer-child", str(parallel), "--meta-batch", str(a.meta_batch),
                                   "--data", a.data, *shape], capture_output=True, text=True, check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"| {parallel} | {r['ms_per_meta_batch']} | {r['peak_above_loaded_mb']} | {r['resident_after_first_mb']} |")
@@ -118,7 +117,7 @@ def main() -> None:
     print(f"{'method':<26} {'ms/task':>8} {'peak RSS (MB)':>14} {'above ProtoNet (MB)':>20}")
     rows = []
     for name, params in CASES:
-        out = subprocess.run([sys.executable, __file__, "--child", json.dumps([name, params]), *shape,
+        out = subprocess.run([*SELF, "--child", json.dumps([name, params]), *shape,
                               "--repeats", str(a.repeats)], capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     base = rows[-1]["peak_rss_mb"]

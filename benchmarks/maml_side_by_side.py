@@ -1,6 +1,6 @@
 """MAML meta-training, edgemeta beside learn2learn (its Omniglot example), in one run on this machine.
 
-    python benchmarks/maml_side_by_side.py --data ../shared/data/omniglot [--way 5 --shot 1 --meta-batch 32
+    python -m benchmarks.maml_side_by_side --data ../shared/data/omniglot [--way 5 --shot 1 --meta-batch 32
         --steps 1 --rounds 3 --per-round 2 --threads 2] [--orders second,first]
 
 The episodes are those of learn2learn's `examples/vision/maml_omniglot.py` and of edgemeta's
@@ -31,9 +31,10 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import sidebyside as sbs  # noqa: E402
-from l2l_worker import reset_peak, rss_mb  # noqa: E402  (standard library only)
+from benchmarks import sidebyside as sbs  # noqa: E402
+from benchmarks.l2l_worker import reset_peak, rss_mb  # noqa: E402  (standard library only)
+
+SELF = [sys.executable, "-m", "benchmarks.maml_side_by_side"]  # this script again, in a new process
 
 
 def child(argv: list[str]) -> None:
@@ -77,7 +78,7 @@ NETS = {"edgemeta": "cnn4", "learn2learn": "cnn4", STRIDED: "omniglot_cnn"}  # l
 
 class EdgemetaWorker(sbs.PeerWorker):
     def __init__(self, data: str, sample: str | None, threads: int):
-        cmd = [sys.executable, __file__, "--child", "--data", data, "--threads", str(threads)] + (["--sample", sample] if sample else [])
+        cmd = [*SELF, "--child", "--data", data, "--threads", str(threads)] + (["--sample", sample] if sample else [])
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
 

@@ -11,13 +11,12 @@ head and the calibration are the store's own numpy code. Datasets:
   speech         log-spectrogram images of the 30 words x 10 clips of ../shared/data/speech_commands_v0.01_subset
                  (sounds, not drawings: far from an Omniglot model's training data)
 
-    python benchmarks/open_set.py --model models/omniglot-conv4 --data ../shared/data
+    python -m benchmarks.open_set --model models/omniglot-conv4 --data ../shared/data
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import wave
 from pathlib import Path
@@ -25,13 +24,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from edgemeta.host.data import DatasetSpec, FewShotSplit, load_dataset  # noqa: E402  (numpy + Pillow only)
-from edgemeta.runtime.fewshot import FewShotRuntime  # noqa: E402
-from edgemeta.runtime.heads.common import DISTANCES, prototypes  # noqa: E402
-from edgemeta.runtime.heads.open_set import calibrate, domain_warning, leave_one_out  # noqa: E402
+from edgemeta.host.data import DatasetSpec, FewShotSplit, load_dataset  # (numpy + Pillow only)
+from edgemeta.runtime.fewshot import FewShotRuntime
+from edgemeta.runtime.heads.common import DISTANCES, prototypes
+from edgemeta.runtime.heads.open_set import calibrate, domain_warning, leave_one_out
 
 
 def spectrogram_png(wav: Path, out: Path, size: int = 64) -> None:

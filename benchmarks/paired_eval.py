@@ -4,9 +4,9 @@ Two models' intervals overlap long before their difference is noise: the same ep
 per-episode difference far less spread than either accuracy, so its interval says whether B beats A.
 Keras float32 backbones through each method's numpy head (non-transductive batch norm).
 
-    .venv/bin/python benchmarks/paired_eval.py benchmarks/runs/lake-trainval-teacher models/omniglot-conv4 \\
+    .venv/bin/python -m benchmarks.paired_eval benchmarks/runs/lake-trainval-teacher models/omniglot-conv4 \\
         --data ../shared/data/omniglot
-    .venv/bin/python benchmarks/paired_eval.py models/omniglot-conv4 models/omniglot-conv4 --support-shift-a 0 \\
+    .venv/bin/python -m benchmarks.paired_eval models/omniglot-conv4 models/omniglot-conv4 --support-shift-a 0 \\
         --data ../shared/data/omniglot     # one model with and without its support views
 """
 

@@ -1,6 +1,6 @@
 """Set up the peers that the side-by-side benchmarks compare edgemeta with, in their own folder.
 
-    python benchmarks/peers.py [--peers DIR] [--check]
+    python -m benchmarks.peers [--peers DIR] [--check]
 
 learn2learn 0.2.0 (PyTorch) goes into its own virtual environment under DIR (default
 ``$EDGEMETA_PEERS`` or ``~/.cache/edgemeta-bench/peers``), installed from the package registry:
@@ -195,7 +195,7 @@ def main() -> None:
         build = f"CUDA {found['cuda_build']} build, run on the CPU" if found.get("cuda_build") else "CPU build"
         print(f"learn2learn {found['learn2learn']} with torch {found['torch']} ({build}), Python {found['python']}, in {root}")
     else:
-        print(f"learn2learn {L2L_VERSION}: not installed under {root} (run: python benchmarks/peers.py)")
+        print(f"learn2learn {L2L_VERSION}: not installed under {root} (run: python -m benchmarks.peers)")
     for runtime in BOARD_RUNTIMES:
         version = board_version(root, runtime) if a.check else install_board_runtime(root, runtime)
         missing = missing or not version

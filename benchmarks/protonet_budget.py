@@ -1,8 +1,8 @@
 """Budgeted ProtoNet training, edgemeta beside learn2learn, judged by one evaluator.
 
-    python benchmarks/protonet_budget.py --data ../shared/data/omniglot --minutes 25 [--episode 60w5s5q]
+    python -m benchmarks.protonet_budget --data ../shared/data/omniglot --minutes 25 [--episode 60w5s5q]
         [--slice-s 60] [--val-episodes 500] [--plot benchmarks/protonet_budget.png]
-    python benchmarks/protonet_budget.py --quick          # half a minute each, a smoke run
+    python -m benchmarks.protonet_budget --quick          # half a minute each, a smoke run
 
 Each side trains the same Conv-4 on the same Omniglot Vinyals train images (Adam 1e-3, constant), for
 `--minutes` of its own training time. The sides take turns in slices of `--slice-s` seconds, so both
@@ -24,8 +24,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import sidebyside as sbs  # noqa: E402
+from benchmarks import sidebyside as sbs
 
 
 def time_to(curve: list[dict], target: float) -> float | None:

@@ -1,6 +1,6 @@
 """ProtoNet meta-training speed, edgemeta beside learn2learn, in one run on this machine.
 
-    python benchmarks/protonet_side_by_side.py --data ../shared/data/omniglot [--episodes 60w5s5q,60w1s5q,20w5s15q]
+    python -m benchmarks.protonet_side_by_side --data ../shared/data/omniglot [--episodes 60w5s5q,60w1s5q,20w5s15q]
         [--rounds 4 --per-round 3 --threads 2] [--no-peer] [--no-before] [--check-numerics 20]
 
 Same Conv-4, same images (the Omniglot Vinyals train split at 28x28, loaded once by edgemeta and handed
@@ -27,8 +27,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import sidebyside as sbs  # noqa: E402
+from benchmarks import sidebyside as sbs
 
 
 def name_of(shape: tuple[int, int, int]) -> str:

@@ -1,6 +1,6 @@
 """Board-side figures on this machine: embedding latency, enrollment, head cost, cold start, memory.
 
-    python benchmarks/runtime_latency.py --model models/omniglot-conv4 [--runtime ai_edge_litert|tflite_runtime|tensorflow|keras]
+    python -m benchmarks.runtime_latency --model models/omniglot-conv4 [--runtime ai_edge_litert|tflite_runtime|tensorflow|keras]
 
 Uses the exported variants of MODEL (int8_static, int8, float32) and the Omniglot sample in
 samples/omniglot for real images. Times are medians over repeated runs, one interpreter thread.
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+SELF = [sys.executable, "-m", "benchmarks.runtime_latency"]  # this script again, in a new process
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "samples" / "omniglot"
 
@@ -115,7 +116,7 @@ def keras_main(args) -> None:
           f"median of {args.repeat}")
     print("\nembedding latency")
     for threads in (1, 2):
-        out = subprocess.run([sys.executable, __file__, "--keras-embed", args.model, str(threads), str(args.repeat)],
+        out = subprocess.run([*SELF, "--keras-embed", args.model, str(threads), str(args.repeat)],
                              capture_output=True, text=True, check=True)
         print(out.stdout, end="")
     with tempfile.TemporaryDirectory() as tmp:
@@ -125,7 +126,7 @@ def keras_main(args) -> None:
         np.save(protos, np.random.default_rng(0).normal(size=(1000, dim)).astype(np.float32))
         print("\ncold start (new process: TensorFlow, load model.keras, decode 1 PNG, predict, nearest of 1000 prototypes; "
               "1 thread) and peak memory")
-        print(cold_start([sys.executable, __file__, "--keras-classify", args.model, query_file(), str(protos)],
+        print(cold_start([*SELF, "--keras-classify", args.model, query_file(), str(protos)],
                          dict(os.environ), args.cold))
 
 

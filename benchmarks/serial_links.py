@@ -1,11 +1,11 @@
 """Images over slow serial links: the largest that gets through, and a 6.5 KB round trip, per baud rate.
 
-    python benchmarks/serial_links.py                        # before (git 5026f1f) and after, all rates
-    python benchmarks/serial_links.py --only after --bauds 9600,115200 --cap 20
+    python -m benchmarks.serial_links                        # before (git 5026f1f) and after, all rates
+    python -m benchmarks.serial_links --only after --bauds 9600,115200 --cap 20
 
 Each rate runs the board's ``serve()`` and the host's ``SerialClient`` (the agent's and the CLI's
 defaults: port timeout 0.1 s, stall timeout 1 s, answer timeout 30 s) on the two ends of a real
-pseudo-terminal pair joined by ``tests/ptys.py``'s NullModem, paced like a UART at that rate (baud/10
+pseudo-terminal pair joined by ``tests/support/ptys.py``'s NullModem, paced like a UART at that rate (baud/10
 bytes a second each way, a 4 KB transmit buffer). The handler answers each request with the sizes and
 sha256 of its attachments, which are checked. Sizes are tried smallest first, and a size whose wire
 time would overrun the rate's time cap (``--cap`` seconds) is not tried; the first failure ends a rate.
@@ -31,10 +31,9 @@ from types import ModuleType
 
 import serial
 
+from tests.support.ptys import NullModem
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
-from ptys import NullModem  # noqa: E402
 
 BAUDS = [9600, 19200, 38400, 57600, 115200, 230400, 460800, 921600]
 SIZES = [1_000, 3_800, 6_500, 20_000, 64_000]

@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks import peers
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import peers  # noqa: E402
 
 
 def parse_episode(text: str) -> tuple[int, int, int]:
@@ -121,7 +120,7 @@ def peer_or_reason(peers_root: Path) -> tuple[dict | None, str]:
     found = peers.l2l_versions(peers_root)
     if found:
         return found, ""
-    return None, f"learn2learn is not installed under {peers_root} (python benchmarks/peers.py installs it)"
+    return None, f"learn2learn is not installed under {peers_root} (python -m benchmarks.peers installs it)"
 
 
 def machine() -> str:

@@ -1,6 +1,6 @@
 """SNAIL's board path beside the prototype head: latency per query, the support pass, memory.
 
-    python benchmarks/snail_board.py --model benchmarks/runs/snail-vinyals [--threads 1]
+    python -m benchmarks.snail_board --model benchmarks/runs/snail-vinyals [--threads 1]
 
 For 5-way and 20-way stores (1 and 5 shots, real sample characters from samples/omniglot, int8_static
 body), on this machine's interpreter: the sequence head's support pass (the prefix graph, run once per
@@ -20,8 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runtime_latency import SAMPLE, child_run, median_ms  # noqa: E402
+from benchmarks.runtime_latency import SAMPLE, child_run, median_ms
 
 
 def setting_times(graphs, support: np.ndarray, labels: np.ndarray, query: np.ndarray, way: int, repeat: int) -> list[str]:

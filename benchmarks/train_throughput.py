@@ -4,9 +4,9 @@ Times the compiled training step that `edgemeta train` uses, on real Omniglot ep
 60-way 5-shot 5-query with Conv-4, as the shipped models are trained), after warm-up steps, with the
 episodes drawn ahead on a background thread as `edgemeta train` does (--no-prefetch: in the loop).
 
-    python benchmarks/train_throughput.py --data ../shared/data/omniglot [--way 60 --shot 5 --query 5 --steps 200]
-    python benchmarks/train_throughput.py --replicas 2   # one process, MirroredStrategy over 2 logical CPUs
-    python benchmarks/train_throughput.py --workers 2    # 2 worker processes on 127.0.0.1, MultiWorkerMirroredStrategy
+    python -m benchmarks.train_throughput --data ../shared/data/omniglot [--way 60 --shot 5 --query 5 --steps 200]
+    python -m benchmarks.train_throughput --replicas 2   # one process, MirroredStrategy over 2 logical CPUs
+    python -m benchmarks.train_throughput --workers 2    # 2 worker processes on 127.0.0.1, MultiWorkerMirroredStrategy
 
 On one machine, two replicas or two workers share the same cores: the figures measure the overhead
 of the distribution (all-reduce, process boundary), not a speed-up.
@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 
+SELF = [sys.executable, "-m", "benchmarks.train_throughput"]  # this script again, in a new process
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
@@ -40,7 +41,7 @@ def launch_workers(args, argv: list[str]) -> None:
     """Run this script once per worker (each one its own process) and print the chief's figures."""
     cluster = ",".join(f"127.0.0.1:{p}" for p in free_ports(args.workers))
     env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
-    procs = [subprocess.Popen([sys.executable, __file__, *argv, "--cluster", cluster, "--task-index", str(i)],
+    procs = [subprocess.Popen([*SELF, *argv, "--cluster", cluster, "--task-index", str(i)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for i in range(args.workers)]
     outputs = [p.communicate() for p in procs]

@@ -2,7 +2,7 @@
 
 A method that has not converged in the time there was shows here how far it got.
 
-    .venv/bin/python benchmarks/val_curves.py --out benchmarks/optimization_family.png \\
+    .venv/bin/python -m benchmarks.val_curves --out benchmarks/optimization_family.png \\
         MAML=runs/maml-5w1s ANIL=runs/anil-20w1s
 """
 

@@ -67,10 +67,9 @@ def sample_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory, sample_dir):
-    from test_train import tiny_config
-
     from edgemeta.host.export import export_model
     from edgemeta.host.training import train
+    from tests.support.builders import tiny_config
 
     out = tmp_path_factory.mktemp("exported")
     train(tiny_config(sample_dir, episodes=60), out, progress=False)
@@ -78,17 +77,12 @@ def exported(tmp_path_factory, sample_dir):
     return out
 
 
-# a SNAIL small enough to train and export in seconds: 5 classes x 2 shots at most
-SNAIL_TINY = {"max_way": 5, "max_shot": 2, "min_way": 2, "filters": 8, "keys": 4}
-
-
 @pytest.fixture(scope="session")
 def snail_exported(tmp_path_factory, sample_dir):
     """A few episodes of SNAIL over the sample characters, exported (sequence graphs float32 and int8)."""
-    from test_train import tiny_config
-
     from edgemeta.host.export import export_model
     from edgemeta.host.training import train
+    from tests.support.builders import SNAIL_TINY, tiny_config
 
     cfg = tiny_config(sample_dir, episodes=16, meta_batch=4, shot=2, query=2)
     cfg = type(cfg)(**{**cfg.__dict__, "method": type(cfg.method)("snail", dict(SNAIL_TINY))})
@@ -100,8 +94,8 @@ def snail_exported(tmp_path_factory, sample_dir):
 
 @pytest.fixture(scope="session")
 def lab(tmp_path_factory):
-    """Real OpenSSH servers on 127.0.0.1 playing boards (tests/sshd.py)."""
-    from sshd import SshLab
+    """Real OpenSSH servers on 127.0.0.1 playing boards (tests/support/sshd.py)."""
+    from tests.support.sshd import SshLab
 
     lab = SshLab(tmp_path_factory.mktemp("ssh"))
     yield lab

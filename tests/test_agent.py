@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ptys import NullModem
+
+from tests.support.ptys import NullModem
 
 SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "omniglot"
 

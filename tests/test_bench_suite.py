@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import peers, sidebyside
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -39,13 +41,9 @@ def test_the_suite_runs_every_script_on_tiny_settings(tmp_path):
 
 
 def test_the_peer_worker_answers(tmp_path):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import peers
-    import sidebyside
-
     root = peers.peers_dir()
     if not peers.l2l_versions(root):
-        pytest.skip(f"learn2learn is not set up under {root} (python benchmarks/peers.py needs the package registry)")
+        pytest.skip(f"learn2learn is not set up under {root} (python -m benchmarks.peers needs the package registry)")
     _, splits = sidebyside.load_splits("", ("train",), str(REPO / "samples" / "omniglot"))
     worker = sidebyside.PeerWorker(root, sidebyside.write_arrays(tmp_path / "d.npz", train=splits["train"]), 1)
     try:
@@ -61,7 +59,7 @@ def test_the_peer_worker_answers(tmp_path):
 
 @pytest.mark.tf
 def test_paired_eval_of_a_model_against_itself_is_a_zero_difference(omniglot_dir):
-    p = subprocess.run([sys.executable, "benchmarks/paired_eval.py", "models/omniglot-conv4", "models/omniglot-conv4",
+    p = subprocess.run([sys.executable, "-m", "benchmarks.paired_eval", "models/omniglot-conv4", "models/omniglot-conv4",
                         "--data", str(omniglot_dir), "--episodes", "20", "--settings", "5w1s,20w1s",
                         # one view each: the model's support views (five passes per test image) are tested elsewhere
                         "--support-shift-a", "0", "--support-shift-b", "0"], cwd=REPO,

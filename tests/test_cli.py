@@ -25,9 +25,8 @@ def assert_one_line_error(proc, fragment):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, sample_dir):
-    from test_train import tiny_config
-
     from edgemeta.host.training import train
+    from tests.support.builders import tiny_config
 
     out = tmp_path_factory.mktemp("cli_model")
     train(tiny_config(sample_dir, episodes=30), out, progress=False)

@@ -875,9 +875,8 @@ def test_doctor_over_ssh_before_and_after_deploy(lab, bundle):
 
 
 def test_a_linear_head_travels_with_its_model(tmp_path):
-    from test_runtime import linear_model
-
     from edgemeta.runtime.manifest import read_manifest
+    from tests.support.builders import linear_model
 
     out = build_bundle("generic-x86_64", linear_model(tmp_path / "lin"), tmp_path / "b")
     m = read_manifest(out / "model")  # checks head.npz against its checksum

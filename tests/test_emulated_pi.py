@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from emulated_pi import EmulatedPi, build_rootfs, register_binfmt
 
 from edgemeta.deploy.bundle import build_bundle
+from tests.support.emulated_pi import EmulatedPi, build_rootfs, register_binfmt
 
 SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "omniglot"
 

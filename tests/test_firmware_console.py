@@ -16,7 +16,8 @@ import tty
 from collections.abc import Callable, Iterator
 
 import pytest
-from ptys import NullModem
+
+from tests.support.ptys import NullModem
 
 serial = pytest.importorskip("serial")
 

@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 import serial
-from ptys import NullModem
 
 from firmware_tools.serial_protocol import (
     CHUNK_DATA_MAX,
@@ -45,6 +44,7 @@ from firmware_tools.serial_protocol import (
     encode_frame,
     serve,
 )
+from tests.support.ptys import NullModem
 
 PORT_TIMEOUT = 0.05
 STALL = 0.3  # board-side stall timeout in these tests: short, so fault tests stay fast

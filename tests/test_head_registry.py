@@ -1,5 +1,5 @@
 """The head registry (runtime/heads/): a head kind edgemeta does not ship, written in one file and
-registered there (tests/nearest_sample_head.py), is read from a manifest, carried by a bundle and
+registered there (tests/support/nearest_sample_head.py), is read from a manifest, carried by a bundle and
 classifies a store, with no other file changed."""
 
 import json
@@ -7,10 +7,10 @@ import shutil
 import zipfile
 from pathlib import Path
 
-import nearest_sample_head as plugin  # the whole kind: registered on import
 import numpy as np
 import pytest
 
+import tests.support.nearest_sample_head as plugin  # the whole kind: registered on import
 from edgemeta.errors import EdgemetaError
 from edgemeta.runtime import heads
 

@@ -202,14 +202,13 @@ def test_linear_head_with_zero_steps_and_proto_init_is_the_prototype_classifier(
 def test_an_exported_optimization_model_answers_on_the_board_as_on_the_host(tmp_path, sample_dir, name, params):
     """Train a few episodes, export (format 2, linear head in head.npz), enroll on the board runtime
     and classify: the board's answers are the host's numpy head over the same int8 embeddings."""
-    from test_train import tiny_config
-
     from edgemeta.host.data import DatasetSpec, EpisodeSampler, load_dataset
     from edgemeta.host.export import export_model
     from edgemeta.host.modeldir import load_keras, read_info
     from edgemeta.host.training import train
     from edgemeta.runtime.fewshot import FewShotRuntime
     from edgemeta.runtime.manifest import read_manifest
+    from tests.support.builders import tiny_config
 
     cfg = tiny_config(sample_dir, episodes=8, meta_batch=4)
     cfg = type(cfg)(**{**cfg.__dict__, "method": type(cfg.method)(name, {"test_steps": 3, **params})})
@@ -318,10 +317,9 @@ def test_distillation_loss_is_the_weighted_labels_and_softened_teacher_terms(epi
 def test_a_distilled_model_trains_and_loads_without_its_teacher(tmp_path, sample_dir, exported):
     import shutil
 
-    from test_train import tiny_config
-
     from edgemeta.host.modeldir import load_backbone
     from edgemeta.host.training import train
+    from tests.support.builders import tiny_config
 
     teacher = tmp_path / "teacher"
     shutil.copytree(exported, teacher)
@@ -343,10 +341,9 @@ def test_a_distilled_model_trains_and_loads_without_its_teacher(tmp_path, sample
     ({"teacher": 3}, "must be a string"),
 ])
 def test_bad_distillation_settings_are_refused_with_one_line_and_nothing_written(tmp_path, sample_dir, params, message):
-    from test_train import tiny_config
-
     from edgemeta.errors import EdgemetaError
     from edgemeta.host.training import train
+    from tests.support.builders import tiny_config
 
     out = tmp_path / "run"
     with pytest.raises(EdgemetaError, match=re.escape(message)) as e:
@@ -356,10 +353,9 @@ def test_bad_distillation_settings_are_refused_with_one_line_and_nothing_written
 
 
 def test_a_teacher_that_reads_other_images_is_refused(tmp_path, sample_dir, exported):
-    from test_train import tiny_config
-
     from edgemeta.errors import EdgemetaError
     from edgemeta.host.training import train
+    from tests.support.builders import tiny_config
 
     cfg = tiny_config(sample_dir, episodes=5)
     cfg = replace(cfg, model=replace(cfg.model, image_size=32), method=MethodConfig("protonet", {"teacher": str(exported)}))

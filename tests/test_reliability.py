@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import crash_consistency as cc
+from benchmarks import deploy_kills as dk
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-import crash_consistency as cc  # noqa: E402
-import deploy_kills as dk  # noqa: E402
 
 MODEL = REPO / "models" / "omniglot-conv4"
 PNGS = [str(p) for p in sorted((REPO / "samples" / "omniglot" / "Keble_character01").glob("*.png"))]

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import click
 import pytest
-from ptys import NullModem
 
 from edgemeta.cli import main
 from edgemeta.cli.remote import BOARD_ONLY, BOARD_ONLY_OPTIONS
+from tests.support.ptys import NullModem
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "models" / "omniglot-conv4"

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,23 +16,8 @@ from edgemeta.errors import EdgemetaError
 from edgemeta.runtime.fewshot import FewShotRuntime
 from edgemeta.runtime.store import STORE_FILE, EnrollmentStore
 from edgemeta.runtime.tflite_info import read_structure
-
-SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "omniglot"
-
-
-def drawings(char: str, drawers) -> list[str]:
-    return [str(p) for p in sorted((SAMPLE / char).glob("*.png")) if int(p.stem[-2:]) in drawers]
-
-
-def run(*args, exe=None):
-    cmd = [exe, *args] if exe else [sys.executable, "-m", "edgemeta", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-
-
-def one_line_error(proc, fragment):
-    assert proc.returncode == 2, (proc.stdout, proc.stderr)
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and fragment in lines[0], proc.stderr
+from tests.support.builders import SAMPLE, SHIPPED, drawings, linear_model
+from tests.support.cli import one_line_error, run
 
 
 def test_manifest_and_variants(exported):
@@ -337,25 +321,7 @@ def test_missing_edge_tpu_runtime_names_the_fix(exported, tmp_path):
 
 # --- head adaptation (on the shipped model: its manifest is format 1) ------------------------------
 
-SHIPPED = Path(__file__).resolve().parents[1] / "models" / "omniglot-conv4"
 CHARS = ["Keble_character01", "Keble_character05", "Tengwar_character03", "Tengwar_character10"]
-
-
-def linear_model(dst: Path, arrays: dict | None = None, **section) -> Path:
-    """A copy of the shipped model turned into a format-2 model with a linear head (head.npz beside
-    the manifest). Default: a learned init whose bias makes every query the second class."""
-    shutil.copytree(SHIPPED, dst, ignore=shutil.ignore_patterns("model.keras", "*.png", "*.csv"))
-    if arrays is None:
-        arrays = {"rates_w": np.array([0.01], np.float32), "rates_b": np.array([0.01], np.float32),
-                  "w0": np.zeros((64, 5), np.float32), "b0": np.array([0, 50, 0, 0, 0], np.float32)}
-    np.savez(dst / "head.npz", **arrays)
-    m = json.loads((dst / "manifest.json").read_text())
-    m["format"] = 2
-    m["head"] = {"kind": "linear", "method": "maml", "init": "learned", "steps": 3, "file": "head.npz",
-                 "sha256": hashlib.sha256((dst / "head.npz").read_bytes()).hexdigest(), "per_parameter_rates": False,
-                 **section}
-    (dst / "manifest.json").write_text(json.dumps(m))
-    return dst
 
 
 def enroll_chars(rt, store, chars=CHARS, adapt=None):

@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_runtime import drawings, one_line_error, run
 
 from edgemeta.errors import EdgemetaError
 from edgemeta.runtime.fewshot import FewShotRuntime
 from edgemeta.runtime.manifest import read_manifest
 from edgemeta.runtime.store import STORE_FILE, EnrollmentStore
+from tests.support.builders import drawings
+from tests.support.cli import one_line_error, run
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "omniglot-conv4"
 IMG = drawings("Keble_character01", [1])[0]

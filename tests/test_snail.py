@@ -8,10 +8,10 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import SNAIL_TINY
 
 from edgemeta.errors import EdgemetaError
 from edgemeta.runtime.heads.sequence import arrange, pad_support
+from tests.support.builders import SNAIL_TINY
 
 DIM = 64
 

@@ -1,5 +1,5 @@
 """--port, --identity and --accept-new-host-key (issue 30): a board on its own port with its own key,
-reached for the first time, against real sshd servers on 127.0.0.1 (tests/sshd.py) and a client that
+reached for the first time, against real sshd servers on 127.0.0.1 (tests/support/sshd.py) and a client that
 knows nothing of the board (lab.stranger: no port, no key, an empty known_hosts; never ~/.ssh's);
 the options' checks; the one ssh command line; the `fleet` extra."""
 
@@ -130,7 +130,7 @@ def test_the_careful_first_contact_of_the_readme(lab, tmp_path, users_known_host
 
 
 def test_an_unreachable_board_with_accept_new_is_one_line_and_records_nothing(lab, tmp_path, users_known_hosts):
-    from sshd import free_port
+    from tests.support.sshd import free_port
 
     board = lab.add_board()
     cfg, known = lab.stranger(board, "unreachable")

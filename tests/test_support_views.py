@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_runtime import SHIPPED, drawings, one_line_error, run
 
 from edgemeta.errors import EdgemetaError
 from edgemeta.runtime.fewshot import FewShotRuntime
 from edgemeta.runtime.heads.common import VIEW_DIRECTIONS, embed_support, support_views
 from edgemeta.runtime.store import EnrollmentStore
+from tests.support.builders import SHIPPED, drawings
+from tests.support.cli import one_line_error, run
 
 
 @settings(max_examples=40, deadline=None)

@@ -1,7 +1,6 @@
 """Meta-training end to end on a small real dataset (the shipped Omniglot sample)."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,15 +12,7 @@ from edgemeta.errors import EdgemetaError
 from edgemeta.host.config import config_from_dict
 from edgemeta.host.data.augment import random_affine
 from edgemeta.host.training import EpisodicTrainer, train
-
-
-def tiny_config(sample_dir, **train_overrides):
-    return config_from_dict({
-        "data": {"kind": "folder", "root": str(sample_dir), "fractions": [0.6, 0.2, 0.2]},
-        "model": {"backbone": "conv4"},
-        "train": {"way": 5, "shot": 1, "query": 3, "episodes": 60, "lr_decay_every": 1000, **train_overrides},
-        "validation": {"every": 30, "episodes": 100, "way": 5, "shot": 1, "query": 5},
-    })
+from tests.support.builders import REPO, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -92,18 +83,17 @@ def test_sigterm_checkpoints_and_the_next_run_resumes(tmp_path, sample_dir):
 def test_mirrored_strategy_on_two_logical_cpus(tmp_path, sample_dir):
     """The same training code under MirroredStrategy: each replica takes its own episode."""
     script = f"""
-import json, sys
+import json
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-sys.path.insert(0, {str(os.path.dirname(__file__))!r})
-from test_train import tiny_config
+from tests.support.builders import tiny_config
 from edgemeta.host.training import train
 cfg = tiny_config({str(sample_dir)!r}, episodes=40, devices=["/cpu:0", "/cpu:1"], augment_shift=0.1, augment_rotate=10.0)
 r = train(cfg, {str(tmp_path)!r}, progress=False)
 print(json.dumps({{"episodes": r.episodes, "acc": r.best_val_acc}}))
 """
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     info = json.loads((tmp_path / "model.json").read_text())

@@ -16,7 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from sshd import SshLab, free_port, keygen
+from tests.support.sshd import SshLab, free_port, keygen
 
 QEMU = {"arm64": ("qemu-aarch64", "aarch64"), "armhf": ("qemu-arm", "armv7l")}
 PACKAGES = {"arm64": "python3,python3-venv,openssh-server",

@@ -46,7 +46,7 @@ def load_splits(data: str, splits=("train",), sample: str | None = None):
                                 "model": {"backbone": "conv4"}})
     else:
         cfg = config_from_dict({"data": {"kind": "omniglot", "root": data, "split": "vinyals"}, "model": {"backbone": "conv4"}})
-    return cfg, load_dataset(cfg.data, cfg.model.preprocess, tuple(splits))
+    return cfg, load_dataset(cfg.data, cfg.preprocess, tuple(splits))
 
 
 def trainer_for(cfg_base, split, way: int, shot: int, query: int, method: str = "protonet", params: dict | None = None,

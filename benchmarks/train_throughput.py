@@ -100,7 +100,7 @@ def main() -> None:
         "method": {"name": args.method},
         "train": {"way": args.way, "shot": args.shot, "query": args.query, "meta_batch": args.meta_batch},
     })
-    split = load_dataset(cfg.data, cfg.model.preprocess, ("train",))["train"]
+    split = load_dataset(cfg.data, cfg.preprocess, ("train",))["train"]
     tf.keras.utils.set_random_seed(0)
     trainer = EpisodicTrainer(cfg, EpisodeSampler(split, args.way, args.shot, args.query), strategy)
     per_step = trainer.episodes_per_step

@@ -147,7 +147,7 @@ def test_trainval_trains_on_the_val_classes_and_keeps_the_last_weights(tmp_path,
     from edgemeta.host.data import load_dataset, merge_splits
 
     cfg = tiny_config(sample_dir, episodes=40, classes="trainval")
-    splits = load_dataset(cfg.data, cfg.model.preprocess, ("train", "val"))
+    splits = load_dataset(cfg.data, cfg.preprocess, ("train", "val"))
     both = merge_splits("trainval", splits["train"], splits["val"])
     assert both.num_classes == splits["train"].num_classes + splits["val"].num_classes
     assert len(both.images) == len(splits["train"].images) + len(splits["val"].images)
@@ -167,7 +167,7 @@ def test_tasks_computed_one_at_a_time_or_together_give_the_same_step(sample_dir)
 
     weights = []
     cfg = tiny_config(sample_dir, meta_batch=3)
-    split = load_dataset(cfg.data, cfg.model.preprocess, ("train",))["train"]
+    split = load_dataset(cfg.data, cfg.preprocess, ("train",))["train"]
     for parallel in (1, 3):
         cfg = tiny_config(sample_dir, meta_batch=3, parallel_tasks=parallel)
         keras.utils.set_random_seed(0)

@@ -169,13 +169,14 @@ def test_corrupt_model_file(model_dir, tmp_path):
 
 
 # The commands as they were before cli.py became a package (edgemeta/cli/): names must not change
-# (calibrate, status and launch came later).
+# (calibrate, status and launch came later; data with audio).
 COMMANDS = {
-    (): {"adapt", "boards", "bundle", "calibrate", "classes", "classify", "console", "demo", "deploy", "doctor", "edgetpu",
+    (): {"adapt", "boards", "bundle", "calibrate", "classes", "classify", "console", "data", "demo", "deploy", "doctor", "edgetpu",
          "enroll", "eval", "export", "forget", "health", "inspect", "keygen", "launch", "new-store", "provision", "reenroll", "remote",
          "rename",
          "rollback", "serve", "status", "train"},
     ("boards",): {"show"},
+    ("data",): {"speech"},
     ("remote",): {"adapt", "calibrate", "classes", "classify", "enroll", "forget", "new-store", "reenroll", "rename", "status"},
 }
 

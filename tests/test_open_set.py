@@ -151,7 +151,7 @@ def test_enroll_takes_folders_and_skips_the_same_image_twice(tmp_path):
     one_line_error(cli("enroll", "--store", str(folder), "--label", "x"), "give the samples")
     (tmp_path / "mixed").mkdir()
     (tmp_path / "mixed" / "notes.txt").write_text("x")
-    one_line_error(cli("enroll", "--store", str(folder), "--label", "x", str(tmp_path / "mixed")), "notes.txt is not an image")
+    one_line_error(cli("enroll", "--store", str(folder), "--label", "x", str(tmp_path / "mixed")), "notes.txt is not a sample")
     one_line_error(cli("enroll", "--store", str(folder), "--from-folders", str(tmp_path / "mixed")), "has no sub-folders")
 
 

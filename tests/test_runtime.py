@@ -474,9 +474,9 @@ def test_damaged_or_mismatched_heads_are_one_line_errors(tmp_path):
     man["head"] = {"kind": "prototype", "distance": "cosine"}
     (m8 / "manifest.json").write_text(json.dumps(man))
     one_line_error(enroll(m8), "disagrees with the manifest's 'squared_euclidean'")
-    man["format"] = 3
+    man["format"] = 4
     (m8 / "manifest.json").write_text(json.dumps(man))
-    one_line_error(enroll(m8), "this edgemeta reads formats 1, 2")
+    one_line_error(enroll(m8), "this edgemeta reads formats 1, 2, 3")
     assert not (tmp_path / "s").exists()
 
 

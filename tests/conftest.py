@@ -18,7 +18,8 @@ SAMPLE = REPO / "samples" / "omniglot"
 # A test is marked by the fixtures it uses (the lab is a real sshd, `exported` trains with TensorFlow...);
 # test files that are TensorFlow, sshd or qemu throughout say so with their own `pytestmark`.
 MARKS_OF_FIXTURES = {"lab": "sshd", "exported": "tf", "snail_exported": "tf", "trained": "tf",
-                     "board_venv": "slow", "tflite_runtime_venv": "slow"}  # a fresh virtual environment each
+                     "board_venv": "slow", "tflite_runtime_venv": "slow",  # a fresh virtual environment each
+                     "slow_link": "slow"}  # seconds of paced bytes at 9600-38400 baud
 
 
 def pytest_collection_modifyitems(items):

@@ -707,6 +707,7 @@ def big_png(side=4000):
     return buf.getvalue()
 
 
+@pytest.mark.slow
 def test_a_large_request_does_not_stall_small_ones(tmp_path):
     sock = tmp_path / "agent.sock"
     big = tmp_path / "big.png"

@@ -115,6 +115,7 @@ def test_class_too_small_for_training(tmp_path, sample_dir):
                           "[train] shot = 10 and query = 15 need 25 images per class")
 
 
+@pytest.mark.tf  # eval imports TensorFlow
 def test_debug_shows_the_traceback(tmp_path):
     proc = run("--debug", "eval", "--model", str(tmp_path))
     assert proc.returncode == 2 and "Traceback" in proc.stderr
@@ -158,6 +159,7 @@ def test_python_m_and_console_script_agree():
     assert subprocess.run([exe, "--version"], capture_output=True, text=True).stdout == run("--version").stdout
 
 
+@pytest.mark.tf  # eval loads the Keras model
 def test_corrupt_model_file(model_dir, tmp_path):
     import shutil
 

@@ -13,6 +13,7 @@ from edgemeta.preprocess import Preprocess
 PRE = Preprocess(28, 1, invert=True)
 
 
+@pytest.mark.slow  # decodes the whole Omniglot
 def test_vinyals_split_sizes_and_rotations(omniglot_dir):
     splits = load_dataset(DatasetSpec(root=str(omniglot_dir), split="vinyals"), PRE)
     assert {k: s.num_classes for k, s in splits.items()} == {"train": 4112, "val": 688, "test": 1692}

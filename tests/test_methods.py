@@ -10,6 +10,8 @@ from edgemeta.host.config import MethodConfig
 from edgemeta.host.methods import METHODS, TaskEpisode, get_method
 from edgemeta.runtime.heads.linear import LinearHeadSpec, linear_scores, spec_arrays, spec_from_manifest
 
+pytestmark = pytest.mark.tf  # every method here is TensorFlow
+
 WAY, SHOT, QUERY = 5, 1, 3
 
 

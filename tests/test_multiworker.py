@@ -23,6 +23,8 @@ import pytest
 from edgemeta.errors import EdgemetaError
 from edgemeta.host.cluster import Cluster, check_port_free, cluster_from_options, cluster_from_tf_config, parse_cluster
 
+pytestmark = pytest.mark.tf  # real worker processes train with TensorFlow
+
 REL_TOL = 1e-5
 
 PROTONET = """

@@ -30,6 +30,7 @@ def test_model_folder_is_complete(name):
     assert all(r["episodes"] == 1000 and r["query"] == 15 for r in ev["results"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SHIPPED)
 def test_recorded_int8_figures_are_reproduced(name, omniglot_dir):
     """Re-measure 5-way 1-shot and 20-way 1-shot through the int8 model and the manifest's head: the manifest

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.tf  # trains and exports with TensorFlow
+
 SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "omniglot"
 
 

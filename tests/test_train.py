@@ -14,6 +14,8 @@ from edgemeta.host.data.augment import random_affine
 from edgemeta.host.training import EpisodicTrainer, train
 from tests.support.builders import REPO, tiny_config
 
+pytestmark = pytest.mark.tf  # trains with TensorFlow
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, sample_dir):

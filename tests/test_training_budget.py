@@ -19,6 +19,8 @@ from edgemeta.errors import EdgemetaError
 from edgemeta.host.config import config_from_dict
 from edgemeta.host.training import EpisodicTrainer, train
 
+pytestmark = pytest.mark.tf  # trains with TensorFlow
+
 STEP_S = 10.0  # fake seconds per training step
 
 

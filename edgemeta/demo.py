@@ -1,8 +1,10 @@
-"""The README's main job: enroll unseen characters from one drawing each, classify the rest.
+"""The README's main job: enroll unseen characters from one drawing each, classify the rest
+(`--audio`: keywords from a few real recordings each).
 
-Runs on the board runtime alone (numpy + interpreter): each episode picks `way` characters of
-the sample folder, enrolls `shot` drawings of each into a fresh enrollment store on disk, and
-classifies every other drawing of those characters through the store, timing each stage.
+Runs on the board runtime alone (numpy + interpreter): each episode picks `way` classes of the
+sample folder (characters, or spoken words for a keyword model), enrolls `shot` samples of each into
+a fresh enrollment store on disk, and classifies every other sample of those classes through the
+store, timing each stage.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from pathlib import Path
 import numpy as np
 
 from edgemeta.errors import EdgemetaError
-from edgemeta.preprocess import IMAGE_SUFFIXES
 from edgemeta.stats import mean_ci95
 
 
@@ -25,14 +26,18 @@ def run_demo(model: str, samples: str, way: int = 20, shot: int = 1, episodes: i
     root = Path(samples)
     if not root.is_dir():
         raise EdgemetaError(f"sample folder {root} does not exist")
-    classes = {d.name: sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-               for d in sorted(root.iterdir()) if d.is_dir()}
-    classes = {k: v for k, v in classes.items() if len(v) > shot}
-    if len(classes) < way:
-        raise EdgemetaError(f"{root} has {len(classes)} classes with more than {shot} images; the demo needs {way}")
     t0 = time.perf_counter()
     rt = FewShotRuntime(model, variant=variant, threads=threads)
     load_s = time.perf_counter() - t0
+    pre = rt.manifest.preprocess
+    sound = pre.kind == "audio"
+    what, samples_word = ("keywords", "recording(s)") if sound else ("characters", "drawing(s)")
+    classes = {d.name: sorted(f for f in d.iterdir() if f.suffix.lower() in pre.suffixes)
+               for d in sorted(root.iterdir()) if d.is_dir()}
+    classes = {k: v for k, v in classes.items() if len(v) > shot}
+    if len(classes) < way:
+        raise EdgemetaError(f"{root} has {len(classes)} classes with more than {shot} {samples_word} for this "
+                            f"{'keyword' if sound else 'image'} model; the demo needs {way}")
     log(f"model {rt.manifest.name} ({rt.variant.name}, {rt.embedder.runtime}) loaded in {1000 * load_s:.0f} ms")
     names = list(classes)
     accs, known, enroll_ms, classify_ms, n_queries = [], [], [], [], 0
@@ -56,15 +61,17 @@ def run_demo(model: str, samples: str, way: int = 20, shot: int = 1, episodes: i
             # accuracy of the nearest prototype; "unknown" answers are counted separately
             accs.append(np.mean([r["top"][0]["label"] == c for r, c in zip(results, truth, strict=True)]))
             known.append(np.mean([r["known"] for r in results]))
-            log(f"episode {ep + 1}/{episodes}: {way} characters enrolled from {shot} drawing(s) each, "
-                f"{len(queries)} drawings classified, accuracy {100 * accs[-1]:.1f}%")
+            log(f"episode {ep + 1}/{episodes}: {way} {what} enrolled from {shot} {samples_word} each, "
+                f"{len(queries)} {samples_word[:-3]}s classified, accuracy {100 * accs[-1]:.1f}%")
     acc, ci = mean_ci95(np.array(accs))
     summary = {"model": rt.manifest.name, "variant": rt.variant.name, "runtime": rt.embedder.runtime, "way": way, "shot": shot,
                "episodes": episodes, "queries": n_queries, "accuracy": 100 * acc, "ci95": 100 * ci if episodes > 1 else None,
                "answered_known": 100 * float(np.mean(known)), "model_load_ms": 1000 * load_s,
                "enroll_ms_per_class": float(np.median(enroll_ms)), "classify_ms_per_image": float(np.median(classify_ms)),
-               "classes": len(names), "alphabets": len({n.rsplit("_character", 1)[0] for n in names}),
-               "reference": _reference(rt, way, shot)}
+               "classes": len(names), "input": pre.kind, "samples": str(root),
+               "alphabets": None if sound else len({n.rsplit("_character", 1)[0] for n in names}),
+               # the export's figures of a keyword model are on synthetic test words, not these real voices
+               "reference": None if sound else _reference(rt, way, shot)}
     return summary
 
 

@@ -171,11 +171,11 @@ def test_corrupt_model_file(model_dir, tmp_path):
 
 
 # The commands as they were before cli.py became a package (edgemeta/cli/): names must not change
-# (calibrate, status and launch came later; data with audio).
+# (calibrate, status and launch came later; data and listen with audio).
 COMMANDS = {
     (): {"adapt", "boards", "bundle", "calibrate", "classes", "classify", "console", "data", "demo", "deploy", "doctor", "edgetpu",
-         "enroll", "eval", "export", "forget", "health", "inspect", "keygen", "launch", "new-store", "provision", "reenroll", "remote",
-         "rename",
+         "enroll", "eval", "export", "forget", "health", "inspect", "keygen", "launch", "listen", "new-store", "provision", "reenroll",
+         "remote", "rename",
          "rollback", "serve", "status", "train"},
     ("boards",): {"show"},
     ("data",): {"speech"},

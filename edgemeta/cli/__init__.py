@@ -5,7 +5,7 @@ options and output the board's commands and `remote` share); the commands are in
 audience, imported here so that they register:
     host.py      train, eval, export, inspect, edgetpu (the host with TensorFlow; inspect and edgetpu need none)
     data.py      data speech (synthetic spoken words for keyword models)
-    board.py     enroll, calibrate, classify, classes, forget, rename, new-store, adapt, reenroll, demo, health,
+    board.py     enroll, calibrate, classify, listen, classes, forget, rename, new-store, adapt, reenroll, demo, health,
                  serve (the board: runtime only, never TensorFlow)
     remote.py    remote: the board's commands through its agent (ssh, socket, serial)
     fleet.py     boards, keygen, bundle, deploy, rollback, status, doctor (reaching boards from the host)

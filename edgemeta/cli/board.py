@@ -8,7 +8,7 @@ import os
 
 import click
 
-from edgemeta.cli.app import main, seconds, whole
+from edgemeta.cli.app import Finite, main, seconds, whole
 from edgemeta.cli.common import (
     adapt_setting,
     check_enroll_options,
@@ -249,36 +249,115 @@ def reenroll(store: str, model: str | None, variant: str | None, threads: int, e
 
 
 @main.command()
-@click.option("--model", default="models/omniglot-conv4", show_default=True, type=click.Path(file_okay=False),
-              help="Exported model folder.")
-@click.option("--samples", default="samples/omniglot", show_default=True, type=click.Path(file_okay=False),
-              help="Folder with one sub-folder of images per class.")
-@click.option("--way", type=whole(2, 1000), default=20, show_default=True, help="Classes enrolled per episode.")
-@click.option("--shot", type=whole(1, 100), default=1, show_default=True, help="Samples enrolled per class.")
+@_runtime_options
+@click.option("--format", "fmt", default="s16le", show_default=True, help="Raw PCM sample format: s16le, s32le, f32le or u8.")
+@click.option("--rate", type=whole(8_000, 192_000), default=16_000, show_default=True, help="Raw PCM sample rate, Hz.")
+@click.option("--channels", type=whole(1, 2), default=1, show_default=True, help="Raw PCM channels (averaged).")
+@click.option("--hop-ms", type=whole(10, 10_000), default=100, show_default=True, help="A window is a candidate every hop.")
+@click.option("--margin-db", type=Finite(0, 60), default=12.0, show_default=True,
+              help="Voice-activity gate: this far above the noise floor ...")
+@click.option("--min-dbfs", type=Finite(-100, 0), default=-55.0, show_default=True, help="... and above this level.")
+@click.option("--hangover-ms", type=whole(0, 5000), default=300, show_default=True, help="An utterance ends after this much quiet.")
+@click.option("--show-unknown", is_flag=True, help="Also print utterances that are no enrolled keyword.")
+@click.option("--json", "as_json", is_flag=True, help="JSON lines: one per detection, then the costs.")
+@click.argument("source", default="-", type=click.Path(allow_dash=True, dir_okay=False))
+def listen(store: str, model: str | None, variant: str | None, threads: int, edgetpu: str | None, xnnpack: bool, fmt: str,
+           rate: int, channels: int, hop_ms: int, margin_db: float, min_dbfs: float, hangover_ms: int, show_unknown: bool,
+           as_json: bool, source: str) -> None:
+    """Spot enrolled keywords in a live stream: raw PCM on standard input (or a .wav file), in a sliding
+    window behind a voice-activity gate. Prints each detection with its time and distance, and at the
+    end what it cost (time per window, share of one CPU core). Reads the store once, at the start.
+
+    \b
+    Example (a microphone on ALSA):
+      arecord -q -D plughw:1 -f S16_LE -r 16000 -c 1 -t raw | edgemeta listen --store ~/store -
+    """
+    import sys
+
+    from edgemeta.audio import DEFAULT_MAX_AUDIO_BYTES
+    from edgemeta.files import read_regular
+    from edgemeta.runtime.fewshot import UNKNOWN
+    from edgemeta.runtime.listen import GateSettings, Spotter, check_stream, pcm_chunks, wav_chunks
+
+    check_stream(fmt, channels, rate)
+    rt = _runtime(model, store, variant, threads, edgetpu, xnnpack)
+    pre = rt.manifest.preprocess
+    if pre.kind != "audio":
+        raise EdgemetaError(f"model {rt.manifest.name} takes images, not sound: listen needs a keyword model")
+    classes = rt.open_store(store)
+    if not classes.class_names:
+        raise EdgemetaError(f"store {store} has no keywords; enroll some first (edgemeta enroll --label WORD a.wav b.wav c.wav)")
+    head = rt.head(classes)
+    if source == "-":
+        chunks = pcm_chunks(sys.stdin.buffer, fmt, channels, rate)
+    else:
+        rate, chunks = wav_chunks(read_regular(source, DEFAULT_MAX_AUDIO_BYTES, "audio"), source)
+    spotter = Spotter(pre, rate, lambda x: head.classify(rt.embedder(x[None]), 1, unknown=UNKNOWN)[0],
+                      GateSettings(hop_ms, margin_db, min_dbfs, hangover_ms))
+
+    def show(found) -> None:
+        for d in found:
+            if not (d.known or show_unknown):
+                continue
+            line = json.dumps(d.to_dict()) if as_json else f"{d.time_s:8.2f} s  {d.label:<16} distance {d.distance:.2f}"
+            click.echo(line)
+
+    try:
+        for chunk in chunks:
+            show(spotter.feed(chunk))
+    except KeyboardInterrupt:
+        pass
+    show(spotter.flush())
+    c = spotter.costs.summary()
+    if as_json:
+        click.echo(json.dumps({"costs": c}))
+    else:
+        click.echo(f"{c['audio_s']:.1f} s of audio, {c['windows_classified']} of {c['hops']} windows classified, "
+                   f"{c['window_ms_median']:.1f} ms per window (p90 {c['window_ms_p90']:.1f}), "
+                   f"{100 * c['cpu_share_of_one_core']:.1f}% of one CPU core", err=True)
+
+
+@main.command()
+@click.option("--audio", is_flag=True, help="Keywords instead: the shipped keyword model enrolls real recordings.")
+@click.option("--model", default=None, type=click.Path(file_okay=False),
+              help="Exported model folder.  [default: models/omniglot-conv4; --audio: models/keywords-conv4]")
+@click.option("--samples", default=None, type=click.Path(file_okay=False),
+              help="Folder with one sub-folder of samples per class.  [default: samples/omniglot; --audio: samples/speech_commands]")
+@click.option("--way", type=whole(2, 1000), default=None, help="Classes enrolled per episode.  [default: 20; --audio: 5]")
+@click.option("--shot", type=whole(1, 100), default=None, help="Samples enrolled per class.  [default: 1; --audio: 3]")
 @click.option("--episodes", type=whole(1, 10_000), default=10, show_default=True, help="Seeded episodes.")
 @click.option("--variant", default=None, help="Model variant (default: the manifest's, int8_static).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
-def demo(model: str, samples: str, way: int, shot: int, episodes: int, variant: str | None, as_json: bool) -> None:
-    """Enroll characters the model never saw from one drawing each, classify the rest, with timings.
+def demo(audio: bool, model: str | None, samples: str | None, way: int | None, shot: int | None, episodes: int,
+         variant: str | None, as_json: bool) -> None:
+    """Enroll characters the model never saw from one drawing each, classify the rest, with timings
+    (--audio: five spoken keywords from three real recordings each).
 
     Runs on the board runtime only (no TensorFlow), through real enrollment stores on disk.
 
     \b
     Example:
       edgemeta demo --model models/omniglot-conv4 --samples samples/omniglot --way 20 --shot 1
+      edgemeta demo --audio
     """
     from edgemeta.demo import run_demo
 
-    if way < 2 or shot < 1 or episodes < 1:
-        raise EdgemetaError("--way must be at least 2, --shot and --episodes at least 1")
+    model = model or ("models/keywords-conv4" if audio else "models/omniglot-conv4")
+    samples = samples or ("samples/speech_commands" if audio else "samples/omniglot")
+    way, shot = way or (5 if audio else 20), shot or (3 if audio else 1)
     s = run_demo(model, samples, way, shot, episodes, variant=variant, log=(lambda m: None) if as_json else click.echo)
     if as_json:
         click.echo(json.dumps(s, indent=2))
         return
     ci = f" +/- {s['ci95']:.1f}" if s["ci95"] is not None else ""
-    click.echo(f"\n{s['way']}-way {s['shot']}-shot on unseen characters: accuracy {s['accuracy']:.1f}{ci}% "
-               f"over {s['episodes']} episodes ({s['queries']} drawings); {s['answered_known']:.0f}% answered as known "
-               "(near enough to an enrolled character; the rest would be answered 'unknown')")
+    if s["input"] == "audio":
+        click.echo(f"\n{s['way']}-way {s['shot']}-shot on real voices: accuracy {s['accuracy']:.1f}{ci}% over {s['episodes']} "
+                   f"episodes ({s['queries']} recordings of {s['classes']} keywords in {samples}, words the model never "
+                   f"trained on); {s['answered_known']:.0f}% answered as known")
+    else:
+        click.echo(f"\n{s['way']}-way {s['shot']}-shot on unseen characters: accuracy {s['accuracy']:.1f}{ci}% "
+                   f"over {s['episodes']} episodes ({s['queries']} drawings); {s['answered_known']:.0f}% answered as known "
+                   "(near enough to an enrolled character; the rest would be answered 'unknown')")
     ref = s["reference"]
     if ref:
         click.echo(f"the export measured {ref['accuracy']:.2f} +/- {ref['ci95']:.2f}% for this setting over {ref['episodes']} "
@@ -286,7 +365,7 @@ def demo(model: str, samples: str, way: int, shot: int, episodes: int, variant: 
                    f"{s['alphabets']} alphabet(s) in {samples}, where look-alike characters of one alphabet meet more "
                    "often (`edgemeta eval --within-alphabet` measures that case)")
     click.echo(f"timings: model load {s['model_load_ms']:.0f} ms, enroll {s['enroll_ms_per_class']:.1f} ms per class, "
-               f"classify {s['classify_ms_per_image']:.2f} ms per image ({s['runtime']}, {s['variant']})")
+               f"classify {s['classify_ms_per_image']:.2f} ms per sample ({s['runtime']}, {s['variant']})")
 
 
 @main.command()

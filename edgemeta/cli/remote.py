@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 # board commands that have no remote form, and why (the parity test reads this)
 BOARD_ONLY = {"demo": "runs on its own sample folder, not on a board's store",
               "health": "the release check deploy runs on the board (`edgemeta status --host` shows it)",
+              "listen": "it reads the board's own microphone stream, for as long as it runs",
               "serve": "it is the agent that remote talks to"}
 BOARD_ONLY_OPTIONS = {("reenroll", "out"): "the step of an upgrade that deploy runs on the board; the agent has one store"}
 

@@ -285,3 +285,57 @@ class GradientMethod(Method):
 
     def head_spec(self) -> dict:
         return self.board_head().to_manifest()
+
+    def suffix_spec(self, split: int = 0):
+        """The numpy inner loop's spec (`edgemeta.runtime.suffix.AdaptSpec`): the backbone's layer chain from
+        layer `split` on (the caller feeds the output of the layers before it, which stay frozen), its weights
+        by variable path, the adapted variables and their rates, the per-step batch norm and the head. The body
+        adapts as in `adapt_classify` where the method `adapts_body`; ANIL's body is frozen, in inference mode."""
+        import keras
+
+        from edgemeta.errors import EdgemetaError
+        from edgemeta.host.backbones import fused_training_forward
+        from edgemeta.runtime.suffix import AdaptSpec
+
+        model = self.backbone
+        if model is None or fused_training_forward(model) is None:  # the same chain rules as the fused forward pass
+            raise EdgemetaError("the numpy inner loop runs a built method over a plain float32 chain of conv (no bias), "
+                                "batch norm, ReLU, max-pool and flatten layers, such as conv4")
+        chain = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+        if not 0 <= split < len(chain):
+            raise EdgemetaError(f"split must be from 0 to {len(chain) - 1} (the backbone has {len(chain)} layers), got {split}")
+        plan, body = [], {}
+
+        def name(v) -> str:
+            body[v.path] = np.asarray(v.numpy(), np.float32)
+            return v.path
+
+        for layer in chain[split:]:
+            if isinstance(layer, layers.Conv2D):
+                plan.append({"op": "conv", "w": name(layer.kernel), "padding": layer.padding})
+            elif isinstance(layer, layers.BatchNormalization):
+                plan.append({"op": "bn", "gamma": name(layer.gamma), "beta": name(layer.beta), "mean": name(layer.moving_mean),
+                             "var": name(layer.moving_variance), "eps": float(layer.epsilon)})
+            elif isinstance(layer, layers.ReLU):
+                plan.append({"op": "relu"})
+            elif isinstance(layer, layers.MaxPooling2D):
+                size = tuple(layer.pool_size)
+                if size != tuple(layer.strides) or size[0] != size[1] or layer.padding != "valid":
+                    raise EdgemetaError(f"{layer.name}: the numpy inner loop pools square windows at their own stride, "
+                                        f"valid padding; got pool {size}, strides {tuple(layer.strides)}, {layer.padding}")
+                plan.append({"op": "pool", "size": int(size[0])})
+            else:
+                plan.append({"op": "flatten"})
+        trainable = self.backbone.trainable_variables
+        fixed = set(self._bn_index) if self.bn_steps else set()
+        adapted, rates = [], {}
+        for i, v in enumerate(trainable):
+            if self.adapts_body and i not in fixed and v.path in body:
+                adapted.append(v.path)
+                r = self.rates[i].numpy() if self.rates else None
+                rates[v.path] = [np.float32(self.params.inner_lr)] if r is None else [r] if self.per_parameter_rates else list(r)
+        bn_steps = {trainable[i].path: v.numpy() for i, v in zip(self._bn_index, self.bn_steps, strict=True)
+                    if trainable[i].path in body}
+        head = self.linear_head()
+        return AdaptSpec(plan, body, head, tuple(int(s) for s in chain[split].input.shape[1:]), head.steps, adapted, rates,
+                         bn_steps, self.params.transductive, "batch" if self.adapts_body else "running")

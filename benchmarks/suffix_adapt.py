@@ -21,15 +21,7 @@ import tracemalloc  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-
-def median_s(fn, repeat: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+from benchmarks.runtime_latency import median_ms  # noqa: E402
 
 
 def main() -> None:
@@ -61,9 +53,9 @@ def main() -> None:
         s, q = ep.support.astype(np.float32) / 255.0, ep.query[:1].astype(np.float32) / 255.0
         adapted = suffix.adapt(spec, s, ep.support_labels, way)
         stats = suffix.query_stats(spec, adapted, s)
-        t_adapt = median_s(lambda: suffix.adapt(spec, s, ep.support_labels, way), a.repeat)  # noqa: B023
-        t_stats = median_s(lambda: suffix.query_stats(spec, adapted, s), 4 * a.repeat)  # noqa: B023
-        t_query = median_s(lambda: suffix.logits(spec, adapted, None, q, stats), 20 * a.repeat)  # noqa: B023
+        t_adapt = median_ms(lambda: suffix.adapt(spec, s, ep.support_labels, way), a.repeat) / 1000  # noqa: B023
+        t_stats = median_ms(lambda: suffix.query_stats(spec, adapted, s), 4 * a.repeat) / 1000  # noqa: B023
+        t_query = median_ms(lambda: suffix.logits(spec, adapted, None, q, stats), 20 * a.repeat) / 1000  # noqa: B023
         forward = suffix.macs(spec.plan, spec.body, spec.input_shape, batch=len(s), way=way)
         proto = forward if spec.head.init == "proto" else 0
         adapt_macs = proto + 3 * spec.steps * forward + forward  # the steps, then the support statistics for the queries

@@ -166,10 +166,15 @@ def loudest_window(x: np.ndarray, length: int, step: int) -> np.ndarray:
         start = (length - x.size) // 2
         out[start:start + x.size] = x
         return out
+    best = loudest_start(x, length, step)
+    return x[best:best + length].astype(np.float32)
+
+
+def loudest_start(x: np.ndarray, length: int, step: int) -> int:
+    """Where the loudest `length` samples of x (longer than that) start, in steps of `step`."""
     energy = np.concatenate([[0.0], np.cumsum(x.astype(np.float64) ** 2)])
     starts = np.arange(0, x.size - length + 1, step)
-    best = int(starts[np.argmax(energy[starts + length] - energy[starts])])
-    return x[best:best + length].astype(np.float32)
+    return int(starts[np.argmax(energy[starts + length] - energy[starts])])
 
 
 def resample(x: np.ndarray, rate: int, target: int) -> np.ndarray:

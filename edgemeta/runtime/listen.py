@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from edgemeta.audio import AudioPreprocess, decode_wav, loudest_window, resample
+from edgemeta.audio import AudioPreprocess, decode_wav, loudest_start, loudest_window, resample
 from edgemeta.errors import EdgemetaError
 
 # raw PCM sample formats (little-endian, interleaved channels): numpy dtype and full scale
@@ -148,11 +148,8 @@ class Spotter:
         self.start = None
         x = resample(region, self.rate, self.pre.sample_rate)
         step = self.pre.hop_length
-        n, at = self.pre.clip_length, 0
-        if x.size > n:  # `loudest_window`, keeping where it is for the detection's time
-            energy = np.concatenate([[0.0], np.cumsum(x.astype(np.float64) ** 2)])
-            starts = np.arange(0, x.size - n + 1, step)
-            at = int(starts[np.argmax(energy[starts + n] - energy[starts])])
+        n = self.pre.clip_length
+        at = loudest_start(x, n, step) if x.size > n else 0  # kept for the detection's time
         window = x[at:at + n] if x.size > n else loudest_window(x, n, step)
         answer = self.classify(self.pre.spectrogram(window))
         self.costs.window_s.append(time.perf_counter() - t)

@@ -31,12 +31,12 @@ def run_demo(model: str, samples: str, way: int = 20, shot: int = 1, episodes: i
     load_s = time.perf_counter() - t0
     pre = rt.manifest.preprocess
     sound = pre.kind == "audio"
-    what, samples_word = ("keywords", "recording(s)") if sound else ("characters", "drawing(s)")
+    what, sample = ("keywords", "recording") if sound else ("characters", "drawing")
     classes = {d.name: sorted(f for f in d.iterdir() if f.suffix.lower() in pre.suffixes)
                for d in sorted(root.iterdir()) if d.is_dir()}
     classes = {k: v for k, v in classes.items() if len(v) > shot}
     if len(classes) < way:
-        raise EdgemetaError(f"{root} has {len(classes)} classes with more than {shot} {samples_word} for this "
+        raise EdgemetaError(f"{root} has {len(classes)} classes with more than {shot} {sample}(s) for this "
                             f"{'keyword' if sound else 'image'} model; the demo needs {way}")
     log(f"model {rt.manifest.name} ({rt.variant.name}, {rt.embedder.runtime}) loaded in {1000 * load_s:.0f} ms")
     names = list(classes)
@@ -61,8 +61,8 @@ def run_demo(model: str, samples: str, way: int = 20, shot: int = 1, episodes: i
             # accuracy of the nearest prototype; "unknown" answers are counted separately
             accs.append(np.mean([r["top"][0]["label"] == c for r, c in zip(results, truth, strict=True)]))
             known.append(np.mean([r["known"] for r in results]))
-            log(f"episode {ep + 1}/{episodes}: {way} {what} enrolled from {shot} {samples_word} each, "
-                f"{len(queries)} {samples_word[:-3]}s classified, accuracy {100 * accs[-1]:.1f}%")
+            log(f"episode {ep + 1}/{episodes}: {way} {what} enrolled from {shot} {sample}(s) each, "
+                f"{len(queries)} {sample}s classified, accuracy {100 * accs[-1]:.1f}%")
     acc, ci = mean_ci95(np.array(accs))
     summary = {"model": rt.manifest.name, "variant": rt.variant.name, "runtime": rt.embedder.runtime, "way": way, "shot": shot,
                "episodes": episodes, "queries": n_queries, "accuracy": 100 * acc, "ci95": 100 * ci if episodes > 1 else None,
